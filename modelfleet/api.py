@@ -1,0 +1,258 @@
+"""The ModelDeployment custom resource as typed models.
+
+One shape shared by the operator (which reconciles it), the gateway (which reads `spec.model`
+and `spec.routing`) and the tests (which check these models against `crds/` so the two cannot
+drift). Field names are the CRD's camelCase spellings via aliases; Python code uses snake_case.
+
+The validators repeat the CRD's CEL rules on purpose: the API server is the first line, but an
+object written under an older CRD can still reach the operator, and it must fail with the same
+message instead of a crash.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "modelfleet.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+SINGULAR = "modeldeployment"
+SHORT_NAMES = ("md",)
+CATEGORY = "modelfleet"
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+# A served model name, as clients send it in `"model": ...`: OpenAI-style ("gpt-4o-mini"),
+# Hugging Face-style ("org/name") and Ollama-style ("llama3:8b") names all fit.
+MODEL_NAME_RE = r"^[A-Za-z0-9]([A-Za-z0-9._:/-]{0,126}[A-Za-z0-9])?$"
+# file:///abs/path, hf://org/name[@revision] (org optional), pvc://claim[/sub/path].
+SOURCE_RE = (
+    r"^(file:///.*|hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9._/-]+)?"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?)$"
+)
+# The Service is named after the ModelDeployment, so the name must be a DNS-1035 label.
+OBJECT_NAME_RE = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+Phase = Literal["Pending", "Loading", "Ready", "Degraded", "Failed"]
+ConditionType = Literal["Ready", "Progressing", "Degraded"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Strategy = Literal["least-load", "prefix-affinity"]
+
+
+class _Model(BaseModel):
+    """Base: camelCase on the wire, snake_case in Python, unknown fields ignored.
+
+    Unknown fields are ignored rather than rejected because the API server already prunes them
+    for the current CRD; an object from an older or newer CRD must still reconcile.
+    """
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The object as the API server spells it (camelCase, no unset optional fields)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ModelSource(_Model):
+    """`spec.model`: where the weights come from and the names clients use."""
+
+    source: str = Field(max_length=1024)
+    served_name: str | None = Field(default=None, max_length=128)
+    aliases: list[str] = Field(default_factory=list, max_length=16)
+
+    @field_validator("source")
+    @classmethod
+    def _source_scheme(cls, v: str) -> str:
+        if not re.match(SOURCE_RE, v):
+            raise ValueError(
+                "spec.model.source must be file:///abs/path, hf://org/name[@revision] or pvc://claim/path"
+            )
+        return v
+
+    @field_validator("served_name")
+    @classmethod
+    def _served_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(MODEL_NAME_RE, v):
+            raise ValueError(f"spec.model.servedName {v!r} is not a valid model name")
+        return v
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if not re.match(MODEL_NAME_RE, a)]
+        if bad:
+            raise ValueError(f"spec.model.aliases has invalid model names: {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError("spec.model.aliases must not repeat a name")
+        return v
+
+    @model_validator(mode="after")
+    def _alias_not_served_name(self) -> ModelSource:
+        if self.served_name is not None and self.served_name in self.aliases:
+            raise ValueError("spec.model.aliases must not repeat spec.model.servedName")
+        return self
+
+
+class Autoscaling(_Model):
+    """`spec.autoscaling`: replicas follow in-flight requests; `spec.replicas` is then ignored."""
+
+    min_replicas: int = Field(default=0, ge=0, le=1000)
+    max_replicas: int = Field(ge=1, le=1000)
+    target_inflight_per_replica: int = Field(default=8, ge=1, le=100000)
+    scale_down_delay_seconds: int = Field(default=300, ge=0, le=86400)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("spec.autoscaling.minReplicas must be <= spec.autoscaling.maxReplicas")
+        return self
+
+
+class Resources(_Model):
+    """`spec.resources`: per replica. cpu and memory are Kubernetes quantities."""
+
+    gpu: int = Field(default=0, ge=0, le=64)
+    cpu: int | str | None = None
+    memory: int | str | None = None
+
+
+class EnvVar(_Model):
+    """One container environment variable, as in a Pod spec."""
+
+    name: str = Field(min_length=1, max_length=256)
+    value: str | None = None
+    value_from: dict[str, Any] | None = None
+
+
+class Engine(_Model):
+    """`spec.engine`: the worker image and its engine options."""
+
+    image: str | None = Field(default=None, max_length=512)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    args: list[str] = Field(default_factory=list, max_length=64)
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    max_model_len: int | None = Field(default=None, ge=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    dtype: Dtype = "auto"
+    startup_timeout_seconds: int = Field(default=1800, ge=30, le=86400)
+
+
+class Toleration(_Model):
+    """One Pod toleration, as in a Pod spec."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Routing(_Model):
+    """`spec.routing`: how the gateway picks a replica for this model (the gateway reads it)."""
+
+    strategy: Strategy = "least-load"
+    prefix_length: int = Field(default=256, ge=1, le=65536)
+    load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
+    max_queue: int = Field(default=100, ge=0, le=100000)
+    hold_timeout_seconds: int = Field(default=60, ge=0, le=600)
+
+
+class ModelDeploymentSpec(_Model):
+    """`spec`: what the user asks for."""
+
+    model: ModelSource
+    replicas: int = Field(default=1, ge=0, le=1000)
+    autoscaling: Autoscaling | None = None
+    resources: Resources = Field(default_factory=Resources)
+    engine: Engine = Field(default_factory=Engine)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    routing: Routing = Field(default_factory=Routing)
+    termination_grace_period_seconds: int = Field(default=120, ge=0, le=3600)
+
+
+class Condition(_Model):
+    """A status condition, shaped like metav1.Condition."""
+
+    type: ConditionType
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class AutoscalerStatus(_Model):
+    """The autoscaler's memory, kept in status so a restarted operator decides the same way."""
+
+    desired_replicas: int = 0
+    last_active_time: str | None = None
+    last_scale_time: str | None = None
+
+
+class ModelDeploymentStatus(_Model):
+    """`status`: what the cluster says, written only by the operator."""
+
+    phase: Phase | None = None
+    replicas: int = 0
+    ready_replicas: int = 0
+    updated_replicas: int = 0
+    desired_replicas: int = 0
+    observed_generation: int | None = None
+    selector: str | None = None
+    served_name: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    autoscaler: AutoscalerStatus | None = None
+
+    def condition(self, type_: str) -> Condition | None:
+        """The condition of that type, if present."""
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+class ObjectMeta(_Model):
+    """The parts of metadata the operator uses."""
+
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class ModelDeployment(_Model):
+    """A whole ModelDeployment object."""
+
+    api_version: str = API_VERSION
+    kind: str = KIND
+    metadata: ObjectMeta
+    spec: ModelDeploymentSpec
+    status: ModelDeploymentStatus = Field(default_factory=ModelDeploymentStatus)
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> ModelDeployment:
+        """Parse an object as the API server returns it (a dict or kopf's Body)."""
+        data = {k: _plain(body.get(k)) for k in ("apiVersion", "kind", "metadata", "spec", "status")}
+        data = {k: v for k, v in data.items() if v is not None}
+        data.setdefault("spec", {})
+        return cls.model_validate(data)
+
+    @property
+    def served_name(self) -> str:
+        """The name clients use: spec.model.servedName, defaulting to metadata.name."""
+        return self.spec.model.served_name or self.metadata.name
+
+
+def _plain(value: Any) -> Any:
+    """Deep-copy kopf's read-only views (Body, Spec...) into plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

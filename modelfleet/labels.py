@@ -1,0 +1,85 @@
+"""Label and annotation keys: the operator writes them, the gateway reads them.
+
+Kept in one module so that a rename cannot leave one side behind. Labels hold what selectors
+need (label values are limited to 63 characters of [A-Za-z0-9._-]); annotations hold what a
+label cannot (served names may contain "/" and ":").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from modelfleet.api import GROUP
+
+PREFIX = GROUP
+
+# On every object the operator renders (Deployment, its Pods, Service, PDB) and copied by the
+# EndpointSlice controller from the Service to its EndpointSlices. Value: the ModelDeployment's
+# metadata.name. The Deployment's selector is this label alone.
+MODEL = f"{PREFIX}/model"
+# Annotations on the Service and the Pods: the served name and its aliases (comma-separated),
+# so a reader holding only a Service or Pod can route without fetching the ModelDeployment.
+SERVED_NAME = f"{PREFIX}/served-name"
+ALIASES = f"{PREFIX}/aliases"
+
+# Scale-from-zero demand signal: the gateway patches this annotation on the ModelDeployment
+# when it holds requests for a model with no ready replica. Value: JSON
+# {"time": "<RFC 3339 UTC>", "waiting": <int>}; see docs/operator.md.
+DEMAND = f"{PREFIX}/demand"
+
+# Label on Secrets that hold API keys (CONTRACTS.md section 4); value "true".
+API_KEY = f"{PREFIX}/api-key"
+
+# Prefix for kopf's own bookkeeping annotations (progress, last-handled configuration).
+KOPF_PREFIX = PREFIX
+
+# Field manager for server-side apply: one owner for every field the operator sets.
+FIELD_MANAGER = "modelfleet-operator"
+
+# Well-known labels (https://kubernetes.io/docs/concepts/overview/working-with-objects/common-labels/).
+APP_NAME = "app.kubernetes.io/name"
+APP_INSTANCE = "app.kubernetes.io/instance"
+APP_COMPONENT = "app.kubernetes.io/component"
+APP_PART_OF = "app.kubernetes.io/part-of"
+APP_MANAGED_BY = "app.kubernetes.io/managed-by"
+
+APP_NAME_WORKER = "modelfleet-worker"
+COMPONENT_WORKER = "worker"
+PART_OF = "modelfleet"
+MANAGED_BY = FIELD_MANAGER
+
+
+def selector_labels(md_name: str) -> dict[str, str]:
+    """The Deployment's (immutable) selector: one label, so that it never has to change."""
+    return {MODEL: md_name}
+
+
+def worker_labels(md_name: str) -> dict[str, str]:
+    """Labels on every object rendered for one ModelDeployment."""
+    return {
+        **selector_labels(md_name),
+        APP_NAME: APP_NAME_WORKER,
+        APP_INSTANCE: md_name,
+        APP_COMPONENT: COMPONENT_WORKER,
+        APP_PART_OF: PART_OF,
+        APP_MANAGED_BY: MANAGED_BY,
+    }
+
+
+def served_name_annotations(served_name: str, aliases: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Annotations naming the model for readers that hold only a Service or Pod."""
+    out = {SERVED_NAME: served_name}
+    if aliases:
+        out[ALIASES] = ",".join(aliases)
+    return out
+
+
+def parse_aliases(annotations: Mapping[str, str] | None) -> list[str]:
+    """Read the aliases annotation back (the gateway's side of served_name_annotations)."""
+    raw = (annotations or {}).get(ALIASES, "")
+    return [a.strip() for a in raw.split(",") if a.strip()]
+
+
+def selector_string(labels: Mapping[str, str]) -> str:
+    """A label selector in the string form the scale subresource reports (k=v,k2=v2)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))

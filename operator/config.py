@@ -1,0 +1,36 @@
+"""Operator settings: one typed value object, built once at start-up and passed in.
+
+Nothing here reads the environment or the command line; `main.py` does that, so tests build
+settings fresh with whatever they need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """What the operator needs beyond the ModelDeployment itself."""
+
+    # Worker image when spec.engine.image is not set.
+    default_image: str = "modelfleet:latest"
+    default_image_pull_policy: str = "IfNotPresent"
+    # Port the worker listens on inside the pod (also the Service and EndpointSlice port).
+    worker_port: int = 8000
+    # preStop sleep: time for the gateway and kube-proxy to see the endpoint go away before the
+    # worker gets SIGTERM and finishes its in-flight requests.
+    drain_seconds: int = 5
+    # Mount file:// sources from the node as read-only hostPath volumes. Off by default because
+    # hostPath is forbidden by the baseline Pod Security Standard; on for kind-style clusters
+    # whose nodes hold the models. Without it, file:// is a path inside the worker container.
+    host_path_models: bool = False
+    # Where pvc:// claims are mounted inside the worker container.
+    pvc_mount_root: str = "/mnt/models"
+    # Scratch space for hf:// downloads (an emptyDir), exported as HF_HOME.
+    hf_cache_dir: str = "/var/cache/modelfleet/hf"
+    # How often every ModelDeployment is reconciled even when nothing changed (drift, status).
+    resync_seconds: float = 10.0
+    # Scrape workers' /metrics for in-flight counts (autoscaling); the timeout per pod.
+    scrape_workers: bool = True
+    scrape_timeout_seconds: float = 2.0

@@ -1,0 +1,251 @@
+"""Pure rendering: one ModelDeployment (+ operator settings) -> the objects it should own.
+
+Each function returns a plain dict ready for server-side apply: only the fields the operator
+cares about, so that fields set by others (HPA annotations, kubectl rollout restart, defaults
+filled in by the API server) are left alone. No I/O here; `kube.py` applies the result.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+from modelfleet import labels
+from modelfleet.api import ModelDeployment
+
+from .config import OperatorConfig
+
+CONTAINER = "worker"
+PORT_NAME = "http"
+MODEL_VOLUME = "model"
+CACHE_VOLUME = "cache"
+GPU_RESOURCE = "nvidia.com/gpu"
+# Probe timing. The startup probe carries the whole model-loading budget so that liveness,
+# which is strict, only starts once the server answers.
+STARTUP_PERIOD_SECONDS = 5
+LIVENESS_PERIOD_SECONDS = 10
+LIVENESS_FAILURES = 6
+READINESS_PERIOD_SECONDS = 5
+READINESS_FAILURES = 2
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where the worker finds the model, and what must be mounted for that."""
+
+    path: str
+    volume: dict[str, Any] | None = None
+    mount: dict[str, Any] | None = None
+    needs_hf_cache: bool = False
+
+
+def resolve_source(source: str, config: OperatorConfig) -> ResolvedSource:
+    """Map spec.model.source to the worker's --model value and its volume.
+
+    pvc://claim/sub/path -> the claim mounted read-only under pvc_mount_root, and the local path
+    to sub/path inside it. hf:// is passed through (the worker downloads into an emptyDir).
+    file:// is passed through, or mounted from the node when host_path_models is on.
+    """
+    if source.startswith("pvc://"):
+        claim, _, sub = source[len("pvc://") :].partition("/")
+        mount_path = posixpath.join(config.pvc_mount_root, claim)
+        path = posixpath.normpath(posixpath.join(mount_path, sub)) if sub else mount_path
+        if not (path + "/").startswith(mount_path + "/"):
+            raise ValueError(f"spec.model.source {source!r} leaves its volume")
+        return ResolvedSource(
+            path=path,
+            volume={"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
+            mount={"name": MODEL_VOLUME, "mountPath": mount_path, "readOnly": True},
+        )
+    if source.startswith("hf://"):
+        return ResolvedSource(path=source, needs_hf_cache=True)
+    if source.startswith("file://"):
+        path = posixpath.normpath(source[len("file://") :])
+        if not config.host_path_models:
+            return ResolvedSource(path=path)
+        return ResolvedSource(
+            path=path,
+            volume={"name": MODEL_VOLUME, "hostPath": {"path": path, "type": "Directory"}},
+            mount={"name": MODEL_VOLUME, "mountPath": path, "readOnly": True},
+        )
+    raise ValueError(f"spec.model.source {source!r} has no known scheme (file://, hf://, pvc://)")
+
+
+def owner_reference(md: ModelDeployment) -> dict[str, Any]:
+    """Makes the ModelDeployment the controller of a child, so deleting it deletes the child."""
+    return {
+        "apiVersion": md.api_version,
+        "kind": md.kind,
+        "name": md.metadata.name,
+        "uid": md.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(md: ModelDeployment, api_version: str, kind: str) -> dict[str, Any]:
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "name": md.metadata.name,
+            "namespace": md.metadata.namespace,
+            "labels": labels.worker_labels(md.metadata.name),
+            "annotations": labels.served_name_annotations(md.served_name, md.spec.model.aliases),
+            "ownerReferences": [owner_reference(md)],
+        },
+    }
+
+
+def worker_args(md: ModelDeployment, model_path: str, config: OperatorConfig) -> list[str]:
+    """The `modelfleet worker` command line (CONTRACTS.md section 2); user args come last."""
+    spec = md.spec
+    args = [
+        "modelfleet", "worker",
+        "--model", model_path,
+        "--served-name", md.served_name,
+        "--host", "0.0.0.0",
+        "--port", str(config.worker_port),
+        # Explicit on CPU too: a node with GPUs may expose them to pods that did not ask.
+        "--device", "cuda" if spec.resources.gpu > 0 else "cpu",
+        "--dtype", spec.engine.dtype,
+    ]  # fmt: skip
+    if spec.engine.max_model_len is not None:
+        args += ["--max-model-len", str(spec.engine.max_model_len)]
+    if spec.engine.max_num_seqs is not None:
+        args += ["--max-num-seqs", str(spec.engine.max_num_seqs)]
+    return args + list(spec.engine.args)
+
+
+def _resources(md: ModelDeployment) -> dict[str, Any]:
+    """Requests and limits. No CPU limit: throttling a loading model only makes it slower."""
+    res = md.spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu is not None:
+        requests["cpu"] = str(res.cpu)
+    if res.memory is not None:
+        requests["memory"] = limits["memory"] = str(res.memory)
+    if res.gpu > 0:
+        limits[GPU_RESOURCE] = str(res.gpu)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _http_probe(path: str, period: int, failures: int, timeout: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": PORT_NAME, "scheme": "HTTP"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+        "successThreshold": 1,
+    }
+
+
+def _container(md: ModelDeployment, source: ResolvedSource, config: OperatorConfig) -> dict[str, Any]:
+    engine = md.spec.engine
+    env = [e.to_wire() for e in engine.env]
+    mounts = [source.mount] if source.mount else []
+    if source.needs_hf_cache:
+        env.append({"name": "HF_HOME", "value": config.hf_cache_dir})
+        mounts.append({"name": CACHE_VOLUME, "mountPath": config.hf_cache_dir})
+    startup_failures = math.ceil(engine.startup_timeout_seconds / STARTUP_PERIOD_SECONDS)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": engine.image or config.default_image,
+        "imagePullPolicy": engine.image_pull_policy or config.default_image_pull_policy,
+        "command": worker_args(md, source.path, config),
+        "ports": [{"name": PORT_NAME, "containerPort": config.worker_port, "protocol": "TCP"}],
+        "env": env,
+        "resources": _resources(md),
+        "volumeMounts": mounts,
+        "startupProbe": _http_probe("/health", STARTUP_PERIOD_SECONDS, startup_failures, 3),
+        "livenessProbe": _http_probe("/health", LIVENESS_PERIOD_SECONDS, LIVENESS_FAILURES, 5),
+        "readinessProbe": _http_probe("/ready", READINESS_PERIOD_SECONDS, READINESS_FAILURES, 3),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(config.drain_seconds)]}}},
+        # The last log lines become the termination message, so a model that fails to load
+        # shows why in status (CrashLoopBackOff: <message>) instead of only in the logs.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    return {k: v for k, v in container.items() if v not in ([], {})}
+
+
+def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig) -> dict[str, Any]:
+    """The Deployment of worker pods, sized to `replicas` (spec.replicas or the autoscaler's)."""
+    spec = md.spec
+    source = resolve_source(spec.model.source, config)
+    pod_annotations = {
+        **labels.served_name_annotations(md.served_name, spec.model.aliases),
+        "kubectl.kubernetes.io/default-container": CONTAINER,
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(config.worker_port),
+        "prometheus.io/path": "/metrics",
+    }
+    volumes = [source.volume] if source.volume else []
+    if source.needs_hf_cache:
+        volumes.append({"name": CACHE_VOLUME, "emptyDir": {}})
+    pod_spec: dict[str, Any] = {
+        "containers": [_container(md, source, config)],
+        # The grace period covers the preStop drain plus finishing in-flight requests.
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds + config.drain_seconds,
+        # Workers never call the API server, and a namespace with many Services would
+        # otherwise flood their environment.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "nodeSelector": dict(spec.node_selector),
+        "tolerations": [t.to_wire() for t in spec.tolerations],
+        "volumes": volumes,
+    }
+    pod_spec = {k: v for k, v in pod_spec.items() if v not in ([], {})}
+    obj = _metadata(md, "apps/v1", "Deployment")
+    obj["spec"] = {
+        "replicas": replicas,
+        "selector": {"matchLabels": labels.selector_labels(md.metadata.name)},
+        # maxUnavailable 0: a new replica must be ready before an old one goes, so a rollout
+        # never has a moment with fewer ready replicas than asked for (or zero).
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "revisionHistoryLimit": 3,
+        # Loading counts as progress; only declare a stuck rollout well past the startup budget.
+        "progressDeadlineSeconds": spec.engine.startup_timeout_seconds + 300,
+        "template": {
+            "metadata": {"labels": labels.worker_labels(md.metadata.name), "annotations": pod_annotations},
+            "spec": pod_spec,
+        },
+    }
+    return obj
+
+
+def render_service(md: ModelDeployment, config: OperatorConfig) -> dict[str, Any]:
+    """The Service whose EndpointSlices (ready pods only) the gateway watches."""
+    obj = _metadata(md, "v1", "Service")
+    obj["spec"] = {
+        "type": "ClusterIP",
+        "selector": labels.selector_labels(md.metadata.name),
+        "ports": [
+            {"name": PORT_NAME, "port": config.worker_port, "targetPort": PORT_NAME, "protocol": "TCP"}
+        ],
+    }
+    return obj
+
+
+def render_pdb(md: ModelDeployment, replicas: int) -> dict[str, Any] | None:
+    """A PodDisruptionBudget keeping all but one replica through node drains; None below 2.
+
+    With one replica a PDB would either block drains forever (minAvailable 1) or allow an
+    outage anyway (maxUnavailable 1), so none is made and an existing one is deleted.
+    """
+    if replicas < 2:
+        return None
+    obj = _metadata(md, "policy/v1", "PodDisruptionBudget")
+    obj["spec"] = {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": labels.selector_labels(md.metadata.name)},
+    }
+    return obj
