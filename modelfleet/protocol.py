@@ -1,0 +1,360 @@
+"""OpenAI wire models shared by the worker and the gateway, the one error shape, and SSE framing.
+
+Requests are lenient about fields they do not know (clients such as LangChain send extra ones)
+and strict about the types and ranges of the fields they do know: a wrong value is a 400 that
+names the parameter, never a 422.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class OpenAIError(Exception):
+    """An error that reaches the client as `{"error": {...}}` with an OpenAI status code."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(
+        f"The model `{model}` does not exist or you do not have access to it.",
+        status=404,
+        param="model",
+        code="model_not_found",
+    )
+
+
+def unavailable(message: str, retry_after: int = 5) -> OpenAIError:
+    return OpenAIError(
+        message,
+        status=503,
+        type="service_unavailable",
+        code="service_unavailable",
+        headers={"retry-after": str(retry_after)},
+    )
+
+
+def validation_error_to_openai(exc: ValidationError) -> OpenAIError:
+    """Turns pydantic's first complaint into an OpenAI 400 naming the offending parameter."""
+    first = exc.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if not isinstance(part, int)]
+    # Union members show up as extra location parts ("str", "list[str]"); the user's field is first.
+    param = ".".join(p for p in loc if not _looks_like_type(p)) or None
+    msg = first.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    where = f"'{param}'" if param else "the request body"
+    return OpenAIError(f"Invalid value for {where}: {msg}", param=param, code="invalid_value")
+
+
+def _looks_like_type(part: str) -> bool:
+    return (
+        part in {"str", "int", "float", "bool", "list", "dict"}
+        or "[" in part
+        or part.startswith("function-")
+        or part.endswith("Param")
+        or part.endswith("Part")
+    )
+
+
+def parse_request(model_cls: type[BaseModel], raw: bytes) -> Any:
+    """Validates a raw JSON body into `model_cls`; malformed JSON and bad values become 400s."""
+    try:
+        data = json.loads(raw) if raw else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OpenAIError(f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise OpenAIError("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error_to_openai(exc) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Request models
+
+
+class Lenient(BaseModel):
+    """Accepts and keeps unknown fields, so new OpenAI parameters never cause a 400."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class StreamOptions(Lenient):
+    include_usage: bool | None = False
+
+
+class ContentPart(Lenient):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """The message's text; an array of parts is joined, non-text parts are rejected."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        pieces = []
+        for part in self.content:
+            if part.type in ("text", "input_text", "output_text"):
+                pieces.append(part.text or "")
+            else:
+                raise OpenAIError(
+                    f"Content parts of type '{part.type}' are not supported by this model; "
+                    "send text parts only.",
+                    param="messages",
+                    code="unsupported_content",
+                )
+        return "".join(pieces)
+
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+StopParam = str | list[str] | None
+
+
+class SamplingFields(Lenient):
+    """Sampling parameters shared by chat, completions and the Responses API."""
+
+    model: str
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = 1
+    stop: StopParam = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = 0.0
+    frequency_penalty: Penalty | None = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    ignore_eos: bool | None = False
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, value: StopParam) -> StopParam:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop sequences are allowed")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys_are_token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [s for s in stops if s]
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    echo: bool | None = False
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise OpenAIError(
+                "`top_logprobs` requires `logprobs` to be true.", param="top_logprobs", code="invalid_value"
+            )
+        return self
+
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+PromptParam = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: PromptParam
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    echo: bool | None = False
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: PromptParam) -> PromptParam:
+        if isinstance(value, list) and len(value) == 0:
+            raise ValueError("prompt must not be an empty list")
+        return value
+
+
+class EmbeddingRequest(Lenient):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input_not_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) == 0:
+            raise ValueError("input must not be an empty list")
+        if isinstance(value, list) and len(value) > 2048:
+            raise ValueError("at most 2048 inputs per request")
+        return value
+
+
+class ResponsesRequest(Lenient):
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    stream: bool | None = False
+    seed: int | None = None
+    text: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    user: str | None = None
+
+    def messages(self) -> list[ChatMessage]:
+        """Responses input (a string or message items) as chat messages for the chat path."""
+        out: list[ChatMessage] = []
+        if self.instructions:
+            out.append(ChatMessage(role="system", content=self.instructions))
+        if isinstance(self.input, str):
+            out.append(ChatMessage(role="user", content=self.input))
+            return out
+        for i, item in enumerate(self.input):
+            kind = item.get("type", "message")
+            if kind != "message":
+                raise OpenAIError(
+                    f"Input items of type '{kind}' are not supported.", param=f"input[{i}]", code="invalid_value"
+                )
+            try:
+                out.append(ChatMessage.model_validate({"role": item.get("role"), "content": item.get("content")}))
+            except ValidationError as exc:
+                raise OpenAIError(f"Invalid input item: {exc.errors()[0]['msg']}", param=f"input[{i}]") from exc
+        return out
+
+
+class EditRequest(Lenient):
+    model: str
+    input: str | None = ""
+    instruction: str
+    n: Annotated[int, Field(ge=1, le=20)] | None = 1
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+
+
+class TokenizeRequest(Lenient):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise OpenAIError("Send exactly one of `prompt` or `messages`.", param="prompt")
+        return self
+
+
+class DetokenizeRequest(Lenient):
+    model: str | None = None
+    tokens: list[int]
+
+
+# --------------------------------------------------------------------------------------------
+# Response helpers
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Server-sent events
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def sse_event(event: str, payload: dict[str, Any]) -> bytes:
+    """A named event, as the Responses API streams them."""
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return f"event: {event}\ndata: {body}\n\n".encode()
