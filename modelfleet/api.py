@@ -36,6 +36,10 @@ SOURCE_RE = (
     r"^(file:///.*|hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9._/-]+)?"
     r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?)$"
 )
+# A Kubernetes quantity ("4", "500m", "16Gi", "1e3"), as the API server's own pattern.
+QUANTITY_RE = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+# Worker options the operator sets itself from spec.model; user args must not repeat them.
+RESERVED_ARGS = ("--model", "--served-name", "--host", "--port")
 # The Service is named after the ModelDeployment, so the name must be a DNS-1035 label.
 OBJECT_NAME_RE = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
 
@@ -121,6 +125,15 @@ class Resources(_Model):
     cpu: int | str | None = None
     memory: int | str | None = None
 
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, v: int | str | None, info: Any) -> int | str | None:
+        if isinstance(v, str) and not re.match(QUANTITY_RE, v):
+            raise ValueError(
+                f"spec.resources.{info.field_name} {v!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)"
+            )
+        return v
+
 
 class EnvVar(_Model):
     """One container environment variable, as in a Pod spec."""
@@ -128,6 +141,12 @@ class EnvVar(_Model):
     name: str = Field(min_length=1, max_length=256)
     value: str | None = None
     value_from: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("spec.engine.env entries set value or valueFrom, not both")
+        return self
 
 
 class Engine(_Model):
@@ -142,6 +161,17 @@ class Engine(_Model):
     dtype: Dtype = "auto"
     startup_timeout_seconds: int = Field(default=1800, ge=30, le=86400)
 
+    @field_validator("args")
+    @classmethod
+    def _no_reserved_args(cls, v: list[str]) -> list[str]:
+        for arg in v:
+            if arg in RESERVED_ARGS or arg.startswith(tuple(f"{a}=" for a in RESERVED_ARGS)):
+                raise ValueError(
+                    "spec.engine.args must not set --model, --served-name, --host or --port: "
+                    "the operator sets them from spec.model"
+                )
+        return v
+
 
 class Toleration(_Model):
     """One Pod toleration, as in a Pod spec."""
@@ -151,6 +181,12 @@ class Toleration(_Model):
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _exists_has_no_value(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists must not set value")
+        return self
 
 
 class Routing(_Model):
@@ -193,6 +229,7 @@ class AutoscalerStatus(_Model):
 
     desired_replicas: int = 0
     last_active_time: str | None = None
+    last_needed_time: str | None = None
     last_scale_time: str | None = None
 
 
@@ -234,6 +271,14 @@ class ModelDeployment(_Model):
     metadata: ObjectMeta
     spec: ModelDeploymentSpec
     status: ModelDeploymentStatus = Field(default_factory=ModelDeploymentStatus)
+
+    @model_validator(mode="after")
+    def _name_is_dns_label(self) -> ModelDeployment:
+        if not re.match(OBJECT_NAME_RE, self.metadata.name):
+            raise ValueError(
+                f"metadata.name {self.metadata.name!r} must be a DNS-1035 label: it also names the worker Service"
+            )
+        return self
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> ModelDeployment:

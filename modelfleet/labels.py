@@ -7,7 +7,10 @@ label cannot (served names may contain "/" and ":").
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from modelfleet.api import GROUP
 
@@ -83,3 +86,35 @@ def parse_aliases(annotations: Mapping[str, str] | None) -> list[str]:
 def selector_string(labels: Mapping[str, str]) -> str:
     """A label selector in the string form the scale subresource reports (k=v,k2=v2)."""
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+@dataclass(frozen=True)
+class Demand:
+    """The value of the DEMAND annotation: requests waiting at the gateway at `time`."""
+
+    time: datetime
+    waiting: int
+
+    def encode(self) -> str:
+        """The annotation value the gateway writes."""
+        stamp = self.time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return json.dumps({"time": stamp, "waiting": int(self.waiting)}, separators=(",", ":"))
+
+
+def parse_demand(value: str | None) -> Demand | None:
+    """Read the DEMAND annotation; None for absent or malformed values (never raises).
+
+    Lenient because anyone with patch rights can write an annotation, and a bad one must not
+    stop the operator from reconciling.
+    """
+    if not value:
+        return None
+    try:
+        data = json.loads(value)
+        stamp = datetime.fromisoformat(str(data["time"]).replace("Z", "+00:00"))
+        waiting = int(data.get("waiting", 1))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=timezone.utc)
+    return Demand(time=stamp, waiting=max(waiting, 0))

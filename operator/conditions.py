@@ -1,0 +1,298 @@
+"""Pure status computation: what the cluster says -> phase, counts and conditions.
+
+Status is taken from the Deployment and the worker Pods as they are, never from what the
+operator last asked for: a pod the scheduler cannot place, an image that does not pull or a
+model that crashes while loading each show up as a reason and a message the user can act on.
+No I/O; `handlers.py` gathers the facts and `kube.py` writes the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from modelfleet.api import Condition, ModelDeployment, ModelDeploymentStatus, Phase
+
+from .render import GPU_RESOURCE
+
+# Waiting reasons that no amount of waiting fixes: the user must change something.
+IMAGE_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+CONFIG_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
+# Pod warning events that explain a pod stuck before its container starts.
+EVENT_REASONS = frozenset({"FailedMount", "FailedAttachVolume", "FailedCreatePodSandBox"})
+MAX_MESSAGE = 512
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why one pod (or the Deployment) is not serving. `severity` orders which one is shown."""
+
+    reason: str
+    message: str
+    severity: int  # 3: broken (user must act), 2: blocked (waits for capacity/volume), 0: busy
+    hard: bool  # True: counts as Degraded/Failed; False: progress that will finish by itself
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    """A Kubernetes Event to post for a status transition."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+def _get(obj: Mapping[str, Any] | None, *path: str, default: Any = None) -> Any:
+    cur: Any = obj
+    for key in path:
+        if not isinstance(cur, Mapping) or key not in cur:
+            return default
+        cur = cur[key]
+    return cur
+
+
+def last_line(text: str | None) -> str:
+    """The last non-empty line: where a traceback or a worker's one-line error says why."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    line = lines[-1] if lines else ""
+    return line if len(line) <= MAX_MESSAGE else "..." + line[-MAX_MESSAGE:]
+
+
+def _crash_problem(md: ModelDeployment, status: Mapping[str, Any]) -> Problem:
+    term = _get(status, "lastState", "terminated") or _get(status, "state", "terminated") or {}
+    why = last_line(term.get("message"))
+    exit_reason = term.get("reason") or "Error"
+    if exit_reason == "OOMKilled":
+        limit = md.spec.resources.memory
+        hint = f" (spec.resources.memory is {limit})" if limit is not None else " (set spec.resources.memory)"
+        why = why or f"the worker ran out of memory loading the model{hint}"
+    if not why:
+        why = f"the worker exited with code {term.get('exitCode', '?')} ({exit_reason})"
+    return Problem("CrashLoopBackOff", f"the model failed to load: {why}", 3, True)
+
+
+def _container_problem(md: ModelDeployment, status: Mapping[str, Any]) -> Problem | None:
+    waiting = _get(status, "state", "waiting") or {}
+    reason = waiting.get("reason", "")
+    if reason == "CrashLoopBackOff":
+        return _crash_problem(md, status)
+    if reason in IMAGE_REASONS:
+        msg = waiting.get("message") or f"cannot pull image {status.get('image', '')}"
+        return Problem(reason, f"{last_line(msg)}; check spec.engine.image", 3, True)
+    if reason in CONFIG_REASONS:
+        return Problem(reason, last_line(waiting.get("message")) or reason, 3, True)
+    terminated = _get(status, "state", "terminated")
+    if terminated and terminated.get("exitCode", 0) != 0:
+        return _crash_problem(md, status)
+    if _get(status, "state", "running") is not None and not status.get("ready", False):
+        return Problem("Loading", "loading the model", 0, False)
+    if reason:
+        return Problem(reason, last_line(waiting.get("message")) or reason, 0, False)
+    return None
+
+
+def _gpu_hint(md: ModelDeployment) -> str:
+    gpu = md.spec.resources.gpu
+    return f" (each replica asks for {gpu} {GPU_RESOURCE})" if gpu else ""
+
+
+def diagnose_pod(
+    md: ModelDeployment, pod: Mapping[str, Any], events: Sequence[Mapping[str, Any]] = ()
+) -> Problem | None:
+    """The worst thing about one worker pod, or None when it serves."""
+    status = pod.get("status") or {}
+    if status.get("phase") == "Failed":
+        return Problem(
+            status.get("reason") or "PodFailed", last_line(status.get("message")) or "pod failed", 1, True
+        )
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            msg = last_line(cond.get("message")) or "no node fits the pod"
+            return Problem(cond.get("reason") or "Unschedulable", msg + _gpu_hint(md), 2, True)
+    problems = [p for cs in status.get("containerStatuses") or [] if (p := _container_problem(md, cs))]
+    if problems:
+        return max(problems, key=lambda p: p.severity)
+    name = _get(pod, "metadata", "name")
+    for ev in events:
+        if ev.get("type") == "Warning" and ev.get("reason") in EVENT_REASONS:
+            if _get(ev, "involvedObject", "name") == name:
+                return Problem(ev["reason"], last_line(ev.get("message")), 2, True)
+    if status.get("phase") == "Running":
+        return None  # running and every container ready
+    return Problem("ContainerCreating", "starting the worker container", 0, False)
+
+
+def diagnose_deployment(deployment: Mapping[str, Any]) -> Problem | None:
+    """Deployment-level trouble: pods that cannot be created, or a rollout past its deadline."""
+    for cond in _get(deployment, "status", "conditions", default=[]) or []:
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            return Problem(cond.get("reason") or "FailedCreate", last_line(cond.get("message")), 3, True)
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            return Problem("ProgressDeadlineExceeded", last_line(cond.get("message")), 3, True)
+    return None
+
+
+def _is_terminating(pod: Mapping[str, Any]) -> bool:
+    return _get(pod, "metadata", "deletionTimestamp") is not None
+
+
+def worst_problem(
+    md: ModelDeployment,
+    deployment: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]],
+    events: Sequence[Mapping[str, Any]] = (),
+) -> Problem | None:
+    """The problem to headline: the most severe, hard before soft."""
+    found = [p for p in [diagnose_deployment(deployment)] if p]
+    found += [p for pod in pods if not _is_terminating(pod) and (p := diagnose_pod(md, pod, events))]
+    if not found:
+        return None
+    return max(found, key=lambda p: (p.hard, p.severity))
+
+
+@dataclass(frozen=True)
+class _Counts:
+    replicas: int
+    ready: int
+    updated: int
+    rollout_seen: bool
+
+
+def _counts(deployment: Mapping[str, Any] | None) -> _Counts:
+    status = (deployment or {}).get("status") or {}
+    generation = _get(deployment, "metadata", "generation", default=0)
+    return _Counts(
+        replicas=int(status.get("replicas") or 0),
+        ready=int(status.get("readyReplicas") or 0),
+        updated=int(status.get("updatedReplicas") or 0),
+        rollout_seen=int(status.get("observedGeneration") or 0) >= int(generation or 0),
+    )
+
+
+def _phase(desired: int, c: _Counts, problem: Problem | None, has_deployment: bool) -> Phase:
+    if desired == 0 or not has_deployment:
+        return "Pending"
+    if c.ready >= 1:
+        return "Degraded" if problem and problem.hard else "Ready"
+    if problem and problem.severity >= 3:
+        return "Failed"
+    if problem and problem.reason == "Loading":
+        return "Loading"
+    return "Pending"
+
+
+def _ready(desired: int, c: _Counts, problem: Problem | None, has_deployment: bool) -> tuple[str, str, str]:
+    if not has_deployment:
+        return "False", "Creating", "creating the worker Deployment"
+    if desired == 0:
+        if c.replicas:
+            return "False", "ScalingDown", f"scaling to zero; {c.replicas} replica(s) still stopping"
+        return "False", "ScaledToZero", "scaled to zero; requests through the gateway bring it back"
+    counts = f"{c.ready}/{desired} replicas ready"
+    if c.ready >= 1:
+        if problem and problem.hard:
+            return "True", "PartiallyReady", f"{counts}; {problem.reason}: {problem.message}"
+        return "True", "ReplicasReady", counts
+    if problem:
+        return "False", problem.reason, problem.message
+    return "False", "Pending", f"{counts}; waiting for worker pods"
+
+
+def _progressing(
+    desired: int, c: _Counts, problem: Problem | None, has_deployment: bool
+) -> tuple[str, str, str]:
+    if not has_deployment:
+        return "True", "Creating", "creating the worker Deployment"
+    if problem and problem.reason == "ProgressDeadlineExceeded":
+        return "False", problem.reason, problem.message
+    if not c.rollout_seen:
+        return "True", "RollingUpdate", "waiting for the Deployment controller to see the new spec"
+    if c.updated < c.replicas:
+        return "True", "RollingUpdate", f"{c.updated}/{desired} replicas updated"
+    if c.replicas > desired:
+        return "True", "ScalingDown", f"{c.replicas} -> {desired} replicas"
+    if c.ready < desired or c.replicas < desired:
+        return "True", "ScalingUp", f"{c.ready}/{desired} replicas ready"
+    return "False", "RolloutComplete", f"{desired} replicas up to date"
+
+
+def _degraded(problem: Problem | None, desired: int) -> tuple[str, str, str]:
+    if desired > 0 and problem and problem.hard:
+        return "True", problem.reason, problem.message
+    return "False", "AsExpected", "no replica reports a problem"
+
+
+def _condition(
+    type_: str, value: tuple[str, str, str], previous: ModelDeploymentStatus, now: str, generation: int
+) -> Condition:
+    """Build one condition, keeping lastTransitionTime while status (True/False) is unchanged."""
+    status, reason, message = value
+    old = previous.condition(type_)
+    since = old.last_transition_time if old is not None and old.status == status else now
+    return Condition(
+        type=type_,  # type: ignore[arg-type]
+        status=status,  # type: ignore[arg-type]
+        reason=reason,
+        message=message,
+        last_transition_time=since,
+        observed_generation=generation,
+    )
+
+
+def compute_status(
+    md: ModelDeployment,
+    desired: int,
+    deployment: Mapping[str, Any] | None,
+    pods: Sequence[Mapping[str, Any]],
+    events: Sequence[Mapping[str, Any]],
+    selector: str,
+    now: str,
+) -> ModelDeploymentStatus:
+    """The whole status from cluster facts; `md.status` supplies the previous conditions.
+
+    The autoscaler's part of status is carried over unchanged: autoscale.py owns it.
+    """
+    has_deployment = deployment is not None
+    c = _counts(deployment)
+    problem = worst_problem(md, deployment or {}, pods, events) if has_deployment else None
+    previous = md.status
+    generation = md.metadata.generation
+    conditions = [
+        _condition("Ready", _ready(desired, c, problem, has_deployment), previous, now, generation),
+        _condition(
+            "Progressing", _progressing(desired, c, problem, has_deployment), previous, now, generation
+        ),
+        _condition("Degraded", _degraded(problem, desired), previous, now, generation),
+    ]
+    return ModelDeploymentStatus(
+        phase=_phase(desired, c, problem, has_deployment),
+        replicas=c.replicas,
+        ready_replicas=c.ready,
+        updated_replicas=c.updated,
+        desired_replicas=desired,
+        observed_generation=generation,
+        selector=selector,
+        served_name=md.served_name,
+        conditions=conditions,
+        autoscaler=previous.autoscaler,
+    )
+
+
+def transition_events(old: ModelDeploymentStatus, new: ModelDeploymentStatus) -> list[StatusEvent]:
+    """Events for what changed: the phase, or the reason the model is (not) ready.
+
+    Keyed on reasons, not messages, so a message that only changes its counts does not post
+    a new Event every resync.
+    """
+    old_ready, new_ready = old.condition("Ready"), new.condition("Ready")
+    changed_phase = old.phase != new.phase
+    changed_reason = new_ready is not None and (
+        old_ready is None or (old_ready.status, old_ready.reason) != (new_ready.status, new_ready.reason)
+    )
+    if not (changed_phase or changed_reason) or new_ready is None:
+        return []
+    degraded = new.condition("Degraded")
+    warn = new.phase in ("Failed", "Degraded") or (degraded is not None and degraded.status == "True")
+    message = f"phase {old.phase or 'None'} -> {new.phase}: {new_ready.message}"
+    return [StatusEvent("Warning" if warn else "Normal", new_ready.reason, message)]
