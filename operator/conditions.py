@@ -87,6 +87,8 @@ def _container_problem(md: ModelDeployment, status: Mapping[str, Any]) -> Proble
         return _crash_problem(md, status)
     if _get(status, "state", "running") is not None and not status.get("ready", False):
         return Problem("Loading", "loading the model", 0, False)
+    if reason in ("ContainerCreating", "PodInitializing"):
+        return Problem("ContainerCreating", "starting the worker container", 0, False)
     if reason:
         return Problem(reason, last_line(waiting.get("message")) or reason, 0, False)
     return None
@@ -111,13 +113,16 @@ def diagnose_pod(
             msg = last_line(cond.get("message")) or "no node fits the pod"
             return Problem(cond.get("reason") or "Unschedulable", msg + _gpu_hint(md), 2, True)
     problems = [p for cs in status.get("containerStatuses") or [] if (p := _container_problem(md, cs))]
-    if problems:
+    if any(p.hard for p in problems):
         return max(problems, key=lambda p: p.severity)
+    # A pod stuck before its container starts says why only in its events (volume mounts).
     name = _get(pod, "metadata", "name")
     for ev in events:
         if ev.get("type") == "Warning" and ev.get("reason") in EVENT_REASONS:
             if _get(ev, "involvedObject", "name") == name:
                 return Problem(ev["reason"], last_line(ev.get("message")), 2, True)
+    if problems:
+        return max(problems, key=lambda p: p.severity)
     if status.get("phase") == "Running":
         return None  # running and every container ready
     return Problem("ContainerCreating", "starting the worker container", 0, False)

@@ -1,0 +1,259 @@
+"""Rendering: every spec field lands where it should, and the defaults are the safe ones.
+
+A golden file pins one full Deployment so that any change to the rendered objects shows up in
+review; regenerate it with MODELFLEET_UPDATE_GOLDEN=1 after checking the diff is intended.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from modelfleet.operator.config import OperatorConfig
+from modelfleet.operator.render import (
+    render_deployment,
+    render_pdb,
+    render_service,
+    resolve_source,
+)
+
+from modelfleet import labels
+from modelfleet.api import ModelDeployment
+
+GOLDEN = Path(__file__).parent / "golden"
+CONFIG = OperatorConfig(default_image="modelfleet:test")
+
+
+def make(spec: dict[str, Any] | None = None, name: str = "tiny-chat") -> ModelDeployment:
+    body = {
+        "apiVersion": "modelfleet.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "namespace": "team-a", "uid": "uid-1", "generation": 4},
+        "spec": {"model": {"source": "file:///models/tiny-chat"}, **(spec or {})},
+    }
+    return ModelDeployment.from_body(body)
+
+
+def container(obj: dict[str, Any]) -> dict[str, Any]:
+    (c,) = obj["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def flag(cmd: list[str], name: str) -> str | None:
+    """The value after the last `name` in a command line (argparse's last-wins)."""
+    values = [cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a == name]
+    return values[-1] if values else None
+
+
+def test_minimal_spec_renders_a_safe_worker() -> None:
+    dep = render_deployment(make(), 1, CONFIG)
+    c = container(dep)
+    pod = dep["spec"]["template"]["spec"]
+    assert c["command"][:2] == ["modelfleet", "worker"]
+    assert flag(c["command"], "--model") == "/models/tiny-chat"
+    assert flag(c["command"], "--served-name") == "tiny-chat"
+    assert flag(c["command"], "--host") == "0.0.0.0"
+    assert flag(c["command"], "--port") == "8000"
+    assert flag(c["command"], "--device") == "cpu"
+    assert c["image"] == "modelfleet:test"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    # The startup probe must cover spec.engine.startupTimeoutSeconds (default 1800 s).
+    sp = c["startupProbe"]
+    assert sp["periodSeconds"] * sp["failureThreshold"] >= 1800
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(CONFIG.drain_seconds)]
+    assert pod["terminationGracePeriodSeconds"] == 120 + CONFIG.drain_seconds
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert "resources" not in c and "volumes" not in pod and "nodeSelector" not in pod
+
+
+def test_labels_selector_and_owner() -> None:
+    md = make(spec={"model": {"source": "file:///m", "servedName": "org/tiny:1", "aliases": ["a", "b"]}})
+    dep = render_deployment(md, 2, CONFIG)
+    svc = render_service(md, CONFIG)
+    pdb = render_pdb(md, 2)
+    assert pdb is not None
+    for obj in (dep, svc, pdb):
+        meta = obj["metadata"]
+        assert meta["namespace"] == "team-a" and meta["name"] == "tiny-chat"
+        assert meta["labels"][labels.MODEL] == "tiny-chat"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "modelfleet-operator"
+        assert meta["labels"]["app.kubernetes.io/instance"] == "tiny-chat"
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "modelfleet.dev/v1alpha1",
+                "kind": "ModelDeployment",
+                "name": "tiny-chat",
+                "uid": "uid-1",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert meta["annotations"][labels.SERVED_NAME] == "org/tiny:1"
+        assert labels.parse_aliases(meta["annotations"]) == ["a", "b"]
+    assert dep["spec"]["selector"] == {"matchLabels": {labels.MODEL: "tiny-chat"}}
+    assert svc["spec"]["selector"] == {labels.MODEL: "tiny-chat"}
+    assert pdb["spec"]["selector"] == {"matchLabels": {labels.MODEL: "tiny-chat"}}
+    template_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert set(dep["spec"]["selector"]["matchLabels"].items()) <= set(template_labels.items())
+    assert dep["spec"]["template"]["metadata"]["annotations"][labels.SERVED_NAME] == "org/tiny:1"
+    assert flag(container(dep)["command"], "--served-name") == "org/tiny:1"
+
+
+# (spec fragment, where it must land: a function of the rendered Deployment, expected value)
+FIELD_CASES = [
+    ({"replicas": 3}, lambda d: d["spec"]["replicas"], 2),  # render takes the decided size
+    ({"resources": {"gpu": 2}}, lambda d: container(d)["resources"]["limits"]["nvidia.com/gpu"], "2"),
+    ({"resources": {"gpu": 2}}, lambda d: flag(container(d)["command"], "--device"), "cuda"),
+    ({"resources": {"cpu": 4}}, lambda d: container(d)["resources"]["requests"]["cpu"], "4"),
+    ({"resources": {"cpu": "500m"}}, lambda d: container(d)["resources"].get("limits"), None),
+    ({"resources": {"memory": "16Gi"}}, lambda d: container(d)["resources"]["limits"]["memory"], "16Gi"),
+    ({"resources": {"memory": "16Gi"}}, lambda d: container(d)["resources"]["requests"]["memory"], "16Gi"),
+    ({"engine": {"image": "reg/x:1"}}, lambda d: container(d)["image"], "reg/x:1"),
+    ({"engine": {"imagePullPolicy": "Always"}}, lambda d: container(d)["imagePullPolicy"], "Always"),
+    ({"engine": {"dtype": "bfloat16"}}, lambda d: flag(container(d)["command"], "--dtype"), "bfloat16"),
+    ({"engine": {"maxModelLen": 4096}}, lambda d: flag(container(d)["command"], "--max-model-len"), "4096"),
+    ({"engine": {"maxNumSeqs": 32}}, lambda d: flag(container(d)["command"], "--max-num-seqs"), "32"),
+    (
+        {"engine": {"args": ["--max-num-batched-tokens", "8192"]}},
+        lambda d: container(d)["command"][-2:],
+        ["--max-num-batched-tokens", "8192"],
+    ),
+    (
+        {"engine": {"args": ["--device", "cpu"]}, "resources": {"gpu": 1}},
+        lambda d: flag(container(d)["command"], "--device"),
+        "cpu",
+    ),
+    (
+        {"engine": {"env": [{"name": "A", "value": "1"}]}},
+        lambda d: container(d)["env"],
+        [{"name": "A", "value": "1"}],
+    ),
+    (
+        {"engine": {"env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}},
+        lambda d: container(d)["env"],
+        [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
+    ),
+    (
+        {"engine": {"startupTimeoutSeconds": 600}},
+        lambda d: container(d)["startupProbe"]["failureThreshold"],
+        120,
+    ),
+    ({"engine": {"startupTimeoutSeconds": 600}}, lambda d: d["spec"]["progressDeadlineSeconds"], 900),
+    (
+        {"nodeSelector": {"gpu": "a100"}},
+        lambda d: d["spec"]["template"]["spec"]["nodeSelector"],
+        {"gpu": "a100"},
+    ),
+    (
+        {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+        lambda d: d["spec"]["template"]["spec"]["tolerations"],
+        [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    ),
+    (
+        {"terminationGracePeriodSeconds": 600},
+        lambda d: d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+        605,
+    ),
+]
+
+
+@pytest.mark.parametrize(("spec", "where", "expected"), FIELD_CASES)
+def test_spec_field_lands_in_the_deployment(spec: dict[str, Any], where: Any, expected: Any) -> None:
+    assert where(render_deployment(make(spec), 2, CONFIG)) == expected
+
+
+@pytest.mark.parametrize(
+    ("source", "path", "volume"),
+    [
+        (
+            "pvc://models/llama/8b",
+            "/mnt/models/models/llama/8b",
+            {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+        ),
+        (
+            "pvc://models",
+            "/mnt/models/models",
+            {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+        ),
+        ("hf://org/name@v1", "hf://org/name@v1", {"emptyDir": {}}),
+        ("file:///models/tiny-chat/", "/models/tiny-chat", None),
+    ],
+)
+def test_sources_become_a_path_and_a_volume(source: str, path: str, volume: dict[str, Any] | None) -> None:
+    dep = render_deployment(make({"model": {"source": source}}), 1, CONFIG)
+    c = container(dep)
+    assert flag(c["command"], "--model") == path
+    volumes = dep["spec"]["template"]["spec"].get("volumes", [])
+    if volume is None:
+        assert volumes == [] and "volumeMounts" not in c
+        return
+    (vol,) = volumes
+    assert {k: v for k, v in vol.items() if k != "name"} == volume
+    (mount,) = c["volumeMounts"]
+    assert mount["name"] == vol["name"]
+    if "persistentVolumeClaim" in volume:
+        assert mount["readOnly"] is True and path.startswith(mount["mountPath"])
+    else:
+        assert {"name": "HF_HOME", "value": CONFIG.hf_cache_dir} in c["env"]
+
+
+def test_file_source_mounted_from_the_node_when_configured() -> None:
+    config = OperatorConfig(host_path_models=True)
+    dep = render_deployment(make(), 1, config)
+    (vol,) = dep["spec"]["template"]["spec"]["volumes"]
+    assert vol["hostPath"] == {"path": "/models/tiny-chat", "type": "Directory"}
+    assert container(dep)["volumeMounts"][0] == {
+        "name": vol["name"],
+        "mountPath": "/models/tiny-chat",
+        "readOnly": True,
+    }
+
+
+def test_pvc_sub_path_cannot_escape_its_volume() -> None:
+    with pytest.raises(ValueError, match="leaves its volume"):
+        resolve_source("pvc://models/../../etc", CONFIG)
+
+
+@pytest.mark.parametrize(("replicas", "has_pdb"), [(0, False), (1, False), (2, True), (5, True)])
+def test_pdb_only_above_one_replica(replicas: int, has_pdb: bool) -> None:
+    pdb = render_pdb(make(), replicas)
+    assert (pdb is not None) == has_pdb
+    if pdb is not None:
+        assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_service_targets_the_worker_port_by_name() -> None:
+    svc = render_service(make(), CONFIG)
+    (port,) = svc["spec"]["ports"]
+    assert port["targetPort"] == "http"
+    ports = container(render_deployment(make(), 1, CONFIG))["ports"]
+    assert {"name": "http", "containerPort": CONFIG.worker_port, "protocol": "TCP"} in ports
+
+
+def test_rendering_is_deterministic() -> None:
+    """Server-side apply of the same object twice must be a no-op: no timestamps or randomness."""
+    md = make({"resources": {"gpu": 1}, "engine": {"env": [{"name": "A", "value": "1"}]}})
+    assert render_deployment(md, 2, CONFIG) == render_deployment(md, 2, CONFIG)
+
+
+def test_golden_deployment() -> None:
+    md = make(
+        {
+            "model": {"source": "pvc://models/tiny-chat", "servedName": "tiny-chat", "aliases": ["tiny"]},
+            "resources": {"gpu": 1, "cpu": "4", "memory": "16Gi"},
+            "engine": {"maxModelLen": 4096, "env": [{"name": "LOG_LEVEL", "value": "info"}]},
+            "nodeSelector": {"accelerator": "nvidia"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        }
+    )
+    objs = [render_deployment(md, 2, CONFIG), render_service(md, CONFIG), render_pdb(md, 2)]
+    text = yaml.safe_dump_all(objs, sort_keys=True)
+    path = GOLDEN / "tiny-chat-gpu.yaml"
+    if os.environ.get("MODELFLEET_UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text()
