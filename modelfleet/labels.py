@@ -33,8 +33,11 @@ DEMAND = f"{PREFIX}/demand"
 # Label on Secrets that hold API keys (CONTRACTS.md section 4); value "true".
 API_KEY = f"{PREFIX}/api-key"
 
-# Prefix for kopf's own bookkeeping annotations (progress, last-handled configuration).
-KOPF_PREFIX = PREFIX
+# Prefix for kopf's own bookkeeping annotations (progress, last-handled configuration). A
+# subdomain of ours rather than PREFIX itself: kopf leaves every annotation under its storage
+# prefix out of the diff it reacts to, and DEMAND must stay in it so a demand signal triggers
+# a reconcile at once.
+KOPF_PREFIX = f"kopf.{PREFIX}"
 
 # Field manager for server-side apply: one owner for every field the operator sets.
 FIELD_MANAGER = "modelfleet-operator"

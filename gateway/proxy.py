@@ -1,0 +1,107 @@
+"""Forwards a request's original bytes to one endpoint and streams the answer back.
+
+Fields the gateway does not know pass through untouched because the body is never re-encoded.
+Connection errors and 5xx answers are retried on another endpoint, but only before the first
+byte reaches the client; after that, a failure ends the stream with an OpenAI error event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi.responses import StreamingResponse
+
+from modelfleet.protocol import OpenAIError, error_body, unavailable
+
+from .balancer import Strategy, least_load_p2c
+from .metrics import GatewayMetrics
+from .registry import Endpoint, Registry
+
+log = logging.getLogger(__name__)
+PASS_HEADERS = {"content-type", "retry-after", "cache-control", "x-accel-buffering"}
+FORWARD_HEADERS = {"content-type", "accept", "x-request-id", "user-agent", "openai-organization"}
+
+
+class Proxy:
+    def __init__(self, registry: Registry, client: httpx.AsyncClient, metrics: GatewayMetrics,
+                 strategy: Strategy = least_load_p2c, max_attempts: int = 3) -> None:
+        self.registry = registry
+        self.client = client
+        self.metrics = metrics
+        self.strategy = strategy
+        self.max_attempts = max_attempts
+        self.rng = random.Random()
+
+    async def forward(self, path: str, body: bytes, headers: dict[str, str], model_name: str) -> StreamingResponse:
+        model = self.registry.resolve(model_name)
+        if model is None:
+            raise OpenAIError(f"The model `{model_name}` does not exist or you do not have access to it.",
+                              status=404, param="model", code="model_not_found")
+        tried: set[str] = set()
+        send_headers = {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
+        last_error = "no replica of the model is ready"
+        for attempt in range(self.max_attempts):
+            candidates = [e for e in self.registry.available(model) if e.url not in tried]
+            if not candidates:
+                break
+            endpoint = self.strategy(candidates, self.rng)
+            tried.add(endpoint.url)
+            if attempt:
+                self.metrics.retries.labels(model).inc()
+            endpoint.inflight += 1
+            started = time.monotonic()
+            try:
+                upstream = await self.client.send(
+                    self.client.build_request("POST", endpoint.url + path, content=body, headers=send_headers),
+                    stream=True,
+                )
+            except httpx.TransportError as exc:
+                endpoint.inflight -= 1
+                last_error = f"replica {endpoint.url} failed: {type(exc).__name__}"
+                self._failed(endpoint)
+                continue
+            if upstream.status_code >= 500 and attempt + 1 < self.max_attempts:
+                await upstream.aclose()
+                endpoint.inflight -= 1
+                last_error = f"replica {endpoint.url} answered {upstream.status_code}"
+                self._failed(endpoint)
+                continue
+            self.registry.record_success(endpoint)
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASS_HEADERS}
+            out_headers["x-modelfleet-backend"] = endpoint.url
+            out_headers["x-modelfleet-route"] = f"least-load;attempt={attempt + 1}"
+            self.metrics.first_byte.labels(model).observe(time.monotonic() - started)
+            return StreamingResponse(self._relay(upstream, endpoint, model, started), status_code=upstream.status_code,
+                                     headers=out_headers)
+        raise unavailable(f"No ready replica for model `{model_name}` ({last_error}).", retry_after=2)
+
+    def _failed(self, endpoint: Endpoint) -> None:
+        if self.registry.record_failure(endpoint):
+            self.metrics.ejections.labels(endpoint.model).inc()
+            log.warning("ejected %s after repeated failures", endpoint.url)
+
+    async def _relay(self, upstream: httpx.Response, endpoint: Endpoint, model: str,
+                     started: float) -> AsyncIterator[bytes]:
+        streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        status = str(upstream.status_code)
+        try:
+            async for chunk in upstream.aiter_raw():
+                yield chunk
+        except httpx.TransportError as exc:
+            status = "upstream_error"
+            self._failed(endpoint)
+            log.warning("replica %s failed mid-response: %s", endpoint.url, exc)
+            if streaming:
+                message = "The model replica failed while streaming; please retry the request."
+                yield b"data: " + json.dumps(error_body(message, type="server_error", code="upstream_error")).encode()
+                yield b"\n\n"
+        finally:
+            endpoint.inflight -= 1
+            await upstream.aclose()
+            self.metrics.requests.labels(model, status).inc()
+            self.metrics.latency.labels(model).observe(time.monotonic() - started)

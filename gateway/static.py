@@ -1,0 +1,70 @@
+"""Static discovery: a fixed list of NAME=URL backends, probed for readiness and model cards.
+
+This is what `modelfleet serve` uses; in a cluster the EndpointSlice watch replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+def parse_backends(specs: list[str]) -> dict[str, list[str]]:
+    """`NAME=URL` (repeatable, also `NAME=URL1,URL2`) -> {name: [urls]}."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, urls = spec.partition("=")
+        if not sep or not name or not urls:
+            raise ValueError(f"--backend takes NAME=URL, got {spec!r}")
+        for url in urls.split(","):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"--backend URL must start with http:// or https://, got {url!r}")
+            out.setdefault(name, []).append(url.rstrip("/"))
+    return out
+
+
+class StaticDiscovery:
+    def __init__(self, registry: Registry, backends: dict[str, list[str]], client: httpx.AsyncClient,
+                 interval: float = 1.0) -> None:
+        self.registry = registry
+        self.client = client
+        self.interval = interval
+        for name, urls in backends.items():
+            registry.set_endpoints(name, urls)
+        self.task: asyncio.Task | None = None
+
+    async def probe_once(self) -> None:
+        await asyncio.gather(*(self._probe(e) for e in list(self.registry.endpoints.values())))
+
+    async def _probe(self, endpoint) -> None:
+        try:
+            r = await self.client.get(endpoint.url + "/ready", timeout=2.0)
+            ready = r.status_code == 200
+            if ready and not endpoint.cards:
+                cards = await self.client.get(endpoint.url + "/v1/models", timeout=2.0)
+                endpoint.cards = cards.json().get("data", [])
+                for card in endpoint.cards:
+                    self.registry.aliases.setdefault(card["id"], endpoint.model)
+        except (httpx.HTTPError, ValueError):
+            ready = False
+        if ready != endpoint.ready:
+            log.info("backend %s for %s is %s", endpoint.url, endpoint.model, "ready" if ready else "not ready")
+        endpoint.ready = ready
+
+    async def run(self) -> None:
+        while True:
+            await self.probe_once()
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()

@@ -1,0 +1,163 @@
+"""`modelfleet serve|worker|gateway|operator`: the only place that reads argv and the environment.
+
+Every command exits non-zero with one clear line on stderr for bad arguments, a missing model
+directory or a port in use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine options")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    group.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    group.add_argument("--max-model-len", type=_positive, default=None, help="context length (default: model's)")
+    group.add_argument("--max-num-seqs", type=_positive, default=64, help="sequences in the running batch")
+    group.add_argument("--max-num-batched-tokens", type=_positive, default=4096, help="prefill tokens per step")
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine options as worker arguments, for `serve` to pass on."""
+    out = ["--device", args.device, "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.max_model_len:
+        out += ["--max-model-len", str(args.max_model_len)]
+    return out
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"ports go up to 65535, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelfleet", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("MODELFLEET_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="local all-in-one serving: workers plus a gateway")
+    serve.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
+                       help="a model to serve (repeatable); default: MiniLM and the demo chat model")
+    serve.add_argument("--replicas", type=_positive, default=1, help="worker processes per model")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--api-keys", metavar="FILE", default=None)
+    _engine_options(serve)
+
+    worker = sub.add_parser("worker", help="serve one model")
+    worker.add_argument("--model", required=True, metavar="SOURCE")
+    worker.add_argument("--served-name", action="append", default=[], metavar="NAME",
+                        help="name clients use (repeat or comma-separate for aliases)")
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=_port, default=8000)
+    worker.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds to finish in-flight requests after SIGTERM")
+    _engine_options(worker)
+
+    gateway = sub.add_parser("gateway", help="the OpenAI front door")
+    gateway.add_argument("--discovery", choices=["static", "kubernetes"], default="static")
+    gateway.add_argument("--backend", action="append", default=[], metavar="NAME=URL")
+    gateway.add_argument("--api-keys", metavar="FILE", default=None)
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=_port, default=8000)
+
+    sub.add_parser("operator", help="the ModelDeployment operator (kopf options follow)", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["operator"]:
+        from modelfleet.operator.main import run
+
+        return run(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
+    try:
+        if args.command == "worker":
+            return run_worker(args)
+        if args.command == "gateway":
+            return run_gateway(args)
+        if args.command == "serve":
+            from .serve import run_serve
+
+            return run_serve(args)
+    except CommandError as exc:
+        print(f"modelfleet {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from modelfleet.netutil import PortInUseError
+    from modelfleet.worker.app import WorkerSettings, serve
+    from modelfleet.worker.loader import ModelSourceError
+
+    names = [n for raw in args.served_name for n in raw.split(",") if n]
+    if not names:
+        names = [os.path.basename(args.model.rstrip("/")) or "model"]
+    settings = WorkerSettings(
+        source=args.model, served_names=names, host=args.host, port=args.port, device=args.device,
+        dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, drain_timeout=args.drain_timeout,
+    )
+    try:
+        serve(settings)
+    except (ModelSourceError, PortInUseError) as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from modelfleet.gateway.app import GatewaySettings, create_app
+    from modelfleet.gateway.static import parse_backends
+    from modelfleet.netutil import PortInUseError, bind_socket
+
+    if args.discovery == "kubernetes":
+        raise CommandError("--discovery kubernetes is not implemented yet (see the README's status table)")
+    if args.api_keys:
+        raise CommandError("--api-keys is not implemented yet (see the README's status table)")
+    try:
+        backends = parse_backends(args.backend)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        sock = bind_socket(args.host, args.port)
+    except PortInUseError as exc:
+        raise CommandError(str(exc)) from None
+    app = create_app(GatewaySettings(host=args.host, port=args.port, backends=backends))
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Small socket helpers shared by the worker, the gateway and `modelfleet serve`."""
+
+from __future__ import annotations
+
+import socket
+
+
+class PortInUseError(Exception):
+    pass
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket, bound now, so that a busy port is reported before any slow start-up."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortInUseError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

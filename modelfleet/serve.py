@@ -1,0 +1,162 @@
+"""`modelfleet serve`: the cluster's topology on one machine.
+
+One worker process per model replica, and a gateway with static discovery in this process in
+front of them. Workers are children of this process: Ctrl-C or SIGTERM stops all of them, and a
+worker that dies is reported and the whole command ends, since a silent half-working server would
+be worse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from .cli import CommandError, engine_argv
+from .netutil import PortInUseError, bind_socket, free_port
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    replica: int
+    url: str
+    process: subprocess.Popen
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}#{self.replica}"
+
+
+def default_models() -> list[tuple[str, str]]:
+    from .demo import ensure_demo_model, minilm_path
+
+    print("modelfleet serve: preparing the embedded default models", file=sys.stderr, flush=True)
+    return [("all-MiniLM-L6-v2", str(minilm_path())), ("tiny-chat", str(ensure_demo_model()))]
+
+
+def parse_models(specs: list[str]) -> list[tuple[str, str]]:
+    models = []
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or not source:
+            raise CommandError(f"--model takes NAME=SOURCE, got {spec!r}")
+        models.append((name, source))
+    names = [n for n, _ in models]
+    if len(set(names)) != len(names):
+        raise CommandError("each --model needs a distinct NAME")
+    return models
+
+
+def start_workers(models: list[tuple[str, str]], replicas: int, args: argparse.Namespace) -> list[WorkerProcess]:
+    workers = []
+    for name, source in models:
+        for replica in range(replicas):
+            port = free_port()
+            cmd = [sys.executable, "-m", "modelfleet.cli", "--log-level", args.log_level, "worker", "--model", source,
+                   "--served-name", name, "--host", "127.0.0.1", "--port", str(port), *engine_argv(args)]
+            # Workers share 2-core machines with each other: keep torch from oversubscribing.
+            env = dict(os.environ)
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(1, len(models)))))
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+            workers.append(WorkerProcess(name, replica, f"http://127.0.0.1:{port}", proc))
+    return workers
+
+
+def stop_workers(workers: list[WorkerProcess], grace: float = 10.0) -> None:
+    for w in workers:
+        if w.process.poll() is None:
+            w.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for w in workers:
+        try:
+            w.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            w.process.kill()
+            w.process.wait()
+
+
+def check_sources(models: list[tuple[str, str]]) -> None:
+    from .worker.loader import ModelSourceError, resolve_source
+
+    for name, source in models:
+        if source.startswith("hf://"):
+            continue  # resolved (downloaded) by the worker itself
+        try:
+            resolve_source(source)
+        except ModelSourceError as exc:
+            raise CommandError(f"model {name}: {exc}") from None
+
+
+async def watch(workers: list[WorkerProcess], server) -> None:
+    """Reports each worker once it is ready, and stops everything if one dies."""
+    pending = {w.label: w for w in workers}
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while not server.should_exit:
+            for w in workers:
+                code = w.process.poll()
+                if code is not None:
+                    print(f"modelfleet serve: error: worker {w.label} exited with status {code}", file=sys.stderr,
+                          flush=True)
+                    server.exit_code = 1
+                    server.should_exit = True
+                    return
+            for label, w in list(pending.items()):
+                try:
+                    if (await client.get(w.url + "/ready")).status_code == 200:
+                        print(f"modelfleet serve: {label} ready", file=sys.stderr, flush=True)
+                        del pending[label]
+                        if not pending:
+                            print(f"modelfleet serve: all models ready at {server.public_url}", file=sys.stderr,
+                                  flush=True)
+                except httpx.HTTPError:
+                    pass
+            await asyncio.sleep(0.3 if pending else 1.0)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .gateway.app import GatewaySettings, create_app
+
+    if args.api_keys:
+        raise CommandError("--api-keys is not implemented yet (see the README's status table)")
+    models = parse_models(args.model) if args.model else default_models()
+    check_sources(models)
+    try:
+        sock = bind_socket(args.host, args.port)
+    except PortInUseError as exc:
+        raise CommandError(str(exc)) from None
+    workers = start_workers(models, args.replicas, args)
+    backends: dict[str, list[str]] = {}
+    for w in workers:
+        backends.setdefault(w.name, []).append(w.url)
+    app = create_app(GatewaySettings(host=args.host, port=args.port, backends=backends))
+
+    class ServeServer(uvicorn.Server):
+        exit_code = 0
+        public_url = f"http://{args.host}:{args.port}"
+
+        async def serve(self, sockets=None) -> None:
+            watcher = asyncio.create_task(watch(workers, self))
+            try:
+                await super().serve(sockets)
+            finally:
+                watcher.cancel()
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    server = ServeServer(config)
+    print(f"modelfleet serve: gateway on http://{args.host}:{args.port}, loading {len(workers)} worker(s)",
+          file=sys.stderr, flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        stop_workers(workers)
+    return server.exit_code

@@ -1,0 +1,134 @@
+"""The worker process: load one model, build its engine and app, serve it, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import FastAPI
+
+from modelfleet.http import RequestIdMiddleware, install_error_handlers
+from modelfleet.netutil import bind_socket
+
+from .engine import EngineConfig, GenerationEngine
+from .loader import (
+    detect,
+    load_causal_lm,
+    load_sentence_transformer,
+    pick_device,
+    pick_dtype,
+    resolve_source,
+)
+from .metrics import WorkerMetrics
+from .routes import build_router
+from .service import ModelService
+
+log = logging.getLogger("modelfleet.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    source: str
+    served_names: list[str]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    drain_timeout: float = 30.0
+
+
+def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]:
+    """Everything slow happens here, before the port opens: a worker that is up can serve."""
+    import torch
+
+    path = resolve_source(settings.source)
+    info = detect(path, settings.max_model_len)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    torch.set_grad_enabled(False)
+    engine = None
+    if info.sentence_transformers:
+        from .embedder import SentenceEmbedder
+
+        model = load_sentence_transformer(info, device)
+        tokenizer = model.tokenizer
+        embedder = SentenceEmbedder(model)
+    else:
+        from .embedder import CausalEmbedder
+
+        model, tokenizer = load_causal_lm(info, device, dtype)
+        config = EngineConfig(max_model_len=info.max_model_len, max_num_seqs=settings.max_num_seqs,
+                              max_num_batched_tokens=settings.max_num_batched_tokens)
+        engine = GenerationEngine(model, tokenizer, config, info.eos_token_ids)
+        embedder = CausalEmbedder(engine, info.max_model_len)
+    service = ModelService(settings.served_names, info, tokenizer, engine, embedder, settings.max_num_seqs,
+                           str(dtype).replace("torch.", ""), device)
+    metrics = WorkerMetrics(service.name, engine.stats if engine else None, lambda: service.draining)
+    if engine:
+        engine.observe = metrics.observe
+    return service, metrics
+
+
+def create_app(service: ModelService, metrics: WorkerMetrics) -> FastAPI:
+    app = FastAPI(title=f"modelfleet worker: {service.name}", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.include_router(build_router(service, metrics))
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM: report not ready, refuse new generation, let in-flight requests finish (up to
+    the drain timeout), then stop. uvicorn alone would close the listener at once."""
+
+    def __init__(self, config: uvicorn.Config, service: ModelService, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.service = service
+        self.drain_timeout = drain_timeout
+
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGTERM and not self.service.draining and getattr(self, "loop", None):
+            self.service.draining = True
+            log.info("SIGTERM: draining for up to %.0fs", self.drain_timeout)
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._drain()))
+            return
+        super().handle_exit(sig, frame)
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        engine = self.service.engine
+        while time.monotonic() < deadline:
+            busy = engine is not None and (engine.stats.running or engine.stats.waiting or engine.inbox)
+            if not busy and not self.server_state.tasks:
+                break
+            await asyncio.sleep(0.1)
+        self.should_exit = True
+
+
+def serve(settings: WorkerSettings) -> None:
+    sock = bind_socket(settings.host, settings.port)  # fail on a busy port before the slow load
+    service, metrics = load_service(settings)
+    if service.engine:
+        service.engine.start()
+    app = create_app(service, metrics)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5, lifespan="off")
+    server = DrainingServer(config, service, settings.drain_timeout)
+    log.info("serving %s (%s, %s) on http://%s:%d", service.name, service.info.task, service.info.path,
+             settings.host, settings.port)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if service.engine:
+            service.engine.stop()

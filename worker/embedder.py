@@ -1,0 +1,169 @@
+"""Embeddings with dynamic batching: concurrent requests share one forward pass.
+
+Sentence-transformers models run through the library's own module pipeline (its tokenizer
+settings, pooling and Normalize modules), so results match `SentenceTransformer.encode`.
+Causal LMs give the mean of the last hidden states over the prompt's tokens, L2-normalised: mean
+pooling needs no special token at the end, which random and chat models do not reliably have,
+and normalising makes cosine similarity a dot product, as with OpenAI's embeddings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modelfleet.protocol import OpenAIError
+
+EmbedInput = str | list[int]
+
+
+@dataclass
+class EmbedResult:
+    vectors: list[torch.Tensor]
+    tokens: int
+
+
+class DynamicBatcher:
+    """Collects what arrives while a batch runs and sends it as the next batch.
+
+    Written by hand: the few batching libraries on PyPI add a server of their own, where this
+    needs twenty lines on the event loop the worker already runs.
+    """
+
+    def __init__(self, run_batch: Callable[[list[EmbedInput]], Awaitable[tuple[list[torch.Tensor], list[int]]]],
+                 max_items: int = 64) -> None:
+        self.run_batch = run_batch
+        self.max_items = max_items
+        self.pending: list[tuple[list[EmbedInput], asyncio.Future]] = []
+        self.draining: asyncio.Task | None = None
+
+    async def submit(self, items: list[EmbedInput]) -> EmbedResult:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((items, future))
+        if self.draining is None or self.draining.done():
+            self.draining = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self.pending:
+            jobs, count = [], 0
+            while self.pending and (not jobs or count + len(self.pending[0][0]) <= self.max_items):
+                items, future = self.pending.pop(0)
+                jobs.append((items, future))
+                count += len(items)
+            flat = [item for items, _ in jobs for item in items]
+            try:
+                vectors, tokens = await self.run_batch(flat)
+            except Exception as exc:  # noqa: BLE001 - each waiting request gets the error
+                for _, future in jobs:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            at = 0
+            for items, future in jobs:
+                n = len(items)
+                if not future.done():
+                    future.set_result(EmbedResult(vectors[at : at + n], sum(tokens[at : at + n])))
+                at += n
+
+
+def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
+class SentenceEmbedder:
+    """A sentence-transformers model, run on one thread of its own."""
+
+    def __init__(self, model: Any, max_items: int = 64) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.max_len = model.get_max_seq_length() or 512
+        self.normalized = any(type(m).__name__ == "Normalize" for m in model)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.batcher = DynamicBatcher(self._run, max_items)
+
+    async def embed(self, items: list[EmbedInput]) -> EmbedResult:
+        return await self.batcher.submit(items)
+
+    async def _run(self, items: list[EmbedInput]) -> tuple[list[torch.Tensor], list[int]]:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._forward, items)
+
+    def _features(self, items: list[EmbedInput]) -> dict[str, torch.Tensor]:
+        if all(isinstance(i, str) for i in items):
+            prepare = getattr(self.model, "preprocess", None) or self.model.tokenize  # renamed in v6
+            return prepare(items)
+        sequences = []
+        for item in items:
+            ids = self.tokenizer(item, truncation=True, max_length=self.max_len)["input_ids"] if isinstance(
+                item, str) else item[: self.max_len]
+            sequences.append(ids)
+        ids, mask = _pad(sequences, self.tokenizer.pad_token_id or 0)
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+    def _forward(self, items: list[EmbedInput]) -> tuple[list[torch.Tensor], list[int]]:
+        features = self._features(items)
+        device = self.model.device
+        features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+        with torch.inference_mode():
+            out = self.model(features)["sentence_embedding"].float().cpu()
+        tokens = features["attention_mask"].sum(dim=1).tolist()
+        return list(out), tokens
+
+
+class CausalEmbedder:
+    """Pooled hidden states of a causal LM, computed on the generation engine's thread."""
+
+    def __init__(self, engine: Any, max_model_len: int, max_items: int = 32) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.tokenizer = engine.tokenizer
+        self.max_len = max_model_len
+        self.normalized = True
+        self.batcher = DynamicBatcher(self._run, max_items)
+
+    async def embed(self, items: list[EmbedInput]) -> EmbedResult:
+        return await self.batcher.submit(items)
+
+    async def _run(self, items: list[EmbedInput]) -> tuple[list[torch.Tensor], list[int]]:
+        sequences = []
+        for i, item in enumerate(items):
+            ids = self.tokenizer(item, add_special_tokens=True)["input_ids"] if isinstance(item, str) else item
+            if not ids:
+                raise OpenAIError("Embedding inputs must not be empty.", param="input")
+            if len(ids) > self.max_len:
+                raise OpenAIError(
+                    f"Input {i} has {len(ids)} tokens, more than this model's maximum context length of "
+                    f"{self.max_len}.", param="input", code="context_length_exceeded")
+            sequences.append(ids)
+        return await self.engine.run_job(lambda: self._forward(sequences))
+
+    def _forward(self, sequences: list[list[int]]) -> tuple[list[torch.Tensor], list[int]]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids, mask = _pad(sequences, pad)
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            hidden = self.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            weights = mask.to(device, hidden.dtype)[:, :, None]
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
+        return list(pooled), [len(s) for s in sequences]
+
+
+def shape_vector(vector: torch.Tensor, dimensions: int | None, normalized: bool) -> torch.Tensor:
+    """Applies OpenAI's `dimensions`: keep the first N values, then re-normalise if the model's
+    output was normalised (as sentence-transformers' `truncate_dim` does)."""
+    if dimensions is None or dimensions >= vector.shape[-1]:
+        return vector
+    cut = vector[:dimensions]
+    return torch.nn.functional.normalize(cut, dim=-1) if normalized else cut

@@ -1,0 +1,76 @@
+"""Pure builders of OpenAI response bodies and stream chunks from engine output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .sequence import TokenLogprob
+
+
+class TokenText:
+    """Token id -> the text OpenAI shows for it (decoded, not the BPE symbol), cached."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self.cache[token_id] = text
+        return text
+
+
+def chat_logprobs(entries: list[TokenLogprob], text_of: TokenText) -> dict[str, Any]:
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        tok = text_of(token_id)
+        return {"token": tok, "logprob": max(logprob, -9999.0), "bytes": list(tok.encode("utf-8"))}
+
+    content = []
+    for e in entries:
+        item = one(e.token_id, e.logprob)
+        item["top_logprobs"] = [one(t, lp) for t, lp in e.top]
+        content.append(item)
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob | None], text_of: TokenText, offset: int) -> dict[str, Any]:
+    """The legacy completions shape; `offset` is where the first token's text starts."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    at = offset
+    for e in entries:
+        if e is None:  # the first prompt token has no logprob
+            continue
+        tok = text_of(e.token_id)
+        tokens.append(tok)
+        token_lps.append(max(e.logprob, -9999.0))
+        tops.append({text_of(t): max(lp, -9999.0) for t, lp in e.top} or None)
+        offsets.append(at)
+        at += len(tok)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_entries(prompt_ids: list[int], entries: list[TokenLogprob | None] | None) -> list[TokenLogprob | None]:
+    """Echoed prompt tokens for completions logprobs: the first token shows with logprob None."""
+    if entries is None:
+        return []
+    out: list[TokenLogprob | None] = []
+    for i, e in enumerate(entries):
+        out.append(e if e is not None else TokenLogprob(prompt_ids[i], float("nan"), []))
+    return out
+
+
+@dataclass
+class ChoiceState:
+    """A choice accumulated from deltas, for non-streamed responses."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def cumulative_logprob(self) -> float:
+        return sum(e.logprob for e in self.logprobs)

@@ -1,0 +1,156 @@
+"""Model sources -> a local directory -> a loaded model with what the server needs to know of it.
+
+SOURCE is a local directory (`/abs/path` or `file:///abs/path`), `hf://org/name[@revision]`
+(downloaded with huggingface_hub when the hub is reachable), or `pvc://claim/sub/path`, which
+inside a cluster the operator mounts at `/mnt/models/<claim>` (see `modelfleet.api`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+PVC_MOUNT_ROOT = os.environ.get("MODELFLEET_PVC_ROOT", "/mnt/models")
+Task = Literal["generate", "embed"]
+
+
+class ModelSourceError(Exception):
+    """A source that cannot be resolved or loaded; the CLI prints it as one line."""
+
+
+def resolve_source(source: str) -> Path:
+    """Turns SOURCE into a local directory that exists, downloading `hf://` sources."""
+    if source.startswith("file://"):
+        path = Path(source[len("file://") :])
+    elif source.startswith("hf://"):
+        return _download_hf(source[len("hf://") :])
+    elif source.startswith("pvc://"):
+        rest = source[len("pvc://") :]
+        path = Path(PVC_MOUNT_ROOT) / rest
+    elif "://" in source:
+        raise ModelSourceError(f"unsupported model source scheme in {source!r}: use a path, file://, hf:// or pvc://")
+    else:
+        path = Path(source)
+    if not path.is_absolute():
+        path = path.resolve()
+    if not path.is_dir():
+        raise ModelSourceError(f"model directory {path} does not exist")
+    if not (path / "config.json").exists() and not (path / "modules.json").exists():
+        raise ModelSourceError(f"{path} has no config.json: not a transformers or sentence-transformers model")
+    return path
+
+
+def _download_hf(spec: str) -> Path:
+    repo, _, revision = spec.partition("@")
+    if repo.count("/") != 1:
+        raise ModelSourceError(f"hf:// sources look like hf://org/name[@revision], got hf://{spec}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=repo, revision=revision or None))
+    except Exception as exc:  # the hub's errors are many; the user needs one line
+        raise ModelSourceError(f"could not download {repo} from the Hugging Face hub: {exc}") from exc
+
+
+@dataclass
+class ModelInfo:
+    """What the worker learns from a model directory before serving it."""
+
+    path: Path
+    task: Task
+    max_model_len: int
+    has_chat_template: bool
+    architecture: str
+    sentence_transformers: bool
+    eos_token_ids: list[int] = field(default_factory=list)
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    embedding_dim: int | None = None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def detect(path: Path, max_model_len: int | None = None) -> ModelInfo:
+    """Task, context length, EOS ids and chat template, from the files alone."""
+    config = _read_json(path / "config.json")
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else config.get("model_type", "unknown")
+    is_st = (path / "modules.json").exists()
+    generative = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    task: Task = "embed" if is_st or not generative else "generate"
+    context = config.get("max_position_embeddings") or config.get("n_positions") or 2048
+    if is_st:
+        st = _read_json(path / "sentence_bert_config.json")
+        context = min(context, st.get("max_seq_length") or context)
+    if max_model_len:
+        if max_model_len > context:
+            log.warning("--max-model-len %d exceeds the model's %d positions", max_model_len, context)
+        context = max_model_len
+    gen = _read_json(path / "generation_config.json")
+    eos = gen.get("eos_token_id", config.get("eos_token_id"))
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    tok_config = _read_json(path / "tokenizer_config.json")
+    has_template = bool(tok_config.get("chat_template")) or (path / "chat_template.jinja").exists()
+    defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in gen}
+    return ModelInfo(
+        path=path,
+        task=task,
+        max_model_len=int(context),
+        has_chat_template=has_template,
+        architecture=arch,
+        sentence_transformers=is_st,
+        eos_token_ids=eos_ids,
+        generation_defaults=defaults,
+        embedding_dim=config.get("hidden_size"),
+    )
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelSourceError("--device cuda was asked for, but no CUDA device is visible")
+    return device
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_causal_lm(info: ModelInfo, device: str, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(info.path)
+    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=dtype, attn_implementation="sdpa")
+    model.to(device).eval()
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in info.eos_token_ids:
+        info.eos_token_ids.append(tokenizer.eos_token_id)
+    info.has_chat_template = info.has_chat_template or bool(getattr(tokenizer, "chat_template", None))
+    return model, tokenizer
+
+
+def load_sentence_transformer(info: ModelInfo, device: str):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(info.path), device=device, local_files_only=True)
+    model.eval()
+    info.embedding_dim = model.get_sentence_embedding_dimension()
+    return model

@@ -1,0 +1,238 @@
+"""Thin FastAPI routes: parse -> ModelService -> OpenAI body or SSE stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from modelfleet.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    EditRequest,
+    EmbeddingRequest,
+    OpenAIError,
+    ResponsesRequest,
+    TokenizeRequest,
+    new_id,
+    now,
+    parse_request,
+    usage,
+)
+
+from .formatting import completion_logprobs, prompt_entries
+from .metrics import WorkerMetrics
+from .service import ModelService
+from .streams import chat_stream, completion_stream, response_object, responses_stream
+
+T = TypeVar("T")
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def until_disconnect(request: Request, work: Awaitable[T], on_disconnect) -> T:
+    """Awaits `work`, cancelling the engine request if the client hangs up first."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                on_disconnect()
+                task.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
+
+
+def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
+    router = APIRouter()
+
+    def rid(request: Request) -> str:
+        return request.scope.get("state", {}).get("request_id", "")
+
+    async def parse(request: Request, model_cls: type[T]) -> T:
+        body = parse_request(model_cls, await request.body())
+        service.check_model(getattr(body, "model", None))
+        return body
+
+    def stream_response(body) -> StreamingResponse:
+        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    # -- models and health --------------------------------------------------------------------
+
+    @router.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": service.model_cards()}
+
+    @router.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        service.check_model(model_id)
+        return next(c for c in service.model_cards() if c["id"] == model_id)
+
+    @router.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/ready")
+    async def ready() -> JSONResponse:
+        if service.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ready", "models": service.names})
+
+    @router.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- chat and the APIs served through it ------------------------------------------------
+
+    async def run_chat(request: Request, req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
+        stream, _ = service.start_chat(req, rid(request))
+        n = req.n or 1
+        if req.stream:
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return stream_response(chat_stream(service, stream, req.model, n, include))
+        choices, prompt_tokens, completion_tokens, _ = await until_disconnect(
+            request, service.collect([stream], n), stream.cancel)
+        return {
+            "id": new_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": now(),
+            "model": req.model,
+            "system_fingerprint": service.fingerprint,
+            "choices": [
+                {
+                    "index": c.state.index,
+                    "message": {"role": "assistant", "content": c.state.text, "refusal": None},
+                    "logprobs": {"content": _chat_lp(service, c.state.logprobs), "refusal": None}
+                    if req.logprobs else None,
+                    "finish_reason": c.state.finish_reason,
+                }
+                for c in choices
+            ],
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
+
+    @router.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await run_chat(request, await parse(request, ChatCompletionRequest))
+
+    @router.post("/v1/responses")
+    async def responses(request: Request):
+        req = await parse(request, ResponsesRequest)
+        text_format = ((req.text or {}).get("format") or {}).get("type")
+        chat_req = ChatCompletionRequest(
+            model=req.model, messages=req.messages(), max_completion_tokens=req.max_output_tokens,
+            temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+            response_format={"type": text_format} if text_format else None,
+            tools=req.tools or None, tool_choice=req.tool_choice,
+        )
+        stream, _ = service.start_chat(chat_req, rid(request))
+        if req.stream:
+            return stream_response(responses_stream(stream, req.model))
+        choices, prompt_tokens, completion_tokens, _ = await until_disconnect(
+            request, service.collect([stream], 1), stream.cancel)
+        st = choices[0].state
+        incomplete = st.finish_reason == "length"
+        return response_object(new_id("resp"), req.model, now(), st.text, "incomplete" if incomplete else "completed",
+                               prompt_tokens, completion_tokens, new_id("msg"), incomplete)
+
+    @router.post("/v1/edits")
+    async def edits(request: Request):
+        req = await parse(request, EditRequest)
+        messages = [ChatMessage(role="system", content=req.instruction), ChatMessage(role="user", content=req.input)]
+        chat_req = ChatCompletionRequest(model=req.model, messages=messages, n=req.n, temperature=req.temperature,
+                                         top_p=req.top_p)
+        stream, _ = service.start_chat(chat_req, rid(request))
+        choices, prompt_tokens, completion_tokens, _ = await until_disconnect(
+            request, service.collect([stream], req.n or 1), stream.cancel)
+        return {
+            "object": "edit",
+            "created": now(),
+            "choices": [{"text": c.state.text, "index": c.state.index} for c in choices],
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
+
+    # -- completions -------------------------------------------------------------------------
+
+    @router.post("/v1/completions")
+    async def completions(request: Request):
+        req = await parse(request, CompletionRequest)
+        streams = service.start_completions(req, rid(request))
+        n = req.n or 1
+        prompts = service.completion_prompts(req.prompt)
+        echo_texts = [service.tokenizer.decode(p) for p in prompts] if req.echo else None
+        if req.stream:
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return stream_response(completion_stream(service, streams, req.model, n, echo_texts, include))
+
+        def cancel_all() -> None:
+            for s in streams:
+                s.cancel()
+
+        choices, prompt_tokens, completion_tokens, prompt_lps = await until_disconnect(
+            request, service.collect(streams, req.best_of or n), cancel_all)
+        scoring_only = req.max_tokens == 0
+        out = []
+        for p in range(len(prompts)):
+            mine = [c for c in choices if c.prompt_index == p]
+            if (req.best_of or n) > n:
+                mine = sorted(mine, key=lambda c: c.state.cumulative_logprob(), reverse=True)[:n]
+            for i, c in enumerate(mine):
+                text = "" if scoring_only else c.state.text
+                entries = [] if scoring_only else c.state.logprobs
+                lp = None
+                if req.echo:
+                    entries = prompt_entries(prompts[p], prompt_lps.get(p)) + entries
+                    text = echo_texts[p] + text
+                if req.logprobs is not None:
+                    lp = completion_logprobs(entries, service.text_of, 0)
+                finish = "length" if scoring_only else c.state.finish_reason
+                out.append({"index": p * n + i, "text": text, "logprobs": lp, "finish_reason": finish})
+        if scoring_only:
+            completion_tokens = 0
+        return {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": now(),
+            "model": req.model,
+            "system_fingerprint": service.fingerprint,
+            "choices": out,
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
+
+    # -- embeddings and tokenizer ----------------------------------------------------------
+
+    @router.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        req = await parse(request, EmbeddingRequest)
+        return await service.embed(req)
+
+    @router.post("/tokenize")
+    async def tokenize(request: Request):
+        return service.tokenize(await parse(request, TokenizeRequest))
+
+    @router.post("/detokenize")
+    async def detokenize(request: Request):
+        req = await parse(request, DetokenizeRequest)
+        return service.detokenize(req.tokens)
+
+    return router
+
+
+def _chat_lp(service: ModelService, entries) -> list[dict[str, Any]]:
+    from .formatting import chat_logprobs
+
+    return chat_logprobs(entries, service.text_of)["content"]
+
+
+__all__ = ["build_router", "OpenAIError"]
