@@ -1,0 +1,158 @@
+"""Thin kopf handlers: every trigger calls the same reconcile(); errors become retry policy.
+
+Create, update (spec, labels or annotations such as the gateway's demand signal), resume
+after a restart, a resync timer, and changes of a worker Deployment all run one level-based
+reconcile, so it does not matter which of them fires or how often. Handlers are registered
+on a registry passed in (no module-level state), so tests and embedders build their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import kopf
+
+from modelfleet import labels
+from modelfleet.api import GROUP, PLURAL, VERSION
+
+from .config import OperatorConfig
+from .kube import MODEL_DEPLOYMENT, KubeApi
+from .load import LoadProbe
+from .metrics import OperatorMetrics
+from .reconcile import InvalidSpec, Outcome, reconcile
+
+log = logging.getLogger(__name__)
+
+# HTTP statuses that a later try can fix, and how long to wait before it (seconds).
+RETRY_DELAYS = {409: 1.0, 410: 1.0, 429: 5.0, 403: 30.0}
+SERVER_ERROR_DELAY = 5.0
+NETWORK_DELAY = 5.0
+
+
+@dataclass(frozen=True)
+class Deps:
+    """Everything the handlers need, built once by main.py."""
+
+    kube: KubeApi
+    config: OperatorConfig
+    probe: LoadProbe
+    metrics: OperatorMetrics
+    clock: Callable[[], datetime]
+
+
+def classify(exc: BaseException) -> BaseException:
+    """Map a reconcile failure to kopf's retry policy.
+
+    InvalidSpec: the user must change the object (status already says so), so no retry until
+    the next change or resync. Conflicts, expired resource versions, throttling, API server
+    errors and lost connections: retry soon. Forbidden: retry slowly (RBAC may be fixed).
+    Anything else is a bug: let kopf log it with its traceback and retry with backoff.
+    """
+    if isinstance(exc, (kopf.PermanentError, kopf.TemporaryError)):
+        return exc
+    if isinstance(exc, InvalidSpec):
+        return kopf.PermanentError(str(exc))
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        if status in RETRY_DELAYS:
+            return kopf.TemporaryError(f"API server answered {status}: {exc}", delay=RETRY_DELAYS[status])
+        if status >= 500:
+            return kopf.TemporaryError(f"API server error {status}: {exc}", delay=SERVER_ERROR_DELAY)
+    if isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith("urllib3"):
+        return kopf.TemporaryError(f"cannot reach the API server: {exc}", delay=NETWORK_DELAY)
+    return exc
+
+
+class _Locks:
+    """One lock per ModelDeployment: a timer and an update handler may fire together."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def of(self, uid: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(uid, threading.Lock())
+
+    def forget(self, uid: str) -> None:
+        with self._guard:
+            self._locks.pop(uid, None)
+
+
+def make_runner(deps: Deps) -> Callable[[Mapping[str, Any], str], Outcome]:
+    """The one function all triggers call: lock, time, reconcile, translate errors."""
+    locks = _Locks()
+
+    def run(body: Mapping[str, Any], trigger: str) -> Outcome:
+        meta = body.get("metadata") or {}
+        with locks.of(str(meta.get("uid", ""))), deps.metrics.timed(trigger):
+            try:
+                outcome = reconcile(body, deps.kube, deps.config, deps.probe, deps.clock())
+            except Exception as exc:
+                translated = classify(exc)
+                kind = "permanent" if isinstance(translated, kopf.PermanentError) else "temporary"
+                if translated is exc and not isinstance(exc, kopf.TemporaryError):
+                    kind = "unexpected"
+                deps.metrics.errors.labels("modeldeployments", kind).inc()
+                if translated is exc:
+                    raise
+                raise translated from exc
+        if outcome.scale_reason:
+            grew = outcome.scaled_from is None or outcome.desired > outcome.scaled_from
+            deps.metrics.scaled.labels("up" if grew else "down").inc()
+        return outcome
+
+    return run
+
+
+def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
+    """Register the handlers on `registry`."""
+    run = make_runner(deps)
+    resource = (GROUP, VERSION, PLURAL)
+
+    @kopf.on.create(*resource, registry=registry, id="reconcile-create")
+    def on_create(body: kopf.Body, **_: Any) -> None:
+        run(body, "create")
+
+    @kopf.on.update(*resource, registry=registry, id="reconcile-update")
+    def on_update(body: kopf.Body, **_: Any) -> None:
+        run(body, "update")
+
+    @kopf.on.resume(*resource, registry=registry, id="reconcile-resume")
+    def on_resume(body: kopf.Body, **_: Any) -> None:
+        run(body, "resume")
+
+    @kopf.timer(*resource, registry=registry, id="resync", interval=deps.config.resync_seconds)
+    def on_timer(body: kopf.Body, **_: Any) -> None:
+        run(body, "timer")
+
+    # A worker Deployment changed (pods became ready, or someone deleted it): reconcile its
+    # owner now rather than at the next resync. Errors here are only logged by kopf; the
+    # timer retries.
+    @kopf.on.event(
+        "apps",
+        "v1",
+        "deployments",
+        registry=registry,
+        id="child",
+        labels={labels.APP_MANAGED_BY: labels.MANAGED_BY},
+    )
+    def on_child(body: kopf.Body, **_: Any) -> None:
+        meta = body.get("metadata") or {}
+        owner = (meta.get("labels") or {}).get(labels.MODEL)
+        if not owner:
+            return
+        md = deps.kube.get(MODEL_DEPLOYMENT, meta.get("namespace", ""), owner)
+        if md is not None:
+            run(md, "child")
+
+    @kopf.on.probe(registry=registry, id="reconciles")
+    def probe_reconciles(**_: Any) -> float:
+        return sum(
+            s.value for m in deps.metrics.reconciles.collect() for s in m.samples if s.name.endswith("_total")
+        )

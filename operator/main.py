@@ -1,0 +1,195 @@
+"""`modelfleet operator`: parse options, build the dependencies, run kopf until stopped.
+
+The only place in the operator that reads the command line, the environment (through the
+kubeconfig loader) or starts servers; everything below it receives what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+import kopf
+
+from modelfleet import labels
+
+from .config import OperatorConfig
+from .handlers import Deps, register
+from .load import make_http_probe, no_probe
+from .metrics import OperatorMetrics
+
+log = logging.getLogger("modelfleet.operator")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="modelfleet operator",
+        description="Run the ModelDeployment operator (kopf) against the current kubeconfig or in-cluster account.",
+    )
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="namespace to watch (repeatable; globs allowed)",
+    )
+    scope.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)"
+    )
+    p.add_argument(
+        "--standalone", action="store_true", help="no peering: do not coordinate with other operator replicas"
+    )
+    p.add_argument(
+        "--peering",
+        default=None,
+        help="kopf peering object that replicas elect a leader through (required to exist; operator/peering.yaml "
+        "installs 'modelfleet'). Default: use the peering named 'default' if present, else run standalone",
+    )
+    p.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority; the highest runs, others wait (default: random)",
+    )
+    p.add_argument(
+        "--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint URL ('' to disable)"
+    )
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (0 to disable)")
+    p.add_argument("--metrics-host", default="0.0.0.0")
+    p.add_argument(
+        "--default-image",
+        default=OperatorConfig.default_image,
+        help="worker image when spec.engine.image is unset",
+    )
+    p.add_argument(
+        "--image-pull-policy",
+        default=OperatorConfig.default_image_pull_policy,
+        choices=["Always", "IfNotPresent", "Never"],
+    )
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=OperatorConfig.resync_seconds,
+        help="reconcile every object this often",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=int,
+        default=OperatorConfig.drain_seconds,
+        help="preStop sleep before a worker stops",
+    )
+    p.add_argument(
+        "--host-path-models", action="store_true", help="mount file:// sources from the node (hostPath)"
+    )
+    p.add_argument(
+        "--no-scrape",
+        action="store_true",
+        help="do not read workers' /metrics (autoscaling then sees only demand)",
+    )
+    p.add_argument("--workers", type=int, default=8, help="reconciles that may run at once")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true")
+    verbosity.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    if args.resync_seconds <= 0:
+        raise ValueError("--resync-seconds must be positive")
+    return OperatorConfig(
+        default_image=args.default_image,
+        default_image_pull_policy=args.image_pull_policy,
+        resync_seconds=args.resync_seconds,
+        drain_seconds=args.drain_seconds,
+        host_path_models=args.host_path_models,
+        scrape_workers=not args.no_scrape,
+    )
+
+
+def kopf_settings(args: argparse.Namespace) -> kopf.OperatorSettings:
+    """kopf's settings: bookkeeping under our prefix, our name on Events, bounded workers."""
+    settings = kopf.OperatorSettings()
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=labels.KOPF_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=labels.KOPF_PREFIX)
+    settings.persistence.finalizer = f"{labels.KOPF_PREFIX}/finalizer"
+    settings.posting.reporting_component = labels.FIELD_MANAGER
+    # Our own Events say what changed; kopf's would repeat every handler log line.
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = args.workers
+    return settings
+
+
+def _kube_client():  # pragma: no cover - needs a cluster or kubeconfig
+    """A DynamicClient from the in-cluster account, else the kubeconfig (KUBECONFIG)."""
+    from kubernetes import client, config
+    from kubernetes.dynamic import DynamicClient
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return DynamicClient(client.ApiClient())
+
+
+def run(argv: Sequence[str]) -> int:
+    """Entry point for `modelfleet operator ARGS`; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+        from .kube import Kube
+
+        kube = Kube(_kube_client())
+    except Exception as exc:  # noqa: BLE001 - one clear line, per CONTRACTS.md section 2
+        print(f"modelfleet operator: {exc}", file=sys.stderr)
+        return 2
+
+    metrics = OperatorMetrics()
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(args.metrics_port, addr=args.metrics_host, registry=metrics.registry)
+        except OSError as exc:
+            print(f"modelfleet operator: metrics port {args.metrics_port}: {exc}", file=sys.stderr)
+            return 2
+
+    probe = (
+        make_http_probe(config.worker_port, config.scrape_timeout_seconds)
+        if config.scrape_workers
+        else no_probe
+    )
+    registry = kopf.SmartOperatorRegistry()
+    register(
+        registry,
+        Deps(
+            kube=kube, config=config, probe=probe, metrics=metrics, clock=lambda: datetime.now(timezone.utc)
+        ),
+    )
+    namespaces = tuple(args.namespace)
+    try:
+        asyncio.run(
+            kopf.operator(
+                registry=registry,
+                settings=kopf_settings(args),
+                standalone=args.standalone,
+                priority=args.priority if args.priority is not None else random.randint(1, 2**31 - 1),
+                peering_name=args.peering,
+                liveness_endpoint=args.liveness or None,
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+            )
+        )
+    except KeyboardInterrupt:
+        return 0
+    return 0

@@ -1,0 +1,210 @@
+"""One level-based reconcile of one ModelDeployment: the function every kopf handler calls.
+
+Reads the cluster, decides the size, applies the rendered children, writes status from what
+the cluster then says, and posts Events for transitions. Idempotent: a second run with
+nothing changed applies identical objects (server-side apply makes that a no-op) and writes
+no status. All I/O goes through the KubeApi and LoadProbe passed in, so tests use fakes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from modelfleet import labels
+from modelfleet.api import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus, ObjectMeta
+
+from .autoscale import Observation, decide, format_time
+from .conditions import StatusEvent, compute_status, transition_events
+from .config import OperatorConfig
+from .kube import DEPLOYMENT, EVENT, PDB, POD, KubeApi
+from .load import LoadProbe, is_ready
+from .render import render_deployment, render_pdb, render_service
+
+log = logging.getLogger(__name__)
+
+
+class InvalidSpec(Exception):
+    """The object cannot be rendered or was rejected by the API server: the user must fix it.
+
+    Retrying does not help (kopf.PermanentError); the next change or resync tries again.
+    """
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one reconcile did, for logs, metrics and tests."""
+
+    desired: int
+    status: ModelDeploymentStatus
+    status_written: bool
+    events: list[StatusEvent] = field(default_factory=list)
+    scale_reason: str | None = None
+    scaled_from: int | None = None
+
+
+def _error_summary(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def _status_patch(old: ModelDeploymentStatus, new: ModelDeploymentStatus) -> dict[str, Any]:
+    """The merge patch from old to new: fields new no longer has are nulled out."""
+    patch = new.to_wire()
+    for key in old.to_wire():
+        patch.setdefault(key, None)
+    return patch
+
+
+def desired_replicas(
+    md: ModelDeployment,
+    deployment: Mapping[str, Any] | None,
+    pods: Sequence[Mapping[str, Any]],
+    probe: LoadProbe,
+    now: datetime,
+) -> tuple[int, AutoscalerStatus | None, str | None, int]:
+    """spec.replicas, or the autoscaler's decision with its new memory, why it moved (None if
+    it did not) and the size it moved from."""
+    auto = md.spec.autoscaling
+    if auto is None:
+        return md.spec.replicas, None, None, md.spec.replicas
+    previous = md.status.autoscaler
+    if previous is not None:
+        current = previous.desired_replicas
+    elif deployment is not None:
+        current = int((deployment.get("spec") or {}).get("replicas") or 0)
+    else:
+        current = auto.min_replicas
+    ready = [p for p in pods if is_ready(p)]
+    # Nothing running and nothing asked for: load is known to be zero, not unknown.
+    inflight = probe(ready) if ready else (0 if current == 0 else None)
+    demand = labels.parse_demand(md.metadata.annotations.get(labels.DEMAND))
+    decision = decide(auto, previous, current, Observation(now=now, inflight=inflight, demand=demand))
+    moved = decision.desired != current
+    return decision.desired, decision.state, decision.reason if moved else None, current
+
+
+def _apply_children(
+    md: ModelDeployment, replicas: int, kube: KubeApi, config: OperatorConfig
+) -> dict[str, Any]:
+    try:
+        kube.apply(render_service(md, config))
+        deployment = kube.apply(render_deployment(md, replicas, config))
+        pdb = render_pdb(md, replicas)
+        if pdb is None:
+            kube.delete(PDB, md.metadata.namespace, md.metadata.name)
+        else:
+            kube.apply(pdb)
+    except ValueError as exc:
+        raise InvalidSpec(str(exc)) from exc
+    except Exception as exc:
+        if getattr(exc, "status", None) in (400, 422):
+            raise InvalidSpec(f"the API server rejected a worker object: {_api_message(exc)}") from exc
+        raise
+    return deployment
+
+
+def _api_message(exc: Exception) -> str:
+    """The human part of an API error (its Status.message), falling back to str()."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, (bytes, str)):
+        try:
+            return str(json.loads(body).get("message") or body)
+        except ValueError:
+            return str(body)
+    return str(exc)
+
+
+def report_invalid(body: Mapping[str, Any], message: str, kube: KubeApi, now: datetime) -> None:
+    """Put an InvalidSpec failure into status and an Event, keeping what status there was."""
+    meta = ObjectMeta.model_validate(dict(body.get("metadata") or {}))
+    try:
+        old = ModelDeploymentStatus.model_validate(dict(body.get("status") or {}))
+    except ValidationError:
+        old = ModelDeploymentStatus()
+    stamp = format_time(now)
+    ready = old.condition("Ready")
+    since = ready.last_transition_time if ready is not None and ready.status == "False" else stamp
+    conditions = [c for c in old.conditions if c.type not in ("Ready", "Degraded")]
+    conditions += [
+        {
+            "type": "Ready",
+            "status": "False",
+            "reason": "InvalidSpec",
+            "message": message,
+            "lastTransitionTime": since,
+        },
+        {
+            "type": "Degraded",
+            "status": "True",
+            "reason": "InvalidSpec",
+            "message": message,
+            "lastTransitionTime": stamp,
+        },
+    ]
+    new = old.model_copy(update={"phase": "Failed", "observed_generation": meta.generation})
+    new = ModelDeploymentStatus.model_validate(
+        {**new.to_wire(), "conditions": [_wire(c) for c in conditions]}
+    )
+    if new.to_wire() != old.to_wire():
+        kube.patch_status(meta, _status_patch(old, new))
+        kube.post_event(meta, StatusEvent("Warning", "InvalidSpec", message))
+
+
+def _wire(c: Any) -> dict[str, Any]:
+    return c if isinstance(c, dict) else c.to_wire()
+
+
+def reconcile(
+    body: Mapping[str, Any],
+    kube: KubeApi,
+    config: OperatorConfig,
+    probe: LoadProbe,
+    now: datetime,
+) -> Outcome:
+    """Bring one ModelDeployment's children and status in line with its spec and the cluster."""
+    try:
+        md = ModelDeployment.from_body(body)
+    except ValidationError as exc:
+        message = f"invalid spec: {_error_summary(exc)}"
+        report_invalid(body, message, kube, now)
+        raise InvalidSpec(message) from exc
+    ns, name = md.metadata.namespace, md.metadata.name
+    selector = labels.selector_string(labels.selector_labels(name))
+
+    deployment = kube.get(DEPLOYMENT, ns, name)
+    pods = kube.list(POD, ns, label_selector=selector)
+    desired, autoscaler, scale_reason, previous = desired_replicas(md, deployment, pods, probe, now)
+    if scale_reason:
+        log.info("%s/%s: %s", ns, name, scale_reason)
+    try:
+        deployment = _apply_children(md, desired, kube, config)
+    except InvalidSpec as exc:
+        report_invalid(body, str(exc), kube, now)
+        raise
+
+    # Pod warnings (volume mounts) explain pods stuck before their container starts; only
+    # worth a list call while some pod is not ready.
+    events: list[dict[str, Any]] = []
+    if any(not is_ready(p) for p in pods):
+        events = kube.list(EVENT, ns, field_selector="involvedObject.kind=Pod,type=Warning")
+    status = compute_status(md, desired, deployment, pods, events, selector, format_time(now))
+    status = status.model_copy(update={"autoscaler": autoscaler})
+    written = status.to_wire() != md.status.to_wire()
+    if written:
+        kube.patch_status(md.metadata, _status_patch(md.status, status))
+    transitions = transition_events(md.status, status)
+    if scale_reason:
+        transitions.append(StatusEvent("Normal", "Scaled", scale_reason))
+    for event in transitions:
+        kube.post_event(md.metadata, event)
+    return Outcome(desired, status, written, transitions, scale_reason, previous if scale_reason else None)

@@ -1,0 +1,166 @@
+"""Handlers: error -> retry policy, metrics, registration on a registry passed in; the command
+line and kopf settings; reading in-flight load from worker metrics."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import kopf
+import pytest
+from modelfleet.operator.config import OperatorConfig
+from modelfleet.operator.handlers import Deps, classify, make_runner, register
+from modelfleet.operator.load import inflight_from_metrics, is_ready
+from modelfleet.operator.main import build_parser, config_from_args, kopf_settings
+from modelfleet.operator.metrics import OperatorMetrics
+from modelfleet.operator.reconcile import InvalidSpec
+
+from modelfleet import labels
+
+
+class Status(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"status {status}")
+        self.status = status
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind", "delay"),
+    [
+        (InvalidSpec("bad"), kopf.PermanentError, None),
+        (Status(409), kopf.TemporaryError, 1.0),
+        (Status(410), kopf.TemporaryError, 1.0),
+        (Status(429), kopf.TemporaryError, 5.0),
+        (Status(503), kopf.TemporaryError, 5.0),
+        (Status(403), kopf.TemporaryError, 30.0),
+        (ConnectionRefusedError("refused"), kopf.TemporaryError, 5.0),
+    ],
+)
+def test_classify(exc: Exception, kind: type, delay: float | None) -> None:
+    out = classify(exc)
+    assert isinstance(out, kind)
+    if delay is not None:
+        assert out.delay == delay  # type: ignore[attr-defined]
+
+
+def test_bugs_are_not_disguised() -> None:
+    bug = KeyError("x")
+    assert classify(bug) is bug
+    not_found = Status(404)  # the object vanished mid-reconcile: kopf's default handling
+    assert classify(not_found) is not_found
+
+
+class FailingKube:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def get(self, *a, **k):
+        raise self.exc
+
+
+def deps(kube, metrics: OperatorMetrics) -> Deps:
+    return Deps(
+        kube=kube,
+        config=OperatorConfig(),
+        probe=lambda pods: None,
+        metrics=metrics,
+        clock=lambda: datetime(2025, 1, 1, tzinfo=timezone.utc),
+    )
+
+
+BODY = {
+    "metadata": {"name": "m", "namespace": "default", "uid": "u"},
+    "spec": {"model": {"source": "hf://gpt2"}},
+}
+
+
+def _value(metrics: OperatorMetrics, name: str, **want: str) -> float:
+    for family in metrics.registry.collect():
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in want.items()):
+                return s.value
+    return 0.0
+
+
+def test_runner_translates_errors_and_counts_them() -> None:
+    metrics = OperatorMetrics()
+    run = make_runner(deps(FailingKube(Status(409)), metrics))
+    with pytest.raises(kopf.TemporaryError):
+        run(BODY, "timer")
+    assert _value(metrics, "modelfleet_operator_reconcile_errors_total", kind="temporary") == 1
+    assert (
+        _value(metrics, "modelfleet_operator_reconciles_total", trigger="timer", result="TemporaryError") == 1
+    )
+    assert _value(metrics, "modelfleet_operator_reconcile_duration_seconds_count", trigger="timer") == 1
+
+
+def test_register_uses_the_registry_given() -> None:
+    registry = kopf.OperatorRegistry()
+    register(registry, deps(FailingKube(Status(500)), OperatorMetrics()))
+    changing = {h.id for h in registry._changing.get_all_handlers()}
+    assert {"reconcile-create", "reconcile-update", "reconcile-resume"} <= changing
+    assert {h.id for h in registry._spawning.get_all_handlers()} == {"resync"}
+    assert {h.id for h in registry._watching.get_all_handlers()} == {"child"}
+    # Nothing leaked into kopf's process-wide default registry.
+    default = kopf.get_default_registry()
+    assert not any(h.id == "resync" for h in default._spawning.get_all_handlers())
+
+
+def test_cli_options_become_settings() -> None:
+    args = build_parser().parse_args(
+        [
+            "-n",
+            "team-a",
+            "-n",
+            "team-b",
+            "--default-image",
+            "reg/w:1",
+            "--resync-seconds",
+            "3",
+            "--standalone",
+        ]
+    )
+    assert args.namespace == ["team-a", "team-b"] and args.standalone
+    config = config_from_args(args)
+    assert config.default_image == "reg/w:1" and config.resync_seconds == 3
+    settings = kopf_settings(args)
+    assert settings.persistence.progress_storage.prefix == labels.KOPF_PREFIX
+    assert settings.persistence.diffbase_storage.prefix == labels.KOPF_PREFIX
+    assert settings.posting.reporting_component == "modelfleet-operator"
+
+
+def test_namespace_and_all_namespaces_exclude_each_other() -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["-n", "a", "-A"])
+
+
+def test_kopf_prefix_keeps_the_demand_annotation_in_kopfs_diff() -> None:
+    """kopf drops annotations under its storage prefix from the diff it reacts to."""
+    assert not labels.DEMAND.startswith(labels.KOPF_PREFIX + "/")
+    assert labels.KOPF_PREFIX.endswith("." + labels.PREFIX)
+
+
+METRICS = """\
+# HELP vllm:num_requests_running Requests running.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="tiny"} 3.0
+# HELP vllm:num_requests_waiting Requests waiting.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="tiny"} 2.0
+# HELP other_total x
+# TYPE other_total counter
+other_total 99.0
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(METRICS, 5), ("other_total 1\n", None), ("", None), ("garbage{{{ 1\n", None)],
+)
+def test_inflight_from_metrics(text: str, expected: int | None) -> None:
+    assert inflight_from_metrics(text) == expected
+
+
+def test_is_ready_reads_the_ready_condition() -> None:
+    assert is_ready({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    assert not is_ready({"status": {"conditions": [{"type": "Ready", "status": "False"}]}})
+    assert not is_ready({"status": {}})

@@ -1,0 +1,296 @@
+"""reconcile() against an in-memory cluster: idempotence, drift, PDB lifecycle, status, events,
+autoscaling from zero and back, invalid specs; and that operator/rbac.yaml grants every call."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from modelfleet.operator.conditions import StatusEvent
+from modelfleet.operator.config import OperatorConfig
+from modelfleet.operator.kube import DEPLOYMENT, PDB, SERVICE
+from modelfleet.operator.reconcile import InvalidSpec, reconcile
+
+from modelfleet import labels
+from modelfleet.api import ObjectMeta
+
+NOW = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
+CONFIG = OperatorConfig(default_image="modelfleet:test")
+RBAC = Path(__file__).resolve().parents[3] / "operator" / "rbac.yaml"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = json.dumps({"message": message})
+
+
+class FakeKube:
+    """A namespace in memory. Records (verb, kind) for the RBAC check."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.status_patches: list[dict[str, Any]] = []
+        self.events: list[StatusEvent] = []
+        self.pods: list[dict[str, Any]] = []
+        self.pod_events: list[dict[str, Any]] = []
+        self.reject: dict[str, ApiError] = {}
+
+    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        kind = obj["kind"]
+        self.calls.append(("patch", kind))
+        if kind in self.reject:
+            raise self.reject[kind]
+        key = (obj["apiVersion"], kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
+        stored = copy.deepcopy(dict(obj))
+        if key in self.objects:
+            stored["status"] = self.objects[key].get("status", {})
+            stored["metadata"]["generation"] = self.objects[key]["metadata"].get("generation", 1) + (
+                self.objects[key]["spec"] != stored["spec"]
+            )
+        else:
+            stored["metadata"]["generation"] = 1
+            stored["status"] = {}
+        self.objects[key] = stored
+        return copy.deepcopy(stored)
+
+    def delete(self, kind: tuple[str, str], namespace: str, name: str) -> bool:
+        self.calls.append(("delete", kind[1]))
+        return self.objects.pop((*kind, namespace, name), None) is not None
+
+    def get(self, kind: tuple[str, str], namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", kind[1]))
+        obj = self.objects.get((*kind, namespace, name))
+        return copy.deepcopy(obj) if obj else None
+
+    def list(
+        self, kind: tuple[str, str], namespace: str, label_selector: str = "", field_selector: str = ""
+    ) -> list[dict[str, Any]]:
+        self.calls.append(("list", kind[1]))
+        return copy.deepcopy(self.pods if kind[1] == "Pod" else self.pod_events)
+
+    def patch_status(self, meta: ObjectMeta, status: Mapping[str, Any]) -> None:
+        self.calls.append(("patch", "ModelDeployment/status"))
+        self.status_patches.append(dict(status))
+
+    def post_event(self, meta: ObjectMeta, event: StatusEvent) -> None:
+        self.calls.append(("create", "Event"))
+        self.events.append(event)
+
+    # Test helpers -------------------------------------------------------------------------
+    def deployment(self) -> dict[str, Any]:
+        return self.objects[(*DEPLOYMENT, "default", "tiny-chat")]
+
+    def set_deployment_status(self, replicas: int, ready: int) -> None:
+        dep = self.deployment()
+        dep["status"] = {
+            "observedGeneration": dep["metadata"]["generation"],
+            "replicas": replicas,
+            "readyReplicas": ready,
+            "updatedReplicas": replicas,
+        }
+
+
+def body(
+    spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None, annotations: dict | None = None
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "modelfleet.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {
+            "name": "tiny-chat",
+            "namespace": "default",
+            "uid": "u-1",
+            "generation": 1,
+            "annotations": annotations or {},
+        },
+        "spec": {"model": {"source": "file:///models/tiny-chat"}, **(spec or {})},
+        "status": status or {},
+    }
+
+
+def ready_pod(ip: str = "10.0.0.1") -> dict[str, Any]:
+    return {
+        "metadata": {"name": f"tiny-chat-{ip}"},
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"name": "worker", "ready": True, "state": {"running": {}}}],
+        },
+    }
+
+
+def unknown_load(pods):
+    return None
+
+
+def run(kube: FakeKube, b: dict[str, Any], probe=unknown_load, now: datetime = NOW):
+    """One reconcile, then store the written status on the body as the API server would."""
+    try:
+        return reconcile(b, kube, CONFIG, probe, now)
+    finally:
+        for patch in kube.status_patches:
+            b["status"] = {k: v for k, v in {**b["status"], **patch}.items() if v is not None}
+        kube.status_patches.clear()
+
+
+def test_creates_children_and_status_then_is_a_no_op() -> None:
+    kube, b = FakeKube(), body({"replicas": 2})
+    first = run(kube, b)
+    assert {k[1] for k in kube.objects} == {"Deployment", "Service", "PodDisruptionBudget"}
+    assert kube.deployment()["spec"]["replicas"] == 2
+    assert first.status_written and b["status"]["phase"] == "Pending"
+    assert b["status"]["selector"] == "modelfleet.dev/model=tiny-chat"
+    before = copy.deepcopy(kube.objects)
+    second = run(kube, b)
+    assert not second.status_written and second.events == []
+    assert kube.objects == before
+
+
+def test_status_follows_the_deployment_and_posts_one_event_per_transition() -> None:
+    kube, b = FakeKube(), body()
+    run(kube, b)
+    kube.set_deployment_status(replicas=1, ready=1)
+    kube.pods = [ready_pod()]
+    outcome = run(kube, b)
+    assert b["status"]["phase"] == "Ready" and b["status"]["readyReplicas"] == 1
+    assert [e.reason for e in outcome.events] == ["ReplicasReady"]
+    assert run(kube, b).events == []
+
+
+def test_deleted_deployment_comes_back() -> None:
+    kube, b = FakeKube(), body()
+    run(kube, b)
+    kube.objects.pop((*DEPLOYMENT, "default", "tiny-chat"))
+    run(kube, b)
+    assert (*DEPLOYMENT, "default", "tiny-chat") in kube.objects
+
+
+def test_hand_edited_replicas_are_put_back() -> None:
+    kube, b = FakeKube(), body({"replicas": 2})
+    run(kube, b)
+    kube.deployment()["spec"]["replicas"] = 7
+    run(kube, b)
+    assert kube.deployment()["spec"]["replicas"] == 2
+
+
+def test_pdb_removed_when_scaled_to_one() -> None:
+    kube, b = FakeKube(), body({"replicas": 3})
+    run(kube, b)
+    assert (*PDB, "default", "tiny-chat") in kube.objects
+    b["spec"]["replicas"] = 1
+    run(kube, b)
+    assert (*PDB, "default", "tiny-chat") not in kube.objects
+    assert (*SERVICE, "default", "tiny-chat") in kube.objects
+
+
+def test_scale_to_zero_and_back_on_demand() -> None:
+    auto = {"autoscaling": {"minReplicas": 0, "maxReplicas": 3, "scaleDownDelaySeconds": 60}}
+    kube, b = FakeKube(), body(auto)
+    run(kube, b)
+    assert kube.deployment()["spec"]["replicas"] == 0  # nothing asked yet
+    assert b["status"]["conditions"][0]["reason"] == "ScaledToZero"
+    # The gateway signals two waiting requests: up to one replica at once.
+    b["metadata"]["annotations"][labels.DEMAND] = labels.Demand(NOW, 2).encode()
+    outcome = run(kube, b, now=NOW + timedelta(seconds=1))
+    assert kube.deployment()["spec"]["replicas"] == 1
+    assert outcome.scale_reason and outcome.scaled_from == 0
+    assert any(e.reason == "Scaled" for e in outcome.events)
+    # Serving, then idle: stays for the delay after the last activity (the demand signal
+    # counts as activity while fresh, until NOW+60 s), then goes to zero.
+    kube.set_deployment_status(1, 1)
+    kube.pods = [ready_pod()]
+    run(kube, b, probe=lambda pods: 3, now=NOW + timedelta(seconds=10))
+    run(kube, b, probe=lambda pods: 0, now=NOW + timedelta(seconds=40))
+    run(kube, b, probe=lambda pods: 0, now=NOW + timedelta(seconds=95))
+    assert kube.deployment()["spec"]["replicas"] == 1
+    run(kube, b, probe=lambda pods: 0, now=NOW + timedelta(seconds=101))
+    assert kube.deployment()["spec"]["replicas"] == 0
+    assert b["status"]["autoscaler"]["desiredReplicas"] == 0
+
+
+def test_autoscaling_turned_off_clears_its_memory() -> None:
+    kube, b = FakeKube(), body({"autoscaling": {"maxReplicas": 2}})
+    run(kube, b)
+    assert "autoscaler" in b["status"]
+    del b["spec"]["autoscaling"]
+    run(kube, b)
+    assert "autoscaler" not in b["status"] and kube.deployment()["spec"]["replicas"] == 1
+
+
+def test_invalid_spec_reports_in_status_and_is_permanent() -> None:
+    kube, b = FakeKube(), body()
+    b["spec"]["model"]["source"] = "s3://bucket/model"
+    with pytest.raises(InvalidSpec, match="spec.model.source"):
+        run(kube, b)
+    assert b["status"]["phase"] == "Failed"
+    ready = next(c for c in b["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidSpec" and "spec.model.source" in ready["message"]
+    assert [e.reason for e in kube.events] == ["InvalidSpec"]
+    assert kube.objects == {}  # nothing half-applied
+
+
+def test_api_rejection_of_a_child_is_reported() -> None:
+    kube, b = FakeKube(), body()
+    kube.reject["Deployment"] = ApiError(422, 'Deployment.apps "tiny-chat" is invalid: bad toleration key')
+    with pytest.raises(InvalidSpec, match="bad toleration key"):
+        run(kube, b)
+    assert b["status"]["phase"] == "Failed"
+
+
+def test_conflicts_propagate_for_retry() -> None:
+    kube, b = FakeKube(), body()
+    kube.reject["Service"] = ApiError(409, "conflict")
+    with pytest.raises(ApiError):
+        run(kube, b)
+
+
+def _granted() -> set[tuple[str, str]]:
+    role = next(d for d in yaml.safe_load_all(RBAC.read_text()) if d["kind"] == "ClusterRole")
+    return {(res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]}
+
+
+RESOURCE_OF = {
+    "Deployment": "deployments",
+    "Service": "services",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "Pod": "pods",
+    "Event": "events",
+    "ModelDeployment": "modeldeployments",
+    "ModelDeployment/status": "modeldeployments/status",
+}
+
+
+def test_rbac_grants_every_call_reconcile_makes() -> None:
+    kube, b = FakeKube(), body({"replicas": 2, "autoscaling": {"maxReplicas": 3}})
+    kube.pods = [ready_pod(), {"metadata": {"name": "p2"}, "status": {"phase": "Pending"}}]
+    run(kube, b)
+    b["spec"]["autoscaling"]["minReplicas"] = 0
+    run(kube, b)
+    kube.objects[(*DEPLOYMENT, "default", "tiny-chat")]["spec"]["replicas"] = 1
+    b["spec"].pop("autoscaling")
+    b["spec"]["replicas"] = 1
+    run(kube, b)  # deletes the PDB
+    used = {(RESOURCE_OF[kind], verb) for verb, kind in kube.calls}
+    assert ("poddisruptionbudgets", "delete") in used
+    granted = _granted()
+    missing = {u for u in used if u not in granted}
+    # Server-side apply of a new object also needs create.
+    missing |= {
+        (res, "create")
+        for res, verb in used
+        if verb == "patch"
+        and "/" not in res
+        and res not in ("modeldeployments",)
+        and (res, "create") not in granted
+    }
+    assert missing == set()
