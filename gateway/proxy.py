@@ -65,7 +65,8 @@ class Proxy:
                 last_error = f"replica {endpoint.url} failed: {type(exc).__name__}"
                 self._failed(endpoint)
                 continue
-            if upstream.status_code >= 500 and attempt + 1 < self.max_attempts:
+            others_left = any(e.url not in tried for e in self.registry.available(model))
+            if upstream.status_code >= 500 and attempt + 1 < self.max_attempts and others_left:
                 await upstream.aclose()
                 endpoint.inflight -= 1
                 last_error = f"replica {endpoint.url} answered {upstream.status_code}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,12 +42,13 @@ def completion_logprobs(entries: list[TokenLogprob | None], text_of: TokenText, 
     tokens, token_lps, tops, offsets = [], [], [], []
     at = offset
     for e in entries:
-        if e is None:  # the first prompt token has no logprob
+        if e is None:
             continue
         tok = text_of(e.token_id)
         tokens.append(tok)
-        token_lps.append(max(e.logprob, -9999.0))
-        tops.append({text_of(t): max(lp, -9999.0) for t, lp in e.top} or None)
+        unscored = math.isnan(e.logprob)  # the first prompt token: OpenAI sends null
+        token_lps.append(None if unscored else max(e.logprob, -9999.0))
+        tops.append(None if unscored else {text_of(t): max(lp, -9999.0) for t, lp in e.top} or None)
         offsets.append(at)
         at += len(tok)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -275,7 +274,3 @@ class ModelService:
         if bad:
             raise OpenAIError(f"Token id {bad[0]} is out of range for this model.", param="tokens")
         return {"prompt": self.tokenizer.decode(tokens)}
-
-
-def finite(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else value

@@ -1,0 +1,99 @@
+"""A real `modelfleet serve` (gateway + one worker per model) on loopback, shared by the tier."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from modelfleet.demo import ensure_demo_model, minilm_path
+
+CHAT = "tiny-chat"
+EMBED = "all-MiniLM-L6-v2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, models: set[str], proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            r = httpx.get(url + "/ready", timeout=2)
+            if r.status_code == 200 and models <= set(r.json().get("models", [])):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def start(args: list[str], ready_models: set[str], log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "modelfleet.cli", *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, ready_models, proc)
+    except Exception:
+        stop(proc)
+        raise RuntimeError(f"{' '.join(cmd)} failed to start:\n{log.read_text()[-3000:]}") from None
+    return proc, url
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """`modelfleet serve` with its embedded default models."""
+    ensure_demo_model()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    proc, url = start(["serve", "--max-num-seqs", "16"], {CHAT, EMBED}, log)
+    yield url
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def openai_client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key="EMPTY", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def no_template_model(tmp_path_factory) -> Path:
+    """The demo model with its chat template removed."""
+    src = ensure_demo_model()
+    dst = tmp_path_factory.mktemp("models") / "no-template"
+    shutil.copytree(src, dst)
+    (dst / "chat_template.jinja").unlink(missing_ok=True)
+    import json
+
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    return minilm_path()

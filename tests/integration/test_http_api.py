@@ -1,0 +1,175 @@
+"""Raw HTTP against `modelfleet serve`: the FastChat API doc's curl examples, error shapes,
+headers, tokenizer endpoints, metrics, and cancellation when a client goes away."""
+
+import json
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+CHAT, EMBED = "tiny-chat", "all-MiniLM-L6-v2"
+
+
+def assert_error(r: httpx.Response, status: int, param=None, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    if code is not None:
+        assert err["code"] == code
+
+
+# -- the FastChat doc's curl examples, with our model names ----------------------------------
+
+def test_fastchat_curl_list_models(server):
+    r = httpx.get(f"{server}/v1/models")
+    assert r.status_code == 200 and r.json()["object"] == "list"
+
+
+def test_fastchat_curl_chat(server):
+    r = httpx.post(f"{server}/v1/chat/completions", headers={"Content-Type": "application/json"},
+                   content=json.dumps({"model": CHAT, "messages": [{"role": "user",
+                                                                     "content": "Hello! What is your name?"}]}),
+                   timeout=120)
+    body = r.json()
+    assert r.status_code == 200 and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["completion_tokens"] >= 1
+
+
+def test_fastchat_curl_completions(server):
+    r = httpx.post(f"{server}/v1/completions", json={"model": CHAT, "prompt": "Once upon a time", "max_tokens": 41,
+                                                     "temperature": 0.5})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 41
+
+
+def test_fastchat_curl_embeddings(server):
+    r = httpx.post(f"{server}/v1/embeddings", json={"model": EMBED, "input": "Hello world!"})
+    assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
+
+
+def test_legacy_openai_028_calls(server):
+    """What `openai==0.28` sends with api_base=.../v1 and api_key="EMPTY", and reads back."""
+    headers = {"Authorization": "Bearer EMPTY", "Content-Type": "application/json"}
+    comp = httpx.post(f"{server}/v1/completions", headers=headers,
+                      json={"model": CHAT, "prompt": "Once upon a time", "max_tokens": 64}).json()
+    assert isinstance(comp["choices"][0]["text"], str)
+    chat = httpx.post(f"{server}/v1/chat/completions", headers=headers, timeout=120,
+                      json={"model": CHAT, "messages": [{"role": "user", "content": "Hello!"}],
+                            "max_tokens": 8}).json()
+    assert isinstance(chat["choices"][0]["message"]["content"], str)
+
+
+# -- errors and headers --------------------------------------------------------------------
+
+def test_malformed_json_is_a_400(server):
+    r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(r, 400)
+
+
+def test_schema_errors_are_400_never_422(server):
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": CHAT, "messages": "hi"})
+    assert_error(r, 400, param="messages")
+    r = httpx.post(f"{server}/v1/completions", json={"model": CHAT, "prompt": "x", "max_tokens": "many"})
+    assert_error(r, 400, param="max_tokens")
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": CHAT,
+                                                          "messages": [{"role": "user", "content": "x"}],
+                                                          "logit_bias": {"999999": 1}})
+    assert_error(r, 400, param="logit_bias")
+
+
+def test_unknown_model_path_and_method(server):
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "ghost", "messages": [{"role": "user",
+                                                                                          "content": "x"}]})
+    assert_error(r, 404, param="model", code="model_not_found")
+    assert_error(httpx.get(f"{server}/v1/nothing-here"), 404)
+    assert httpx.get(f"{server}/v1/chat/completions").status_code in (404, 405)
+
+
+def test_request_id_is_echoed_or_made(server):
+    r = httpx.get(f"{server}/v1/models", headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert len(httpx.get(f"{server}/v1/models").headers["x-request-id"]) >= 16
+
+
+def test_tools_are_refused_clearly_until_supported(server):
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
+    assert_error(httpx.post(f"{server}/v1/chat/completions", json=body), 400, param="tools")
+
+
+def test_a_bad_request_does_not_disturb_its_neighbours(server):
+    with httpx.Client(timeout=60) as c:
+        good = {"model": CHAT, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
+        for _ in range(3):
+            assert c.post(f"{server}/v1/chat/completions", json={"model": CHAT, "messages": 5}).status_code == 400
+            assert c.post(f"{server}/v1/chat/completions", json=good).status_code == 200
+
+
+# -- other endpoints -----------------------------------------------------------------------
+
+def test_tokenize_and_detokenize_round_trip(server):
+    r = httpx.post(f"{server}/tokenize", json={"model": CHAT, "prompt": "Hello wörld"}).json()
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 2048
+    back = httpx.post(f"{server}/detokenize", json={"model": CHAT, "tokens": r["tokens"]}).json()
+    assert back["prompt"] == "Hello wörld"
+
+
+def test_edits_api_through_the_chat_path(server):
+    r = httpx.post(f"{server}/v1/edits", json={"model": CHAT, "input": "helo", "instruction": "Fix spelling"},
+                   timeout=120).json()
+    assert r["object"] == "edit" and isinstance(r["choices"][0]["text"], str)
+
+
+def test_gateway_and_worker_metrics(server):
+    text = httpx.get(f"{server}/metrics").text
+    assert "modelfleet_gateway_requests_total" in text
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": CHAT, "max_tokens": 2,
+                                                          "messages": [{"role": "user", "content": "x"}]})
+    worker = r.headers["x-modelfleet-backend"]
+    wtext = httpx.get(f"{worker}/metrics").text
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+                 "vllm:time_to_first_token_seconds_bucket", "vllm:generation_tokens_total"):
+        assert f'{name}{{model_name="{CHAT}"' in wtext or f"{name}{{" in wtext, name
+
+
+def running(worker: str) -> float:
+    for line in httpx.get(f"{worker}/metrics").text.splitlines():
+        if line.startswith("vllm:num_requests_running{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no running gauge")
+
+
+def test_client_disconnect_cancels_generation(server):
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1900, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{server}/v1/chat/completions", json=body) as r:
+        worker = r.headers["x-modelfleet-backend"]
+        lines = r.iter_lines()
+        for _ in range(20):  # the role chunk leaves before the engine admits: read a few tokens
+            next(lines)
+        assert running(worker) == 1
+    deadline = time.monotonic() + 10
+    while running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running(worker) == 0
+
+
+def test_client_sdk_dict_and_attribute_access(server):
+    from modelfleet.client import openai_api_client as client
+
+    client.set_baseurl(server)
+    r = client.ChatCompletion.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert r.choices[0].message.content == r["choices"][0]["message"]["content"]
+    assert json.loads(json.dumps(r))["usage"]["completion_tokens"] == 4
+    chunks = list(client.ChatCompletion.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=3, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+    emb = client.Embedding.create(model=EMBED, input=["a", "b"])
+    assert len(emb.data) == 2
+    assert client.Completion.create(model=CHAT, prompt="x", max_tokens=2).usage.completion_tokens == 2
+    assert CHAT in {m.id for m in client.Model.list().data}
+    with pytest.raises(client.NotFoundError) as info:
+        client.ChatCompletion.create(model="ghost", messages=[{"role": "user", "content": "Hi"}])
+    assert info.value.code == "model_not_found"

@@ -1,0 +1,78 @@
+"""Request validation: any JSON body gives a parsed request or a 400 naming the parameter."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modelfleet.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    OpenAIError,
+    parse_request,
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=10,
+)
+CHAT_FIELDS = ["model", "messages", "temperature", "top_p", "n", "stop", "max_tokens", "logprobs", "top_logprobs",
+               "logit_bias", "presence_penalty", "seed", "stream", "stream_options", "tools", "user"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(CHAT_FIELDS), json_values, max_size=8))
+def test_any_chat_body_parses_or_is_a_400_naming_a_known_param(body):
+    try:
+        parse_request(ChatCompletionRequest, json.dumps(body).encode())
+    except OpenAIError as exc:
+        assert exc.status == 400
+        assert exc.param is None or exc.param.split(".")[0] in CHAT_FIELDS
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_garbage_bytes_are_a_400(raw):
+    try:
+        parse_request(CompletionRequest, raw)
+    except OpenAIError as exc:
+        assert exc.status == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 21, "logprobs": True},
+         "top_logprobs"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 101}}, "logit_bias.5"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"model": "m", "messages": []}, "messages"),
+        ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages.role"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+    ],
+)
+def test_wrong_values_name_their_parameter(body, param):
+    with pytest.raises(OpenAIError) as info:
+        parse_request(ChatCompletionRequest, json.dumps(body).encode())
+    assert info.value.status == 400
+    assert info.value.param == param
+
+
+def test_known_unsupported_and_unknown_fields_are_accepted():
+    body = {"model": "m", "messages": [{"role": "developer", "content": [{"type": "text", "text": "hi"}]}],
+            "store": True, "metadata": {"a": "b"}, "service_tier": "auto", "parallel_tool_calls": False,
+            "logit_bias": {}, "tool_choice": "none", "brand_new_field": 1}
+    req = parse_request(ChatCompletionRequest, json.dumps(body).encode())
+    assert req.messages[0].text() == "hi"
+
+
+def test_embedding_inputs_of_every_shape():
+    for value in ["a", ["a", "b"], [1, 2, 3], [[1, 2], [3]]]:
+        parse_request(EmbeddingRequest, json.dumps({"model": "m", "input": value}).encode())
+    with pytest.raises(OpenAIError):
+        parse_request(EmbeddingRequest, json.dumps({"model": "m", "input": []}).encode())

@@ -1,0 +1,117 @@
+"""Per-row sampling inside one batch: each row gets exactly the settings it asked for."""
+
+import math
+
+import pytest
+import torch
+from modelfleet.worker.sampling import BatchParams, SamplingParams, draw, filter_logits, sample
+
+V = 50
+
+
+def logits_for(rows: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((rows, V), generator=g) * 3
+
+
+def gens(rows: int, seed: int = 1) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(rows)]
+
+
+def run(params: list[SamplingParams], logits: torch.Tensor, generators=None, counts=None, seen=None):
+    bp = BatchParams.build(params, V)
+    rows = len(params)
+    counts = counts if counts is not None else torch.zeros((rows, V), dtype=torch.int32)
+    seen = seen if seen is not None else torch.zeros((rows, V), dtype=torch.bool)
+    return sample(logits.clone(), bp, generators or gens(rows), counts, seen)
+
+
+def test_greedy_rows_take_the_argmax_while_other_rows_sample():
+    logits = logits_for(4)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.5), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.0)]
+    out = run(params, logits)
+    assert out.tokens[0] == int(logits[0].argmax())
+    assert out.tokens[2] == int(logits[2].argmax())
+
+
+@pytest.mark.parametrize("setting", [{"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}])
+def test_filters_that_leave_one_token_equal_greedy(setting):
+    logits = logits_for(8, seed=3)
+    params = [SamplingParams(temperature=1.0, **setting)] * 8
+    out = run(params, logits)
+    assert out.tokens == logits.argmax(dim=-1).tolist()
+
+
+def test_top_k_keeps_only_the_k_best():
+    logits = logits_for(1)
+    bp = BatchParams.build([SamplingParams(top_k=5)], V)
+    kept = torch.isfinite(filter_logits(logits, bp))[0]
+    assert kept.sum() == 5
+    assert set(kept.nonzero().flatten().tolist()) == set(logits[0].topk(5).indices.tolist())
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05] + [1e-9] * (V - 4)]))
+    bp = BatchParams.build([SamplingParams(top_p=0.7)], V)
+    kept = torch.isfinite(filter_logits(logits, bp))[0].nonzero().flatten().tolist()
+    assert kept == [0, 1]
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([[0.7, 0.2, 0.1]])
+    g = torch.Generator().manual_seed(0)
+    counts = [0, 0, 0]
+    for _ in range(4000):
+        counts[int(draw(probs, [g])[0])] += 1
+    assert counts[0] / 4000 == pytest.approx(0.7, abs=0.03)
+    assert counts[2] / 4000 == pytest.approx(0.1, abs=0.02)
+
+
+def test_a_seeded_row_draws_the_same_whatever_shares_its_batch():
+    base = logits_for(1, seed=7)
+    alone = run([SamplingParams(temperature=0.9)], base, [torch.Generator().manual_seed(42)])
+    crowd = torch.cat([logits_for(5, seed=8), base])
+    params = [SamplingParams(temperature=t) for t in (0.3, 1.2, 0.0, 0.7, 1.9)] + [SamplingParams(temperature=0.9)]
+    gs = gens(5, seed=100) + [torch.Generator().manual_seed(42)]
+    together = run(params, crowd, gs)
+    assert together.tokens[-1] == alone.tokens[0]
+
+
+def test_logit_bias_forces_and_bans_tokens_per_row():
+    logits = logits_for(2)
+    params = [SamplingParams(temperature=0, logit_bias={7: 100.0}),
+              SamplingParams(temperature=0, logit_bias={int(logits[1].argmax()): -100.0})]
+    out = run(params, logits)
+    assert out.tokens[0] == 7
+    assert out.tokens[1] != int(logits[1].argmax())
+
+
+def test_frequency_penalty_only_hits_the_row_that_asked():
+    logits = torch.zeros((2, V))
+    logits[:, 3] = 1.0
+    counts = torch.zeros((2, V), dtype=torch.int32)
+    counts[:, 3] = 5
+    params = [SamplingParams(temperature=0, frequency_penalty=1.0), SamplingParams(temperature=0)]
+    out = run(params, logits, counts=counts)
+    assert out.tokens[0] != 3
+    assert out.tokens[1] == 3
+
+
+def test_repetition_penalty_covers_prompt_tokens():
+    logits = torch.zeros((1, V))
+    logits[0, 9] = 2.0
+    logits[0, 4] = 1.5
+    seen = torch.zeros((1, V), dtype=torch.bool)
+    seen[0, 9] = True
+    out = run([SamplingParams(temperature=0, repetition_penalty=2.0)], logits, seen=seen)
+    assert out.tokens == [4]
+
+
+def test_logprobs_are_the_models_own_distribution():
+    logits = logits_for(1)
+    out = run([SamplingParams(temperature=0, want_logprobs=True, top_logprobs=3)], logits)
+    lp = torch.log_softmax(logits[0], -1)
+    assert out.logprobs[0] == pytest.approx(float(lp.max()), abs=1e-5)
+    assert [t for t, _ in out.top_logprobs[0]] == lp.topk(3).indices.tolist()
+    assert all(math.isfinite(v) for _, v in out.top_logprobs[0])

@@ -1,0 +1,18 @@
+from modelfleet.worker.scheduler import plan_admission
+
+
+def test_admits_in_order_while_rows_and_budget_allow():
+    assert plan_admission([(10, 1), (10, 1), (10, 1)], free_rows=2, token_budget=100) == 2
+    assert plan_admission([(60, 1), (60, 1)], free_rows=8, token_budget=100) == 1
+
+
+def test_a_long_prompt_alone_is_still_admitted():
+    assert plan_admission([(5000, 1)], free_rows=8, token_budget=100) == 1
+
+
+def test_no_overtaking_when_the_head_does_not_fit():
+    assert plan_admission([(10, 4), (10, 1)], free_rows=2, token_budget=100) == 0
+
+
+def test_n_choices_take_n_rows():
+    assert plan_admission([(10, 3), (10, 3)], free_rows=5, token_budget=100) == 1
