@@ -1,0 +1,230 @@
+"""Bring the whole local cluster up or down, all or nothing.
+
+`up` is idempotent (a healthy cluster is left as it is) and transactional: the first
+component that cannot start stops everything started so far and raises one ClusterError
+naming the component and its log file. `down` stops every process, deletes every pod
+namespace, veth and the bridge, and the cluster's data (certificates and logs stay).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import controlplane, kubeconfig, network, nginxconf, pki, procs
+from .config import Settings
+
+# Started in this order, stopped in reverse.
+ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "nginx", "node-agent")
+
+
+class ClusterError(RuntimeError):
+    """One line for the user: what failed, and where to look."""
+
+
+def say(msg: str) -> None:
+    print(f"[cluster-up] {msg}", flush=True)
+
+
+def _log(s: Settings, name: str) -> str:
+    return os.path.relpath(s.logs / f"{name}.log")
+
+
+def _wait(s: Settings, name: str, healthy: Callable[[], bool], timeout: float) -> None:
+    """Poll `healthy`, failing early if the process died; shows progress every 10 s."""
+    start = time.monotonic()
+    next_note = start + 10
+    while not healthy():
+        now = time.monotonic()
+        if not procs.alive(procs.read_pid(s.run, name)):
+            raise ClusterError(f"{name} exited during start-up (see {_log(s, name)})")
+        if now - start > timeout:
+            raise ClusterError(f"{name} did not become healthy within {timeout:.0f}s (see {_log(s, name)})")
+        if now > next_note:
+            say(f"  waiting for {name} ({now - start:.0f}s)")
+            next_note = now + 10
+        time.sleep(0.25)
+    say(f"{name} healthy ({time.monotonic() - start:.1f}s)")
+
+
+def _check_prerequisites(s: Settings) -> None:
+    missing = [b for b in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm")
+               if not (s.k8s_bin / b).exists()]
+    if missing:
+        raise ClusterError(f"{missing[0]}: binary missing in {s.k8s_bin} (run `make cluster-build`)")
+    for tool in ("ip", "openssl", "nginx", "unshare"):
+        if shutil.which(tool) is None:
+            raise ClusterError(f"{tool}: command not found (run tests/cluster/scripts/install-deps.sh)")
+    if os.geteuid() != 0:
+        raise ClusterError("node-agent: network namespaces need root (run as root)")
+
+
+def _ensure_free(s: Settings, name: str, ports: tuple[int, ...]) -> None:
+    for port in ports:
+        if not procs.port_free("127.0.0.1", port):
+            raise ClusterError(f"{name}: port 127.0.0.1:{port} is in use (see {_log(s, name)})")
+
+
+def _nginx_argv(s: Settings) -> list[str]:
+    prefix = s.state / "nginx"
+    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / "tmp" / kind).mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginxconf.render([], s.ports.ingress, prefix, s.logs, os.geteuid() == 0))
+    return ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(s.logs / "nginx-error.log"), "-g", "daemon off;"]
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _agent_argv(s: Settings) -> list[str]:
+    return [s.python, "-m", "localkube.agent", "--nodes", str(s.nodes), "--gpus", str(s.gpus_per_node)]
+
+
+def _cluster_ready(s: Settings) -> Callable[[], bool]:
+    """Nodes Ready, and what a pod needs at admission: the default ServiceAccount and the
+    root CA ConfigMap that its projected token volume reads."""
+    kubectl = str(s.k8s_bin / "kubectl")
+    env = {**os.environ, "KUBECONFIG": str(s.kubeconfig)}
+
+    def ready() -> bool:
+        def get(*args: str) -> str:
+            p = subprocess.run([kubectl, "get", *args], capture_output=True, text=True, env=env, timeout=10)
+            return p.stdout if p.returncode == 0 else ""
+
+        conds = get("nodes", "-o", "jsonpath={range .items[*]}{.status.conditions[?(@.type=='Ready')].status} {end}")
+        return (
+            conds.split().count("True") >= s.nodes
+            and bool(get("serviceaccount", "default", "-n", "default", "-o", "name"))
+            and bool(get("configmap", "kube-root-ca.crt", "-n", "default", "-o", "name"))
+        )
+
+    return ready
+
+
+def _agent(s: Settings) -> controlplane.Component:
+    return controlplane.Component("node-agent", _agent_argv(s), (), _cluster_ready(s), 90)
+
+
+def _env(s: Settings) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "KUBECONFIG": str(s.state / "node-agent.kubeconfig")}
+
+
+def _components(s: Settings) -> list[controlplane.Component]:
+    return [
+        controlplane.etcd(s),
+        controlplane.apiserver(s),
+        controlplane.controller_manager(s),
+        controlplane.scheduler(s),
+        controlplane.Component("nginx", _nginx_argv(s), (s.ports.ingress,), lambda: _port_open(s.ports.ingress), 20),
+        _agent(s),
+    ]
+
+
+def healthy(s: Settings) -> bool:
+    """Every process alive and the API server ready: what makes `up` a no-op."""
+    if not all(procs.alive(procs.read_pid(s.run, name)) for name in ORDER):
+        return False
+    return controlplane.apiserver(s).healthy()
+
+
+def _write_env(s: Settings) -> None:
+    s.bin.mkdir(parents=True, exist_ok=True)
+    for tool in ("kubectl", "helm"):
+        link = s.bin / tool
+        link.unlink(missing_ok=True)
+        link.symlink_to(s.k8s_bin / tool)
+    (s.state / "env").write_text(
+        "# Written by `make cluster-up`: source it to use the local cluster.\n"
+        f"export KUBECONFIG={s.kubeconfig}\n"
+        f'export PATH={s.bin}:"$PATH"\n'
+        f"export INGRESS_URL={s.ingress_url}\n"
+    )
+
+
+def _prepare(s: Settings) -> None:
+    for d in (s.logs, s.run):
+        d.mkdir(parents=True, exist_ok=True)
+    for name in ORDER:
+        (s.logs / f"{name}.log").write_text("")  # logs are per cluster-up
+    ips = ["127.0.0.1", str(s.network.gateway), s.network.first_service_ip]
+    names = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+             "kubernetes.default.svc.cluster.local"]
+    try:
+        pki.ensure(s.pki, ips, names)
+    except pki.PkiError as exc:
+        raise ClusterError(f"certificates: {exc}") from exc
+    kubeconfig.write(s.kubeconfig, s.apiserver_url, s.pki, "admin")
+    kubeconfig.write(s.state / "controller-manager.kubeconfig", s.apiserver_url, s.pki, "controller-manager")
+    kubeconfig.write(s.state / "scheduler.kubeconfig", s.apiserver_url, s.pki, "scheduler")
+    kubeconfig.write(s.state / "node-agent.kubeconfig", s.apiserver_url, s.pki, "node-agent")
+    try:
+        network.ensure_bridge(s.network)
+    except network.NetworkError as exc:
+        raise ClusterError(f"network bridge {s.network.bridge}: {exc}") from exc
+
+
+def up(s: Settings) -> float:
+    """Start the cluster (or find it running); returns seconds taken."""
+    start = time.monotonic()
+    _check_prerequisites(s)
+    if healthy(s):
+        say(f"already up and healthy ({s.kubeconfig})")
+        return time.monotonic() - start
+    if any(procs.read_pid(s.run, name) for name in ORDER):
+        say("found a partial cluster, stopping it first")
+        down(s, quiet=True)
+    s.state.mkdir(parents=True, exist_ok=True)
+    try:
+        _prepare(s)
+        env = _env(s)
+        for comp in _components(s):
+            _ensure_free(s, comp.name, comp.ports)
+            say(f"starting {comp.name}")
+            procs.start(s.run, s.logs, comp.name, comp.argv, env)
+            _wait(s, comp.name, comp.healthy, comp.timeout)
+        _write_env(s)
+    except BaseException:
+        down(s, quiet=True)
+        raise
+    took = time.monotonic() - start
+    say(f"cluster up in {took:.1f}s: source {os.path.relpath(s.state / 'env')}")
+    return took
+
+
+def restart_agent(s: Settings) -> None:
+    """Restart only the node agent (after changing its code): its pods are restarted too."""
+    if not healthy(s):
+        raise ClusterError("node-agent: the cluster is not up (run `make cluster-up`)")
+    procs.stop(s.run, "node-agent", grace=20)
+    comp = _agent(s)
+    procs.start(s.run, s.logs, comp.name, comp.argv, _env(s))
+    _wait(s, comp.name, comp.healthy, comp.timeout)
+
+
+def down(s: Settings, quiet: bool = False) -> None:
+    """Stop everything `up` started, in reverse order, and remove the cluster's state."""
+    for name in reversed(ORDER):
+        if procs.read_pid(s.run, name):
+            if not quiet:
+                print(f"[cluster-down] stopping {name}", flush=True)
+            procs.stop(s.run, name, grace=20 if name == "node-agent" else 10)
+    network.teardown(s.network)
+    for path in (s.state / "etcd", s.state / "pods", s.state / "env", s.bin):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if not quiet:
+        print("[cluster-down] done", flush=True)

@@ -1,0 +1,120 @@
+"""Where the cluster lives and which addresses it uses: one typed value, read once.
+
+Every other module takes a Settings instead of reading the environment, so tests and the
+command line can point a cluster at another state folder or other ports.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CLUSTER_DIR = Path(__file__).resolve().parents[1]
+
+
+def _versions() -> dict[str, str]:
+    """Read tests/cluster/versions.env (shared with the shell build script)."""
+    out: dict[str, str] = {}
+    for line in (CLUSTER_DIR / "versions.env").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _port(name: str, default: int) -> int:
+    return int(os.environ.get(f"MODELFLEET_CLUSTER_{name}_PORT", default))
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Loopback ports of the control plane; fixed so a second `cluster-up` finds the first."""
+
+    etcd_client: int = field(default_factory=lambda: _port("ETCD", 23790))
+    etcd_peer: int = field(default_factory=lambda: _port("ETCD_PEER", 23800))
+    apiserver: int = field(default_factory=lambda: _port("APISERVER", 6443))
+    controller_manager: int = field(default_factory=lambda: _port("CONTROLLER_MANAGER", 10257))
+    scheduler: int = field(default_factory=lambda: _port("SCHEDULER", 10259))
+    ingress: int = field(default_factory=lambda: _port("INGRESS", 8480))
+
+
+@dataclass(frozen=True)
+class Network:
+    """The pod network. It exists only on interfaces the harness creates (bridge + veths),
+    and pods get no default route, so no pod packet can leave this machine's namespaces."""
+
+    bridge: str = "mfk0"
+    # The bridge's own address: the node's InternalIP and the API server's advertised address.
+    cidr: ipaddress.IPv4Network = ipaddress.IPv4Network(
+        os.environ.get("MODELFLEET_CLUSTER_POD_CIDR", "10.244.0.0/16")
+    )
+    service_cidr: str = os.environ.get("MODELFLEET_CLUSTER_SERVICE_CIDR", "10.96.0.0/16")
+    netns_prefix: str = "mfk-"
+    veth_prefix: str = "mfkv"
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return self.cidr.network_address + 1
+
+    def node_cidr(self, index: int) -> ipaddress.IPv4Network:
+        """Node `index` (0-based) allocates pod IPs from the /24 number index+1."""
+        return ipaddress.IPv4Network(f"{self.cidr.network_address + 256 * (index + 1)}/24")
+
+    @property
+    def first_service_ip(self) -> str:
+        return str(ipaddress.IPv4Network(self.service_cidr).network_address + 1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Paths, versions, ports and network of one local cluster."""
+
+    state: Path = field(default_factory=lambda: Path(os.environ.get("MODELFLEET_CLUSTER_DIR", REPO_ROOT / ".cluster")))
+    cache: Path = field(
+        default_factory=lambda: Path(os.environ.get("MODELFLEET_CACHE", Path.home() / ".cache" / "modelfleet"))
+    )
+    ports: Ports = field(default_factory=Ports)
+    network: Network = field(default_factory=Network)
+    versions: dict[str, str] = field(default_factory=_versions)
+    nodes: int = field(default_factory=lambda: int(os.environ.get("MODELFLEET_CLUSTER_NODES", "1")))
+    gpus_per_node: int = field(default_factory=lambda: int(os.environ.get("MODELFLEET_CLUSTER_GPUS", "0")))
+    python: str = sys.executable
+
+    @property
+    def k8s_bin(self) -> Path:
+        return self.cache / "k8s" / self.versions["K8S_VERSION"] / "bin"
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"
+
+    @property
+    def pki(self) -> Path:
+        return self.state / "pki"
+
+    @property
+    def run(self) -> Path:
+        """Pid files of every process the harness started."""
+        return self.state / "run"
+
+    @property
+    def bin(self) -> Path:
+        """kubectl and helm, linked from the cache; .cluster/env puts this on PATH."""
+        return self.state / "bin"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state / "kubeconfig"
+
+    @property
+    def apiserver_url(self) -> str:
+        return f"https://127.0.0.1:{self.ports.apiserver}"
+
+    @property
+    def ingress_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.ingress}"
