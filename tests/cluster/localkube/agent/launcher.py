@@ -1,0 +1,51 @@
+"""Runs inside a pod's network, mount and UTS namespaces, then becomes the container.
+
+Started as `ip netns exec NS unshare --mount --uts --propagation private python3 launcher.py
+SPEC.json`: it bind-mounts the pod's volumes (service-account token included) over their
+mount paths, sets the hostname to the pod's name, changes directory and execs the container
+command, keeping its pid, so the agent's signals reach the container itself. Standard
+library only, and no imports from the package: it must start fast in a bare interpreter.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+
+def bind(source: str, target: str, read_only: bool) -> None:
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target) or "/", exist_ok=True)
+        if not os.path.exists(target):
+            open(target, "a").close()
+    subprocess.run(["mount", "--bind", source, target], check=True)
+    if read_only:
+        subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)
+
+
+def main() -> None:
+    with open(sys.argv[1]) as fh:
+        spec = json.load(fh)
+    if len(sys.argv) > 2:  # an exec probe or `exec` into a running container
+        spec["argv"] = sys.argv[2:]
+    for source, target, read_only in spec["mounts"]:
+        bind(source, target, read_only)
+    if spec.get("hostname"):
+        socket.sethostname(spec["hostname"][:63])
+    os.chdir(spec["cwd"])
+    argv = spec["argv"]
+    try:
+        os.execvpe(argv[0], argv, spec["env"])
+    except FileNotFoundError:
+        print(f"localkube: executable {argv[0]!r} not found in PATH={spec['env'].get('PATH')}", file=sys.stderr)
+        sys.exit(127)
+    except PermissionError:
+        print(f"localkube: {argv[0]!r} is not executable", file=sys.stderr)
+        sys.exit(126)
+
+
+if __name__ == "__main__":
+    main()
