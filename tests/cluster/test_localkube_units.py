@@ -1,0 +1,94 @@
+"""Unit tests of the harness's pure parts (no cluster needed): pod status rules, env
+expansion, EndpointSlice reading and the nginx configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from localkube import nginxconf
+from localkube.agent import endpoints, env, ingress, status
+from localkube.agent.container import Container, Terminated, is_local_image
+from localkube.config import Network
+
+POD = {"metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "x"}},
+       "spec": {"nodeName": "localkube-0", "containers": [{"name": "c", "image": "modelfleet/x"}]},
+       "status": {"podIP": "10.244.1.2"}}
+
+
+def facts(**kw) -> status.PodFacts:
+    base = dict(pod_ip="10.244.1.2", host_ip="10.244.0.1", start_time="t", sandbox_ready=True,
+                init_done=True, init_failed=False)
+    return status.PodFacts(**{**base, **kw})
+
+
+def test_phase_follows_the_kubelet_rules() -> None:
+    c = Container({"name": "c", "image": "modelfleet/x"})
+    assert status.phase("Always", facts(), [c]) == "Pending"  # never started
+    c.runs = 1
+    assert status.phase("Always", facts(), [c]) == "Running"
+    c.terminated = Terminated(0, "Completed", "a", "b")
+    assert status.phase("Never", facts(), [c]) == "Succeeded"
+    c.terminated = Terminated(1, "Error", "a", "b")
+    assert status.phase("Never", facts(), [c]) == "Failed"
+    assert status.phase("Never", facts(init_done=False), [c]) == "Pending"
+
+
+def test_waiting_container_status_nulls_other_states() -> None:
+    c = Container({"name": "c", "image": "nginx"})
+    c.waiting = ("ErrImagePull", "nope")
+    st = status.container_status(c, "u")
+    assert st["state"] == {"waiting": {"reason": "ErrImagePull", "message": "nope"}, "running": None, "terminated": None}
+    assert st["ready"] is False and st["restartCount"] == 0
+
+
+def test_env_expansion_and_downward_api() -> None:
+    container = {"env": [{"name": "A", "value": "x"}, {"name": "B", "value": "$(A)-$(MISSING)-$$(A)"},
+                         {"name": "N", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                         {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]}
+    out = env.build(POD, container, {"BASE": "1"}, lambda *a: None)
+    assert out == {"BASE": "1", "A": "x", "B": "x-$(MISSING)-$(A)", "N": "x", "IP": "10.244.1.2"}
+
+
+def test_only_project_images_run_locally() -> None:
+    assert is_local_image("modelfleet/worker:dev")
+    assert is_local_image("ghcr.io/acme/modelfleet-gateway:1.0")
+    assert not is_local_image("nginx:1.27")
+    assert not is_local_image("registry/x:modelfleet")
+
+
+def test_endpoints_skip_unready_and_other_ports() -> None:
+    slices = [{"metadata": {"namespace": "ns", "labels": {"kubernetes.io/service-name": "s"}},
+               "ports": [{"name": "http", "port": 8080}, {"name": "metrics", "port": 9090}],
+               "endpoints": [{"addresses": ["10.244.1.2"], "conditions": {"ready": True}},
+                             {"addresses": ["10.244.1.3"], "conditions": {"ready": False}},
+                             {"addresses": ["10.244.1.4"], "conditions": {}}]}]
+    assert endpoints.ready(slices, "ns", "s", "http") == [("10.244.1.2", 8080), ("10.244.1.4", 8080)]
+    assert endpoints.ready(slices, "other", "s", "http") == []
+
+
+def test_nginx_config_streams_and_routes_prefixes(tmp_path: Path) -> None:
+    routes = [nginxconf.Route("a.test", "/api", "Prefix", "ns_s_80", ("10.244.1.2:8080",)),
+              nginxconf.Route("", "/", "Prefix", "ns_t_80", ()),
+              nginxconf.Route("", "/bad;path", "Prefix", "ns_u_80", ("10.244.1.9:1",))]
+    conf = nginxconf.render(routes, 8480, tmp_path, tmp_path, as_root=False)
+    assert "proxy_buffering off;" in conf and "listen 127.0.0.1:8480 default_server;" in conf
+    assert "location = /api { proxy_pass http://ns_s_80; }" in conf
+    assert "location /api/ { proxy_pass http://ns_s_80; }" in conf
+    assert "location / { return 503; }" in conf  # no ready endpoints
+    assert "bad;path" not in conf
+
+
+def test_ingress_rules_resolve_service_ports_by_name_and_number() -> None:
+    svc = {"metadata": {"namespace": "ns", "name": "s"}, "spec": {"ports": [{"name": "web", "port": 80}]}}
+    slices = [{"metadata": {"namespace": "ns", "labels": {"kubernetes.io/service-name": "s"}},
+               "ports": [{"name": "web", "port": 8080}], "endpoints": [{"addresses": ["10.244.1.2"]}]}]
+    ing = {"metadata": {"namespace": "ns", "name": "i"}, "spec": {"rules": [{"http": {"paths": [
+        {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "s", "port": {"name": "web"}}}}]}}]}}
+    [route] = ingress.routes([ing], [svc], slices)
+    assert route.backends == ("10.244.1.2:8080",) and route.host == ""
+
+
+def test_node_cidrs_stay_inside_the_pod_network() -> None:
+    net = Network()
+    assert str(net.gateway) == "10.244.0.1"
+    assert str(net.node_cidr(0)) == "10.244.1.0/24" and net.node_cidr(1).subnet_of(net.cidr)
