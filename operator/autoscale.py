@@ -14,8 +14,9 @@ from datetime import datetime, timedelta, timezone
 from modelfleet.api import AutoscalerStatus, Autoscaling
 from modelfleet.labels import Demand
 
-# A demand signal older than this is stale: the gateway re-signals while it still holds
-# requests (docs/operator.md), so an old one means the requests were served or gave up.
+# A demand signal older than the gateway's hold timeout (spec.routing.holdTimeoutSeconds) is
+# stale: the gateway re-signals while it still holds requests (docs/operator.md), so an older
+# one means they were served or gave up. This default is for callers without a spec.
 DEMAND_TTL = timedelta(seconds=60)
 
 
@@ -28,6 +29,14 @@ class Observation:
     # could be asked (none ready, or every scrape failed): then load is unknown, not zero.
     inflight: int | None
     demand: Demand | None = None
+    demand_ttl: timedelta = DEMAND_TTL
+
+    @property
+    def fresh_demand(self) -> Demand | None:
+        """The demand signal if it is recent enough to stand for requests still held."""
+        if self.demand is not None and self.now - self.demand.time <= self.demand_ttl:
+            return self.demand
+        return None
 
 
 @dataclass(frozen=True)
@@ -62,15 +71,15 @@ def _elapsed(now: datetime, since: str | None) -> timedelta:
 
 def recommend(spec: Autoscaling, obs: Observation, current: int) -> int:
     """Replicas the load alone asks for, before delays; `current` when load is unknown."""
-    fresh = obs.demand is not None and obs.now - obs.demand.time <= DEMAND_TTL
+    demand = obs.fresh_demand
     target = spec.target_inflight_per_replica
     if obs.inflight is None:
         rec = current
     else:
         rec = math.ceil(obs.inflight / target)
-    if fresh and obs.demand is not None:
+    if demand is not None:
         # Held requests are not in any worker's count yet: add them, and never answer 0.
-        rec = max(rec, math.ceil(max(obs.demand.waiting, 1) / target), 1)
+        rec = max(rec, math.ceil(max(demand.waiting, 1) / target), 1)
     return min(max(rec, spec.min_replicas), spec.max_replicas)
 
 
@@ -86,8 +95,7 @@ def decide(spec: Autoscaling, state: AutoscalerStatus | None, current: int, obs:
     state = state or AutoscalerStatus(desired_replicas=current, last_active_time=now, last_needed_time=now)
     current_clamped = min(max(current, spec.min_replicas), spec.max_replicas)
     rec = recommend(spec, obs, current_clamped)
-    fresh = obs.demand is not None and obs.now - obs.demand.time <= DEMAND_TTL
-    active = bool(obs.inflight) or fresh
+    active = bool(obs.inflight) or obs.fresh_demand is not None
     last_active = now if active else state.last_active_time
     last_needed = now if rec >= current_clamped else state.last_needed_time
     delay = timedelta(seconds=spec.scale_down_delay_seconds)
@@ -117,6 +125,6 @@ def decide(spec: Autoscaling, state: AutoscalerStatus | None, current: int, obs:
 
 def _load(obs: Observation) -> str:
     parts = ["load unknown" if obs.inflight is None else f"{obs.inflight} in flight"]
-    if obs.demand is not None and obs.now - obs.demand.time <= DEMAND_TTL:
-        parts.append(f"{obs.demand.waiting} waiting at the gateway")
+    if obs.fresh_demand is not None:
+        parts.append(f"{obs.fresh_demand.waiting} waiting at the gateway")
     return ", ".join(parts)

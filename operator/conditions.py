@@ -86,6 +86,11 @@ def _container_problem(md: ModelDeployment, status: Mapping[str, Any]) -> Proble
     if terminated and terminated.get("exitCode", 0) != 0:
         return _crash_problem(md, status)
     if _get(status, "state", "running") is not None and not status.get("ready", False):
+        # Restarted after a failure: between back-offs the container runs again, and the
+        # last failure is still the best explanation of why the model is not ready.
+        last = _get(status, "lastState", "terminated")
+        if last and last.get("exitCode", 0) != 0:
+            return _crash_problem(md, status)
         return Problem("Loading", "loading the model", 0, False)
     if reason in ("ContainerCreating", "PodInitializing"):
         return Problem("ContainerCreating", "starting the worker container", 0, False)
@@ -299,5 +304,7 @@ def transition_events(old: ModelDeploymentStatus, new: ModelDeploymentStatus) ->
         return []
     degraded = new.condition("Degraded")
     warn = new.phase in ("Failed", "Degraded") or (degraded is not None and degraded.status == "True")
-    message = f"phase {old.phase or 'None'} -> {new.phase}: {new_ready.message}"
+    message = new_ready.message
+    if changed_phase:
+        message = f"phase {old.phase or 'None'} -> {new.phase}: {message}"
     return [StatusEvent("Warning" if warn else "Normal", new_ready.reason, message)]

@@ -18,13 +18,13 @@ from typing import Any
 import kopf
 
 from modelfleet import labels
-from modelfleet.api import GROUP, PLURAL, VERSION
+from modelfleet.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 from .config import OperatorConfig
-from .kube import MODEL_DEPLOYMENT, KubeApi
+from .kube import KubeApi
 from .load import LoadProbe
 from .metrics import OperatorMetrics
-from .reconcile import InvalidSpec, Outcome, reconcile
+from .reconcile import Gone, InvalidSpec, Outcome, reconcile
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +84,17 @@ class _Locks:
             self._locks.pop(uid, None)
 
 
-def make_runner(deps: Deps) -> Callable[[Mapping[str, Any], str], Outcome]:
+def make_runner(deps: Deps) -> Callable[[Mapping[str, Any], str], Outcome | None]:
     """The one function all triggers call: lock, time, reconcile, translate errors."""
     locks = _Locks()
 
-    def run(body: Mapping[str, Any], trigger: str) -> Outcome:
+    def run(body: Mapping[str, Any], trigger: str) -> Outcome | None:
         meta = body.get("metadata") or {}
         with locks.of(str(meta.get("uid", ""))), deps.metrics.timed(trigger):
             try:
                 outcome = reconcile(body, deps.kube, deps.config, deps.probe, deps.clock())
+            except Gone:
+                return None  # deleted meanwhile: ownerReferences clean up the children
             except Exception as exc:
                 translated = classify(exc)
                 kind = "permanent" if isinstance(translated, kopf.PermanentError) else "temporary"
@@ -108,6 +110,24 @@ def make_runner(deps: Deps) -> Callable[[Mapping[str, Any], str], Outcome]:
         return outcome
 
     return run
+
+
+def owner_stub(child: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Name, namespace and uid of the ModelDeployment controlling a child, or None.
+
+    Enough for reconcile(), which reads the owner itself.
+    """
+    meta = child.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION:
+            return {
+                "metadata": {
+                    "name": ref["name"],
+                    "namespace": meta.get("namespace", ""),
+                    "uid": ref.get("uid", ""),
+                }
+            }
+    return None
 
 
 def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
@@ -143,13 +163,9 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         labels={labels.APP_MANAGED_BY: labels.MANAGED_BY},
     )
     def on_child(body: kopf.Body, **_: Any) -> None:
-        meta = body.get("metadata") or {}
-        owner = (meta.get("labels") or {}).get(labels.MODEL)
-        if not owner:
-            return
-        md = deps.kube.get(MODEL_DEPLOYMENT, meta.get("namespace", ""), owner)
-        if md is not None:
-            run(md, "child")
+        owner = owner_stub(body)
+        if owner is not None:
+            run(owner, "child")
 
     @kopf.on.probe(registry=registry, id="reconciles")
     def probe_reconciles(**_: Any) -> float:

@@ -125,6 +125,17 @@ def kopf_settings(args: argparse.Namespace) -> kopf.OperatorSettings:
     return settings
 
 
+def build_registry(deps: Deps) -> kopf.OperatorRegistry:
+    """A fresh registry with our handlers and a login through the kubernetes client.
+
+    kopf adds that login itself only to its process-wide default registry, which we do not use.
+    """
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry, id="login")(kopf.login_via_client)
+    register(registry, deps)
+    return registry
+
+
 def _kube_client():  # pragma: no cover - needs a cluster or kubeconfig
     """A DynamicClient from the in-cluster account, else the kubeconfig (KUBECONFIG)."""
     from kubernetes import client, config
@@ -145,6 +156,10 @@ def run(argv: Sequence[str]) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # kopf logs every handler success at INFO: with a resync timer that is a line per
+        # object every few seconds. Failures still show (WARNING and up).
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
         config = config_from_args(args)
         from .kube import Kube
@@ -169,13 +184,10 @@ def run(argv: Sequence[str]) -> int:
         if config.scrape_workers
         else no_probe
     )
-    registry = kopf.SmartOperatorRegistry()
-    register(
-        registry,
-        Deps(
-            kube=kube, config=config, probe=probe, metrics=metrics, clock=lambda: datetime.now(timezone.utc)
-        ),
+    deps = Deps(
+        kube=kube, config=config, probe=probe, metrics=metrics, clock=lambda: datetime.now(timezone.utc)
     )
+    registry = build_registry(deps)
     namespaces = tuple(args.namespace)
     try:
         asyncio.run(

@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -23,11 +23,15 @@ from modelfleet.api import AutoscalerStatus, ModelDeployment, ModelDeploymentSta
 from .autoscale import Observation, decide, format_time
 from .conditions import StatusEvent, compute_status, transition_events
 from .config import OperatorConfig
-from .kube import DEPLOYMENT, EVENT, PDB, POD, KubeApi
+from .kube import DEPLOYMENT, EVENT, MODEL_DEPLOYMENT, PDB, POD, KubeApi
 from .load import LoadProbe, is_ready
 from .render import render_deployment, render_pdb, render_service
 
 log = logging.getLogger(__name__)
+
+# A demand signal counts for at least this long even when the gateway holds requests for less
+# (holdTimeoutSeconds 0): it must survive until the next resync sees it.
+MIN_DEMAND_TTL_SECONDS = 30
 
 
 class InvalidSpec(Exception):
@@ -35,6 +39,10 @@ class InvalidSpec(Exception):
 
     Retrying does not help (kopf.PermanentError); the next change or resync tries again.
     """
+
+
+class Gone(Exception):
+    """The ModelDeployment was deleted before this reconcile ran; nothing to do."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,8 @@ def desired_replicas(
     # Nothing running and nothing asked for: load is known to be zero, not unknown.
     inflight = probe(ready) if ready else (0 if current == 0 else None)
     demand = labels.parse_demand(md.metadata.annotations.get(labels.DEMAND))
-    decision = decide(auto, previous, current, Observation(now=now, inflight=inflight, demand=demand))
+    ttl = timedelta(seconds=max(md.spec.routing.hold_timeout_seconds, MIN_DEMAND_TTL_SECONDS))
+    decision = decide(auto, previous, current, Observation(now, inflight, demand, ttl))
     moved = decision.desired != current
     return decision.desired, decision.state, decision.reason if moved else None, current
 
@@ -171,7 +180,17 @@ def reconcile(
     probe: LoadProbe,
     now: datetime,
 ) -> Outcome:
-    """Bring one ModelDeployment's children and status in line with its spec and the cluster."""
+    """Bring one ModelDeployment's children and status in line with its spec and the cluster.
+
+    `body` may be stale (kopf hands over the last object its watch saw, possibly from before
+    our previous status write), so the object is read again first: transitions and the
+    autoscaler's memory must start from the status actually stored.
+    """
+    meta = body.get("metadata") or {}
+    fresh = kube.get(MODEL_DEPLOYMENT, str(meta.get("namespace", "")), str(meta.get("name", "")))
+    if fresh is None:
+        raise Gone(f"{meta.get('namespace')}/{meta.get('name')} no longer exists")
+    body = fresh
     try:
         md = ModelDeployment.from_body(body)
     except ValidationError as exc:

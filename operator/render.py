@@ -106,11 +106,15 @@ def worker_args(md: ModelDeployment, model_path: str, config: OperatorConfig) ->
         "modelfleet", "worker",
         "--model", model_path,
         "--served-name", md.served_name,
+        # Aliases too: the gateway forwards the request bytes unchanged, "model" included.
+        *[a for alias in spec.model.aliases for a in ("--served-name", alias)],
         "--host", "0.0.0.0",
         "--port", str(config.worker_port),
         # Explicit on CPU too: a node with GPUs may expose them to pods that did not ask.
         "--device", "cuda" if spec.resources.gpu > 0 else "cpu",
         "--dtype", spec.engine.dtype,
+        # Finish in-flight requests for as long as Kubernetes lets the pod live after SIGTERM.
+        "--drain-timeout", str(spec.termination_grace_period_seconds),
     ]  # fmt: skip
     if spec.engine.max_model_len is not None:
         args += ["--max-model-len", str(spec.engine.max_model_len)]

@@ -131,3 +131,13 @@ def test_demand_round_trips() -> None:
 def test_time_round_trips_and_rejects_garbage() -> None:
     assert parse_time(format_time(NOW)) == NOW
     assert parse_time("garbage") is None and parse_time(None) is None
+
+
+def test_demand_lives_as_long_as_the_gateway_holds_requests() -> None:
+    held = demand(3, seconds_ago=20)
+    assert (
+        decide(SPEC, state(0, 999, 999), 0, Observation(NOW, None, held, timedelta(seconds=30))).desired == 1
+    )
+    assert (
+        decide(SPEC, state(0, 999, 999), 0, Observation(NOW, None, held, timedelta(seconds=10))).desired == 0
+    )

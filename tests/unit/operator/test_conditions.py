@@ -97,6 +97,20 @@ OOM_POD = pod(
         "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
     }
 )
+RESTARTED_POD = pod(
+    container={
+        "ready": False,
+        "restartCount": 2,
+        "state": {"running": {"startedAt": T0}},
+        "lastState": {
+            "terminated": {
+                "exitCode": 1,
+                "reason": "Error",
+                "message": "error: model directory /m does not exist",
+            }
+        },
+    }
+)
 CREATING_POD = pod(
     phase="Pending",
     container={"ready": False, "state": {"waiting": {"reason": "ContainerCreating"}}},

@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 import kopf
 import pytest
 from modelfleet.operator.config import OperatorConfig
-from modelfleet.operator.handlers import Deps, classify, make_runner, register
+from modelfleet.operator.handlers import Deps, classify, make_runner, owner_stub, register
 from modelfleet.operator.load import inflight_from_metrics, is_ready
-from modelfleet.operator.main import build_parser, config_from_args, kopf_settings
+from modelfleet.operator.main import build_parser, build_registry, config_from_args, kopf_settings
 from modelfleet.operator.metrics import OperatorMetrics
 from modelfleet.operator.reconcile import InvalidSpec
 
@@ -103,6 +103,32 @@ def test_register_uses_the_registry_given() -> None:
     # Nothing leaked into kopf's process-wide default registry.
     default = kopf.get_default_registry()
     assert not any(h.id == "resync" for h in default._spawning.get_all_handlers())
+
+
+def test_owner_stub_follows_the_controller_reference() -> None:
+    child = {
+        "metadata": {
+            "namespace": "ns",
+            "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Other", "name": "x", "controller": False},
+                {
+                    "apiVersion": "modelfleet.dev/v1alpha1",
+                    "kind": "ModelDeployment",
+                    "name": "m",
+                    "uid": "u",
+                    "controller": True,
+                },
+            ],
+        }
+    }
+    assert owner_stub(child) == {"metadata": {"name": "m", "namespace": "ns", "uid": "u"}}
+    assert owner_stub({"metadata": {"namespace": "ns"}}) is None
+
+
+def test_operator_registry_can_log_in() -> None:
+    registry = build_registry(deps(FailingKube(Status(500)), OperatorMetrics()))
+    assert "login" in {h.id for h in registry._activities.get_all_handlers()}
+    assert "resync" in {h.id for h in registry._spawning.get_all_handlers()}
 
 
 def test_cli_options_become_settings() -> None:

@@ -15,7 +15,7 @@ import yaml
 from modelfleet.operator.conditions import StatusEvent
 from modelfleet.operator.config import OperatorConfig
 from modelfleet.operator.kube import DEPLOYMENT, PDB, SERVICE
-from modelfleet.operator.reconcile import InvalidSpec, reconcile
+from modelfleet.operator.reconcile import Gone, InvalidSpec, reconcile
 
 from modelfleet import labels
 from modelfleet.api import ObjectMeta
@@ -43,6 +43,7 @@ class FakeKube:
         self.pods: list[dict[str, Any]] = []
         self.pod_events: list[dict[str, Any]] = []
         self.reject: dict[str, ApiError] = {}
+        self.md: dict[str, Any] | None = None  # the ModelDeployment as stored
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         kind = obj["kind"]
@@ -68,6 +69,8 @@ class FakeKube:
 
     def get(self, kind: tuple[str, str], namespace: str, name: str) -> dict[str, Any] | None:
         self.calls.append(("get", kind[1]))
+        if kind[1] == "ModelDeployment":
+            return copy.deepcopy(self.md)
         obj = self.objects.get((*kind, namespace, name))
         return copy.deepcopy(obj) if obj else None
 
@@ -135,6 +138,7 @@ def unknown_load(pods):
 
 def run(kube: FakeKube, b: dict[str, Any], probe=unknown_load, now: datetime = NOW):
     """One reconcile, then store the written status on the body as the API server would."""
+    kube.md = b
     try:
         return reconcile(b, kube, CONFIG, probe, now)
     finally:
@@ -294,3 +298,25 @@ def test_rbac_grants_every_call_reconcile_makes() -> None:
         and (res, "create") not in granted
     }
     assert missing == set()
+
+
+def test_a_stale_body_does_not_repeat_events() -> None:
+    """kopf may hand over an object from before our last status write."""
+    kube, b = FakeKube(), body()
+    stale = copy.deepcopy(b)
+    run(kube, b)
+    kube.set_deployment_status(1, 1)
+    kube.pods = [ready_pod()]
+    first = run(kube, b)
+    assert [e.reason for e in first.events] == ["ReplicasReady"]
+    kube.md = b
+    again = reconcile(stale, kube, CONFIG, unknown_load, NOW)
+    assert again.events == [] and not again.status_written
+
+
+def test_deleted_meanwhile_is_gone() -> None:
+    kube = FakeKube()
+    kube.md = None
+    with pytest.raises(Gone):
+        reconcile(body(), kube, CONFIG, unknown_load, NOW)
+    assert not [c for c in kube.calls if c[0] != "get"]

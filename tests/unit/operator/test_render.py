@@ -100,7 +100,9 @@ def test_labels_selector_and_owner() -> None:
     template_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert set(dep["spec"]["selector"]["matchLabels"].items()) <= set(template_labels.items())
     assert dep["spec"]["template"]["metadata"]["annotations"][labels.SERVED_NAME] == "org/tiny:1"
-    assert flag(container(dep)["command"], "--served-name") == "org/tiny:1"
+    cmd = container(dep)["command"]
+    served = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--served-name"]
+    assert served == ["org/tiny:1", "a", "b"]  # primary first, then the aliases
 
 
 # (spec fragment, where it must land: a function of the rendered Deployment, expected value)
