@@ -10,9 +10,11 @@ import argparse
 import asyncio
 import logging
 import random
+import socket
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
 import kopf
 
@@ -136,6 +138,16 @@ def build_registry(deps: Deps) -> kopf.OperatorRegistry:
     return registry
 
 
+def _check_bindable(url: str) -> None:
+    """Fail before kopf starts (which would log a traceback) if the liveness port is taken."""
+    parsed = urlsplit(url)
+    if parsed.scheme != "http" or not parsed.port:
+        raise ValueError("expected http://HOST:PORT/PATH")
+    with socket.socket(socket.AF_INET6 if ":" in (parsed.hostname or "") else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((parsed.hostname or "0.0.0.0", parsed.port))
+
+
 def _kube_client():  # pragma: no cover - needs a cluster or kubeconfig
     """A DynamicClient from the in-cluster account, else the kubeconfig (KUBECONFIG)."""
     from kubernetes import client, config
@@ -169,6 +181,12 @@ def run(argv: Sequence[str]) -> int:
         print(f"modelfleet operator: {exc}", file=sys.stderr)
         return 2
 
+    if args.liveness:
+        try:
+            _check_bindable(args.liveness)
+        except (OSError, ValueError) as exc:
+            print(f"modelfleet operator: liveness endpoint {args.liveness}: {exc}", file=sys.stderr)
+            return 2
     metrics = OperatorMetrics()
     if args.metrics_port:
         from prometheus_client import start_http_server
@@ -204,4 +222,7 @@ def run(argv: Sequence[str]) -> int:
         )
     except KeyboardInterrupt:
         return 0
+    except OSError as exc:  # the liveness port in use, most often
+        print(f"modelfleet operator: {exc}", file=sys.stderr)
+        return 2
     return 0

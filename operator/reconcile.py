@@ -109,10 +109,12 @@ def _apply_children(
         kube.apply(render_service(md, config))
         deployment = kube.apply(render_deployment(md, replicas, config))
         pdb = render_pdb(md, replicas)
-        if pdb is None:
-            kube.delete(PDB, md.metadata.namespace, md.metadata.name)
-        else:
+        if pdb is not None:
             kube.apply(pdb)
+        elif md.status.observed_generation is None or md.status.desired_replicas >= 2:
+            # A PDB can only exist if an earlier reconcile asked for 2 or more (or status was
+            # never written); skipping the DELETE otherwise saves a call per resync.
+            kube.delete(PDB, md.metadata.namespace, md.metadata.name)
     except ValueError as exc:
         raise InvalidSpec(str(exc)) from exc
     except Exception as exc:

@@ -190,3 +190,18 @@ def test_is_ready_reads_the_ready_condition() -> None:
     assert is_ready({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     assert not is_ready({"status": {"conditions": [{"type": "Ready", "status": "False"}]}})
     assert not is_ready({"status": {}})
+
+
+def test_liveness_port_in_use_is_caught_before_kopf_starts() -> None:
+    import socket
+
+    from modelfleet.operator.main import _check_bindable
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            _check_bindable(f"http://127.0.0.1:{port}/healthz")
+    with pytest.raises(ValueError):
+        _check_bindable("tcp://nowhere")

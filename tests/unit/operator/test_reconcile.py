@@ -320,3 +320,24 @@ def test_deleted_meanwhile_is_gone() -> None:
     with pytest.raises(Gone):
         reconcile(body(), kube, CONFIG, unknown_load, NOW)
     assert not [c for c in kube.calls if c[0] != "get"]
+
+
+def test_steady_state_costs_few_calls() -> None:
+    """A resync with nothing to do: read, apply two objects, no PDB delete, no status write."""
+    kube, b = FakeKube(), body()
+    run(kube, b)
+    kube.set_deployment_status(1, 1)
+    kube.pods = [ready_pod()]
+    run(kube, b)
+    kube.calls.clear()
+    outcome = run(kube, b)
+    assert not outcome.status_written
+    assert sorted(kube.calls) == sorted(
+        [
+            ("get", "ModelDeployment"),
+            ("get", "Deployment"),
+            ("list", "Pod"),
+            ("patch", "Service"),
+            ("patch", "Deployment"),
+        ]
+    )
