@@ -189,8 +189,10 @@ def up(s: Settings) -> float:
     try:
         _prepare(s)
         env = _env(s)
-        for comp in _components(s):
+        components = _components(s)
+        for comp in components:  # all ports first: fail before anything has started
             _ensure_free(s, comp.name, comp.ports)
+        for comp in components:
             say(f"starting {comp.name}")
             procs.start(s.run, s.logs, comp.name, comp.argv, env)
             _wait(s, comp.name, comp.healthy, comp.timeout)

@@ -16,9 +16,8 @@ mkdir -p "$BIN" "$LOGDIR"
 say() { echo "[cluster-build] $*"; }
 die() { echo "cluster-build: $*" >&2; exit 1; }
 
-GO="$(command -v go || true)"
-[ -z "$GO" ] && [ -x /usr/local/go/bin/go ] && GO=/usr/local/go/bin/go
-[ -n "$GO" ] || die "Go toolchain not found (need go >= 1.26 on PATH or at /usr/local/go/bin/go)"
+GO="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
+[ -x "$GO" ] || die "go: Go toolchain not found (need go >= 1.26 on PATH, at /usr/local/go/bin/go, or in \$GO)"
 export GOTOOLCHAIN=local GOFLAGS="${GOFLAGS:-} -buildvcs=false -mod=readonly"
 
 minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"

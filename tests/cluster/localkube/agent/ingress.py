@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 
 from .. import nginxconf
 from . import endpoints
+from .runtime import call
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,9 @@ class IngressController:
             if not any(i.get("ip") == "127.0.0.1" for i in lb):
                 meta = ing["metadata"]
                 try:
-                    self.net.patch_namespaced_ingress_status(
-                        meta["name"], meta["namespace"],
-                        {"status": {"loadBalancer": {"ingress": [{"ip": "127.0.0.1", "ports": [{"port": self.port, "protocol": "TCP"}]}]}}},
-                        _preload_content=False).data  # read it: an unread response leaks its connection
+                    lb = {"ingress": [{"ip": "127.0.0.1", "ports": [{"port": self.port, "protocol": "TCP"}]}]}
+                    call(self.net.patch_namespaced_ingress_status, meta["name"], meta["namespace"],
+                         {"status": {"loadBalancer": lb}})
                 except ApiException as exc:
                     log.warning("ingress status %s: %s", meta["name"], exc.reason)
 

@@ -16,7 +16,7 @@ from .. import network
 from . import env as envmod
 from . import probes, status, volumes
 from .container import Container, Terminated, is_local_image, now
-from .runtime import Runtime
+from .runtime import Runtime, call
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +258,7 @@ class PodWorker(threading.Thread):
             return st
         meta = pod["metadata"]
         try:
-            self.rt.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": st},
-                                                     _preload_content=False).data
+            call(self.rt.core.patch_namespaced_pod_status, meta["name"], meta["namespace"], {"status": st})
             self.published = comparable
         except ApiException as exc:
             if exc.status != 404:
@@ -301,9 +300,8 @@ class PodWorker(threading.Thread):
             return
         try:
             # With a body the API server ignores query parameters: the grace period goes in it.
-            self.rt.core.delete_namespaced_pod(
-                meta["name"], meta["namespace"],
-                body={"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}}, _preload_content=False).data
+            call(self.rt.core.delete_namespaced_pod, meta["name"], meta["namespace"],
+                 body={"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}})
         except ApiException as exc:
             if exc.status not in (404, 409):
                 log.warning("finalizing delete of %s: %s", self.name, exc.reason)

@@ -9,8 +9,10 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -23,6 +25,12 @@ log = logging.getLogger(__name__)
 
 PASS_THROUGH = ("HOME", "LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                 "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
+    """Call a client method and read the raw response: an unread response keeps its
+    connection checked out, and the API server then logs the request as aborted."""
+    return fn(*args, _preload_content=False, **kwargs).data
 
 
 class AddressPool:
@@ -124,6 +132,6 @@ class Runtime:
             "source": {"component": "localkube-agent", "host": pod["spec"].get("nodeName", "")},
         }
         try:
-            self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False).data
+            call(self.core.create_namespaced_event, meta["namespace"], body)
         except Exception as exc:
             log.debug("event %s for %s failed: %s", reason, meta["name"], exc)
