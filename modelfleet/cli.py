@@ -17,6 +17,13 @@ class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (the usage itself is under --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine options")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -53,7 +60,7 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelfleet", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="modelfleet", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=os.environ.get("MODELFLEET_LOG_LEVEL", "info"))
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -160,4 +167,8 @@ def run_gateway(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy: other modules raise
+    # modelfleet.cli.CommandError, which a second copy of this module would not catch.
+    from modelfleet.cli import main as _main
+
+    sys.exit(_main())

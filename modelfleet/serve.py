@@ -60,7 +60,7 @@ def start_workers(models: list[tuple[str, str]], replicas: int, args: argparse.N
     for name, source in models:
         for replica in range(replicas):
             port = free_port()
-            cmd = [sys.executable, "-m", "modelfleet.cli", "--log-level", args.log_level, "worker", "--model", source,
+            cmd = [sys.executable, "-m", "modelfleet", "--log-level", args.log_level, "worker", "--model", source,
                    "--served-name", name, "--host", "127.0.0.1", "--port", str(port), *engine_argv(args)]
             # Workers share 2-core machines with each other: keep torch from oversubscribing.
             env = dict(os.environ)
@@ -128,12 +128,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.api_keys:
         raise CommandError("--api-keys is not implemented yet (see the README's status table)")
-    models = parse_models(args.model) if args.model else default_models()
-    check_sources(models)
     try:
         sock = bind_socket(args.host, args.port)
     except PortInUseError as exc:
         raise CommandError(str(exc)) from None
+    models = parse_models(args.model) if args.model else default_models()
+    check_sources(models)
     workers = start_workers(models, args.replicas, args)
     backends: dict[str, list[str]] = {}
     for w in workers:

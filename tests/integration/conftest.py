@@ -41,7 +41,7 @@ def wait_ready(url: str, models: set[str], proc: subprocess.Popen, timeout: floa
 
 def start(args: list[str], ready_models: set[str], log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "modelfleet.cli", *args, "--port", str(port)]
+    cmd = [sys.executable, "-m", "modelfleet", *args, "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

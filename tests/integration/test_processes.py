@@ -1,0 +1,154 @@
+"""Process-level behaviour: command-line errors, a model without a chat template, SIGTERM
+drain, and several replicas behind one gateway."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+CLI = [sys.executable, "-m", "modelfleet"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def start_worker(model, name: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "worker", "--model", str(model), "--served-name", name, "--port", str(port),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError("worker did not become ready")
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "error" in lines[0]
+    return lines[0]
+
+
+def test_missing_model_directory_is_one_line():
+    assert "does not exist" in one_error_line(run_cli("worker", "--model", "/no/such/model"))
+    assert "does not exist" in one_error_line(run_cli("serve", "--model", "m=/no/such/model",
+                                                      "--port", str(free_port())))
+
+
+def test_bad_arguments_are_one_line():
+    one_error_line(run_cli("worker", "--model", "/tmp", "--port", "99999"))
+    one_error_line(run_cli("worker"))
+    one_error_line(run_cli("serve", "--model", "no-equals-sign"))
+    one_error_line(run_cli("gateway", "--backend", "x=ftp://host"))
+
+
+def test_port_in_use_is_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = str(s.getsockname()[1])
+        assert "cannot listen" in one_error_line(run_cli("serve", "--port", port))
+        assert "cannot listen" in one_error_line(run_cli("gateway", "--port", port))
+
+
+def test_model_without_chat_template(no_template_model):
+    proc, url = start_worker(no_template_model, "plain")
+    try:
+        r = httpx.post(url + "/v1/chat/completions",
+                       json={"model": "plain", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "chat_template_missing"
+        r = httpx.post(url + "/v1/completions", json={"model": "plain", "prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200
+        card = httpx.get(url + "/v1/models/plain").json()
+        assert card["capabilities"] == {"chat": False, "completion": True, "embedding": True}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path):
+    from modelfleet.demo import ensure_demo_model
+
+    proc, url = start_worker(ensure_demo_model(), "tiny-chat", "--drain-timeout", "60")
+    result = {}
+
+    def long_request():
+        body = {"model": "tiny-chat", "prompt": "x", "max_tokens": 1500, "ignore_eos": True}
+        result["r"] = httpx.post(url + "/v1/completions", json=body, timeout=120)
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert httpx.get(url + "/ready").status_code == 503  # leaves the Service's endpoints
+    refused = httpx.post(url + "/v1/completions", json={"model": "tiny-chat", "prompt": "x", "max_tokens": 2})
+    assert refused.status_code == 503 and "retry-after" in refused.headers
+    t.join(timeout=120)
+    assert result["r"].status_code == 200
+    assert result["r"].json()["usage"]["completion_tokens"] == 1500
+    assert proc.wait(timeout=30) == 0
+
+
+def test_replicas_share_the_load(tmp_path):
+    from modelfleet.demo import ensure_demo_model
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([*CLI, "serve", "--model", f"tiny-chat={ensure_demo_model()}", "--replicas", "2",
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            r = None
+            try:
+                r = httpx.get(url + "/metrics", timeout=1)
+            except httpx.HTTPError:
+                pass
+            if r is not None and r.text.count('modelfleet_gateway_backend_available{') == 2 and \
+                    ' 0.0' not in [line[-4:] for line in r.text.splitlines()
+                                   if line.startswith("modelfleet_gateway_backend_available{")]:
+                break
+            time.sleep(0.3)
+        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 20}
+        backends = []
+
+        def call():
+            backends.append(httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+                            .headers["x-modelfleet-backend"])
+
+        threads = [threading.Thread(target=call) for _ in range(12)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert len(set(backends)) == 2
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) in (0, 130)  # 130: the shell's convention for Ctrl-C
+        for backend in set(backends):
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(backend + "/health", timeout=2)  # no worker outlives serve
