@@ -83,6 +83,15 @@ def ensure(pki: Path, server_ips: list[str], server_names: list[str]) -> None:
             f"extendedKeyUsage=serverAuth\nsubjectAltName={sans}\n",
         )
         stamp.write_text(sans)
+    # The node agent's kubelet API (container logs) serves on the bridge address.
+    kubelet_sans = f"IP:{server_ips[1]}" if len(server_ips) > 1 else sans
+    if not (pki / "kubelet.crt").exists() or (pki / "kubelet.sans").read_text() != kubelet_sans:
+        _sign(
+            pki, "kubelet", "/CN=localkube-kubelet",
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            f"extendedKeyUsage=serverAuth\nsubjectAltName={kubelet_sans}\n",
+        )
+        (pki / "kubelet.sans").write_text(kubelet_sans)
     for ident in CLIENTS:
         if not (pki / f"{ident.stem}.crt").exists():
             subject = f"/CN={ident.cn}" + "".join(f"/O={o}" for o in ident.orgs)
