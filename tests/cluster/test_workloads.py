@@ -152,3 +152,26 @@ def _get(url: str) -> str | None:
             return resp.read().decode()
     except OSError:
         return None
+
+
+def test_crashing_container_backs_off(cluster: LocalCluster, namespace: str) -> None:
+    crasher = {"name": "crash", "image": TEST_IMAGE, "command": ["sh", "-c", "echo boom; exit 3"]}
+    cluster.apply(pod("crasher", [crasher]), namespace=namespace)
+
+    def backing_off() -> dict | None:
+        sts = cluster.get("pod", "crasher", namespace)["status"].get("containerStatuses") or []
+        st = sts[0] if sts else {}
+        waiting = (st.get("state") or {}).get("waiting") or {}
+        return st if waiting.get("reason") == "CrashLoopBackOff" and st["restartCount"] >= 1 else None
+
+    st = wait_for(backing_off, 60, what="CrashLoopBackOff")
+    assert st["lastState"]["terminated"]["exitCode"] == 3
+    assert st["lastState"]["terminated"]["reason"] == "Error"
+    assert "boom" in cluster.kubectl("logs", "crasher", "-n", namespace, "--previous").stdout
+
+
+def test_kubectl_logs_reads_container_output(cluster: LocalCluster, namespace: str) -> None:
+    talker = {"name": "talk", "image": TEST_IMAGE, "command": ["sh", "-c", "echo hello-from-$(HOSTNAME); sleep 60"]}
+    cluster.apply(pod("talker", [talker]), namespace=namespace)
+    out = wait_for(lambda: cluster.kubectl("logs", "talker", "-n", namespace, check=False).stdout, 60, what="logs")
+    assert out.strip() == "hello-from-talker"

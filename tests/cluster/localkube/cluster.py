@@ -162,7 +162,7 @@ def _prepare(s: Settings) -> None:
     names = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
              "kubernetes.default.svc.cluster.local"]
     try:
-        pki.ensure(s.pki, ips, names)
+        pki.ensure(s.pki, ips, names, str(s.network.gateway))
     except pki.PkiError as exc:
         raise ClusterError(f"certificates: {exc}") from exc
     kubeconfig.write(s.kubeconfig, s.apiserver_url, s.pki, "admin")

@@ -61,7 +61,7 @@ def _sign(pki: Path, stem: str, subject: str, ext: str) -> None:
     (pki / f"{stem}.ext").unlink()
 
 
-def ensure(pki: Path, server_ips: list[str], server_names: list[str]) -> None:
+def ensure(pki: Path, server_ips: list[str], server_names: list[str], kubelet_ip: str) -> None:
     """Create whatever of the CA, serving cert, client certs and SA key pair is missing.
 
     A serving certificate whose SAN list differs from the wanted one is re-issued, so
@@ -84,14 +84,15 @@ def ensure(pki: Path, server_ips: list[str], server_names: list[str]) -> None:
         )
         stamp.write_text(sans)
     # The node agent's kubelet API (container logs) serves on the bridge address.
-    kubelet_sans = f"IP:{server_ips[1]}" if len(server_ips) > 1 else sans
-    if not (pki / "kubelet.crt").exists() or (pki / "kubelet.sans").read_text() != kubelet_sans:
+    kubelet_sans = f"IP:{kubelet_ip}"
+    kstamp = pki / "kubelet.sans"
+    if not (pki / "kubelet.crt").exists() or not kstamp.exists() or kstamp.read_text() != kubelet_sans:
         _sign(
             pki, "kubelet", "/CN=localkube-kubelet",
             "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
             f"extendedKeyUsage=serverAuth\nsubjectAltName={kubelet_sans}\n",
         )
-        (pki / "kubelet.sans").write_text(kubelet_sans)
+        kstamp.write_text(kubelet_sans)
     for ident in CLIENTS:
         if not (pki / f"{ident.stem}.crt").exists():
             subject = f"/CN={ident.cn}" + "".join(f"/O={o}" for o in ident.orgs)

@@ -14,6 +14,7 @@ import threading
 from kubernetes import client, config
 
 from ..config import Settings
+from . import kubeletapi
 from .ingress import IngressController
 from .nodes import NodeRegistry, NodeSpec
 from .podmanager import PodManager
@@ -22,6 +23,7 @@ from .runtime import AddressPool, Runtime
 from .store import Store, wait_synced
 
 log = logging.getLogger("localkube.agent")
+KUBELET_PORT = 10250  # one kubelet API for every node: they share the bridge address
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -41,7 +43,7 @@ def node_specs(s: Settings, args: argparse.Namespace) -> list[NodeSpec]:
     return [
         NodeSpec(
             name=f"localkube-{i}", pod_cidr=str(s.network.node_cidr(i)), internal_ip=str(s.network.gateway),
-            kubelet_port=10250 + i, cpu=args.cpu, memory=args.memory, gpus=args.gpus, labels=labels,
+            kubelet_port=KUBELET_PORT, cpu=args.cpu, memory=args.memory, gpus=args.gpus, labels=labels,
             version=s.versions["K8S_VERSION"],
         )
         for i in range(args.nodes)
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         (str(s.network.gateway), s.ports.apiserver): ("127.0.0.1", s.ports.apiserver),
     })
     proxy.start()
+    kubeletapi.serve(str(s.network.gateway), KUBELET_PORT, s.pki, s.logs / "pods")
     IngressController(api, ingresses, services, slices, s.state / "nginx" / "nginx.conf",
                       s.state / "nginx" / "nginx.pid", s.ports.ingress, s.logs).start(stop)
     for store in (services, slices, ingresses, pod_store):
