@@ -233,7 +233,7 @@ def _degraded(problem: Problem | None, desired: int) -> tuple[str, str, str]:
     return "False", "AsExpected", "no replica reports a problem"
 
 
-def _condition(
+def make_condition(
     type_: str, value: tuple[str, str, str], previous: ModelDeploymentStatus, now: str, generation: int
 ) -> Condition:
     """Build one condition, keeping lastTransitionTime while status (True/False) is unchanged."""
@@ -269,11 +269,11 @@ def compute_status(
     previous = md.status
     generation = md.metadata.generation
     conditions = [
-        _condition("Ready", _ready(desired, c, problem, has_deployment), previous, now, generation),
-        _condition(
+        make_condition("Ready", _ready(desired, c, problem, has_deployment), previous, now, generation),
+        make_condition(
             "Progressing", _progressing(desired, c, problem, has_deployment), previous, now, generation
         ),
-        _condition("Degraded", _degraded(problem, desired), previous, now, generation),
+        make_condition("Degraded", _degraded(problem, desired), previous, now, generation),
     ]
     return ModelDeploymentStatus(
         phase=_phase(desired, c, problem, has_deployment),

@@ -21,7 +21,7 @@ from modelfleet import labels
 from modelfleet.api import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus, ObjectMeta
 
 from .autoscale import Observation, decide, format_time
-from .conditions import StatusEvent, compute_status, transition_events
+from .conditions import StatusEvent, compute_status, make_condition, transition_events
 from .config import OperatorConfig
 from .kube import DEPLOYMENT, EVENT, MODEL_DEPLOYMENT, PDB, POD, KubeApi
 from .load import LoadProbe, is_ready
@@ -136,43 +136,27 @@ def _api_message(exc: Exception) -> str:
 
 
 def report_invalid(body: Mapping[str, Any], message: str, kube: KubeApi, now: datetime) -> None:
-    """Put an InvalidSpec failure into status and an Event, keeping what status there was."""
+    """Put an InvalidSpec failure into status and an Event, keeping what status there was.
+
+    Written only when it changes, so a resync of a still-invalid object is silent.
+    """
     meta = ObjectMeta.model_validate(dict(body.get("metadata") or {}))
     try:
         old = ModelDeploymentStatus.model_validate(dict(body.get("status") or {}))
     except ValidationError:
         old = ModelDeploymentStatus()
-    stamp = format_time(now)
-    ready = old.condition("Ready")
-    since = ready.last_transition_time if ready is not None and ready.status == "False" else stamp
+    stamp, gen = format_time(now), meta.generation
     conditions = [c for c in old.conditions if c.type not in ("Ready", "Degraded")]
     conditions += [
-        {
-            "type": "Ready",
-            "status": "False",
-            "reason": "InvalidSpec",
-            "message": message,
-            "lastTransitionTime": since,
-        },
-        {
-            "type": "Degraded",
-            "status": "True",
-            "reason": "InvalidSpec",
-            "message": message,
-            "lastTransitionTime": stamp,
-        },
+        make_condition("Ready", ("False", "InvalidSpec", message), old, stamp, gen),
+        make_condition("Degraded", ("True", "InvalidSpec", message), old, stamp, gen),
     ]
-    new = old.model_copy(update={"phase": "Failed", "observed_generation": meta.generation})
-    new = ModelDeploymentStatus.model_validate(
-        {**new.to_wire(), "conditions": [_wire(c) for c in conditions]}
-    )
+    new = old.model_copy(update={"phase": "Failed", "observed_generation": gen, "conditions": conditions})
     if new.to_wire() != old.to_wire():
         kube.patch_status(meta, _status_patch(old, new))
-        kube.post_event(meta, StatusEvent("Warning", "InvalidSpec", message))
-
-
-def _wire(c: Any) -> dict[str, Any]:
-    return c if isinstance(c, dict) else c.to_wire()
+        ready = old.condition("Ready")
+        if ready is None or ready.reason != "InvalidSpec" or ready.message != message:
+            kube.post_event(meta, StatusEvent("Warning", "InvalidSpec", message))
 
 
 def reconcile(

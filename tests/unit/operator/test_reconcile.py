@@ -341,3 +341,14 @@ def test_steady_state_costs_few_calls() -> None:
             ("patch", "Deployment"),
         ]
     )
+
+
+def test_a_still_invalid_object_is_reported_once() -> None:
+    kube, b = FakeKube(), body()
+    b["spec"]["model"]["source"] = "s3://bucket/model"
+    for _ in range(3):
+        with pytest.raises(InvalidSpec):
+            run(kube, b, now=NOW + timedelta(seconds=_ * 10))
+    assert [e.reason for e in kube.events] == ["InvalidSpec"]
+    ready = next(c for c in b["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["lastTransitionTime"] == "2025-01-01T12:00:00Z"
