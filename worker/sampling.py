@@ -104,28 +104,53 @@ def apply_penalties(
         logits.copy_(torch.where(seen, penalised, logits))
 
 
+TOP_P_CANDIDATES = 256
+
+
 def filter_logits(logits: torch.Tensor, bp: BatchParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p per row; filtered entries become -inf."""
+    """Temperature, then min-p, top-k and top-p per row; filtered entries become -inf.
+
+    A full sort of the vocabulary costs more than a small model's decode step on a CPU, so each
+    filter finds a per-row threshold instead: top-k from one `topk`, top-p from the most likely
+    few hundred tokens, sorting the whole row only where those do not hold the requested mass.
+    """
     logits = logits / bp.temperature[:, None]
+    neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype)
     if bp.any_min_p:
         probs = torch.softmax(logits, dim=-1)
         threshold = probs.max(dim=-1, keepdim=True).values * bp.min_p[:, None]
-        logits = logits.masked_fill(probs < threshold, float("-inf"))
-    if not (bp.any_top_k or bp.any_top_p):
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1]).expand_as(logits)
-    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        logits = logits.masked_fill(probs < threshold, neg_inf)
     if bp.any_top_k:
-        k = bp.top_k[:, None]
-        drop |= (k > 0) & (ranks >= k)
+        k_max = int(bp.top_k.max())
+        best = torch.topk(logits, k_max, dim=-1).values
+        kth = best.gather(-1, (bp.top_k.clamp(min=1) - 1)[:, None])
+        kth = torch.where(bp.top_k[:, None] > 0, kth, neg_inf)
+        logits = logits.masked_fill(logits < kth, neg_inf)
     if bp.any_top_p:
-        sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        drop |= mass_before >= bp.top_p[:, None]
-        drop[:, 0] = False  # the most likely token always survives, even with top_p=0
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+        probs = torch.softmax(logits, dim=-1)
+        threshold = top_p_threshold(probs, bp.top_p)
+        logits = logits.masked_fill(probs < threshold[:, None], neg_inf)
+    return logits
+
+
+def _cutoff(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Probability of the last token kept: keep a token while the mass before it is < top_p."""
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    keep = (mass_before < top_p[:, None]).sum(dim=-1).clamp(min=1)
+    return sorted_probs.gather(-1, (keep - 1)[:, None]).squeeze(-1)
+
+
+def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per-row probability below which top-p (nucleus) filtering drops a token."""
+    k = min(TOP_P_CANDIDATES, probs.shape[-1])
+    head = torch.topk(probs, k, dim=-1).values
+    threshold = _cutoff(head, top_p)
+    spread = head.sum(dim=-1) < top_p  # the candidates do not reach the mass: sort those rows
+    if bool(spread.any()):
+        rows = spread.nonzero().squeeze(-1)
+        full = torch.sort(probs[rows], dim=-1, descending=True).values
+        threshold[rows] = _cutoff(full, top_p[rows])
+    return torch.where(top_p >= 1.0, torch.zeros_like(threshold), threshold)
 
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 import torch
+
 from modelfleet.worker.engine import EngineConfig, GenerationEngine
 from modelfleet.worker.sampling import SamplingParams
 from modelfleet.worker.sequence import GenerationRequest

@@ -7,9 +7,9 @@ import sys
 import textwrap
 
 import pytest
-from modelfleet.worker.loader import ModelSourceError, detect, resolve_source
 
 from modelfleet.demo import minilm_path
+from modelfleet.worker.loader import ModelSourceError, detect, resolve_source
 
 
 def test_local_paths_and_file_urls(demo_path):

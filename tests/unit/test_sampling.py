@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from modelfleet.worker.sampling import BatchParams, SamplingParams, draw, filter_logits, sample
 
 V = 50
@@ -115,3 +116,19 @@ def test_logprobs_are_the_models_own_distribution():
     assert out.logprobs[0] == pytest.approx(float(lp.max()), abs=1e-5)
     assert [t for t, _ in out.top_logprobs[0]] == lp.topk(3).indices.tolist()
     assert all(math.isfinite(v) for _, v in out.top_logprobs[0])
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 8.0])  # flat (falls back to a sort) to peaked (candidates only)
+def test_top_p_threshold_matches_the_sorted_definition(scale):
+    from modelfleet.worker.sampling import top_p_threshold
+
+    g = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn((6, 4000), generator=g) * scale, dim=-1)
+    top_p = torch.tensor([0.1, 0.5, 0.9, 0.95, 0.99, 1.0])
+    got = top_p_threshold(probs, top_p)
+    for row in range(6):
+        ordered = torch.sort(probs[row], descending=True).values
+        before = torch.cumsum(ordered, 0) - ordered
+        kept = ordered[before < top_p[row]]
+        expected = 0.0 if top_p[row] >= 1 else float(kept[-1])
+        assert float(got[row]) == pytest.approx(expected, rel=1e-5, abs=1e-9)

@@ -2,6 +2,7 @@
 
 from hypothesis import given
 from hypothesis import strategies as st
+
 from modelfleet.worker.stops import TextState, find_stop, holdback
 
 

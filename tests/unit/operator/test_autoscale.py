@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from modelfleet.operator.autoscale import Observation, decide, format_time, parse_time, recommend
 
 from modelfleet.api import AutoscalerStatus, Autoscaling
 from modelfleet.labels import Demand, parse_demand
+from modelfleet.operator.autoscale import Observation, decide, format_time, parse_time, recommend
 
 NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 SPEC = Autoscaling(

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from modelfleet.operator.conditions import compute_status, last_line, transition_events
 
 from modelfleet.api import ModelDeployment, ModelDeploymentStatus
+from modelfleet.operator.conditions import compute_status, last_line, transition_events
 
 T0 = "2025-01-01T00:00:00Z"
 T1 = "2025-01-01T00:05:00Z"

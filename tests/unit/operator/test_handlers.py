@@ -7,14 +7,14 @@ from datetime import datetime, timezone
 
 import kopf
 import pytest
+
+from modelfleet import labels
 from modelfleet.operator.config import OperatorConfig
 from modelfleet.operator.handlers import Deps, classify, make_runner, owner_stub, register
 from modelfleet.operator.load import inflight_from_metrics, is_ready
 from modelfleet.operator.main import build_parser, build_registry, config_from_args, kopf_settings
 from modelfleet.operator.metrics import OperatorMetrics
 from modelfleet.operator.reconcile import InvalidSpec
-
-from modelfleet import labels
 
 
 class Status(Exception):

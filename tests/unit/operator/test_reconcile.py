@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import yaml
+
+from modelfleet import labels
+from modelfleet.api import ObjectMeta
 from modelfleet.operator.conditions import StatusEvent
 from modelfleet.operator.config import OperatorConfig
 from modelfleet.operator.kube import DEPLOYMENT, PDB, SERVICE
 from modelfleet.operator.reconcile import Gone, InvalidSpec, reconcile
-
-from modelfleet import labels
-from modelfleet.api import ObjectMeta
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
 CONFIG = OperatorConfig(default_image="modelfleet:test")

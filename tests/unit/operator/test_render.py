@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
+
+from modelfleet import labels
+from modelfleet.api import ModelDeployment
 from modelfleet.operator.config import OperatorConfig
 from modelfleet.operator.render import (
     render_deployment,
@@ -19,9 +22,6 @@ from modelfleet.operator.render import (
     render_service,
     resolve_source,
 )
-
-from modelfleet import labels
-from modelfleet.api import ModelDeployment
 
 GOLDEN = Path(__file__).parent / "golden"
 CONFIG = OperatorConfig(default_image="modelfleet:test")
