@@ -169,7 +169,13 @@ def _prepare(s: Settings) -> None:
     kubeconfig.write(s.state / "controller-manager.kubeconfig", s.apiserver_url, s.pki, "controller-manager")
     kubeconfig.write(s.state / "scheduler.kubeconfig", s.apiserver_url, s.pki, "scheduler")
     kubeconfig.write(s.state / "node-agent.kubeconfig", s.apiserver_url, s.pki, "node-agent")
+
+
+def _fresh_network(s: Settings) -> None:
+    """Pod namespaces of a cluster whose processes were killed (not stopped) would still
+    hold their addresses; free ports say no live cluster owns them, so start clean."""
     try:
+        network.teardown(s.network)
         network.ensure_bridge(s.network)
     except network.NetworkError as exc:
         raise ClusterError(f"network bridge {s.network.bridge}: {exc}") from exc
@@ -182,8 +188,10 @@ def up(s: Settings) -> float:
     if healthy(s):
         say(f"already up and healthy ({s.kubeconfig})")
         return time.monotonic() - start
-    if any(procs.read_pid(s.run, name) for name in ORDER):
-        say("found a partial cluster, stopping it first")
+    if s.run.exists():
+        # A cluster that is partly up, or whose processes were killed (a session that
+        # ended): stop what is left and start from empty, as after `cluster-down`.
+        say("found a stopped or partial cluster, clearing it first")
         down(s, quiet=True)
     s.state.mkdir(parents=True, exist_ok=True)
     try:
@@ -192,6 +200,7 @@ def up(s: Settings) -> float:
         components = _components(s)
         for comp in components:  # all ports first: fail before anything has started
             _ensure_free(s, comp.name, comp.ports)
+        _fresh_network(s)
         for comp in components:
             say(f"starting {comp.name}")
             procs.start(s.run, s.logs, comp.name, comp.argv, env)
@@ -218,12 +227,13 @@ def restart_agent(s: Settings) -> None:
 def down(s: Settings, quiet: bool = False) -> None:
     """Stop everything `up` started, in reverse order, and remove the cluster's state."""
     for name in reversed(ORDER):
+        procs.kill_orphans(s.run, name)
         if procs.read_pid(s.run, name):
             if not quiet:
                 print(f"[cluster-down] stopping {name}", flush=True)
             procs.stop(s.run, name, grace=20 if name == "node-agent" else 10)
     network.teardown(s.network)
-    for path in (s.state / "etcd", s.state / "pods", s.state / "env", s.bin):
+    for path in (s.state / "etcd", s.state / "pods", s.state / "volumes", s.state / "env", s.bin, s.run):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:

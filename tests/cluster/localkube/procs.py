@@ -18,11 +18,24 @@ def pidfile(run: Path, name: str) -> Path:
     return run / f"{name}.pid"
 
 
-def read_pid(run: Path, name: str) -> int | None:
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (field 22 of /proc/PID/stat)."""
     try:
-        return int(pidfile(run, name).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
         return None
+
+
+def read_pid(run: Path, name: str) -> int | None:
+    """The pid in the file, or None if that pid is no longer the process we started (a pid
+    file left by a killed session must never make us signal an unrelated process)."""
+    try:
+        pid_s, started = pidfile(run, name).read_text().split()[:2]
+        pid = int(pid_s)
+    except (OSError, ValueError):
+        return None
+    return pid if _start_time(pid) == started else None
 
 
 def alive(pid: int | None) -> bool:
@@ -54,8 +67,36 @@ def start(run: Path, logs: Path, name: str, argv: list[str], env: dict[str, str]
         start_new_session=True, env=env, close_fds=True,
     )
     log.close()
-    pidfile(run, name).write_text(f"{proc.pid}\n")
+    pidfile(run, name).write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
     return proc.pid
+
+
+def _group_members(pgid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                    out.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def kill_orphans(run: Path, name: str) -> None:
+    """Kill what is left of a process we started whose leader is already gone (killed by
+    SIGKILL, say, leaving nginx workers behind). The leader's pid names the group; Linux
+    does not reuse a pid while a group by that id has members, so they are ours."""
+    try:
+        pid = int(pidfile(run, name).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    if read_pid(run, name) is None and not alive(pid):
+        for member in _group_members(pid):
+            try:
+                os.kill(member, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def signal_group(pid: int, sig: int) -> None:

@@ -20,6 +20,7 @@ from .nodes import NodeRegistry, NodeSpec
 from .podmanager import PodManager
 from .proxy import ServiceProxy
 from .runtime import AddressPool, Runtime
+from .storage import Provisioner
 from .store import Store, wait_synced
 
 log = logging.getLogger("localkube.agent")
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     services = Store("services", core.list_service_for_all_namespaces)
     slices = Store("endpointslices", disc.list_endpoint_slice_for_all_namespaces)
     ingresses = Store("ingresses", net.list_ingress_for_all_namespaces)
+    claims = Store("persistentvolumeclaims", core.list_persistent_volume_claim_for_all_namespaces)
+    volumes = Store("persistentvolumes", core.list_persistent_volume)
+    Provisioner(api, claims, volumes, s.state / "volumes").start()
     pods = PodManager(rt)
     pod_store = Store("pods", core.list_pod_for_all_namespaces, [pods.handle])
 
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     kubeletapi.serve(str(s.network.gateway), KUBELET_PORT, s.pki, s.logs / "pods")
     IngressController(api, ingresses, services, slices, s.state / "nginx" / "nginx.conf",
                       s.state / "nginx" / "nginx.pid", s.ports.ingress, s.logs).start(stop)
-    for store in (services, slices, ingresses, pod_store):
+    for store in (services, slices, ingresses, claims, volumes, pod_store):
         store.start(stop)
     wait_synced([services, slices, ingresses, pod_store])
     registry = NodeRegistry(api, specs)

@@ -114,7 +114,7 @@ class PodWorker(threading.Thread):
                 (self.dir / "volumes").mkdir(parents=True, exist_ok=True)
                 self.volume_paths = volumes.materialize(
                     pod, self.dir / "volumes", self._fetch,
-                    lambda sa, aud, secs: self.rt.token(pod, sa, aud, secs),
+                    lambda sa, aud, secs: self.rt.token(pod, sa, aud, secs), self.rt.claim_path,
                 )
             self.message = None
             return True

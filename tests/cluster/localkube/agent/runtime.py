@@ -109,6 +109,23 @@ class Runtime:
                 return None
             raise
 
+    def claim_path(self, ns: str, claim: str) -> str:
+        """Host folder behind a bound claim (hostPath or local PersistentVolumes)."""
+        from .volumes import VolumeError
+
+        try:
+            pvc = json.loads(call(self.core.read_namespaced_persistent_volume_claim, claim, ns))
+            if not pvc["spec"].get("volumeName") or (pvc.get("status") or {}).get("phase") != "Bound":
+                raise VolumeError(f"persistentvolumeclaim {claim!r} is not bound yet")
+            pv = json.loads(call(self.core.read_persistent_volume, pvc["spec"]["volumeName"]))
+        except ApiException as exc:
+            raise VolumeError(f"persistentvolumeclaim {claim!r}: {exc.reason}") from exc
+        source = pv["spec"].get("hostPath") or pv["spec"].get("local")
+        if not source:
+            raise VolumeError(f"persistentvolume {pv['metadata']['name']!r} is neither hostPath nor local")
+        Path(source["path"]).mkdir(parents=True, exist_ok=True)
+        return source["path"]
+
     def token(self, pod: dict, sa: str, audience: str | None, seconds: int) -> str:
         meta = pod["metadata"]
         body = {

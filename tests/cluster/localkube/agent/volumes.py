@@ -16,6 +16,8 @@ from . import env as envmod
 Fetch = Callable[[str, str, str], dict[str, bytes] | None]
 # (serviceAccountName, audience or None, expirationSeconds) -> a bound token for this pod.
 TokenFn = Callable[[str, str | None, int], str]
+# (namespace, claim name) -> the host folder of the PersistentVolume bound to the claim.
+ClaimFn = Callable[[str, str], str]
 
 
 class VolumeError(RuntimeError):
@@ -98,7 +100,7 @@ def _projected(dest: Path, pod: dict, spec: dict, fetch: Fetch, token: TokenFn) 
             _downward(dest, pod, src["downwardAPI"].get("items") or [], mode)
 
 
-def materialize(pod: dict, root: Path, fetch: Fetch, token: TokenFn) -> dict[str, str]:
+def materialize(pod: dict, root: Path, fetch: Fetch, token: TokenFn, claim: ClaimFn) -> dict[str, str]:
     """Create every volume of the pod under `root`; returns volume name -> host path."""
     ns = pod["metadata"]["namespace"]
     out: dict[str, str] = {}
@@ -114,6 +116,9 @@ def materialize(pod: dict, root: Path, fetch: Fetch, token: TokenFn) -> dict[str
             elif not path.exists() and hp.get("type") in (None, "", "DirectoryOrCreate"):
                 path.mkdir(parents=True, exist_ok=True)
             out[name] = str(path)
+            continue
+        if "persistentVolumeClaim" in vol:
+            out[name] = claim(ns, vol["persistentVolumeClaim"]["claimName"])
             continue
         dest.mkdir(parents=True, exist_ok=True)
         if "emptyDir" in vol:
