@@ -45,7 +45,11 @@ build() {
   done
   if ! wait "$pid"; then
     rm -f "$BIN/.$name.tmp"
-    die "building $name failed: $(grep -m1 -v '^[a-z0-9./_-]*$' "$log" || tail -n1 "$log") (see $log)"
+    # The first line that reads like an error, not a package name or a download notice.
+    local why
+    why="$(grep -v -e '^[A-Za-z0-9./_-]*$' -e '^go: downloading' "$log" | grep -m1 -iE 'error|cannot|fail|disabled|not found|undefined|missing|invalid' \
+      || tail -n1 "$log")"
+    die "building $name failed: $why (see $log)"
   fi
   mv "$BIN/.$name.tmp" "$BIN/$name"
   echo "$stamp" >"$BIN/.$name.stamp"
