@@ -175,3 +175,24 @@ def test_kubectl_logs_reads_container_output(cluster: LocalCluster, namespace: s
     cluster.apply(pod("talker", [talker]), namespace=namespace)
     out = wait_for(lambda: cluster.kubectl("logs", "talker", "-n", namespace, check=False).stdout, 60, what="logs")
     assert out.strip() == "hello-from-talker"
+
+
+def test_prestop_hook_runs_before_sigterm(cluster: LocalCluster, namespace: str, tmp_path) -> None:
+    os.chmod(tmp_path, 0o755)
+    c = {"name": "c", "image": TEST_IMAGE,
+         "command": ["sh", "-c", "trap 'echo term >> /out/log; exit 0' TERM; while true; do sleep 0.1; done"],
+         "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "echo prestop >> /out/log"]}}},
+         "volumeMounts": [{"name": "out", "mountPath": "/out"}]}
+    cluster.apply(pod("hooked", [c], volumes=[{"name": "out", "hostPath": {"path": str(tmp_path)}}]), namespace=namespace)
+    wait_for(lambda: cluster.get("pod", "hooked", namespace)["status"].get("phase") == "Running", 60, what="Running")
+    cluster.kubectl("delete", "pod", "hooked", "-n", namespace, "--wait=true", "--timeout=30s")
+    assert (tmp_path / "log").read_text().split() == ["prestop", "term"]
+
+
+def test_pod_resolves_its_own_hostname(cluster: LocalCluster, namespace: str) -> None:
+    c = {"name": "c", "image": TEST_IMAGE,
+         "command": ["python3", "-c", "import socket; print(socket.gethostbyname(socket.gethostname()))"]}
+    cluster.apply(pod("named", [c], restartPolicy="Never"), namespace=namespace)
+    done = wait_for(lambda: (p := cluster.get("pod", "named", namespace)) and p["status"].get("phase") == "Succeeded" and p,
+                    60, what="Succeeded")
+    assert cluster.kubectl("logs", "named", "-n", namespace).stdout.strip() == done["status"]["podIP"]

@@ -33,7 +33,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus", type=int, default=0, help="nvidia.com/gpu capacity of each node")
     p.add_argument("--cpu", default=os.environ.get("MODELFLEET_CLUSTER_NODE_CPU", "8"))
     p.add_argument("--memory", default=os.environ.get("MODELFLEET_CLUSTER_NODE_MEMORY", "32Gi"))
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="extra node label")
+    env_labels = [x for x in os.environ.get("MODELFLEET_CLUSTER_NODE_LABELS", "").split(",") if "=" in x]
+    p.add_argument("--label", action="append", default=env_labels, metavar="KEY=VALUE",
+                   help="extra node label (also MODELFLEET_CLUSTER_NODE_LABELS=k=v,k2=v2)")
     p.add_argument("--backoff-base", type=float, default=2.0, help="CrashLoopBackOff start (s)")
     p.add_argument("--backoff-cap", type=float, default=60.0, help="CrashLoopBackOff ceiling (s)")
     return p.parse_args(argv)

@@ -158,7 +158,7 @@ class PodWorker(threading.Thread):
         view = dict(pod, status=status_now)
         try:
             env = envmod.build(view, c.spec, self.rt.base_env(pod), self._lookup)
-            mounts = volumes.mounts(c.spec, self.volume_paths or {})
+            mounts = volumes.mounts(c.spec, self.volume_paths or {}) + self._hosts_mount(pod)
         except (envmod.EnvError, volumes.VolumeError) as exc:
             c.waiting = ("CreateContainerConfigError", str(exc))
             self._event(pod, "Warning", "Failed", f"Error: {exc}")
@@ -208,6 +208,28 @@ class PodWorker(threading.Thread):
 
     def _init_failed(self) -> bool:
         return any(c.terminated is not None and c.terminated.exit_code != 0 for c in self.init)
+
+    def _hosts_mount(self, pod: dict) -> list[volumes.Mount]:
+        """The kubelet-managed /etc/hosts: the pod's own name resolves to its IP."""
+        if self.host_network:
+            return []
+        name = pod["metadata"]["name"]
+        hosts = self.dir / "etc-hosts"
+        extra = "".join(f"{a['ip']}\t{' '.join(a.get('hostnames') or [])}\n" for a in pod["spec"].get("hostAliases") or [])
+        hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{self.ip}\t{name}\n{extra}")
+        return [volumes.Mount(str(hosts), "/etc/hosts", True)]
+
+    def _pre_stop(self, c: Container, budget: float) -> None:
+        """Run the container's preStop hook (exec, httpGet or sleep) within `budget` seconds."""
+        hook = ((c.spec.get("lifecycle") or {}).get("preStop")) or {}
+        if not hook or not c.running or budget <= 0:
+            return
+        if "sleep" in hook:
+            time.sleep(min(budget, float(hook["sleep"].get("seconds") or 0)))
+        elif "exec" in hook:
+            self._exec_probe(c)(list(hook["exec"].get("command") or []), budget)
+        elif "httpGet" in hook:
+            probes.check({"httpGet": hook["httpGet"], "timeoutSeconds": budget}, c.spec, self.ip or "", self._exec_probe(c))
 
     # -- probes -------------------------------------------------------------------------------
     def _exec_probe(self, c: Container) -> Callable[[list[str], float], int]:
@@ -272,9 +294,18 @@ class PodWorker(threading.Thread):
         self.rt.event(pod, kind, reason, message)
 
     # -- termination --------------------------------------------------------------------------
-    def _stop_all(self, grace: float) -> None:
+    def _stop_all(self, grace: float, hooks: bool = False) -> None:
+        """Stop every running container in parallel; with `hooks`, each runs its preStop
+        hook first, and the hook's time counts against the grace period, as in the kubelet."""
+        deadline = time.monotonic() + grace
+
+        def stop(c: Container) -> None:
+            if hooks:
+                self._pre_stop(c, deadline - time.monotonic())
+            c.stop(max(0.5, deadline - time.monotonic()))
+
         running = [c for c in self.init + self.containers if c.running]
-        threads = [threading.Thread(target=c.stop, args=(grace,)) for c in running]
+        threads = [threading.Thread(target=stop, args=(c,)) for c in running]
         for t in threads:
             t.start()
         for t in threads:
@@ -293,7 +324,7 @@ class PodWorker(threading.Thread):
             meta.get("deletionGracePeriodSeconds", pod["spec"].get("terminationGracePeriodSeconds", 30)) or 0)
         if any(c.running for c in self.containers):
             self._event(pod, "Normal", "Killing", "Stopping container(s)")
-        self._stop_all(max(grace, 0.5))
+        self._stop_all(max(grace, 0.5), hooks=not self._gone)
         self._release()
         shutil.rmtree(self.dir, ignore_errors=True)
         if self._gone:
