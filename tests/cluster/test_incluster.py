@@ -77,3 +77,15 @@ def test_missing_configmap_is_a_config_error(cluster: LocalCluster, namespace: s
         return sts and (sts[0]["state"].get("waiting") or {}).get("reason")
 
     assert wait_for(reason, 60, what="a waiting reason") == "CreateContainerConfigError"
+
+
+def test_project_image_runs_the_modelfleet_command(cluster: LocalCluster, namespace: str) -> None:
+    """An image built from this project runs `modelfleet` (its entrypoint) from the project's
+    Python environment when the container gives only args."""
+    c = {"name": "cli", "image": "modelfleet/modelfleet:dev", "args": ["--help"]}
+    cluster.apply(pod("cli", [c], restartPolicy="Never"), namespace=namespace)
+    done = wait_for(lambda: (p := cluster.get("pod", "cli", namespace)) and
+                    p["status"].get("phase") in ("Succeeded", "Failed") and p, 90, what="the pod to finish")
+    out = cluster.kubectl("logs", "cli", "-n", namespace).stdout
+    assert done["status"]["phase"] == "Succeeded", out
+    assert "usage: modelfleet" in out
