@@ -61,6 +61,15 @@ class Network:
     def gateway(self) -> ipaddress.IPv4Address:
         return self.cidr.network_address + 1
 
+    @property
+    def service_host(self) -> ipaddress.IPv4Address:
+        """Address of the services namespace: ClusterIP proxy and cluster DNS."""
+        return self.cidr.network_address + 2
+
+    @property
+    def service_netns(self) -> str:
+        return f"{self.netns_prefix}services"
+
     def node_cidr(self, index: int) -> ipaddress.IPv4Network:
         """Node `index` (0-based) allocates pod IPs from the /24 number index+1."""
         return ipaddress.IPv4Network(f"{self.cidr.network_address + 256 * (index + 1)}/24")

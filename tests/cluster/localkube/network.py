@@ -57,8 +57,31 @@ def create_pod_netns(net: Network, pod_uid: str, ip: str) -> str:
         _ip("-n", ns, "addr", "add", f"{ip}/{net.cidr.prefixlen}", "dev", "eth0")
         _ip("-n", ns, "link", "set", "eth0", "up")
         _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", ns, "route", "add", net.service_cidr, "via", str(net.service_host))
     except NetworkError:
         delete_pod_netns(net, pod_uid)
+        raise
+    return ns
+
+
+def ensure_service_netns(net: Network) -> str:
+    """The namespace where ClusterIPs live: every address of the service CIDR is local there
+    (an AnyIP route), so one listener per port sees each Service's traffic with its
+    ClusterIP as the local address. Pods route the service CIDR to it over the bridge."""
+    ns = net.service_netns
+    if Path(f"/run/netns/{ns}").exists():
+        return ns
+    _ip("netns", "add", ns)
+    host_if = f"{net.veth_prefix}svc"
+    try:
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        _ip("link", "set", host_if, "master", net.bridge, "up")
+        _ip("-n", ns, "addr", "add", f"{net.service_host}/{net.cidr.prefixlen}", "dev", "eth0")
+        _ip("-n", ns, "link", "set", "eth0", "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", ns, "route", "add", "local", net.service_cidr, "dev", "lo")
+    except NetworkError:
+        _ip("netns", "delete", ns, check=False)
         raise
     return ns
 

@@ -13,6 +13,7 @@ import threading
 
 from kubernetes import client, config
 
+from .. import network
 from ..config import Settings
 from . import kubeletapi
 from .ingress import IngressController
@@ -81,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     pods = PodManager(rt)
     pod_store = Store("pods", core.list_pod_for_all_namespaces, [pods.handle])
 
+    service_netns = network.ensure_service_netns(s.network)
     proxy = ServiceProxy(services, slices, {
         (str(s.network.gateway), s.ports.apiserver): ("127.0.0.1", s.ports.apiserver),
-    })
+    }, service_netns=service_netns, dns_ip=str(s.network.service_host))
     proxy.start()
     kubeletapi.serve(str(s.network.gateway), KUBELET_PORT, s.pki, s.logs / "pods")
     IngressController(api, ingresses, services, slices, s.state / "nginx" / "nginx.conf",

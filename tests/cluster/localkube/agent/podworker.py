@@ -210,14 +210,22 @@ class PodWorker(threading.Thread):
         return any(c.terminated is not None and c.terminated.exit_code != 0 for c in self.init)
 
     def _hosts_mount(self, pod: dict) -> list[volumes.Mount]:
-        """The kubelet-managed /etc/hosts: the pod's own name resolves to its IP."""
+        """The kubelet-managed /etc/hosts (the pod's own name resolves to its IP) and
+        /etc/resolv.conf (cluster DNS, which answers only for cluster names)."""
         if self.host_network:
             return []
         name = pod["metadata"]["name"]
         hosts = self.dir / "etc-hosts"
         extra = "".join(f"{a['ip']}\t{' '.join(a.get('hostnames') or [])}\n" for a in pod["spec"].get("hostAliases") or [])
         hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{self.ip}\t{name}\n{extra}")
-        return [volumes.Mount(str(hosts), "/etc/hosts", True)]
+        mounts = [volumes.Mount(str(hosts), "/etc/hosts", True)]
+        if pod["spec"].get("dnsPolicy", "ClusterFirst") != "Default":
+            ns = pod["metadata"]["namespace"]
+            resolv = self.dir / "resolv.conf"
+            resolv.write_text(f"nameserver {self.rt.settings.network.service_host}\n"
+                              f"search {ns}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n")
+            mounts.append(volumes.Mount(str(resolv), "/etc/resolv.conf", True))
+        return mounts
 
     def _pre_stop(self, c: Container, budget: float) -> None:
         """Run the container's preStop hook (exec, httpGet or sleep) within `budget` seconds."""

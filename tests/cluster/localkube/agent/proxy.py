@@ -1,6 +1,8 @@
 """The service proxy: every NodePort Service answers on 127.0.0.1:<nodePort>, forwarding TCP
-to its ready endpoints; and the API server, which listens on loopback only, is forwarded to
-the bridge address so pods reach it at KUBERNETES_SERVICE_HOST.
+to its ready endpoints; the API server, which listens on loopback only, is forwarded to
+the bridge address so pods reach it at KUBERNETES_SERVICE_HOST; and, inside the services
+namespace, every ClusterIP:port answers pods (kube-proxy's old userspace mode), next to the
+cluster DNS.
 
 Runs on its own asyncio loop thread; the watch threads only ask it to re-sync.
 """
@@ -10,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import threading
 from collections.abc import Callable
 
 from . import endpoints
+from .dns import ClusterDNS
+from .nssocket import bind_in_netns
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -33,10 +38,13 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 class ServiceProxy:
-    def __init__(self, services: Store, slices: Store, static: dict[tuple[str, int], tuple[str, int]]) -> None:
+    def __init__(self, services: Store, slices: Store, static: dict[tuple[str, int], tuple[str, int]],
+                 service_netns: str | None = None, dns_ip: str | None = None) -> None:
         self.services = services
         self.slices = slices
         self.static = static
+        self.service_netns = service_netns
+        self.dns_ip = dns_ip
         self.loop = asyncio.new_event_loop()
         self._servers: dict[tuple[str, int], tuple[object, asyncio.AbstractServer]] = {}
         self._rr = itertools.count()
@@ -48,7 +56,18 @@ class ServiceProxy:
         for listen, target in self.static.items():
             self._submit(self._listen(listen, ("static", target), lambda t=target: [t]))
         self.services.add_handler(lambda *_: self.resync())
+        if self.service_netns and self.dns_ip:
+            self._submit(self._serve_dns())
         self.resync()
+
+    async def _serve_dns(self) -> None:
+        assert self.service_netns and self.dns_ip
+        try:
+            sock = bind_in_netns(self.service_netns, socket.SOCK_DGRAM, (self.dns_ip, 53))
+            await self.loop.create_datagram_endpoint(lambda: ClusterDNS(self.services, self.slices), sock=sock)
+            log.info("cluster DNS on %s:53 in %s", self.dns_ip, self.service_netns)
+        except OSError as exc:
+            log.error("cluster DNS cannot start: %s", exc)
 
     def _submit(self, coro: object) -> None:
         asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
@@ -67,6 +86,22 @@ class ServiceProxy:
                     out[("127.0.0.1", int(p["nodePort"]))] = key
         return out
 
+    def _cluster_ports(self) -> set[int]:
+        return {int(p["port"]) for svc in self.services.items()
+                if svc["spec"].get("clusterIP") not in (None, "", "None")
+                for p in svc["spec"].get("ports") or [] if p.get("protocol", "TCP") == "TCP"}
+
+    def _cluster_targets(self, local: tuple[str, int]) -> list[tuple[str, int]]:
+        """Endpoints of the Service whose ClusterIP:port a pod connected to."""
+        ip, port = local[0], local[1]
+        for svc in self.services.items():
+            if svc["spec"].get("clusterIP") == ip:
+                p = endpoints.service_port(svc, port)
+                if p:
+                    meta = svc["metadata"]
+                    return endpoints.ready(self.slices.items(), meta["namespace"], meta["name"], p.get("name") or "")
+        return []
+
     def _targets(self, ns: str, name: str, port_name: str) -> Targets:
         return lambda: endpoints.ready(self.slices.items(), ns, name, port_name)
 
@@ -77,7 +112,7 @@ class ServiceProxy:
     async def _reconcile_locked(self) -> None:
         desired = self._desired()
         for listen, (ident, server) in list(self._servers.items()):
-            if ident == "static" or (isinstance(ident, tuple) and ident[0] == "static"):
+            if ident == "cluster" or (isinstance(ident, tuple) and ident[0] == "static"):
                 continue
             if desired.get(listen) != ident:
                 server.close()
@@ -86,6 +121,26 @@ class ServiceProxy:
         for listen, ident in desired.items():
             if listen not in self._servers:
                 await self._listen(listen, ident, self._targets(*ident))
+        if self.service_netns:
+            for port in self._cluster_ports():
+                if ("cluster", port) not in self._servers:
+                    await self._listen_cluster(port)
+
+    async def _listen_cluster(self, port: int) -> None:
+        """One listener per port number for every ClusterIP (they are all local addresses of
+        the services namespace); the accepted socket's own address says which Service."""
+        assert self.service_netns
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await self._forward(r, w, self._cluster_targets(w.get_extra_info("sockname")))
+
+        try:
+            sock = bind_in_netns(self.service_netns, socket.SOCK_STREAM, ("0.0.0.0", port))
+            server = await asyncio.start_server(handle, sock=sock)
+        except OSError as exc:
+            log.error("cannot listen on cluster port %s: %s", port, exc)
+            return
+        self._servers[("cluster", port)] = ("cluster", server)
 
     async def _listen(self, listen: tuple[str, int], ident: object, targets: Targets) -> None:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
