@@ -92,3 +92,15 @@ def test_node_cidrs_stay_inside_the_pod_network() -> None:
     net = Network()
     assert str(net.gateway) == "10.244.0.1"
     assert str(net.node_cidr(0)) == "10.244.1.0/24" and net.node_cidr(1).subnet_of(net.cidr)
+
+
+def test_service_links_follow_the_kubelet_naming() -> None:
+    svc = {"metadata": {"namespace": "ns", "name": "tiny-chat"},
+           "spec": {"clusterIP": "10.96.0.9", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}
+    headless = {"metadata": {"namespace": "ns", "name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 1}]}}
+    out = env.service_links([svc, headless], "ns")
+    assert out["TINY_CHAT_SERVICE_HOST"] == "10.96.0.9" and out["TINY_CHAT_SERVICE_PORT"] == "80"
+    assert out["TINY_CHAT_SERVICE_PORT_HTTP"] == "80" and out["TINY_CHAT_PORT"] == "tcp://10.96.0.9:80"
+    assert out["TINY_CHAT_PORT_80_TCP_ADDR"] == "10.96.0.9"
+    assert not any(k.startswith("H_") for k in out)
+    assert env.service_links([svc], "other") == {}

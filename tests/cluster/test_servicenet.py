@@ -25,6 +25,7 @@ try:
     out["external"] = "resolved"
 except OSError as exc:
     out["external"] = type(exc).__name__
+out["links"] = __import__("os").environ.get("WEB_SERVICE_HOST")
 out["external_seconds"] = time.monotonic() - t
 print(json.dumps(out))
 '''
@@ -46,3 +47,4 @@ def test_pods_reach_services_by_name_and_cluster_ip(cluster: LocalCluster, names
     assert out["kubernetes"] == cluster.get("service", "kubernetes", "default")["spec"]["clusterIP"]
     assert "Directory listing" in out["body"]
     assert out["external"] == "gaierror" and out["external_seconds"] < 2
+    assert out["links"] == cluster_ip  # the kubelet's service-link variables

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     core, disc, net = client.CoreV1Api(api), client.DiscoveryV1Api(api), client.NetworkingV1Api(api)
     services = Store("services", core.list_service_for_all_namespaces)
+    rt.services = services
     slices = Store("endpointslices", disc.list_endpoint_slice_for_all_namespaces)
     ingresses = Store("ingresses", net.list_ingress_for_all_namespaces)
     claims = Store("persistentvolumeclaims", core.list_persistent_volume_claim_for_all_namespaces)

@@ -81,6 +81,32 @@ def _ref(lookup: Lookup, kind: str, ns: str, ref: dict) -> str | None:
     return data[ref["key"]]
 
 
+def service_links(services: list[dict], namespace: str) -> dict[str, str]:
+    """The Docker-links-style variables the kubelet adds for each Service with a ClusterIP in
+    the pod's namespace (enableServiceLinks, on by default): a Service named like one of the
+    app's own variables shadows it in a real cluster, and so it does here."""
+    env: dict[str, str] = {}
+    for svc in services:
+        ip, ports = svc["spec"].get("clusterIP"), svc["spec"].get("ports") or []
+        if svc["metadata"].get("namespace") != namespace or ip in (None, "", "None") or not ports:
+            continue
+        name = svc["metadata"]["name"].upper().replace("-", "_")
+        first = ports[0]
+        env[f"{name}_SERVICE_HOST"] = ip
+        env[f"{name}_SERVICE_PORT"] = str(first["port"])
+        env[f"{name}_PORT"] = f"{first.get('protocol', 'TCP').lower()}://{ip}:{first['port']}"
+        for p in ports:
+            proto = p.get("protocol", "TCP")
+            if p.get("name"):
+                env[f"{name}_SERVICE_PORT_{p['name'].upper().replace('-', '_')}"] = str(p["port"])
+            prefix = f"{name}_PORT_{p['port']}_{proto}"
+            env[prefix] = f"{proto.lower()}://{ip}:{p['port']}"
+            env[f"{prefix}_PROTO"] = proto.lower()
+            env[f"{prefix}_PORT"] = str(p["port"])
+            env[f"{prefix}_ADDR"] = ip
+    return env
+
+
 def build(pod: dict, container: dict, base: dict[str, str], lookup: Lookup) -> dict[str, str]:
     """`base` (PATH, HOME, KUBERNETES_SERVICE_*) overlaid by envFrom, then env, in order."""
     ns = pod["metadata"]["namespace"]

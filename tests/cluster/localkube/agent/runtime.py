@@ -19,7 +19,9 @@ from kubernetes.client.exceptions import ApiException
 
 from ..config import Settings
 from .container import now
+from .env import service_links
 from .nodes import NodeSpec
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class Runtime:
     pools: dict[str, AddressPool]
     backoff_base: float = 2.0
     backoff_cap: float = 60.0
+    services: Store | None = None  # for the service-link variables
     launcher: Path = field(default_factory=lambda: Path(__file__).with_name("launcher.py"))
 
     @property
@@ -84,6 +87,8 @@ class Runtime:
         """What a container's image and the kubelet would give it before the pod's env."""
         gw, port = str(self.settings.network.gateway), str(self.settings.ports.apiserver)
         env = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
+        if self.services is not None and pod["spec"].get("enableServiceLinks", True):
+            env.update(service_links(self.services.items(), pod["metadata"]["namespace"]))
         env.update({
             "PATH": f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOSTNAME": pod["metadata"]["name"],
