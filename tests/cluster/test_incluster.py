@@ -89,3 +89,15 @@ def test_project_image_runs_the_modelfleet_command(cluster: LocalCluster, namesp
     out = cluster.kubectl("logs", "cli", "-n", namespace).stdout
     assert done["status"]["phase"] == "Succeeded", out
     assert "usage: modelfleet" in out
+
+
+def test_configmap_volume_follows_updates(cluster: LocalCluster, namespace: str) -> None:
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "live"}, "data": {"v": "one"}}
+    reader = {"name": "r", "image": TEST_IMAGE,
+              "command": ["sh", "-c", "while true; do cat /cfg/v; echo; sleep 0.5; done"],
+              "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}]}
+    cluster.apply(cm, pod("reader", [reader], volumes=[{"name": "cfg", "configMap": {"name": "live"}}]),
+                  namespace=namespace)
+    wait_for(lambda: "one" in cluster.kubectl("logs", "reader", "-n", namespace, check=False).stdout, 60, what="one")
+    cluster.apply(dict(cm, data={"v": "two"}), namespace=namespace)
+    wait_for(lambda: "two" in cluster.kubectl("logs", "reader", "-n", namespace, "--tail=2").stdout, 30, what="two")

@@ -21,6 +21,7 @@ from .runtime import Runtime, call
 log = logging.getLogger(__name__)
 
 TICK = 0.25
+VOLUME_REFRESH = 5.0  # seconds between configMap/secret volume syncs (the kubelet: ~60)
 
 
 class PodWorker(threading.Thread):
@@ -47,6 +48,7 @@ class PodWorker(threading.Thread):
         self.init = [Container(c, init=True) for c in pod["spec"].get("initContainers") or []]
         self.containers = [Container(c) for c in pod["spec"]["containers"]]
         self.events_sent: set[tuple[str, str]] = set()
+        self._next_refresh = time.monotonic() + VOLUME_REFRESH
 
     # -- called from the watch thread ------------------------------------------------------
     def update(self, pod: dict) -> None:
@@ -91,6 +93,7 @@ class PodWorker(threading.Thread):
                 self._terminate(pod)
                 return
             if self._prepare(pod):
+                self._refresh_volumes(pod)
                 if self._run_init(pod):
                     for c in self.containers:
                         self._drive(pod, c)
@@ -125,6 +128,15 @@ class PodWorker(threading.Thread):
             self._event(pod, "Warning", "FailedMount", self.message)
             time.sleep(1)
             return False
+
+    def _refresh_volumes(self, pod: dict) -> None:
+        if time.monotonic() < self._next_refresh:
+            return
+        self._next_refresh = time.monotonic() + VOLUME_REFRESH
+        try:
+            volumes.refresh(pod, self.dir / "volumes", self._fetch)
+        except ApiException as exc:
+            log.debug("volume refresh of %s: %s", self.name, exc.reason)
 
     def _fetch(self, kind: str, ns: str, name: str) -> dict[str, bytes] | None:
         obj = self.rt.read_object(kind, ns, name)

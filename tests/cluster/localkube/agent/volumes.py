@@ -142,6 +142,22 @@ def materialize(pod: dict, root: Path, fetch: Fetch, token: TokenFn, claim: Clai
     return out
 
 
+def refresh(pod: dict, root: Path, fetch: Fetch) -> None:
+    """Rewrite configMap and secret volumes from the current objects, as the kubelet's
+    periodic sync does (a directory mount sees the new files; a subPath mount does not)."""
+    ns = pod["metadata"]["namespace"]
+    for vol in pod["spec"].get("volumes") or []:
+        for kind, key in (("configMap", "name"), ("secret", "secretName")):
+            if kind in vol:
+                ref = vol[kind]
+                data = fetch(kind.lower(), ns, ref[key])
+                if data is not None:
+                    try:
+                        _keyed(root / vol["name"], data, ref.get("items"), int(ref.get("defaultMode") or 0o644), kind)
+                    except VolumeError:
+                        pass
+
+
 def mounts(container: dict, volume_paths: dict[str, str]) -> list[Mount]:
     """The container's volumeMounts resolved to host paths (subPath included)."""
     out = []
