@@ -65,9 +65,19 @@ def start_workers(models: list[tuple[str, str]], replicas: int, args: argparse.N
             # Workers share 2-core machines with each other: keep torch from oversubscribing.
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(1, len(models)))))
-            proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
             workers.append(WorkerProcess(name, replica, f"http://127.0.0.1:{port}", proc))
     return workers
+
+
+def die_with_parent() -> None:
+    """In the child: the kernel sends SIGTERM if `serve` dies, even by SIGKILL (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
 
 
 def stop_workers(workers: list[WorkerProcess], grace: float = 10.0) -> None:
@@ -155,6 +165,9 @@ def run_serve(args: argparse.Namespace) -> int:
     server = ServeServer(config)
     print(f"modelfleet serve: gateway on http://{args.host}:{args.port}, loading {len(workers)} worker(s)",
           file=sys.stderr, flush=True)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler
+    # that would end this process before `finally` stops the workers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(server.exit_code))
     try:
         server.run(sockets=[sock])
     finally:

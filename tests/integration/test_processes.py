@@ -152,3 +152,33 @@ def test_replicas_share_the_load(tmp_path):
         for backend in set(backends):
             with pytest.raises(httpx.ConnectError):
                 httpx.get(backend + "/health", timeout=2)  # no worker outlives serve
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_no_worker_outlives_serve(tmp_path, how):
+    from modelfleet.demo import ensure_demo_model
+
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "serve", "--model", f"tiny-chat={ensure_demo_model()}", "--port", str(port)],
+                            stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    backend = None
+    while time.monotonic() < deadline and backend is None:
+        try:
+            r = httpx.post(url + "/v1/completions", json={"model": "tiny-chat", "prompt": "x", "max_tokens": 1})
+            backend = r.headers.get("x-modelfleet-backend") if r.status_code == 200 else None
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    assert backend, (tmp_path / "serve.log").read_text()
+    proc.send_signal(how)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(backend + "/health", timeout=1)
+        except httpx.ConnectError:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"worker {backend} still answers after serve got {how!r}")

@@ -1,0 +1,278 @@
+"""Generated tokens/s of one worker at 1..64 concurrent HTTP clients, against baselines measured
+in the same run on the same model and prompts:
+
+  one-at-a-time   the same worker with --max-num-seqs 1
+  static          padded static batching with model.generate (the practical ceiling here)
+  transformers-cb transformers' own continuous batching (model.generate_batch)
+  fastchat        FastChat's model_worker (bench/fastchat_baseline.py), when it can be set up
+
+The model is a random-weight Llama of about 56M parameters (hidden 512, 8 layers, vocab 32000),
+big enough that compute, not Python, dominates a decode step. Every request generates exactly
+max_tokens (EOS ignored) with the OpenAI SDK's default sampling (temperature 1, no top-p).
+
+    python bench/worker_throughput.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import (  # noqa: E402
+    Sample,
+    closed_loop,
+    print_table,
+    ratio,
+    start_worker,
+    stop,
+    summarize,
+    write_results,
+)
+
+PROMPT = "Request {i}: write a long story about the sea, the ships and the people who sail them."
+
+
+def prompts(n: int) -> list[str]:
+    return [PROMPT.format(i=i) for i in range(n)]
+
+
+# -- HTTP load against a worker ------------------------------------------------------------------
+
+async def http_load(url: str, concurrency: int, per_client: int, max_tokens: int, stream: bool,
+                    stagger: float) -> dict[str, Any]:
+    import aiohttp
+
+    counter = iter(range(10**9))
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=1800)) as session:
+
+        async def send() -> Sample:
+            body = {"model": "bench", "prompt": PROMPT.format(i=next(counter)), "max_tokens": max_tokens,
+                    "ignore_eos": True, "temperature": 1.0, "stream": stream}
+            s = Sample(tokens=0, started=time.perf_counter(), ended=0.0)
+            try:
+                async with session.post(url + "/v1/completions", json=body) as r:
+                    if r.status != 200:
+                        s.error = f"HTTP {r.status}"
+                    elif stream:
+                        async for line in r.content:
+                            if line.startswith(b"data: {"):
+                                now = time.perf_counter()
+                                chunk = json.loads(line[6:])
+                                if chunk["choices"] and chunk["choices"][0]["text"]:
+                                    s.first_token = s.first_token or now
+                                    s.token_times.append(now)
+                        s.tokens = max_tokens
+                    else:
+                        s.tokens = (await r.json())["usage"]["completion_tokens"]
+            except aiohttp.ClientError as exc:
+                s.error = str(exc)
+            s.ended = time.perf_counter()
+            return s
+
+        samples, wall = await closed_loop(send, concurrency, per_client, stagger)
+    return summarize(samples, wall)
+
+
+# -- in-process baselines ------------------------------------------------------------------------
+
+def load_model(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_grad_enabled(False)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    return model, tok
+
+
+def static_batching(model, tok, concurrency: int, max_tokens: int, rounds: int) -> dict[str, Any]:
+    """Padded batches of `concurrency` prompts through model.generate, `rounds` times."""
+    import torch
+
+    tok.padding_side = "left"
+    batch = tok(prompts(concurrency), return_tensors="pt", padding=True)
+    model.generate(**batch, max_new_tokens=2, do_sample=True, pad_token_id=tok.pad_token_id)  # warm-up
+    started = time.perf_counter()
+    for _ in range(rounds):
+        model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=True,
+                       temperature=1.0, top_p=1.0, top_k=0, pad_token_id=tok.pad_token_id)
+    wall = time.perf_counter() - started
+    del torch
+    return {"requests": concurrency * rounds, "errors": 0, "tokens": concurrency * rounds * max_tokens,
+            "seconds": round(wall, 3), "tokens_per_s": round(concurrency * rounds * max_tokens / wall, 2)}
+
+
+def transformers_cb(model, tok, concurrency: int, max_tokens: int, rounds: int) -> dict[str, Any]:
+    """transformers' ContinuousBatchingManager through model.generate_batch."""
+    from transformers import GenerationConfig
+
+    inputs = [tok(p)["input_ids"] for p in prompts(concurrency)]
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                              eos_token_id=-1, pad_token_id=tok.pad_token_id)
+    model.generate_batch(inputs[:2], generation_config=GenerationConfig(max_new_tokens=2, eos_token_id=-1,
+                                                                          pad_token_id=tok.pad_token_id))
+    started = time.perf_counter()
+    tokens = 0
+    for _ in range(rounds):
+        out = model.generate_batch(inputs, generation_config=config)
+        tokens += sum(len(o.generated_tokens) for o in out.values())
+    wall = time.perf_counter() - started
+    return {"requests": concurrency * rounds, "errors": 0, "tokens": tokens, "seconds": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 2)}
+
+
+async def fastchat_load(url: str, concurrency: int, per_client: int, max_tokens: int) -> dict[str, Any]:
+    import httpx
+    from fastchat_baseline import fastchat_generate
+
+    counter = iter(range(10**9))
+    async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=None)) as client:
+
+        async def send() -> Sample:
+            s = Sample(tokens=0, started=time.perf_counter(), ended=0.0)
+            try:
+                tokens, ttft, times = await fastchat_generate(client, url, PROMPT.format(i=next(counter)), max_tokens)
+                s.tokens, s.token_times = tokens, times
+                s.first_token = s.started + ttft if ttft is not None else None
+            except Exception as exc:  # noqa: BLE001 - recorded as an error row
+                s.error = str(exc)
+            s.ended = time.perf_counter()
+            return s
+
+        samples, wall = await closed_loop(send, concurrency, per_client)
+    return summarize(samples, wall)
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reduced run, under 5 minutes on 2 cores")
+    parser.add_argument("--skip-fastchat", action="store_true")
+    args = parser.parse_args()
+
+    from modelfleet.demo import BENCH_SPEC, ensure_demo_model
+
+    levels = [1, 8, 32] if args.quick else [1, 8, 32, 64]
+    max_tokens = 32 if args.quick else 64
+    per_client = 1 if args.quick else 2
+    config = {"model": BENCH_SPEC.key(), "levels": levels, "max_tokens": max_tokens, "per_client": per_client,
+              "sampling": "temperature=1.0, EOS ignored", "quick": args.quick}
+    print(f"building/loading the bench model ({BENCH_SPEC.name})", flush=True)
+    model_dir = ensure_demo_model(BENCH_SPEC)
+    logs = Path(tempfile.mkdtemp(prefix="bench-worker-"))
+    rows: list[dict[str, Any]] = []
+
+    def record(system: str, mode: str, arrival: str, concurrency: int, result: dict[str, Any]) -> None:
+        row = {"system": system, "mode": mode, "arrival": arrival, "concurrency": concurrency, **result}
+        rows.append(row)
+        print(f"  {system:16s} {mode:6s} {arrival:9s} c={concurrency:<3d} {row['tokens_per_s']:8.1f} tok/s"
+              + (f"  ttft p50 {row.get('ttft_p50_ms')} ms, itl p50 {row.get('itl_p50_ms')} ms"
+                 if row.get("itl_p50_ms") else ""), flush=True)
+
+    print("modelfleet worker (continuous batching)", flush=True)
+    proc, url = start_worker(model_dir, "bench", "--max-num-seqs", "64", log=logs / "worker.log")
+    try:
+        asyncio.run(http_load(url, 2, 1, 4, False, 0))  # warm-up
+        for c in levels:
+            record("modelfleet", "plain", "burst", c, asyncio.run(http_load(url, c, per_client * (4 if c == 1 else 1),
+                                                                            max_tokens, False, 0)))
+            record("modelfleet", "stream", "burst", c, asyncio.run(http_load(url, c, per_client, max_tokens, True, 0)))
+            if c > 1:
+                record("modelfleet", "stream", "staggered", c,
+                       asyncio.run(http_load(url, c, per_client, max_tokens, True, stagger=2.0)))
+    finally:
+        stop(proc)
+
+    print("modelfleet worker, one request at a time (--max-num-seqs 1)", flush=True)
+    proc, url = start_worker(model_dir, "bench", "--max-num-seqs", "1", log=logs / "serial.log")
+    try:
+        for c in (1, 32):
+            record("one-at-a-time", "plain", "burst", c, asyncio.run(http_load(url, c, 1 if c > 1 else 4,
+                                                                               max_tokens, False, 0)))
+    finally:
+        stop(proc)
+
+    print("in-process baselines: static batching and transformers' continuous batching", flush=True)
+    model, tok = load_model(model_dir)
+    for c in levels:
+        record("static", "plain", "burst", c, static_batching(model, tok, c, max_tokens, 4 if c == 1 else per_client))
+    for c in levels:
+        try:
+            record("transformers-cb", "plain", "burst", c, transformers_cb(model, tok, c, max_tokens, per_client))
+        except Exception as exc:  # noqa: BLE001 - a baseline failing is reported, not fatal
+            print(f"  transformers-cb failed at c={c}: {exc}", flush=True)
+    del model
+
+    if not args.skip_fastchat:
+        print("FastChat model_worker", flush=True)
+        try:
+            from fastchat_baseline import start_fastchat_worker
+
+            from common import free_port
+            port = free_port()
+            fc = start_fastchat_worker(model_dir, port, logs / "fastchat.log")
+            try:
+                for c in (1, 32):
+                    record("fastchat", "stream", "burst", c,
+                           asyncio.run(fastchat_load(f"http://127.0.0.1:{port}", c, 1 if c > 1 else 4, max_tokens)))
+            finally:
+                stop(fc)
+        except Exception as exc:  # noqa: BLE001 - reported in the results as missing
+            print(f"  FastChat baseline unavailable: {exc}", flush=True)
+            config["fastchat_error"] = str(exc)[:500]
+
+    def tps(system: str, c: int, mode: str = "plain", arrival: str = "burst") -> float | None:
+        for r in rows:
+            if (r["system"], r["concurrency"], r["mode"], r["arrival"]) == (system, c, mode, arrival):
+                return r["tokens_per_s"]
+        return None
+
+    ratios = {
+        "modelfleet_vs_one_at_a_time@32": ratio(tps("modelfleet", 32), tps("one-at-a-time", 32)),
+        "modelfleet_vs_static@32": ratio(tps("modelfleet", 32), tps("static", 32)),
+        "modelfleet_vs_transformers_cb@32": ratio(tps("modelfleet", 32), tps("transformers-cb", 32)),
+        "modelfleet_vs_fastchat@32": ratio(tps("modelfleet", 32, "stream"), tps("fastchat", 32, "stream")),
+        "token_cost_vs_generate@1": ratio(tps("static", 1), tps("modelfleet", 1)),
+    }
+    goals = {"modelfleet_vs_one_at_a_time@32": ">= 10", "modelfleet_vs_static@32": ">= 0.85",
+             "modelfleet_vs_transformers_cb@32": ">= 1.8", "modelfleet_vs_fastchat@32": ">= 8",
+             "token_cost_vs_generate@1": "<= 1.1"}
+    config["goals"] = goals
+    print()
+    print_table(rows, ["system", "mode", "arrival", "concurrency", "tokens_per_s", "ttft_p50_ms", "ttft_p95_ms",
+                       "itl_p50_ms", "itl_p95_ms", "errors"])
+    print()
+    for key, value in ratios.items():
+        print(f"{key:36s} {value if value is not None else '-':>8}   goal {goals[key]}")
+
+    def plot(ax) -> None:
+        for system in dict.fromkeys(r["system"] for r in rows):
+            pts = [(r["concurrency"], r["tokens_per_s"]) for r in rows
+                   if r["system"] == system and r["arrival"] == "burst"
+                   and r["mode"] == ("stream" if system == "fastchat" else "plain")]
+            if pts:
+                ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=system)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("generated tokens/s")
+        ax.set_title(f"worker throughput, {BENCH_SPEC.name}, {max_tokens} tokens/request")
+        ax.legend()
+        ax.grid(alpha=0.3)
+
+    path = write_results("worker_throughput", config, rows, ratios, plot)
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
