@@ -216,9 +216,8 @@ def main() -> int:
     if not args.skip_fastchat:
         print("FastChat model_worker", flush=True)
         try:
-            from fastchat_baseline import start_fastchat_worker
-
             from common import free_port
+            from fastchat_baseline import start_fastchat_worker
             port = free_port()
             fc = start_fastchat_worker(model_dir, port, logs / "fastchat.log")
             try:
