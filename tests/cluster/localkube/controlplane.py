@@ -91,6 +91,9 @@ def apiserver(s: Settings) -> Component:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-cluster-ip-range={s.network.service_cidr}",
             "--authorization-mode=Node,RBAC", "--allow-privileged=true",
+            # Webhooks and aggregated APIs are called at endpoint (pod) IPs: ClusterIPs exist
+            # only inside the pods' network, not where the API server runs.
+            "--enable-aggregator-routing=true",
             "--enable-priority-and-fairness=false", "--profiling=false", "--v=1",
         ],
         (s.ports.apiserver,),
