@@ -198,6 +198,8 @@ def up(s: Settings) -> float:
         _prepare(s)
         env = _env(s)
         components = _components(s)
+        if procs.kill_orphaned_nginx_workers():
+            time.sleep(0.2)  # let the kernel release the port
         for comp in components:  # all ports first: fail before anything has started
             _ensure_free(s, comp.name, comp.ports)
         _fresh_network(s)

@@ -99,6 +99,31 @@ def kill_orphans(run: Path, name: str) -> None:
                 pass
 
 
+def kill_orphaned_nginx_workers() -> list[int]:
+    """nginx workers outlive a SIGKILLed master (a session that ended), holding the ingress
+    port. Ours are recognisable: orphans (parent 1) writing to a harness `logs/nginx-*.log`,
+    which no other nginx on the machine does. Returns the pids killed."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if not (entry / "cmdline").read_bytes().startswith(b"nginx: worker process"):
+                continue
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != 1:
+                continue
+            targets = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+        except (OSError, ValueError, IndexError):
+            continue
+        if any(t.endswith(("/logs/nginx-error.log", "/logs/nginx-access.log")) for t in targets):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return killed
+
+
 def signal_group(pid: int, sig: int) -> None:
     """Signal the process's whole session (it leads one), falling back to the pid alone."""
     try:
