@@ -89,7 +89,9 @@ def _say(message: str) -> None:
 def _venv_key() -> str:
     """What the venv was built for: a change of system torch or of our pins rebuilds it."""
     torch_version = importlib.metadata.version("torch")
-    return json.dumps({"requirements": REQUIREMENTS, "torch": torch_version, "python": sys.version.split()[0]})
+    return json.dumps(
+        {"requirements": REQUIREMENTS, "torch": torch_version, "python": sys.version.split()[0]}
+    )
 
 
 def _run_pip(python: Path, args: list[str], log: Path) -> None:
@@ -110,7 +112,9 @@ def _run_pip(python: Path, args: list[str], log: Path) -> None:
                 last_error = stripped
         code = proc.wait()
     if code != 0:
-        raise FastChatUnavailable(f"pip install into the FastChat venv failed ({last_error or f'exit {code}'}); log: {log}")
+        raise FastChatUnavailable(
+            f"pip install into the FastChat venv failed ({last_error or f'exit {code}'}); log: {log}"
+        )
 
 
 def _share_outer_venv(venv: Path) -> None:
@@ -132,7 +136,9 @@ def _check_venv(python: Path) -> str:
         # model_worker's logger takes over sys.stdout when imported, hence __stdout__.
         "print(transformers.__version__, torch.__version__, file=sys.__stdout__)"
     )
-    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+    # LOGDIR="" stops FastChat's logger writing model_worker_*.log into the working directory.
+    env = {**os.environ, "LOGDIR": ""}
+    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise FastChatUnavailable(f"FastChat venv {python.parent.parent} does not import: {tail}")
@@ -157,7 +163,9 @@ def ensure_venv() -> Path:
         _say(f"creating virtualenv {venv} (system site-packages: reuses the system torch)")
         shutil.rmtree(venv, ignore_errors=True)
         made = subprocess.run(
-            [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], capture_output=True, text=True
+            [sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+            capture_output=True,
+            text=True,
         )
         if made.returncode != 0:
             raise FastChatUnavailable(f"python -m venv failed: {made.stderr.strip().splitlines()[-1:]}")
@@ -277,7 +285,11 @@ def _verify_same_model(python: Path, original: Path, copy: Path) -> dict:
     diff = max(abs(a - b) for a, b in zip(reference["logits"], candidate["logits"], strict=True))
     if diff > 1e-3:
         raise FastChatUnavailable(f"the 4.46 copy of {original.name} gives logits off by {diff:.2g}")
-    return {"greedy": candidate["greedy"], "max_logit_diff": diff, "versions": [reference["version"], candidate["version"]]}
+    return {
+        "greedy": candidate["greedy"],
+        "max_logit_diff": diff,
+        "versions": [reference["version"], candidate["version"]],
+    }
 
 
 def compatible_copy(model_dir: Path) -> Path:
@@ -287,7 +299,9 @@ def compatible_copy(model_dir: Path) -> Path:
     renamed only after it is verified to compute the same tokens as the original."""
     model_dir = Path(model_dir).resolve()
     if not (model_dir / "config.json").exists() or not (model_dir / "tokenizer_config.json").exists():
-        raise FastChatUnavailable(f"{model_dir} is not a transformers model directory (no config.json/tokenizer_config.json)")
+        raise FastChatUnavailable(
+            f"{model_dir} is not a transformers model directory (no config.json/tokenizer_config.json)"
+        )
     python = ensure_venv()
     target = bench_cache() / "fastchat-models" / model_dir.name
     with _locked("fastchat-models"):
@@ -354,7 +368,9 @@ def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float
             pass
         time.sleep(0.5)
     stop_fastchat_worker(proc)
-    raise FastChatUnavailable(f"FastChat worker not ready after {timeout:.0f}s; log tail:\n{_log_tail(log_path)}")
+    raise FastChatUnavailable(
+        f"FastChat worker not ready after {timeout:.0f}s; log tail:\n{_log_tail(log_path)}"
+    )
 
 
 def start_fastchat_worker(
@@ -367,8 +383,7 @@ def start_fastchat_worker(
     model = compatible_copy(model_dir)
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    # LOGDIR="" stops FastChat writing its own model_worker_*.log into the working directory.
-    env = {**os.environ, "LOGDIR": "", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "LOGDIR": "", "PYTHONUNBUFFERED": "1"}  # LOGDIR: see _check_venv
     _say(f"starting FastChat model_worker on 127.0.0.1:{port} (log: {log_path})")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -459,7 +474,10 @@ async def fastchat_generate(
 
 
 async def _burst(url: str, concurrency: int, max_new_tokens: int) -> tuple[int, float, list[float]]:
-    prompts = [f"<|im_start|>user\nTell me story number {i}.<|im_end|>\n<|im_start|>assistant\n" for i in range(concurrency)]
+    prompts = [
+        f"<|im_start|>user\nTell me story number {i}.<|im_end|>\n<|im_start|>assistant\n"
+        for i in range(concurrency)
+    ]
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
         started = time.perf_counter()
         results = await asyncio.gather(*(fastchat_generate(client, url, p, max_new_tokens) for p in prompts))
