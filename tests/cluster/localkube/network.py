@@ -45,11 +45,9 @@ def netns_name(net: Network, pod_uid: str) -> str:
     return f"{net.netns_prefix}{pod_uid[:18]}"
 
 
-def create_pod_netns(net: Network, pod_uid: str, ip: str) -> str:
-    """Namespace + veth pair for one pod; returns the namespace name."""
-    ns = netns_name(net, pod_uid)
-    host_if = f"{net.veth_prefix}{pod_uid.replace('-', '')[:10]}"
-    delete_pod_netns(net, pod_uid)
+def _attach(net: Network, ns: str, host_if: str, ip: str, route: list[str]) -> None:
+    """Create namespace `ns` with eth0 (`ip` on the pod CIDR) wired into the bridge through a
+    veth whose host end is `host_if`, plus one route; on failure nothing is left."""
     _ip("netns", "add", ns)
     try:
         _ip("link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -57,10 +55,20 @@ def create_pod_netns(net: Network, pod_uid: str, ip: str) -> str:
         _ip("-n", ns, "addr", "add", f"{ip}/{net.cidr.prefixlen}", "dev", "eth0")
         _ip("-n", ns, "link", "set", "eth0", "up")
         _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", ns, "route", "add", net.service_cidr, "via", str(net.service_host))
+        _ip("-n", ns, "route", "add", *route)
     except NetworkError:
-        delete_pod_netns(net, pod_uid)
+        kill_netns(ns)
+        _ip("netns", "delete", ns, check=False)  # its veth goes with it
         raise
+
+
+def create_pod_netns(net: Network, pod_uid: str, ip: str) -> str:
+    """Namespace + veth pair for one pod; returns the namespace name. The only route besides
+    the pod CIDR sends the service CIDR to the services namespace."""
+    ns = netns_name(net, pod_uid)
+    delete_pod_netns(net, pod_uid)
+    _attach(net, ns, f"{net.veth_prefix}{pod_uid.replace('-', '')[:10]}", ip,
+            [net.service_cidr, "via", str(net.service_host)])
     return ns
 
 
@@ -69,20 +77,8 @@ def ensure_service_netns(net: Network) -> str:
     (an AnyIP route), so one listener per port sees each Service's traffic with its
     ClusterIP as the local address. Pods route the service CIDR to it over the bridge."""
     ns = net.service_netns
-    if Path(f"/run/netns/{ns}").exists():
-        return ns
-    _ip("netns", "add", ns)
-    host_if = f"{net.veth_prefix}svc"
-    try:
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _ip("link", "set", host_if, "master", net.bridge, "up")
-        _ip("-n", ns, "addr", "add", f"{net.service_host}/{net.cidr.prefixlen}", "dev", "eth0")
-        _ip("-n", ns, "link", "set", "eth0", "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", ns, "route", "add", "local", net.service_cidr, "dev", "lo")
-    except NetworkError:
-        _ip("netns", "delete", ns, check=False)
-        raise
+    if not Path(f"/run/netns/{ns}").exists():
+        _attach(net, ns, f"{net.veth_prefix}svc", str(net.service_host), ["local", net.service_cidr, "dev", "lo"])
     return ns
 
 

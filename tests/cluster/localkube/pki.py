@@ -61,12 +61,22 @@ def _sign(pki: Path, stem: str, subject: str, ext: str) -> None:
     (pki / f"{stem}.ext").unlink()
 
 
-def ensure(pki: Path, server_ips: list[str], server_names: list[str], kubelet_ip: str) -> None:
-    """Create whatever of the CA, serving cert, client certs and SA key pair is missing.
+def _serving(pki: Path, stem: str, cn: str, sans: str) -> None:
+    """A serving certificate, re-issued when its SAN list changes (a new pod CIDR must never
+    leave pods with a certificate that does not name the bridge)."""
+    stamp = pki / f"{stem}.sans"
+    if (pki / f"{stem}.crt").exists() and stamp.exists() and stamp.read_text() == sans:
+        return
+    _sign(
+        pki, stem, f"/CN={cn}",
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        f"extendedKeyUsage=serverAuth\nsubjectAltName={sans}\n",
+    )
+    stamp.write_text(sans)
 
-    A serving certificate whose SAN list differs from the wanted one is re-issued, so
-    changing the pod CIDR never leaves pods with a certificate that does not name the bridge.
-    """
+
+def ensure(pki: Path, server_ips: list[str], server_names: list[str], kubelet_ip: str) -> None:
+    """Create whatever of the CA, serving certs, client certs and SA key pair is missing."""
     pki.mkdir(parents=True, exist_ok=True)
     if not (pki / "ca.crt").exists():
         _key(pki / "ca.key")
@@ -74,25 +84,10 @@ def ensure(pki: Path, server_ips: list[str], server_names: list[str], kubelet_ip
             "req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=modelfleet-local-ca",
             "-days", "3650", "-sha256", "-out", "ca.crt", cwd=pki,
         )
-    sans = ",".join([f"IP:{ip}" for ip in server_ips] + [f"DNS:{n}" for n in server_names])
-    stamp = pki / "apiserver.sans"
-    if not (pki / "apiserver.crt").exists() or not stamp.exists() or stamp.read_text() != sans:
-        _sign(
-            pki, "apiserver", "/CN=kube-apiserver",
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-            f"extendedKeyUsage=serverAuth\nsubjectAltName={sans}\n",
-        )
-        stamp.write_text(sans)
+    _serving(pki, "apiserver", "kube-apiserver",
+             ",".join([f"IP:{ip}" for ip in server_ips] + [f"DNS:{n}" for n in server_names]))
     # The node agent's kubelet API (container logs) serves on the bridge address.
-    kubelet_sans = f"IP:{kubelet_ip}"
-    kstamp = pki / "kubelet.sans"
-    if not (pki / "kubelet.crt").exists() or not kstamp.exists() or kstamp.read_text() != kubelet_sans:
-        _sign(
-            pki, "kubelet", "/CN=localkube-kubelet",
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-            f"extendedKeyUsage=serverAuth\nsubjectAltName={kubelet_sans}\n",
-        )
-        kstamp.write_text(kubelet_sans)
+    _serving(pki, "kubelet", "localkube-kubelet", f"IP:{kubelet_ip}")
     for ident in CLIENTS:
         if not (pki / f"{ident.stem}.crt").exists():
             subject = f"/CN={ident.cn}" + "".join(f"/O={o}" for o in ident.orgs)
