@@ -1,10 +1,15 @@
-"""The gateway's FastAPI app: model listing, health, metrics, and the proxied OpenAI paths."""
+"""The gateway's FastAPI app: keys and limits, model listing, health, metrics, and the proxied
+OpenAI paths. Discovery and the key sources are handed in; this module wires them together."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
@@ -12,13 +17,16 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from modelfleet.http import RequestIdMiddleware, install_error_handlers
-from modelfleet.protocol import OpenAIError
+from modelfleet.protocol import OpenAIError, model_not_found
 
+from .auth import ApiKey, KeyFileWatcher, KeyStore
+from .limits import RateLimiter
 from .metrics import GatewayMetrics
 from .proxy import Proxy
 from .registry import Registry
 from .static import StaticDiscovery
 
+log = logging.getLogger("modelfleet.gateway")
 PROXIED = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/edits",
            "/tokenize", "/detokenize"]
 
@@ -28,6 +36,7 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8000
     backends: dict[str, list[str]] = field(default_factory=dict)
+    api_keys: Path | None = None
     connect_timeout: float = 3.0
     read_timeout: float = 600.0
     max_connections: int = 4096
@@ -53,18 +62,31 @@ def model_of(body: bytes) -> str:
 
 
 def create_app(settings: GatewaySettings, registry: Registry | None = None,
-               client: httpx.AsyncClient | None = None) -> FastAPI:
+               client: httpx.AsyncClient | None = None, keys: KeyStore | None = None,
+               limiter: RateLimiter | None = None, discovery=None) -> FastAPI:
     registry = registry or Registry()
     client = client or make_client(settings)
+    keys = keys or KeyStore()
+    limiter = limiter or RateLimiter()
     metrics = GatewayMetrics(registry)
     proxy = Proxy(registry, client, metrics)
-    discovery = StaticDiscovery(registry, settings.backends, client)
+    discovery = discovery or StaticDiscovery(registry, settings.backends, client)
+    key_file = KeyFileWatcher(settings.api_keys, keys) if settings.api_keys else None
+    if key_file:
+        key_file.load()  # a broken file at start-up is the command's error, not a silent open gateway
+
+    async def watch_key_file() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            key_file.poll()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await discovery.probe_once()
-        discovery.start()
+        await discovery.start()
+        tasks = [asyncio.create_task(watch_key_file())] if key_file else []
         yield
+        for t in tasks:
+            t.cancel()
         await discovery.stop()
         await client.aclose()
 
@@ -73,17 +95,19 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
     app.add_middleware(RequestIdMiddleware)
     app.state.registry = registry
 
+    def visible(key: ApiKey | None) -> list[dict]:
+        return [c for c in registry.cards() if key is None or key.allows(c["id"])]
+
     @app.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": registry.cards()}
+    async def list_models(request: Request):
+        return {"object": "list", "data": visible(keys.authenticate(request.headers))}
 
     @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str):
-        for card in registry.cards():
+    async def get_model(model_id: str, request: Request):
+        for card in visible(keys.authenticate(request.headers)):
             if card["id"] == model_id:
                 return card
-        raise OpenAIError(f"The model `{model_id}` does not exist or you do not have access to it.", status=404,
-                          param="model", code="model_not_found")
+        raise model_not_found(model_id)
 
     @app.get("/health")
     async def health():
@@ -101,12 +125,36 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
         return Response(generate_latest(metrics.prom), media_type=CONTENT_TYPE_LATEST)
 
     async def forward(request: Request):
-        body = await request.body()
-        headers = dict(request.headers)
-        rid = request.scope.get("state", {}).get("request_id")
-        if rid:
-            headers["x-request-id"] = rid
-        return await proxy.forward(request.url.path, body, headers, model_of(body))
+        started = time.monotonic()
+        key: ApiKey | None = None
+        name = "-"
+        try:
+            key = keys.authenticate(request.headers)
+            body = await request.body()
+            name = model_of(body)
+            model = registry.resolve(name)
+            if model is None:
+                raise model_not_found(name)
+            if key is not None and not key.allows(name):
+                raise OpenAIError(f"Your API key is not allowed to use the model `{name}`.", status=403,
+                                  type="permission_error", param="model", code="model_not_allowed")
+            admission = limiter.admit(key)
+            headers = dict(request.headers)
+            headers["x-request-id"] = request.scope.get("state", {}).get("request_id", "")
+            await discovery.wait_for(model)
+            response = await proxy.forward(request.url.path, body, headers, model, admission.charge,
+                                           key.name if key else "")
+        except OpenAIError as exc:
+            metrics.requests.labels(name, str(exc.status), key.name if key else "").inc()
+            log.info("request refused", extra={"model": name, "status": exc.status,
+                                               "key": key.name if key else None, "error": exc.code})
+            raise
+        response.headers.update(admission.headers)
+        log.info("request routed", extra={"model": name, "status": response.status_code,
+                                          "key": key.name if key else None,
+                                          "backend": response.headers.get("x-modelfleet-backend"),
+                                          "ms": round((time.monotonic() - started) * 1000, 1)})
+        return response
 
     for path in PROXIED:
         app.add_api_route(path, forward, methods=["POST"])

@@ -33,8 +33,10 @@ class GatewayMetrics:
     def __init__(self, registry: Registry) -> None:
         self.prom = CollectorRegistry()
         self.prom.register(RegistryCollector(registry))
-        self.requests = Counter("modelfleet_gateway_requests", "Proxied requests by model and status.",
-                                ["model", "status"], registry=self.prom)
+        self.requests = Counter("modelfleet_gateway_requests", "Requests by model, status and key name.",
+                                ["model", "status", "key"], registry=self.prom)
+        self.tokens = Counter("modelfleet_gateway_tokens", "Prompt + completion tokens by model and key name.",
+                              ["model", "key"], registry=self.prom)
         self.latency = Histogram("modelfleet_gateway_request_seconds", "Time until the response ended.",
                                  ["model"], buckets=BUCKETS, registry=self.prom)
         self.first_byte = Histogram("modelfleet_gateway_first_byte_seconds", "Time until the backend answered.",

@@ -11,16 +11,17 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 from fastapi.responses import StreamingResponse
 
-from modelfleet.protocol import OpenAIError, error_body, unavailable
+from modelfleet.protocol import error_body, unavailable
 
 from .balancer import Strategy, least_load_p2c
 from .metrics import GatewayMetrics
 from .registry import Endpoint, Registry
+from .usage import UsageScanner
 
 log = logging.getLogger(__name__)
 PASS_HEADERS = {"content-type", "retry-after", "cache-control", "x-accel-buffering"}
@@ -37,11 +38,10 @@ class Proxy:
         self.max_attempts = max_attempts
         self.rng = random.Random()
 
-    async def forward(self, path: str, body: bytes, headers: dict[str, str], model_name: str) -> StreamingResponse:
-        model = self.registry.resolve(model_name)
-        if model is None:
-            raise OpenAIError(f"The model `{model_name}` does not exist or you do not have access to it.",
-                              status=404, param="model", code="model_not_found")
+    async def forward(self, path: str, body: bytes, headers: dict[str, str], model: str,
+                      on_usage: Callable[[int], None] | None = None, key_name: str = "") -> StreamingResponse:
+        """Sends `body` to one endpoint of the (resolved) `model`; `on_usage` gets the tokens
+        the response reports once it has been relayed."""
         tried: set[str] = set()
         send_headers = {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
         last_error = "no replica of the model is ready"
@@ -77,21 +77,24 @@ class Proxy:
             out_headers["x-modelfleet-backend"] = endpoint.url
             out_headers["x-modelfleet-route"] = f"least-load;attempt={attempt + 1}"
             self.metrics.first_byte.labels(model).observe(time.monotonic() - started)
-            return StreamingResponse(self._relay(upstream, endpoint, model, started), status_code=upstream.status_code,
-                                     headers=out_headers)
-        raise unavailable(f"No ready replica for model `{model_name}` ({last_error}).", retry_after=2)
+            scanner = UsageScanner(len(body))
+            relay = self._relay(upstream, endpoint, model, started, scanner, on_usage, key_name)
+            return StreamingResponse(relay, status_code=upstream.status_code, headers=out_headers)
+        raise unavailable(f"No ready replica for model `{model}` ({last_error}).", retry_after=2)
 
     def _failed(self, endpoint: Endpoint) -> None:
         if self.registry.record_failure(endpoint):
             self.metrics.ejections.labels(endpoint.model).inc()
             log.warning("ejected %s after repeated failures", endpoint.url)
 
-    async def _relay(self, upstream: httpx.Response, endpoint: Endpoint, model: str,
-                     started: float) -> AsyncIterator[bytes]:
+    async def _relay(self, upstream: httpx.Response, endpoint: Endpoint, model: str, started: float,
+                     scanner: UsageScanner, on_usage: Callable[[int], None] | None,
+                     key_name: str) -> AsyncIterator[bytes]:
         streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
         status = str(upstream.status_code)
         try:
             async for chunk in upstream.aiter_raw():
+                scanner.feed(chunk)
                 yield chunk
         except httpx.TransportError as exc:
             status = "upstream_error"
@@ -104,5 +107,9 @@ class Proxy:
         finally:
             endpoint.inflight -= 1
             await upstream.aclose()
-            self.metrics.requests.labels(model, status).inc()
+            tokens = scanner.tokens() if upstream.status_code == 200 else 0
+            if on_usage is not None:
+                on_usage(tokens)
+            self.metrics.requests.labels(model, status, key_name).inc()
+            self.metrics.tokens.labels(model, key_name).inc(tokens)
             self.metrics.latency.labels(model).observe(time.monotonic() - started)

@@ -62,9 +62,13 @@ class StaticDiscovery:
             await self.probe_once()
             await asyncio.sleep(self.interval)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self.probe_once()
         self.task = asyncio.create_task(self.run())
 
     async def stop(self) -> None:
         if self.task:
             self.task.cancel()
+
+    async def wait_for(self, model: str) -> None:
+        """Static backends cannot be scaled up: nothing to wait for."""

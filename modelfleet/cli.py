@@ -7,10 +7,10 @@ directory or a port in use.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 class CommandError(Exception):
@@ -62,6 +62,8 @@ def _port(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="modelfleet", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=os.environ.get("MODELFLEET_LOG_LEVEL", "info"))
+    parser.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("MODELFLEET_LOG_FORMAT"),
+                        help="default: json for the gateway, text otherwise")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="local all-in-one serving: workers plus a gateway")
@@ -101,9 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
+    from .logs import configure
+
+    configure(args.log_level, args.log_format or ("json" if args.command == "gateway" else "text"))
     try:
         if args.command == "worker":
             return run_worker(args)
@@ -141,17 +143,28 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_gateway(settings):
+    """The gateway app, with a key file's problems reported as one line."""
+    from modelfleet.gateway.app import create_app
+    from modelfleet.gateway.auth import KeyFileError
+
+    if settings.api_keys is not None and not settings.api_keys.is_file():
+        raise CommandError(f"--api-keys {settings.api_keys}: no such file")
+    try:
+        return create_app(settings)
+    except (KeyFileError, OSError, ValueError) as exc:
+        raise CommandError(f"--api-keys {settings.api_keys}: {exc}") from None
+
+
 def run_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from modelfleet.gateway.app import GatewaySettings, create_app
+    from modelfleet.gateway.app import GatewaySettings
     from modelfleet.gateway.static import parse_backends
     from modelfleet.netutil import PortInUseError, bind_socket
 
     if args.discovery == "kubernetes":
         raise CommandError("--discovery kubernetes is not implemented yet (see the README's status table)")
-    if args.api_keys:
-        raise CommandError("--api-keys is not implemented yet (see the README's status table)")
     try:
         backends = parse_backends(args.backend)
     except ValueError as exc:
@@ -160,7 +173,8 @@ def run_gateway(args: argparse.Namespace) -> int:
         sock = bind_socket(args.host, args.port)
     except PortInUseError as exc:
         raise CommandError(str(exc)) from None
-    app = create_app(GatewaySettings(host=args.host, port=args.port, backends=backends))
+    app = build_gateway(GatewaySettings(host=args.host, port=args.port, backends=backends,
+                                        api_keys=Path(args.api_keys) if args.api_keys else None))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

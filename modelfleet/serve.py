@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -134,10 +135,9 @@ async def watch(workers: list[WorkerProcess], server) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .gateway.app import GatewaySettings, create_app
+    from .cli import build_gateway
+    from .gateway.app import GatewaySettings
 
-    if args.api_keys:
-        raise CommandError("--api-keys is not implemented yet (see the README's status table)")
     try:
         sock = bind_socket(args.host, args.port)
     except PortInUseError as exc:
@@ -148,7 +148,13 @@ def run_serve(args: argparse.Namespace) -> int:
     backends: dict[str, list[str]] = {}
     for w in workers:
         backends.setdefault(w.name, []).append(w.url)
-    app = create_app(GatewaySettings(host=args.host, port=args.port, backends=backends))
+    settings = GatewaySettings(host=args.host, port=args.port, backends=backends,
+                               api_keys=Path(args.api_keys) if args.api_keys else None)
+    try:
+        app = build_gateway(settings)
+    except CommandError:
+        stop_workers(workers)
+        raise
 
     class ServeServer(uvicorn.Server):
         exit_code = 0
