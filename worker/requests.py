@@ -1,12 +1,12 @@
 """Pure translation of validated OpenAI requests into engine requests, with the checks that need
-the model: context length, vocabulary, batch capacity, and parameters not supported yet."""
+the model: context length, vocabulary and batch capacity."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from modelfleet.protocol import ChatCompletionRequest, OpenAIError, SamplingFields
+from modelfleet.protocol import OpenAIError, SamplingFields
 
 from .sampling import SamplingParams
 from .sequence import GenerationRequest
@@ -47,20 +47,6 @@ def sampling_params(req: SamplingFields, defaults: dict[str, Any], limits: Limit
         want_logprobs=want_logprobs,
         top_logprobs=top_logprobs,
     )
-
-
-def check_unsupported_chat(req: ChatCompletionRequest) -> None:
-    """Structured outputs and tools are a later milestone: say so instead of ignoring them."""
-    fmt = (req.response_format or {}).get("type")
-    if fmt not in (None, "text"):
-        raise OpenAIError(f"response_format type '{fmt}' is not supported yet by this server.",
-                          param="response_format", code="unsupported_parameter")
-    if req.tools and req.tool_choice != "none":
-        raise OpenAIError("Tool calling is not supported yet by this server; send no `tools` "
-                          "(or tool_choice 'none').", param="tools", code="unsupported_parameter")
-    if req.functions and req.function_call != "none":
-        raise OpenAIError("Function calling is not supported yet by this server.", param="functions",
-                          code="unsupported_parameter")
 
 
 def output_budget(prompt_len: int, requested: int | None, limits: Limits, param: str) -> int:

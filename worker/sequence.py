@@ -61,6 +61,7 @@ class GenerationRequest:
     min_tokens: int = 0
     prompt_logprobs: int | None = None  # top-k per prompt position, for completions echo
     request_id: str = ""
+    grammar: Any = None  # constraints.Grammar: each choice decodes under its own matcher
 
 
 class RequestState:
@@ -101,6 +102,7 @@ class Sequence:
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] = []
         self.last_token_at: float | None = None
+        self.constraint = req.grammar.matcher() if req.grammar is not None else None
 
     @property
     def params(self) -> SamplingParams:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +29,14 @@ from modelfleet.protocol import (
     now,
 )
 
+from .constraints import GrammarCompiler
 from .embedder import shape_vector
 from .engine import GenerationEngine, RequestStream
 from .formatting import ChoiceState, TokenText
 from .loader import ModelInfo
-from .requests import Limits, check_unsupported_chat, generation_request, output_budget, sampling_params
+from .requests import Limits, generation_request, output_budget, sampling_params
 from .sequence import RequestOutput
+from .structured import OutputPlan, plan_output
 
 
 @dataclass
@@ -56,6 +59,7 @@ class ModelService:
         self.text_of = TokenText(tokenizer)
         vocab = engine.model_vocab if engine else len(tokenizer)
         self.limits = Limits(max_model_len=info.max_model_len, vocab_size=vocab, max_num_seqs=max_num_seqs)
+        self.grammars = GrammarCompiler(tokenizer, vocab)
         digest = hashlib.sha256(f"{info.path}|{info.architecture}|{dtype}|{device}|{info.max_model_len}|"
                                 f"{max_num_seqs}|modelfleet-0.1".encode()).hexdigest()
         self.fingerprint = "fp_" + digest[:10]
@@ -105,17 +109,16 @@ class ModelService:
 
     # -- prompts ------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[ChatMessage], param: str = "messages") -> list[int]:
+    def chat_prompt(self, messages: list[ChatMessage], param: str = "messages",
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         if not self.info.has_chat_template:
             raise OpenAIError(
                 f"The model `{self.name}` has no chat template, so it cannot serve chat requests; "
                 "use /v1/completions with a prompt instead.", param=param, code="chat_template_missing")
-        rendered = []
-        for m in messages:
-            role = "system" if m.role == "developer" else m.role
-            rendered.append({"role": role, "content": m.text()})
+        rendered = [_template_message(m) for m in messages]
+        extra = {"tools": tools} if tools else {}
         try:
-            text = self.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True, **extra)
         except TemplateError as exc:
             raise OpenAIError(f"The chat template rejected these messages: {exc}", param=param) from exc
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -134,15 +137,17 @@ class ModelService:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def start_chat(self, req: ChatCompletionRequest, request_id: str) -> tuple[RequestStream, int]:
+    def start_chat(self, req: ChatCompletionRequest, request_id: str) -> tuple[RequestStream, OutputPlan]:
+        """Submits a chat request; the plan says how its text is constrained and read back."""
         engine = self.require_generation("chat completions")
-        check_unsupported_chat(req)
-        prompt = self.chat_prompt(req.messages)
+        plan = plan_output(req, self.grammars)
+        prompt = self.chat_prompt(req.messages, tools=plan.tools)
         max_tokens = output_budget(len(prompt), req.output_limit(), self.limits, "messages")
         params = sampling_params(req, self.info.generation_defaults, self.limits,
                                  want_logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0)
         gen = generation_request(req, prompt, params, max_tokens, self.limits, n=req.n or 1, request_id=request_id)
-        return engine.submit(gen), len(prompt)
+        gen.grammar = plan.grammar
+        return engine.submit(gen), plan
 
     def start_completions(self, req: CompletionRequest, request_id: str) -> list[RequestStream]:
         engine = self.require_generation("completions")
@@ -274,3 +279,25 @@ class ModelService:
         if bad:
             raise OpenAIError(f"Token id {bad[0]} is out of range for this model.", param="tokens")
         return {"prompt": self.tokenizer.decode(tokens)}
+
+
+def _template_message(m: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates expect it: tool-call arguments as objects (templates such as
+    Qwen2.5's apply `tojson` to them), tool results with their call id."""
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.tool_calls:
+        calls = []
+        for call in m.tool_calls:
+            fn = dict(call.get("function") or {})
+            if isinstance(fn.get("arguments"), str):
+                try:
+                    fn["arguments"] = json.loads(fn["arguments"])
+                except ValueError:
+                    pass  # rendered as the string it is
+            calls.append({**call, "function": fn})
+        out["tool_calls"] = calls
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name:
+        out["name"] = m.name
+    return out

@@ -93,10 +93,12 @@ def test_request_id_is_echoed_or_made(server):
     assert len(httpx.get(f"{server}/v1/models").headers["x-request-id"]) >= 16
 
 
-def test_tools_are_refused_clearly_until_supported(server):
-    body = {"model": CHAT, "messages": [{"role": "user", "content": "x"}],
-            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
-    assert_error(httpx.post(f"{server}/v1/chat/completions", json=body), 400, param="tools")
+def test_a_tool_schema_that_cannot_be_enforced_is_refused_naming_the_feature(server):
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "x"}], "tool_choice": "required",
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {"type": "object"}}}}]}
+    r = httpx.post(f"{server}/v1/chat/completions", json=body)
+    assert_error(r, 400, param="tools[0].function.parameters")
+    assert "not" in r.json()["error"]["message"]
 
 
 def test_a_bad_request_does_not_disturb_its_neighbours(server):

@@ -166,8 +166,8 @@ def test_errors_name_the_parameter(openai_client):
         openai_client.chat.completions.create(model=CHAT, messages=MSG, max_tokens=100000)
     assert info.value.body["code"] == "context_length_exceeded"
     with pytest.raises(BadRequestError) as info:
-        openai_client.chat.completions.create(model=CHAT, messages=MSG, response_format={"type": "json_object"})
-    assert info.value.body["param"] == "response_format"
+        openai_client.chat.completions.create(model=CHAT, messages=MSG, response_format={"type": "xml"})
+    assert info.value.body["param"] == "response_format.type"
     with pytest.raises(NotFoundError) as info:
         openai_client.chat.completions.create(model="nope", messages=MSG)
     assert info.value.body["code"] == "model_not_found"
