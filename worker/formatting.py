@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .sequence import TokenLogprob
+from .tool_calls import ParseEvent, ToolCallFormat, parse_all
 
 
 class TokenText:
@@ -76,3 +77,34 @@ class ChoiceState:
 
     def cumulative_logprob(self) -> float:
         return sum(e.logprob for e in self.logprobs)
+
+
+def chat_message(text: str, finish_reason: str | None, tool_format: ToolCallFormat | None
+                 ) -> tuple[dict[str, Any], str | None]:
+    """The assistant message of a non-streamed choice, with tool calls parsed out of the text
+    when the request had tools; a finished message with calls ends with "tool_calls"."""
+    if tool_format is None:
+        return {"role": "assistant", "content": text, "refusal": None}, finish_reason
+    content, calls = parse_all(tool_format, text)
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+        ]
+    return message, finish_with_calls(finish_reason, bool(calls))
+
+
+def finish_with_calls(finish_reason: str | None, has_calls: bool) -> str | None:
+    return "tool_calls" if has_calls and finish_reason == "stop" else finish_reason
+
+
+def chat_delta(event: ParseEvent) -> dict[str, Any]:
+    """A stream delta for one parser event, in the shape OpenAI streams tool calls: the first
+    delta of a call has id, type and name with empty arguments, later ones argument text."""
+    if event.kind == "content":
+        return {"content": event.text}
+    if event.kind == "call":
+        assert event.call is not None
+        return {"tool_calls": [{"index": event.index, "id": event.call.id, "type": "function",
+                                "function": {"name": event.call.name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}

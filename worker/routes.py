@@ -26,10 +26,18 @@ from modelfleet.protocol import (
     usage,
 )
 
-from .formatting import completion_logprobs, prompt_entries
+from .formatting import chat_message, completion_logprobs, prompt_entries
 from .metrics import WorkerMetrics
 from .service import ModelService
-from .streams import chat_stream, completion_stream, response_object, responses_stream
+from .streams import (
+    chat_stream,
+    completion_stream,
+    response_object,
+    responses_format,
+    responses_stream,
+    responses_tools,
+)
+from .tool_calls import parse_all
 
 T = TypeVar("T")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -96,29 +104,29 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
     # -- chat and the APIs served through it ------------------------------------------------
 
     async def run_chat(request: Request, req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
-        stream, _ = service.start_chat(req, rid(request))
+        stream, plan = service.start_chat(req, rid(request))
         n = req.n or 1
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return stream_response(chat_stream(service, stream, req.model, n, include))
+            return stream_response(chat_stream(service, stream, req.model, n, include, plan.tool_format))
         choices, prompt_tokens, completion_tokens, _ = await until_disconnect(
             request, service.collect([stream], n), stream.cancel)
+        out = []
+        for c in choices:
+            message, finish = chat_message(c.state.text, c.state.finish_reason, plan.tool_format)
+            out.append({
+                "index": c.state.index,
+                "message": message,
+                "logprobs": {"content": _chat_lp(service, c.state.logprobs), "refusal": None} if req.logprobs else None,
+                "finish_reason": finish,
+            })
         return {
             "id": new_id("chatcmpl"),
             "object": "chat.completion",
             "created": now(),
             "model": req.model,
             "system_fingerprint": service.fingerprint,
-            "choices": [
-                {
-                    "index": c.state.index,
-                    "message": {"role": "assistant", "content": c.state.text, "refusal": None},
-                    "logprobs": {"content": _chat_lp(service, c.state.logprobs), "refusal": None}
-                    if req.logprobs else None,
-                    "finish_reason": c.state.finish_reason,
-                }
-                for c in choices
-            ],
+            "choices": out,
             "usage": usage(prompt_tokens, completion_tokens),
         }
 
@@ -129,22 +137,23 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
     @router.post("/v1/responses")
     async def responses(request: Request):
         req = await parse(request, ResponsesRequest)
-        text_format = ((req.text or {}).get("format") or {}).get("type")
         chat_req = ChatCompletionRequest(
             model=req.model, messages=req.messages(), max_completion_tokens=req.max_output_tokens,
             temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-            response_format={"type": text_format} if text_format else None,
-            tools=req.tools or None, tool_choice=req.tool_choice,
+            response_format=responses_format(req.text),
+            tools=responses_tools(req.tools), tool_choice=req.tool_choice,
+            parallel_tool_calls=getattr(req, "parallel_tool_calls", None),
         )
-        stream, _ = service.start_chat(chat_req, rid(request))
+        stream, plan = service.start_chat(chat_req, rid(request))
         if req.stream:
-            return stream_response(responses_stream(stream, req.model))
+            return stream_response(responses_stream(stream, req.model, plan.tool_format))
         choices, prompt_tokens, completion_tokens, _ = await until_disconnect(
             request, service.collect([stream], 1), stream.cancel)
         st = choices[0].state
         incomplete = st.finish_reason == "length"
-        return response_object(new_id("resp"), req.model, now(), st.text, "incomplete" if incomplete else "completed",
-                               prompt_tokens, completion_tokens, new_id("msg"), incomplete)
+        content, calls = (st.text, []) if plan.tool_format is None else parse_all(plan.tool_format, st.text)
+        return response_object(new_id("resp"), req.model, now(), content, "incomplete" if incomplete else "completed",
+                               prompt_tokens, completion_tokens, new_id("msg"), incomplete, calls)
 
     @router.post("/v1/edits")
     async def edits(request: Request):

@@ -12,8 +12,9 @@ from typing import Any
 from modelfleet.protocol import SSE_DONE, error_body, new_id, now, sse, sse_event, usage
 
 from .engine import RequestStream
-from .formatting import TokenText, chat_logprobs, completion_logprobs
+from .formatting import TokenText, chat_delta, chat_logprobs, completion_logprobs, finish_with_calls
 from .service import ModelService
+from .tool_calls import ToolCall, ToolCallFormat, ToolCallParser
 
 
 def _error_event(message: str) -> bytes:
@@ -21,7 +22,9 @@ def _error_event(message: str) -> bytes:
 
 
 async def chat_stream(service: ModelService, stream: RequestStream, model: str, n: int,
-                      include_usage: bool) -> AsyncIterator[bytes]:
+                      include_usage: bool, tool_format: ToolCallFormat | None = None) -> AsyncIterator[bytes]:
+    """Chat chunks; with tools, each choice's text goes through a tool-call parser, so calls
+    stream as OpenAI streams them and the rest as content."""
     base = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": model,
             "system_fingerprint": service.fingerprint}
 
@@ -36,18 +39,31 @@ async def chat_stream(service: ModelService, stream: RequestStream, model: str, 
             yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None})
         prompt_tokens = completion_tokens = 0
+        parsers: dict[int, ToolCallParser] = {}
         async for event in stream:
             if event.error:
                 yield _error_event(event.error)
                 break
             prompt_tokens, completion_tokens = event.prompt_tokens, event.completion_tokens
             for d in event.deltas:
-                if d.text or d.logprobs:
-                    lp = chat_logprobs(d.logprobs, service.text_of) if d.logprobs else None
-                    yield chunk({"index": d.index, "delta": {"content": d.text}, "logprobs": lp,
+                lp = chat_logprobs(d.logprobs, service.text_of) if d.logprobs else None
+                if tool_format is None:
+                    if d.text or d.logprobs:
+                        yield chunk({"index": d.index, "delta": {"content": d.text}, "logprobs": lp,
+                                     "finish_reason": None})
+                    if d.finish_reason:
+                        yield chunk({"index": d.index, "delta": {}, "logprobs": None,
+                                     "finish_reason": d.finish_reason})
+                    continue
+                parser = parsers.setdefault(d.index, tool_format.parser())
+                events = parser.feed(d.text) + (parser.finish() if d.finish_reason else [])
+                deltas = [chat_delta(e) for e in events] or ([{}] if lp else [])
+                for j, delta in enumerate(deltas):
+                    yield chunk({"index": d.index, "delta": delta, "logprobs": lp if j == 0 else None,
                                  "finish_reason": None})
                 if d.finish_reason:
-                    yield chunk({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": d.finish_reason})
+                    finish = finish_with_calls(d.finish_reason, bool(parser.calls))
+                    yield chunk({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": finish})
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         yield SSE_DONE
@@ -98,12 +114,16 @@ async def completion_stream(service: ModelService, streams: list[RequestStream],
             s.cancel()
 
 
-def response_object(rid: str, model: str, created: int, text: str, status: str, prompt_tokens: int,
-                    completion_tokens: int, message_id: str, incomplete: bool = False) -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+def response_object(rid: str, model: str, created: int, text: str | None, status: str, prompt_tokens: int,
+                    completion_tokens: int, message_id: str, incomplete: bool = False,
+                    calls: list[ToolCall] | None = None) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text or "", "annotations": [], "logprobs": []}]
     output = [] if status == "in_progress" else [
         {"type": "message", "id": message_id, "status": "completed", "role": "assistant", "content": content}
     ]
+    if calls and status != "in_progress":
+        output = output if text else []
+        output += [function_call_item(c) for c in calls]
     return {
         "id": rid,
         "object": "response",
@@ -126,8 +146,43 @@ def response_object(rid: str, model: str, created: int, text: str, status: str, 
     }
 
 
-async def responses_stream(stream: RequestStream, model: str) -> AsyncIterator[bytes]:
+def function_call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
+    return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
+            "name": call.name, "arguments": call.arguments, "status": status}
+
+
+def responses_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The Responses API's `text.format` (flat) as chat's `response_format` (nested)."""
+    fmt = (text or {}).get("format")
+    if not isinstance(fmt, dict):
+        return None
+    if fmt.get("type") == "json_schema":
+        spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        return {"type": "json_schema", "json_schema": spec}
+    return {"type": fmt.get("type")}
+
+
+def responses_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Responses function tools are flat (`{"type","name","parameters"}`); chat nests them."""
+    if not tools:
+        return None
+    out = []
+    for tool in tools:
+        if isinstance(tool, dict) and tool.get("type") == "function" and "function" not in tool:
+            fn = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+            out.append({"type": "function", "function": fn})
+        else:
+            out.append(tool)
+    return out
+
+
+async def responses_stream(stream: RequestStream, model: str,
+                           tool_format: ToolCallFormat | None = None) -> AsyncIterator[bytes]:
     """The Responses API's typed events, in the order OpenAI sends them."""
+    if tool_format is not None:
+        async for chunk in responses_tool_stream(stream, model, tool_format):
+            yield chunk
+        return
     rid, mid, created = new_id("resp"), new_id("msg"), now()
     seq = 0
 
@@ -166,6 +221,86 @@ async def responses_stream(stream: RequestStream, model: str) -> AsyncIterator[b
         incomplete = finish == "length"
         final = response_object(rid, model, created, text, "incomplete" if incomplete else "completed",
                                 prompt_tokens, completion_tokens, mid, incomplete)
+        yield event("response.incomplete" if incomplete else "response.completed", response=final)
+    finally:
+        stream.cancel()
+
+
+async def responses_tool_stream(stream: RequestStream, model: str, tool_format: ToolCallFormat
+                                ) -> AsyncIterator[bytes]:
+    """Responses events when tools may be called: a message item opens at the first content,
+    each call is a function_call item with argument deltas."""
+    rid, mid, created = new_id("resp"), new_id("msg"), now()
+    seq = 0
+
+    def event(kind: str, **fields: Any) -> bytes:
+        nonlocal seq
+        seq += 1
+        return sse_event(kind, {"type": kind, "sequence_number": seq - 1, **fields})
+
+    parser = tool_format.parser()
+    item_base = {"type": "message", "id": mid, "role": "assistant"}
+    message_index: int | None = None
+    items = 0
+    open_call: tuple[int, ToolCall] | None = None
+
+    def close_call() -> list[bytes]:
+        if open_call is None:
+            return []
+        index, call = open_call
+        item = function_call_item(call)
+        return [event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                      arguments=call.arguments),
+                event("response.output_item.done", output_index=index, item=item)]
+
+    try:
+        yield event("response.created", response=response_object(rid, model, created, "", "in_progress", 0, 0, mid))
+        yield event("response.in_progress",
+                    response=response_object(rid, model, created, "", "in_progress", 0, 0, mid))
+        prompt_tokens, completion_tokens, finish = 0, 0, None
+        async for ev in stream:
+            if ev.error:
+                yield event("error", code="server_error", message=ev.error, param=None)
+                return
+            prompt_tokens, completion_tokens = ev.prompt_tokens, ev.completion_tokens
+            for d in ev.deltas:
+                finish = d.finish_reason or finish
+                for pe in parser.feed(d.text) + (parser.finish() if d.finish_reason else []):
+                    if pe.kind == "content":
+                        if message_index is None:
+                            message_index, items = items, items + 1
+                            yield event("response.output_item.added", output_index=message_index,
+                                        item={**item_base, "status": "in_progress", "content": []})
+                            yield event("response.content_part.added", item_id=mid, output_index=message_index,
+                                        content_index=0,
+                                        part={"type": "output_text", "text": "", "annotations": []})
+                        yield event("response.output_text.delta", item_id=mid, output_index=message_index,
+                                    content_index=0, delta=pe.text, logprobs=[])
+                    elif pe.kind == "call" and pe.call is not None:
+                        for b in close_call():
+                            yield b
+                        open_call, items = (items, parser.calls[pe.index]), items + 1
+                        yield event("response.output_item.added", output_index=open_call[0],
+                                    item={**function_call_item(pe.call, "in_progress"), "arguments": ""})
+                    elif open_call is not None:
+                        yield event("response.function_call_arguments.delta",
+                                    item_id=function_call_item(open_call[1])["id"], output_index=open_call[0],
+                                    delta=pe.text)
+        for b in close_call():
+            yield b
+        if message_index is not None:
+            text = parser.content
+            done_part = {"type": "output_text", "text": text, "annotations": []}
+            yield event("response.output_text.done", item_id=mid, output_index=message_index, content_index=0,
+                        text=text, logprobs=[])
+            yield event("response.content_part.done", item_id=mid, output_index=message_index, content_index=0,
+                        part=done_part)
+            yield event("response.output_item.done", output_index=message_index,
+                        item={**item_base, "status": "completed", "content": [done_part]})
+        incomplete = finish == "length"
+        final = response_object(rid, model, created, parser.content or None,
+                                "incomplete" if incomplete else "completed", prompt_tokens, completion_tokens, mid,
+                                incomplete, parser.calls)
         yield event("response.incomplete" if incomplete else "response.completed", response=final)
     finally:
         stream.cancel()
