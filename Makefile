@@ -13,7 +13,7 @@ export MODELFLEET_CACHE ?= $(HOME)/.cache/modelfleet
 install: ## install modelfleet with its test dependencies into the current Python
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 
-test: install ## install what is needed and run every tier: unit, component, integration, cluster
+test: install cluster-up ## install what is needed, start the local cluster, and run every tier
 	$(PYTHON) -m pytest -q
 
 test-fast: ## unit and component tests only (no processes, no cluster)
