@@ -7,7 +7,7 @@ from pathlib import Path
 
 from localkube import nginxconf
 from localkube.agent import endpoints, env, ingress, status
-from localkube.agent.container import Container, Terminated, is_local_image
+from localkube.agent.container import Container, Terminated, is_local_image, message_from_log
 from localkube.config import Network
 
 POD = {"metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "x"}},
@@ -104,3 +104,23 @@ def test_service_links_follow_the_kubelet_naming() -> None:
     assert out["TINY_CHAT_PORT_80_TCP_ADDR"] == "10.96.0.9"
     assert not any(k.startswith("H_") for k in out)
     assert env.service_links([svc], "other") == {}
+
+
+def test_fallback_to_logs_message_is_the_last_runs_tail(tmp_path: Path) -> None:
+    log = b"==== t start #1: a\nold failure\n==== t start #2: a\nloading\nerror: no such dir /m\n"
+    assert message_from_log(log) == "loading\nerror: no such dir /m"
+    assert message_from_log(b"==== t start #1: a\n") is None
+    assert message_from_log(b"x\n" * 100 + b"last\n", max_lines=2) == "x\nlast"
+    assert message_from_log(b"abcdef\n", max_bytes=3) == "def"
+
+    spec = {"name": "c", "image": "modelfleet/x", "terminationMessagePolicy": "FallbackToLogsOnError"}
+    c = Container(spec)
+    c.log_file = tmp_path / "c.log"
+    c.log_file.write_bytes(log)
+    assert c._message(1) == "loading\nerror: no such dir /m"
+    assert c._message(0) is None  # only on error
+    assert Container({"name": "c", "image": "x"})._message(1) is None  # policy File: no fallback
+    c.started_at = "a"
+    assert status.container_status(c, "u")["lastState"]["terminated"] is None
+    c.last = Terminated(1, "Error", "a", "b", message=c._message(1))
+    assert status.container_status(c, "u")["lastState"]["terminated"]["message"].endswith("/m")

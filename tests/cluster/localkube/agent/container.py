@@ -23,6 +23,25 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# The kubelet's bounds for a termination message taken from the log (FallbackToLogsOnError).
+MESSAGE_LOG_LINES = 80
+MESSAGE_LOG_BYTES = 12 * 1024
+RUN_MARKER = b"==== "  # the line launch() writes before each run of the container
+
+
+def message_from_log(log: bytes, max_lines: int = MESSAGE_LOG_LINES, max_bytes: int = MESSAGE_LOG_BYTES) -> str | None:
+    """The termination message FallbackToLogsOnError gives: the tail of the last run's output
+    (at most `max_lines` lines and `max_bytes` bytes), or None when it printed nothing."""
+    start = log.rfind(b"\n" + RUN_MARKER)
+    if start >= 0:
+        log = log[start + 1:]
+    if log.startswith(RUN_MARKER):
+        log = log.split(b"\n", 1)[1] if b"\n" in log else b""
+    lines = log.rstrip(b"\n").split(b"\n")[-max_lines:]
+    tail = b"\n".join(lines)[-max_bytes:].decode("utf-8", "replace").strip()
+    return tail or None
+
+
 def is_local_image(image: str) -> bool:
     """Images built from this project's Dockerfiles run from its Python environment."""
     return image.startswith("modelfleet/") or "modelfleet" in image.rsplit(":", 1)[0]
@@ -69,6 +88,7 @@ class Container:
         self.liveness = Prober("liveness", spec.get("livenessProbe"))
         self.startup = Prober("startup", spec.get("startupProbe"))
         self.spec_file: Path | None = None
+        self.log_file: Path | None = None
 
     @property
     def running(self) -> bool:
@@ -93,6 +113,7 @@ class Container:
                                          "mounts": [[m.source, m.target, m.read_only] for m in mounts]}))
         spec_file.chmod(0o600)
         self.spec_file = spec_file
+        self.log_file = log_file
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "ab") as log:
             log.write(f"==== {now()} start #{self.runs + 1}: {' '.join(argv)}\n".encode())
@@ -117,7 +138,23 @@ class Container:
         sig = -rc if rc < 0 else None
         code = 128 + sig if sig else rc
         reason = "Completed" if code == 0 else ("StartError" if code in (126, 127) else "Error")
-        return Terminated(code, reason, self.started_at or now(), now(), sig)
+        return Terminated(code, reason, self.started_at or now(), now(), sig, self._message(code))
+
+    def _message(self, code: int) -> str | None:
+        """terminationMessagePolicy FallbackToLogsOnError: a failed container's last log lines.
+
+        (No termination-message file: processes share the host's filesystem, so there is no
+        per-container /dev/termination-log to read.)
+        """
+        if code == 0 or self.spec.get("terminationMessagePolicy") != "FallbackToLogsOnError" or not self.log_file:
+            return None
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4 * MESSAGE_LOG_BYTES))
+                return message_from_log(f.read())
+        except OSError:
+            return None
 
     def signal(self, sig: int) -> None:
         if self.proc is not None:
