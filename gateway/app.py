@@ -37,6 +37,10 @@ class GatewaySettings:
     port: int = 8000
     backends: dict[str, list[str]] = field(default_factory=dict)
     api_keys: Path | None = None
+    discovery: str = "static"  # or "kubernetes"
+    namespaces: list[str] = field(default_factory=list)  # kubernetes: watched namespaces, empty = all
+    key_namespace: str | None = None  # kubernetes: where API-key Secrets live (default: own namespace)
+    gateway_service: str | None = None  # kubernetes: own Service, to share rate limits between replicas
     connect_timeout: float = 3.0
     read_timeout: float = 600.0
     max_connections: int = 4096
@@ -61,12 +65,31 @@ def model_of(body: bytes) -> str:
     return model
 
 
+def kubernetes_discovery(settings: GatewaySettings, registry: Registry, keys: KeyStore):
+    """Discovery plus the other watched state, and the replica count that shares the limits."""
+    from .cluster_sources import GatewayPeers, SecretKeys
+    from .discovery import KubernetesDiscovery
+    from .kube import own_namespace
+
+    home = own_namespace()
+    sources: list = [SecretKeys(keys, settings.key_namespace or home)]
+    replicas = lambda: 1  # noqa: E731
+    if settings.gateway_service:
+        peers = GatewayPeers(home, settings.gateway_service)
+        sources.append(peers)
+        replicas = peers.count
+    return KubernetesDiscovery(registry, settings.namespaces, extra_sources=sources), replicas
+
+
 def create_app(settings: GatewaySettings, registry: Registry | None = None,
                client: httpx.AsyncClient | None = None, keys: KeyStore | None = None,
                limiter: RateLimiter | None = None, discovery=None) -> FastAPI:
     registry = registry or Registry()
     client = client or make_client(settings)
     keys = keys or KeyStore()
+    if discovery is None and settings.discovery == "kubernetes":
+        discovery, replicas = kubernetes_discovery(settings, registry, keys)
+        limiter = limiter or RateLimiter(replicas=replicas)
     limiter = limiter or RateLimiter()
     metrics = GatewayMetrics(registry)
     proxy = Proxy(registry, client, metrics)
@@ -115,9 +138,11 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
 
     @app.get("/ready")
     async def ready():
+        """Static: ready once a backend is. Kubernetes: ready once the watches have synced, even
+        with no model yet, so gateway pods join their Service before the first model does."""
         models = sorted({e.model for e in registry.endpoints.values() if e.available()})
-        if not models:
-            return JSONResponse({"status": "not ready", "models": []}, status_code=503)
+        if not discovery.ready():
+            return JSONResponse({"status": "not ready", "models": models}, status_code=503)
         return {"status": "ready", "models": models}
 
     @app.get("/metrics")

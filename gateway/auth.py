@@ -161,3 +161,23 @@ class KeyFileWatcher:
             return False
         log.info("reloaded %s", self.path)
         return True
+
+
+def keys_from_secrets(items: Iterable[Mapping[str, Any]]) -> list[ApiKey]:
+    """Secrets labelled modelfleet.dev/api-key=true -> keys (CONTRACTS section 4): data keys
+    `key` or `key_sha256`, `models` comma-separated, `rpm`, `tpm`; the key's name is `name` or
+    the Secret's name. A malformed Secret is logged and skipped, never fatal."""
+    import base64
+
+    keys = []
+    for secret in items:
+        meta = secret.get("metadata", {})
+        where = f"Secret {meta.get('namespace')}/{meta.get('name')}"
+        try:
+            data = {k: base64.b64decode(v).decode().strip() for k, v in (secret.get("data") or {}).items()}
+            data.update(secret.get("stringData") or {})
+            data.setdefault("name", meta.get("name", ""))
+            keys.append(parse_entry(data, where))
+        except (KeyFileError, ValueError) as exc:
+            log.error("ignoring %s: %s", where, exc)
+    return keys

@@ -41,18 +41,32 @@ class Registry:
     def __init__(self, outliers: OutlierPolicy | None = None) -> None:
         self.endpoints: dict[str, Endpoint] = {}  # by url
         self.aliases: dict[str, str] = {}  # served name or alias -> model
+        self.meta: dict[str, dict[str, Any]] = {}  # model -> what discovery knows (routing, context)
         self.outliers = outliers or OutlierPolicy()
 
-    def set_endpoints(self, model: str, urls: list[str], names: list[str] | None = None) -> None:
-        """Replaces the endpoint set of `model`, keeping counters of endpoints that stay."""
-        keep = {u for u in urls}
+    def set_endpoints(self, model: str, urls: list[str], names: list[str] | None = None,
+                      ready: bool | None = None) -> None:
+        """Replaces the endpoint set and names of `model`, keeping counters of endpoints that
+        stay. `ready` marks them as Kubernetes reports; None leaves it to probing."""
+        keep = set(urls)
         for url in [u for u, e in self.endpoints.items() if e.model == model and u not in keep]:
             del self.endpoints[url]
         for url in urls:
-            self.endpoints.setdefault(url, Endpoint(url=url, model=model))
+            endpoint = self.endpoints.setdefault(url, Endpoint(url=url, model=model))
+            if ready is not None:
+                endpoint.ready = ready
+        for alias in [a for a, m in self.aliases.items() if m == model]:
+            del self.aliases[alias]
         for name in names or [model]:
             self.aliases[name] = model
         self.aliases.setdefault(model, model)
+
+    def remove_model(self, model: str) -> None:
+        for url in [u for u, e in self.endpoints.items() if e.model == model]:
+            del self.endpoints[url]
+        for alias in [a for a, m in self.aliases.items() if m == model]:
+            del self.aliases[alias]
+        self.meta.pop(model, None)
 
     def resolve(self, name: str) -> str | None:
         return self.aliases.get(name)
@@ -74,8 +88,13 @@ class Registry:
             for card in e.cards:
                 seen.setdefault(card["id"], card)
         for name, model in self.aliases.items():
-            seen.setdefault(name, {"id": name, "object": "model", "created": 0, "owned_by": "modelfleet",
-                                   "root": model, "parent": None})
+            meta = self.meta.get(model, {})
+            card = {"id": name, "object": "model", "created": meta.get("created", 0), "owned_by": "modelfleet",
+                    "root": model, "parent": None if name == model else model,
+                    "ready": any(e.available() for e in self.for_model(model))}
+            if meta.get("max_model_len"):
+                card["max_model_len"] = meta["max_model_len"]
+            seen.setdefault(name, card)
         return [seen[k] for k in sorted(seen)]
 
     def record_success(self, endpoint: Endpoint) -> None:

@@ -70,5 +70,8 @@ class StaticDiscovery:
         if self.task:
             self.task.cancel()
 
+    def ready(self) -> bool:
+        return any(e.available() for e in self.registry.endpoints.values())
+
     async def wait_for(self, model: str) -> None:
         """Static backends cannot be scaled up: nothing to wait for."""

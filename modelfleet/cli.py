@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--discovery", choices=["static", "kubernetes"], default="static")
     gateway.add_argument("--backend", action="append", default=[], metavar="NAME=URL")
     gateway.add_argument("--api-keys", metavar="FILE", default=None)
+    gateway.add_argument("--namespace", action="append", default=[], metavar="NS",
+                         help="kubernetes: watch ModelDeployments here (repeatable; default: all namespaces)")
+    gateway.add_argument("--key-namespace", default=None, metavar="NS",
+                         help="kubernetes: namespace of API-key Secrets (default: the gateway's own)")
+    gateway.add_argument("--gateway-service", default=None, metavar="NAME",
+                         help="kubernetes: the gateway's own Service, to share rate limits between replicas")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=_port, default=8000)
 
@@ -163,8 +169,8 @@ def run_gateway(args: argparse.Namespace) -> int:
     from modelfleet.gateway.static import parse_backends
     from modelfleet.netutil import PortInUseError, bind_socket
 
-    if args.discovery == "kubernetes":
-        raise CommandError("--discovery kubernetes is not implemented yet (see the README's status table)")
+    if args.discovery == "kubernetes" and args.backend:
+        raise CommandError("--backend goes with --discovery static")
     try:
         backends = parse_backends(args.backend)
     except ValueError as exc:
@@ -174,7 +180,9 @@ def run_gateway(args: argparse.Namespace) -> int:
     except PortInUseError as exc:
         raise CommandError(str(exc)) from None
     app = build_gateway(GatewaySettings(host=args.host, port=args.port, backends=backends,
-                                        api_keys=Path(args.api_keys) if args.api_keys else None))
+                                        api_keys=Path(args.api_keys) if args.api_keys else None,
+                                        discovery=args.discovery, namespaces=args.namespace,
+                                        key_namespace=args.key_namespace, gateway_service=args.gateway_service))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -1,0 +1,250 @@
+"""Kubernetes discovery: ModelDeployments and their EndpointSlices -> the registry.
+
+ModelDeployments name the models (served name, aliases, routing) and are listed in /v1/models
+even while scaled to zero; the EndpointSlices of the Services the operator creates (label
+`modelfleet.dev/model`) say which pods are ready. A request for a model with no ready replica
+that can scale from zero is held while the gateway patches the demand annotation on its
+ModelDeployment, until a replica is ready or the hold times out (then 503 + Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from modelfleet import labels
+from modelfleet.api import ModelDeployment
+from modelfleet.protocol import unavailable
+
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+DEMAND_INTERVAL = 5.0  # seconds between demand patches while requests wait
+
+
+@dataclass
+class ModelEntry:
+    """What the gateway needs of one ModelDeployment."""
+
+    namespace: str
+    name: str
+    served: str
+    aliases: list[str]
+    strategy: str
+    prefix_length: int
+    load_factor: float
+    max_queue: int
+    hold_timeout: float
+    scale_from_zero: bool
+    max_model_len: int | None
+    created: int
+    waiting: int = 0
+    last_demand: float = 0.0
+
+
+def model_entry(obj: dict[str, Any]) -> ModelEntry | None:
+    """Pure: a ModelDeployment object -> its routing entry (None if it cannot be parsed)."""
+    try:
+        md = ModelDeployment.from_body(obj)
+    except ValueError as exc:
+        log.warning("ignoring ModelDeployment %s: %s", obj.get("metadata", {}).get("name"), exc)
+        return None
+    created = obj.get("metadata", {}).get("creationTimestamp")
+    stamp = int(datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()) if created else 0
+    autoscaling = md.spec.autoscaling
+    return ModelEntry(
+        namespace=md.metadata.namespace, name=md.metadata.name, served=md.served_name,
+        aliases=list(md.spec.model.aliases), strategy=md.spec.routing.strategy,
+        prefix_length=md.spec.routing.prefix_length, load_factor=md.spec.routing.load_factor,
+        max_queue=md.spec.routing.max_queue, hold_timeout=float(md.spec.routing.hold_timeout_seconds),
+        scale_from_zero=autoscaling is not None and autoscaling.min_replicas == 0,
+        max_model_len=md.spec.engine.max_model_len, created=stamp,
+    )
+
+
+def slice_owner(obj: dict[str, Any]) -> tuple[str, str] | None:
+    meta = obj.get("metadata", {})
+    name = (meta.get("labels") or {}).get(labels.MODEL)
+    return (meta.get("namespace", "default"), name) if name else None
+
+
+def ready_urls(obj: dict[str, Any]) -> list[str]:
+    """Pure: the URLs of an EndpointSlice's ready endpoints (port named http, else the first)."""
+    ports = obj.get("ports") or []
+    port = next((p.get("port") for p in ports if p.get("name") == "http"), None) or (
+        ports[0].get("port") if ports else None)
+    if not port:
+        return []
+    urls = []
+    for ep in obj.get("endpoints") or []:
+        if (ep.get("conditions") or {}).get("ready") is False:
+            continue
+        for address in ep.get("addresses") or []:
+            host = f"[{address}]" if ":" in address else address
+            urls.append(f"http://{host}:{port}")
+    return sorted(urls)
+
+
+class KubernetesDiscovery:
+    def __init__(self, registry: Registry, namespaces: list[str] | None = None, api_client: Any = None,
+                 extra_sources: list | None = None) -> None:
+        self.registry = registry
+        self.namespaces = namespaces or []
+        self.api_client = api_client
+        self.extra_sources = extra_sources or []  # other watched state: API-key Secrets, gateway peers
+        self.entries: dict[tuple[str, str], ModelEntry] = {}
+        self.slices: dict[tuple[str, str], tuple[tuple[str, str], list[str]]] = {}
+        self.changed = asyncio.Event()
+        self.informers: list = []
+        self.synced = False
+
+    # -- events (on the event loop) -------------------------------------------------------------
+
+    def on_model(self, kind: str, obj: dict[str, Any]) -> None:
+        if kind == "SYNC":
+            self.entries = {}
+            for item in obj.get("items", []):
+                self._put_model(item)
+        elif kind == "DELETED":
+            meta = obj.get("metadata", {})
+            self.entries.pop((meta.get("namespace", "default"), meta.get("name")), None)
+        else:
+            self._put_model(obj)
+        self._rebuild()
+
+    def _put_model(self, obj: dict[str, Any]) -> None:
+        entry = model_entry(obj)
+        if entry is None:
+            return
+        key = (entry.namespace, entry.name)
+        old = self.entries.get(key)
+        if old is not None:  # keep counters across updates
+            entry.waiting, entry.last_demand = old.waiting, old.last_demand
+        self.entries[key] = entry
+
+    def on_slice(self, kind: str, obj: dict[str, Any]) -> None:
+        if kind == "SYNC":
+            self.slices = {}
+            for item in obj.get("items", []):
+                self._put_slice(item)
+        elif kind == "DELETED":
+            meta = obj.get("metadata", {})
+            self.slices.pop((meta.get("namespace", "default"), meta.get("name")), None)
+        else:
+            self._put_slice(obj)
+        self._rebuild()
+
+    def _put_slice(self, obj: dict[str, Any]) -> None:
+        owner = slice_owner(obj)
+        meta = obj.get("metadata", {})
+        if owner is not None:
+            self.slices[(meta.get("namespace", "default"), meta.get("name"))] = (owner, ready_urls(obj))
+
+    def _rebuild(self) -> None:
+        """Level-based: derive the registry's model set from the two caches, whole."""
+        urls: dict[tuple[str, str], list[str]] = {}
+        for owner, slice_urls in self.slices.values():
+            urls.setdefault(owner, []).extend(slice_urls)
+        served = {}
+        for key, entry in sorted(self.entries.items(), key=lambda kv: kv[1].created):
+            if entry.served in served:
+                log.warning("model name %s is served by both %s and %s/%s; using the older", entry.served,
+                            "/".join(served[entry.served]), *key)
+                continue
+            served[entry.served] = key
+            self.registry.set_endpoints(entry.served, sorted(set(urls.get(key, []))), [entry.served, *entry.aliases],
+                                        ready=True)
+            self.registry.meta[entry.served] = {"created": entry.created, "max_model_len": entry.max_model_len,
+                                                "strategy": entry.strategy, "prefix_length": entry.prefix_length,
+                                                "load_factor": entry.load_factor}
+        for model in set(self.registry.models()) - set(served):
+            self.registry.remove_model(model)
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def entry_for(self, model: str) -> ModelEntry | None:
+        return next((e for e in self.entries.values() if e.served == model), None)
+
+    # -- the app's side ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from kubernetes import client
+
+        from modelfleet.api import GROUP, PLURAL, VERSION
+
+        from .kube import Informer, load_config, wait_synced
+
+        self.api_client = self.api_client or load_config()
+        loop = asyncio.get_running_loop()
+        custom = client.CustomObjectsApi(self.api_client)
+        discovery_api = client.DiscoveryV1Api(self.api_client)
+        selector = labels.MODEL
+        if self.namespaces:
+            for ns in self.namespaces:
+                self.informers.append(Informer(f"md/{ns}", custom.list_namespaced_custom_object, self.on_model, loop,
+                                               group=GROUP, version=VERSION, namespace=ns, plural=PLURAL))
+                self.informers.append(Informer(f"slices/{ns}", discovery_api.list_namespaced_endpoint_slice,
+                                               self.on_slice, loop, namespace=ns, label_selector=selector))
+        else:
+            self.informers.append(Informer("md", custom.list_cluster_custom_object, self.on_model, loop,
+                                           group=GROUP, version=VERSION, plural=PLURAL))
+            self.informers.append(Informer("slices", discovery_api.list_endpoint_slice_for_all_namespaces,
+                                           self.on_slice, loop, label_selector=selector))
+        self.informers += [source.informer(self.api_client, loop) for source in self.extra_sources]
+        for informer in self.informers:
+            informer.start()
+        self.synced = await asyncio.to_thread(wait_synced, self.informers, 30.0)
+        await asyncio.sleep(0)  # let the SYNC events queued by the threads run
+        if not self.synced:
+            log.warning("discovery has not synced yet; serving what is known")
+
+    async def stop(self) -> None:
+        for informer in self.informers:
+            informer.stop()
+
+    def ready(self) -> bool:
+        return all(i.synced.is_set() for i in self.informers)
+
+    async def wait_for(self, model: str) -> None:
+        """Holds a request while its model scales up from zero; 503 when it cannot."""
+        if self.registry.available(model):
+            return
+        entry = self.entry_for(model)
+        if entry is None or not entry.scale_from_zero:
+            raise unavailable(f"No ready replica for model `{model}`.", retry_after=5)
+        if entry.waiting >= entry.max_queue:
+            raise unavailable(f"Too many requests are waiting for model `{model}` to start.", retry_after=10)
+        entry.waiting += 1
+        deadline = time.monotonic() + entry.hold_timeout
+        try:
+            while not self.registry.available(model):
+                await self._signal_demand(entry)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise unavailable(f"Model `{model}` did not become ready within {entry.hold_timeout:.0f}s.",
+                                      retry_after=10)
+                try:
+                    await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, DEMAND_INTERVAL))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            entry.waiting -= 1
+
+    async def _signal_demand(self, entry: ModelEntry) -> None:
+        now = time.monotonic()
+        if now - entry.last_demand < DEMAND_INTERVAL:
+            return
+        entry.last_demand = now
+        from .kube import patch_annotation
+
+        value = labels.Demand(datetime.now(timezone.utc), entry.waiting).encode()
+        try:
+            await asyncio.to_thread(patch_annotation, self.api_client, entry.namespace, entry.name, labels.DEMAND,
+                                    value)
+            log.info("signalled demand", extra={"model": entry.served, "waiting": entry.waiting})
+        except Exception as exc:  # noqa: BLE001 - RBAC or API trouble must not fail the held request
+            log.warning("could not signal demand for %s: %s", entry.served, exc)

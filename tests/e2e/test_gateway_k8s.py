@@ -1,0 +1,185 @@
+"""The gateway with Kubernetes discovery on the local cluster, with the real operator: models
+appear from ModelDeployments, traffic follows the EndpointSlices as replicas come and go, key
+Secrets take effect without a restart, and a scaled-to-zero model holds its first request."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from localkube.testing import wait_for
+
+from modelfleet.demo import ensure_demo_model
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "modelfleet"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_deployment(name: str, served: str, **spec) -> dict:
+    return {
+        "apiVersion": "modelfleet.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
+        "spec": {"model": {"source": f"file://{ensure_demo_model()}", "servedName": served},
+                 "resources": {"cpu": "500m", "memory": "1Gi"}, **spec},
+    }
+
+
+class Stack:
+    """Operator and gateway processes on the host, watching one namespace."""
+
+    def __init__(self, cluster, namespace: str, logs: Path) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+        env = {**os.environ, **cluster.env}
+        self.operator = subprocess.Popen(
+            [*CLI, "operator", "-n", namespace, "--standalone", "--liveness", "", "--metrics-port", "0",
+             "--resync-seconds", "5"], stdout=(logs / "operator.log").open("w"), stderr=subprocess.STDOUT, env=env)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.gateway = subprocess.Popen(
+            [*CLI, "gateway", "--discovery", "kubernetes", "--namespace", namespace, "--key-namespace", namespace,
+             "--port", str(port)], stdout=(logs / "gateway.log").open("w"), stderr=subprocess.STDOUT, env=env)
+        wait_for(self._ready, 60, what="gateway ready")
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(self.url + "/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def backends(self, model: str) -> int:
+        text = httpx.get(self.url + "/metrics").text
+        return sum(1 for line in text.splitlines()
+                   if line.startswith("modelfleet_gateway_backend_available{") and f'model="{model}"' in line
+                   and line.endswith(" 1.0"))
+
+    def chat(self, model: str, headers: dict | None = None, timeout: float = 60) -> httpx.Response:
+        return httpx.post(self.url + "/v1/chat/completions", headers=headers or {}, timeout=timeout,
+                          json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+
+    def stop(self) -> None:
+        for proc in (self.gateway, self.operator):
+            proc.send_signal(signal.SIGINT)
+        for proc in (self.gateway, self.operator):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def stack(cluster, tmp_path_factory):
+    namespace = f"mf-e2e-gw-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("apply", "-f", str(REPO / "crds" / "modeldeployments.modelfleet.dev.yaml"))
+    cluster.kubectl("create", "namespace", namespace)
+    wait_for(lambda: cluster.get("serviceaccount", "default", namespace), 30, what="default ServiceAccount")
+    logs = tmp_path_factory.mktemp("gw-e2e")
+    s = Stack(cluster, namespace, logs)
+    yield s
+    s.stop()
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    for log in logs.iterdir():
+        print(f"--- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-15:]))
+
+
+def test_a_model_appears_serves_and_spreads_over_replicas(stack):
+    stack.cluster.apply(model_deployment("chat", "tiny-chat-e2e", replicas=1), namespace=stack.namespace)
+    wait_for(lambda: any(m["id"] == "tiny-chat-e2e" for m in httpx.get(stack.url + "/v1/models").json()["data"]),
+             30, what="model listed")
+    wait_for(lambda: stack.backends("tiny-chat-e2e") == 1, 180, what="one ready replica")
+    assert stack.chat("tiny-chat-e2e").status_code == 200
+    stack.cluster.kubectl("scale", "-n", stack.namespace, "md/chat", "--replicas", "3")
+    wait_for(lambda: stack.backends("tiny-chat-e2e") == 3, 240, what="three ready replicas")
+    seen = set()
+    lock = threading.Lock()
+
+    def call() -> None:
+        r = stack.chat("tiny-chat-e2e")
+        with lock:
+            seen.add((r.status_code, r.headers.get("x-modelfleet-backend")))
+
+    threads = [threading.Thread(target=call) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {code for code, _ in seen} == {200}
+    assert len({backend for _, backend in seen}) >= 2
+
+
+def test_deleting_a_pod_under_load_fails_no_request(stack):
+    wait_for(lambda: stack.backends("tiny-chat-e2e") == 3, 240, what="three ready replicas")
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            codes.append(stack.chat("tiny-chat-e2e").status_code)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for t in workers:
+        t.start()
+    time.sleep(2)
+    pods = stack.cluster.list("pods", stack.namespace, "modelfleet.dev/model=chat")
+    stack.cluster.kubectl("delete", "pod", "-n", stack.namespace, pods[0]["metadata"]["name"], "--wait=false")
+    time.sleep(12)
+    stop.set()
+    for t in workers:
+        t.join()
+    assert len(codes) > 10
+    assert set(codes) == {200}, codes
+
+
+def test_scale_from_zero_holds_the_first_request(stack):
+    md = model_deployment("sleepy", "sleepy-e2e", autoscaling={"minReplicas": 0, "maxReplicas": 1,
+                                                               "scaleDownDelaySeconds": 600},
+                          routing={"holdTimeoutSeconds": 240})
+    stack.cluster.apply(md, namespace=stack.namespace)
+    wait_for(lambda: any(m["id"] == "sleepy-e2e" for m in httpx.get(stack.url + "/v1/models").json()["data"]),
+             30, what="scaled-to-zero model listed")
+    assert stack.backends("sleepy-e2e") == 0
+    started = time.monotonic()
+    r = stack.chat("sleepy-e2e", timeout=300)
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - started > 1.0  # it really waited for a replica to start
+    annotations = stack.cluster.get("md", "sleepy", stack.namespace)["metadata"]["annotations"]
+    assert "modelfleet.dev/demand" in annotations
+
+
+def test_key_secrets_take_effect_without_restart(stack):
+    def secret(name: str, key: str) -> dict:
+        return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name,
+                                                                   "labels": {"modelfleet.dev/api-key": "true"}},
+                "stringData": {"key": key, "models": "tiny-chat-e2e", "rpm": "1000"}}
+
+    ns = stack.namespace
+    stack.cluster.apply(secret("team-a", "sk-team-a-0123456789"), secret("team-b", "sk-team-b-0123456789"),
+                        namespace=ns)
+    a = {"authorization": "Bearer sk-team-a-0123456789"}
+    b = {"authorization": "Bearer sk-team-b-0123456789"}
+    created = time.monotonic()
+    wait_for(lambda: stack.chat("tiny-chat-e2e").status_code == 401, 10, what="gateway closed by the first key")
+    wait_for(lambda: stack.chat("tiny-chat-e2e", a).status_code == 200, 10, what="team-a key accepted")
+    assert time.monotonic() - created < 5.0 + 4.0  # within 5 s, plus the request itself on a loaded machine
+    r = stack.chat("tiny-chat-e2e", a)
+    assert r.headers["x-ratelimit-limit-requests"] == "1000"
+    assert stack.chat("sleepy-e2e", a).status_code == 403
+    stack.cluster.kubectl("delete", "secret", "-n", ns, "team-a")
+    wait_for(lambda: stack.chat("tiny-chat-e2e", a).status_code == 401, 10, what="team-a key refused")
+    assert stack.chat("tiny-chat-e2e", b).status_code == 200
+    stack.cluster.kubectl("delete", "secret", "-n", ns, "team-b")
