@@ -1,0 +1,333 @@
+"""The operator end to end on the local cluster (issue 6): the CRD from crds/, the operator as a
+process, real worker pods loading the tiny chat model.
+
+One namespace and one operator (watching only that namespace) per module; the tests run in
+file order and some build on the previous one (the `chat` ModelDeployment goes Ready, scales,
+rolls, is deleted). ModelDeployments that only need time (Unschedulable, the missing model,
+scale-to-zero) are applied at the start so they settle while the others run. On a timeout,
+the failure message carries `kubectl describe md`, the events and the operator log's tail.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
+
+from operator_harness import (  # noqa: E402
+    NS_PREFIX,
+    OperatorProcess,
+    apply,
+    chat,
+    condition,
+    create_namespace,
+    delete_namespace,
+    describe,
+    get,
+    install_crds,
+    items,
+    kubectl,
+    model_deployment,
+    ready_endpoints,
+    wait_for,
+)
+
+from modelfleet import labels  # noqa: E402
+from modelfleet.demo import ensure_demo_model  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+LOAD_TIMEOUT = 150  # a worker pod imports torch and loads the model: ~25 s on a loaded 2-core box
+SETTLE_TIMEOUT = 45  # what needs no model load (status, scheduling, a crash)
+
+
+@dataclass
+class Env:
+    namespace: str
+    op: OperatorProcess
+    source: str
+
+    def explain(self) -> str:
+        return describe(self.namespace, self.op)
+
+    def wait(self, fn, timeout: float, what: str, interval: float = 0.5):
+        return wait_for(fn, timeout, what, interval=interval, explain=self.explain)
+
+    def md(self, name: str) -> dict | None:
+        return get("md", name, self.namespace)
+
+
+@pytest.fixture(scope="module")
+def env(cluster, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - cluster sets KUBECONFIG
+    install_crds()
+    ns = f"{NS_PREFIX}{uuid.uuid4().hex[:6]}"
+    create_namespace(ns)
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    op = OperatorProcess([ns], log)
+    source = f"file://{ensure_demo_model()}"
+    try:
+        op.start()
+        e = Env(ns, op, source)
+        apply(
+            model_deployment("chat", source, replicas=1),
+            model_deployment("greedy", source, replicas=1, resources={"gpu": 64, "cpu": "100m"}),
+            model_deployment("missing", "file:///nonexistent/modelfleet-e2e/model", replicas=1),
+            model_deployment("zero", source, autoscaling={"minReplicas": 0, "maxReplicas": 1,
+                                                          "targetInflightPerReplica": 1,
+                                                          "scaleDownDelaySeconds": 3},
+                             routing={"holdTimeoutSeconds": 5}),
+            namespace=ns,
+        )
+        yield e
+    finally:
+        op.stop()
+        print(f"operator log: {log}")
+        delete_namespace(ns)
+
+
+def _phase(md: dict | None) -> str:
+    return ((md or {}).get("status") or {}).get("phase", "")
+
+
+def test_invalid_spec_is_rejected_naming_the_field(env: Env) -> None:
+    cases = {
+        "spec.autoscaling.minReplicas": {"autoscaling": {"minReplicas": 3, "maxReplicas": 1}},
+        "spec.model.source": {},  # an s3:// source below
+        "spec.replicas": {"replicas": -1},
+    }
+    for field, spec in cases.items():
+        source = "s3://bucket/model" if field == "spec.model.source" else env.source
+        doc = json.dumps(model_deployment("bad", source, **spec))
+        proc = kubectl("apply", "-n", env.namespace, "-f", "-", input=doc, check=False)
+        assert proc.returncode != 0, f"{field}: the API server accepted an invalid spec"
+        assert field in proc.stderr, f"the rejection does not name {field}: {proc.stderr}"
+    assert env.md("bad") is None
+
+
+def test_more_gpus_than_any_node_reports_unschedulable(env: Env) -> None:
+    md = env.wait(lambda: (m := env.md("greedy")) and condition(m, "Ready").get("reason") == "Unschedulable" and m,
+                  SETTLE_TIMEOUT, "greedy to report Ready=False reason Unschedulable")
+    ready = condition(md, "Ready")
+    assert ready["status"] == "False"
+    assert "nvidia.com/gpu" in ready["message"] and "64" in ready["message"], ready["message"]
+    assert _phase(md) == "Pending"
+
+
+def test_missing_model_directory_reports_why(env: Env) -> None:
+    def failed() -> dict | None:
+        md = env.md("missing")
+        return md if "/nonexistent/modelfleet-e2e/model" in condition(md, "Ready").get("message", "") else None
+
+    md = env.wait(failed, SETTLE_TIMEOUT, "the worker's error (model directory missing) in status")
+    ready = condition(md, "Ready")
+    assert ready["status"] == "False" and ready["reason"] in ("CrashLoopBackOff", "Error"), ready
+    assert "does not exist" in ready["message"], ready["message"]
+    assert _phase(md) == "Failed"
+    listed = kubectl("get", "md", "missing", "-n", env.namespace).stdout
+    assert "does not exist" in listed, f"kubectl get md does not say why: {listed}"
+
+
+def test_ready_and_answers_a_chat_completion(env: Env) -> None:
+    md = env.wait(lambda: (m := env.md("chat")) and _phase(m) == "Ready" and m, LOAD_TIMEOUT, "chat to be Ready")
+    assert md["status"]["readyReplicas"] == 1
+    assert md["status"]["observedGeneration"] == md["metadata"]["generation"]
+    addresses = env.wait(lambda: ready_endpoints(env.namespace, "chat"), SETTLE_TIMEOUT,
+                         "a ready endpoint in chat's EndpointSlice")
+    reply = chat(addresses[0], "chat")
+    assert reply["model"] == "chat" and reply["choices"][0]["message"]["role"] == "assistant"
+    owners = {r["kind"] for r in get("deploy", "chat", env.namespace)["metadata"]["ownerReferences"]}
+    assert owners == {"ModelDeployment"}
+
+
+def test_kubectl_scale_to_two_gives_two_ready_endpoints(env: Env) -> None:
+    kubectl("scale", "md/chat", "--replicas", "2", "-n", env.namespace)
+    addresses = env.wait(lambda: len(eps := ready_endpoints(env.namespace, "chat")) == 2 and eps, LOAD_TIMEOUT,
+                         "two ready endpoints for chat")
+    for address in addresses:
+        assert chat(address, "chat")["choices"]
+    md = env.wait(lambda: (m := env.md("chat")) and m["status"].get("readyReplicas") == 2 and m, SETTLE_TIMEOUT,
+                  "chat status readyReplicas 2")
+    assert kubectl("get", "md", "chat", "-n", env.namespace, "-o", "jsonpath={.status.replicas}").stdout == "2"
+    assert md["status"]["selector"] == "modelfleet.dev/model=chat"
+    assert env.wait(lambda: get("pdb", "chat", env.namespace), SETTLE_TIMEOUT, "chat's PodDisruptionBudget")
+
+
+class ReadyWatch:
+    """Samples readyReplicas of the Deployment (through a watch, so no change is missed) and
+    of the ModelDeployment's status while a rollout runs."""
+
+    def __init__(self, namespace: str, name: str) -> None:
+        self.namespace, self.name = namespace, name
+        self.deployment: list[int] = []
+        self.status: list[int] = []
+        self._stop = threading.Event()
+        self._proc = None
+        self._threads = [threading.Thread(target=self._watch, daemon=True),
+                         threading.Thread(target=self._poll, daemon=True)]
+
+    def __enter__(self) -> ReadyWatch:
+        import subprocess
+
+        self._proc = subprocess.Popen(["kubectl", "get", "deploy", self.name, "-n", self.namespace, "-w",
+                                       "-o", "jsonpath={.status.readyReplicas}{\"\\n\"}"],
+                                      stdout=subprocess.PIPE, text=True)
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _watch(self) -> None:
+        assert self._proc and self._proc.stdout
+        for line in self._proc.stdout:
+            self.deployment.append(int(line.strip() or 0))
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            md = get("md", self.name, self.namespace)
+            self.status.append(int(((md or {}).get("status") or {}).get("readyReplicas") or 0))
+            time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._proc:
+            self._proc.terminate()
+            self._proc.wait()
+        for t in self._threads:
+            t.join(5)
+
+
+def test_spec_change_rolls_with_no_moment_of_zero_ready(env: Env) -> None:
+    before = {p["metadata"]["name"] for p in items("pods", env.namespace, "modelfleet.dev/model=chat")}
+    gen = env.md("chat")["metadata"]["generation"]
+    patch = {"spec": {"replicas": 1, "engine": {"env": [{"name": "MF_E2E_ROLL", "value": "1"}]}}}
+
+    def rolled() -> bool:
+        md, dep = env.md("chat"), get("deploy", "chat", env.namespace)
+        pods = items("pods", env.namespace, "modelfleet.dev/model=chat")
+        s = dep["status"] if dep else {}
+        return bool(
+            md and md["status"].get("observedGeneration", 0) > gen and _phase(md) == "Ready"
+            and s.get("observedGeneration") == dep["metadata"]["generation"]
+            and s.get("updatedReplicas") == s.get("readyReplicas") == s.get("replicas") == 1
+            and len(pods) == 1 and pods[0]["metadata"]["name"] not in before
+        )
+
+    with ReadyWatch(env.namespace, "chat") as watch:
+        kubectl("patch", "md", "chat", "-n", env.namespace, "--type", "merge", "-p", json.dumps(patch))
+        env.wait(rolled, LOAD_TIMEOUT, "the rollout of chat's new spec to finish")
+    assert watch.deployment and watch.status, "the watch saw nothing"
+    assert min(watch.deployment) >= 1, f"the Deployment had 0 ready replicas during the rollout: {watch.deployment}"
+    assert min(watch.status) >= 1, f"status said 0 ready replicas during the rollout: {watch.status}"
+    pod = items("pods", env.namespace, "modelfleet.dev/model=chat")[0]
+    assert {"name": "MF_E2E_ROLL", "value": "1"} in pod["spec"]["containers"][0]["env"]
+    env.wait(lambda: get("pdb", "chat", env.namespace) is None, SETTLE_TIMEOUT, "the PDB to go below 2 replicas")
+    assert chat(ready_endpoints(env.namespace, "chat")[0], "chat")["choices"]
+
+
+def test_delete_removes_every_owned_object(env: Env) -> None:
+    selector = "modelfleet.dev/model=chat"
+    assert items("deploy", env.namespace, selector) and items("svc", env.namespace, selector)
+    kubectl("delete", "md", "chat", "-n", env.namespace, "--wait=false")
+
+    def leftovers() -> list[str]:
+        left = []
+        for kind in ("deploy", "rs", "pods", "svc", "pdb", "endpointslices"):
+            left += [f"{kind}/{o['metadata']['name']}" for o in items(kind, env.namespace, selector)]
+        return left
+
+    env.wait(lambda: not leftovers() or None, 60, "every object owned by chat to be deleted", interval=1)
+    assert env.md("chat") is None
+
+
+def test_operator_killed_mid_reconcile_converges_without_duplicates(env: Env) -> None:
+    names = [f"restart-{i}" for i in range(6)]
+    apply(*[model_deployment(n, env.source, replicas=0) for n in names], namespace=env.namespace)
+    # Kill as soon as the first Deployment appears: the operator is then in the middle of the
+    # batch (some children applied, statuses not yet written).
+    env.wait(lambda: any(items("deploy", env.namespace, f"modelfleet.dev/model={n}") for n in names), 30,
+             "the operator to start on the batch", interval=0.05)
+    env.op.kill()
+    half = sum(bool(((env.md(n) or {}).get("status") or {}).get("observedGeneration")) for n in names)
+    print(f"killed with {half}/{len(names)} statuses written")
+    env.op.start()
+
+    def converged() -> bool:
+        for n in names:
+            md = env.md(n)
+            st = (md or {}).get("status") or {}
+            if st.get("observedGeneration") != md["metadata"]["generation"] or not condition(md, "Ready"):
+                return False
+        return True
+
+    env.wait(converged, SETTLE_TIMEOUT, "every restart-N to have its status after the restart")
+    for n in names:
+        sel = f"modelfleet.dev/model={n}"
+        for kind in ("deploy", "svc", "rs"):
+            found = items(kind, env.namespace, sel)
+            assert len(found) <= 1 if kind == "rs" else len(found) == 1, f"{n}: {kind}: {found}"
+        assert condition(env.md(n), "Ready")["reason"] == "ScaledToZero"
+        reasons = [e["reason"] for e in items("events", env.namespace)
+                   if e["involvedObject"]["name"] == n and e["involvedObject"]["kind"] == "ModelDeployment"]
+        assert len(reasons) == len(set(reasons)), f"{n}: duplicate events after the restart: {reasons}"
+    kubectl("delete", "md", *names, "-n", env.namespace, "--wait=false")
+
+
+def test_scale_to_zero_and_back_on_demand(env: Env) -> None:
+    def replicas() -> int:
+        dep = get("deploy", "zero", env.namespace)
+        return int(((dep or {}).get("spec") or {}).get("replicas", -1))
+
+    env.wait(lambda: replicas() == 0 and condition(env.md("zero"), "Ready").get("reason") == "ScaledToZero",
+             SETTLE_TIMEOUT, "zero to sit at 0 replicas (ScaledToZero)")
+    signalled = datetime.now(timezone.utc)
+    demand = labels.Demand(time=signalled, waiting=1).encode()
+    t0 = time.monotonic()
+    kubectl("annotate", "md", "zero", "-n", env.namespace, "--overwrite", f"{labels.DEMAND}={demand}")
+    env.wait(lambda: replicas() == 1, 10, "the demand signal to scale zero to 1", interval=0.1)
+    print(f"demand -> Deployment replicas 1 in {time.monotonic() - t0:.1f}s")
+    addresses = env.wait(lambda: ready_endpoints(env.namespace, "zero"), LOAD_TIMEOUT, "zero's replica to be ready")
+    assert chat(addresses[0], "zero")["choices"]
+    # The signal counts for 30 s (the minimum hold) after its time; then, with nothing in
+    # flight for scaleDownDelaySeconds (3), back to zero.
+    env.wait(lambda: replicas() == 0, 60, "zero to scale back to 0 once idle", interval=1)
+    idle = (datetime.now(timezone.utc) - signalled).total_seconds()
+    assert idle >= 30, f"scaled to zero {idle:.0f}s after the demand signal, before it went stale"
+    env.wait(lambda: not items("pods", env.namespace, "modelfleet.dev/model=zero"), 60, "zero's pod to stop")
+    md = env.md("zero")
+    assert condition(md, "Ready")["reason"] == "ScaledToZero" and md["status"]["replicas"] == 0
+
+
+def test_two_operators_with_peering_only_one_acts(env: Env, tmp_path: Path) -> None:
+    install_crds(with_peering=True)
+    ns = f"{env.namespace}-peer"
+    create_namespace(ns)
+    apply({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "modelfleet"}}, namespace=ns)
+    high = OperatorProcess([ns], tmp_path / "high.log", "--peering", "modelfleet", "--priority", "200")
+    low = OperatorProcess([ns], tmp_path / "low.log", "--peering", "modelfleet", "--priority", "100")
+    try:
+        high.start()
+        low.start()
+        apply(model_deployment("peered", env.source, replicas=0), namespace=ns)
+        explain = lambda: f"{describe(ns, high)}\n\nlow-priority operator:\n{low.tail()}"  # noqa: E731
+        wait_for(lambda: condition(get("md", "peered", ns), "Ready"), SETTLE_TIMEOUT, "status from the leader",
+                 explain=explain)
+        time.sleep(2 * high.resync_seconds)  # a few resyncs: the follower must stay idle through them
+        assert high.reconciles() > 0, "the higher-priority operator did not reconcile"
+        assert low.reconciles() == 0, f"the lower-priority operator acted too:\n{low.tail()}"
+        high.stop()  # graceful: it leaves the peering, so the follower takes over at once
+        kubectl("patch", "md", "peered", "-n", ns, "--type", "merge", "-p", '{"spec":{"replicas":1}}')
+        wait_for(lambda: low.reconciles() > 0 and (get("deploy", "peered", ns) or {}).get("spec", {}).get("replicas") == 1,
+                 SETTLE_TIMEOUT, "the follower to take over after the leader stopped", explain=explain)
+    finally:
+        high.stop()
+        low.stop()
+        delete_namespace(ns)
