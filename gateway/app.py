@@ -21,6 +21,7 @@ from modelfleet.protocol import OpenAIError, model_not_found
 
 from .auth import ApiKey, KeyFileWatcher, KeyStore
 from .limits import RateLimiter
+from .load import LoadScraper
 from .metrics import GatewayMetrics
 from .proxy import Proxy
 from .registry import Registry
@@ -53,8 +54,9 @@ def make_client(settings: GatewaySettings) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=timeout, limits=limits)
 
 
-def model_of(body: bytes) -> str:
-    """The only field the gateway reads from a request body."""
+def routing_fields(body: bytes) -> tuple[str, str]:
+    """The only fields the gateway reads from a request body: the model, and the start of the
+    conversation or prompt (for prefix affinity). The body itself is forwarded untouched."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -62,7 +64,27 @@ def model_of(body: bytes) -> str:
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, str) or not model:
         raise OpenAIError("You must provide a model parameter.", param="model", code="missing_model")
-    return model
+    return model, prompt_prefix(data)
+
+
+def prompt_prefix(data: dict, limit: int = 4096) -> str:
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        parts = []
+        for m in messages:
+            if isinstance(m, dict):
+                content = m.get("content")
+                parts.append(f"{m.get('role')}:{content if isinstance(content, str) else json.dumps(content)}")
+            if sum(map(len, parts)) >= limit:
+                break
+        return "\n".join(parts)[:limit]
+    for field_name in ("prompt", "input"):
+        value = data.get(field_name)
+        if isinstance(value, str):
+            return value[:limit]
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            return value[0][:limit]
+    return ""
 
 
 def kubernetes_discovery(settings: GatewaySettings, registry: Registry, keys: KeyStore):
@@ -103,11 +125,15 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
             await asyncio.sleep(1.0)
             key_file.poll()
 
+    scraper = LoadScraper(registry, client)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await discovery.start()
+        scraper.start()
         tasks = [asyncio.create_task(watch_key_file())] if key_file else []
         yield
+        scraper.stop()
         for t in tasks:
             t.cancel()
         await discovery.stop()
@@ -156,7 +182,7 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
         try:
             key = keys.authenticate(request.headers)
             body = await request.body()
-            name = model_of(body)
+            name, prefix = routing_fields(body)
             model = registry.resolve(name)
             if model is None:
                 raise model_not_found(name)
@@ -168,7 +194,7 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
             headers["x-request-id"] = request.scope.get("state", {}).get("request_id", "")
             await discovery.wait_for(model)
             response = await proxy.forward(request.url.path, body, headers, model, admission.charge,
-                                           key.name if key else "")
+                                           key.name if key else "", prefix)
         except OpenAIError as exc:
             metrics.requests.labels(name, str(exc.status), key.name if key else "").inc()
             log.info("request refused", extra={"model": name, "status": exc.status,

@@ -1,19 +1,33 @@
-"""Pure endpoint choice. One signature for every strategy: (candidates, request view) -> endpoint."""
+"""Pure endpoint choice. Every strategy has one signature: (candidates, request view, rng) ->
+endpoint, so the proxy never needs to know which one it is calling."""
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from .registry import Endpoint
 
 
+@dataclass(frozen=True)
+class RequestView:
+    """What a strategy may know about the request."""
+
+    prefix: str = ""  # the start of the conversation or prompt, for prefix affinity
+    prefix_length: int = 256
+    load_factor: float = 1.25
+
+
 class Strategy(Protocol):
-    def __call__(self, candidates: Sequence[Endpoint], rng: random.Random) -> Endpoint: ...
+    def __call__(self, candidates: Sequence[Endpoint], view: RequestView, rng: random.Random) -> Endpoint: ...
 
 
-def least_load_p2c(candidates: Sequence[Endpoint], rng: random.Random) -> Endpoint:
+def least_load(candidates: Sequence[Endpoint], view: RequestView, rng: random.Random) -> Endpoint:
     """Power of two choices over outstanding requests: near-best balance without every gateway
     replica herding onto the same least-loaded endpoint."""
     if len(candidates) == 1:
@@ -24,4 +38,34 @@ def least_load_p2c(candidates: Sequence[Endpoint], rng: random.Random) -> Endpoi
     return a if rng.random() < 0.5 else b
 
 
-STRATEGIES: dict[str, Strategy] = {"least-load": least_load_p2c}
+VNODES = 64
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def prefix_affinity(candidates: Sequence[Endpoint], view: RequestView, rng: random.Random) -> Endpoint:
+    """Consistent hashing with bounded loads (Mirrokni et al., as in KubeAI's CHWBL): requests
+    sharing a prefix go to the same replica, whose KV cache already holds it, unless that
+    replica carries more than `load_factor` times the average load; then the next one on the
+    ring takes it. Replicas joining or leaving move only their share of prefixes."""
+    if not view.prefix or len(candidates) == 1:
+        return least_load(candidates, view, rng)
+    ring = sorted((_hash(f"{e.url}#{i}"), e) for e in candidates for i in range(VNODES))
+    keys = [k for k, _ in ring]
+    total = sum(e.load() for e in candidates)
+    bound = math.ceil(view.load_factor * (total + 1) / len(candidates))  # the +1 is this request
+    start = bisect.bisect(keys, _hash(view.prefix[: view.prefix_length]))
+    seen: set[str] = set()
+    for i in range(len(ring)):
+        endpoint = ring[(start + i) % len(ring)][1]
+        if endpoint.url in seen:
+            continue
+        seen.add(endpoint.url)
+        if endpoint.load() + 1 <= bound:
+            return endpoint
+    return least_load(candidates, view, rng)
+
+
+STRATEGIES: dict[str, Strategy] = {"least-load": least_load, "prefix-affinity": prefix_affinity}

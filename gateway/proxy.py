@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from modelfleet.protocol import error_body, unavailable
 
-from .balancer import Strategy, least_load_p2c
+from .balancer import STRATEGIES, RequestView
 from .metrics import GatewayMetrics
 from .registry import Endpoint, Registry
 from .usage import UsageScanner
@@ -30,18 +30,23 @@ FORWARD_HEADERS = {"content-type", "accept", "x-request-id", "user-agent", "open
 
 class Proxy:
     def __init__(self, registry: Registry, client: httpx.AsyncClient, metrics: GatewayMetrics,
-                 strategy: Strategy = least_load_p2c, max_attempts: int = 3) -> None:
+                 max_attempts: int = 3) -> None:
         self.registry = registry
         self.client = client
         self.metrics = metrics
-        self.strategy = strategy
         self.max_attempts = max_attempts
         self.rng = random.Random()
 
     async def forward(self, path: str, body: bytes, headers: dict[str, str], model: str,
-                      on_usage: Callable[[int], None] | None = None, key_name: str = "") -> StreamingResponse:
+                      on_usage: Callable[[int], None] | None = None, key_name: str = "",
+                      prefix: str = "") -> StreamingResponse:
         """Sends `body` to one endpoint of the (resolved) `model`; `on_usage` gets the tokens
         the response reports once it has been relayed."""
+        routing = self.registry.meta.get(model, {})
+        strategy_name = routing.get("strategy", "least-load")
+        strategy = STRATEGIES.get(strategy_name, STRATEGIES["least-load"])
+        view = RequestView(prefix=prefix, prefix_length=routing.get("prefix_length", 256),
+                           load_factor=routing.get("load_factor", 1.25))
         tried: set[str] = set()
         send_headers = {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
         last_error = "no replica of the model is ready"
@@ -49,7 +54,7 @@ class Proxy:
             candidates = [e for e in self.registry.available(model) if e.url not in tried]
             if not candidates:
                 break
-            endpoint = self.strategy(candidates, self.rng)
+            endpoint = strategy(candidates, view, self.rng)
             tried.add(endpoint.url)
             if attempt:
                 self.metrics.retries.labels(model).inc()
@@ -75,7 +80,7 @@ class Proxy:
             self.registry.record_success(endpoint)
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASS_HEADERS}
             out_headers["x-modelfleet-backend"] = endpoint.url
-            out_headers["x-modelfleet-route"] = f"least-load;attempt={attempt + 1}"
+            out_headers["x-modelfleet-route"] = f"{strategy_name};attempt={attempt + 1}"
             self.metrics.first_byte.labels(model).observe(time.monotonic() - started)
             scanner = UsageScanner(len(body))
             relay = self._relay(upstream, endpoint, model, started, scanner, on_usage, key_name)

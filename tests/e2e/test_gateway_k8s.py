@@ -122,6 +122,26 @@ def test_a_model_appears_serves_and_spreads_over_replicas(stack):
     assert len({backend for _, backend in seen}) >= 2
 
 
+def test_prefix_affinity_keeps_a_conversation_on_one_replica(stack):
+    wait_for(lambda: stack.backends("tiny-chat-e2e") == 3, 240, what="three ready replicas")
+    stack.cluster.kubectl("patch", "md", "chat", "-n", stack.namespace, "--type", "merge",
+                          "-p", '{"spec": {"routing": {"strategy": "prefix-affinity"}}}')
+
+    def backend(conversation: str) -> str:
+        r = httpx.post(stack.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny-chat-e2e", "max_tokens": 2,
+            "messages": [{"role": "system", "content": f"Conversation {conversation}."},
+                         {"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+        return r.headers["x-modelfleet-backend"], r.headers["x-modelfleet-route"]
+
+    wait_for(lambda: backend("probe")[1].startswith("prefix-affinity"), 15, what="routing strategy picked up")
+    assert len({backend("alpha")[0] for _ in range(8)}) == 1
+    assert len({backend(str(i))[0] for i in range(24)}) >= 2
+    stack.cluster.kubectl("patch", "md", "chat", "-n", stack.namespace, "--type", "merge",
+                          "-p", '{"spec": {"routing": {"strategy": "least-load"}}}')
+
+
 def test_deleting_a_pod_under_load_fails_no_request(stack):
     wait_for(lambda: stack.backends("tiny-chat-e2e") == 3, 240, what="three ready replicas")
     codes: list[int] = []
