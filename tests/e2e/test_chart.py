@@ -141,6 +141,9 @@ def test_models_become_ready(release: Release) -> None:
     table = release.kubectl("get", "md")
     print(f"\n$ kubectl get md\n{table}")
     assert "Ready" in table
+    # Its RBAC is enough: kopf logs every 403 it retries (start-up included).
+    log = release.kubectl("logs", f"deploy/{RELEASE}-modelfleet-operator")
+    assert "Forbidden" not in log, log[-3000:]
 
 
 def test_openai_sdk_through_the_ingress(release: Release) -> None:
@@ -211,6 +214,8 @@ def test_uninstall_leaves_only_the_crd(release: Release) -> None:
                     60, what="the release's objects to go")
     assert not release.kubectl("get", "deployments,services", "-l", "modelfleet.dev/model", "-o", "name").strip()
     wait_for(lambda: not release.kubectl("get", "pods", "-o", "name").strip() or None, 120, what="pods to stop")
+    cluster_wide = release.cluster.kubectl("get", "clusterroles,clusterrolebindings", "-l", selector, "-o", "name").stdout
+    assert release.namespace not in cluster_wide
     release.cluster.kubectl("get", "crd", "modeldeployments.modelfleet.dev")
     # A Secret the user created stays theirs.
     assert release.cluster.get("secret", "e2e-key", release.namespace)

@@ -222,7 +222,11 @@ def test_images_from_registry_and_tags(render) -> None:
 
 def test_watch_namespaces(render) -> None:
     objects = render({"operator.watchNamespaces": ["team-a", "team-b"]})
-    assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
+    # Cluster-wide, only what kopf reads even when restricted to namespaces: CRDs and namespaces.
+    (observe,) = find(objects, "ClusterRole")
+    assert {r for rule in observe["rules"] for r in rule["resources"]} == {"customresourcedefinitions", "namespaces"}
+    assert all(rule["verbs"] == ["get", "list", "watch"] for rule in observe["rules"])
+    assert [b["roleRef"]["name"] for b in find(objects, "ClusterRoleBinding")] == [observe["metadata"]["name"]]
     assert not find(objects, "ClusterKopfPeering")
     args = container(one(objects, "Deployment", "mf-modelfleet-operator"))["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
@@ -432,7 +436,8 @@ def operator_needs() -> list[tuple[str, str, set[str]]]:
     return [(g, r, set(rule["verbs"])) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]]
 
 
-CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces", "clusterkopfpeerings"}
+# Only the cluster-wide peering is not needed by an operator restricted to namespaces.
+CLUSTER_SCOPED = {"clusterkopfpeerings"}
 
 
 @pytest.mark.parametrize("watch", [[], ["team-a", "mf-system"]], ids=["all-namespaces", "some-namespaces"])
