@@ -26,6 +26,7 @@ from .metrics import GatewayMetrics
 from .proxy import Proxy
 from .registry import Registry
 from .static import StaticDiscovery
+from .upstream import Upstream
 
 log = logging.getLogger("modelfleet.gateway")
 PROXIED = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/edits",
@@ -114,7 +115,8 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
         limiter = limiter or RateLimiter(replicas=replicas)
     limiter = limiter or RateLimiter()
     metrics = GatewayMetrics(registry)
-    proxy = Proxy(registry, client, metrics)
+    upstream = Upstream(settings.connect_timeout, settings.read_timeout, settings.max_connections)
+    proxy = Proxy(registry, upstream, metrics)
     discovery = discovery or StaticDiscovery(registry, settings.backends, client)
     key_file = KeyFileWatcher(settings.api_keys, keys) if settings.api_keys else None
     if key_file:
@@ -137,6 +139,7 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
         for t in tasks:
             t.cancel()
         await discovery.stop()
+        await upstream.close()
         await client.aclose()
 
     app = FastAPI(title="modelfleet gateway", docs_url=None, redoc_url=None, lifespan=lifespan)

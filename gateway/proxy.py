@@ -13,7 +13,6 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 
-import httpx
 from fastapi.responses import StreamingResponse
 
 from modelfleet.protocol import error_body, unavailable
@@ -21,6 +20,7 @@ from modelfleet.protocol import error_body, unavailable
 from .balancer import STRATEGIES, RequestView
 from .metrics import GatewayMetrics
 from .registry import Endpoint, Registry
+from .upstream import Upstream, UpstreamError, UpstreamResponse
 from .usage import UsageScanner
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,10 @@ FORWARD_HEADERS = {"content-type", "accept", "x-request-id", "user-agent", "open
 
 
 class Proxy:
-    def __init__(self, registry: Registry, client: httpx.AsyncClient, metrics: GatewayMetrics,
+    def __init__(self, registry: Registry, upstream: Upstream, metrics: GatewayMetrics,
                  max_attempts: int = 3) -> None:
         self.registry = registry
-        self.client = client
+        self.upstream = upstream
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.rng = random.Random()
@@ -61,20 +61,17 @@ class Proxy:
             endpoint.inflight += 1
             started = time.monotonic()
             try:
-                upstream = await self.client.send(
-                    self.client.build_request("POST", endpoint.url + path, content=body, headers=send_headers),
-                    stream=True,
-                )
-            except httpx.TransportError as exc:
+                upstream = await self.upstream.post(endpoint.url + path, body, send_headers)
+            except UpstreamError as exc:
                 endpoint.inflight -= 1
                 last_error = f"replica {endpoint.url} failed: {type(exc).__name__}"
                 self._failed(endpoint)
                 continue
             others_left = any(e.url not in tried for e in self.registry.available(model))
-            if upstream.status_code >= 500 and attempt + 1 < self.max_attempts and others_left:
-                await upstream.aclose()
+            if upstream.status >= 500 and attempt + 1 < self.max_attempts and others_left:
+                upstream.close(completed=False)
                 endpoint.inflight -= 1
-                last_error = f"replica {endpoint.url} answered {upstream.status_code}"
+                last_error = f"replica {endpoint.url} answered {upstream.status}"
                 self._failed(endpoint)
                 continue
             self.registry.record_success(endpoint)
@@ -84,7 +81,7 @@ class Proxy:
             self.metrics.first_byte.labels(model).observe(time.monotonic() - started)
             scanner = UsageScanner(len(body))
             relay = self._relay(upstream, endpoint, model, started, scanner, on_usage, key_name)
-            return StreamingResponse(relay, status_code=upstream.status_code, headers=out_headers)
+            return StreamingResponse(relay, status_code=upstream.status, headers=out_headers)
         raise unavailable(f"No ready replica for model `{model}` ({last_error}).", retry_after=2)
 
     def _failed(self, endpoint: Endpoint) -> None:
@@ -92,16 +89,18 @@ class Proxy:
             self.metrics.ejections.labels(endpoint.model).inc()
             log.warning("ejected %s after repeated failures", endpoint.url)
 
-    async def _relay(self, upstream: httpx.Response, endpoint: Endpoint, model: str, started: float,
+    async def _relay(self, upstream: UpstreamResponse, endpoint: Endpoint, model: str, started: float,
                      scanner: UsageScanner, on_usage: Callable[[int], None] | None,
                      key_name: str) -> AsyncIterator[bytes]:
         streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
-        status = str(upstream.status_code)
+        status = str(upstream.status)
+        completed = False
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.chunks():
                 scanner.feed(chunk)
                 yield chunk
-        except httpx.TransportError as exc:
+            completed = True
+        except UpstreamError as exc:
             status = "upstream_error"
             self._failed(endpoint)
             log.warning("replica %s failed mid-response: %s", endpoint.url, exc)
@@ -111,8 +110,8 @@ class Proxy:
                 yield b"\n\n"
         finally:
             endpoint.inflight -= 1
-            await upstream.aclose()
-            tokens = scanner.tokens() if upstream.status_code == 200 else 0
+            upstream.close(completed)
+            tokens = scanner.tokens() if upstream.status == 200 else 0
             if on_usage is not None:
                 on_usage(tokens)
             self.metrics.requests.labels(model, status, key_name).inc()

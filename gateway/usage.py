@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 TOTAL = re.compile(rb'"total_tokens":\s*(\d+)')
-TAIL = 4096
+TAIL = 64  # enough to hold a usage field split across two chunks
 
 
 class UsageScanner:

@@ -122,8 +122,10 @@ def serve(settings: WorkerSettings) -> None:
     if service.engine:
         service.engine.start()
     app = create_app(service, metrics)
+    # Keep-alive longer than the gateway's pool keeps idle connections (30 s), so the gateway
+    # never sends a request on a connection this worker is closing.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5, lifespan="off")
+                            timeout_graceful_shutdown=5, lifespan="off", timeout_keep_alive=75)
     server = DrainingServer(config, service, settings.drain_timeout)
     log.info("serving %s (%s, %s) on http://%s:%d", service.name, service.info.task, service.info.path,
              settings.host, settings.port)

@@ -1,0 +1,227 @@
+"""What the gateway adds: a fake backend that streams 200 events with no model (and a paced
+variant at about 30 events/s per stream, like a real model), measured directly and through
+`modelfleet gateway` in the same run, at 1, 32 and 256 concurrent clients, plus many open paced
+streams held at once.
+
+    python bench/gateway_overhead.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import free_port, percentile, print_table, ratio, write_results  # noqa: E402
+
+EVENTS = 200
+
+
+# -- the fake backend (runs in its own process: `python gateway_overhead.py --backend PORT`) -------
+
+def run_backend(port: int) -> None:
+    from aiohttp import web
+
+    chunk = (b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,'
+             b'"delta":{"content":"tok"},"finish_reason":null}]}\n\n')
+    usage = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":200,"total_tokens":205}}\n\n'
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ready", "object": "list", "data": []})
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        pace = float(body.get("pace", 0))
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(EVENTS):
+            await resp.write(chunk)
+            if pace:
+                await asyncio.sleep(pace)
+        await resp.write(usage + b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/v1/models", ready)
+    app.router.add_get("/metrics", lambda r: web.Response(text=""))
+    app.router.add_post("/v1/chat/completions", chat)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+# -- load ------------------------------------------------------------------------------------------
+
+async def load(url: str, concurrency: int, per_client: int, pace: float) -> dict[str, Any]:
+    import aiohttp
+
+    ttfb, latency, errors = [], [], 0
+    events = 0
+    body = {"model": "fake", "messages": [{"role": "user", "content": "x"}], "stream": True, "pace": pace}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+        async def client() -> None:
+            nonlocal errors, events
+            for _ in range(per_client):
+                started = time.perf_counter()
+                first = None
+                try:
+                    async with session.post(url + "/v1/chat/completions", json=body) as r:
+                        if r.status != 200:
+                            errors += 1
+                            continue
+                        async for line in r.content:
+                            if line.startswith(b"data: {"):
+                                first = first or time.perf_counter()
+                                events += 1
+                except aiohttp.ClientError:
+                    errors += 1
+                    continue
+                ttfb.append(first - started)
+                latency.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    ms = lambda v: round(v * 1000, 3) if v is not None else None  # noqa: E731
+    return {"requests": concurrency * per_client, "errors": errors, "events_per_s": round(events / wall, 1),
+            "ttfb_p50_ms": ms(percentile(ttfb, 50)), "ttfb_p99_ms": ms(percentile(ttfb, 99)),
+            "latency_p50_ms": ms(percentile(latency, 50)), "latency_p99_ms": ms(percentile(latency, 99))}
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+async def open_streams(url: str, streams: int, seconds: float, gateway_pid: int) -> dict[str, Any]:
+    """`streams` paced streams held open together; gateway memory sampled while they run."""
+    pace = seconds / EVENTS
+    samples: list[float] = []
+
+    async def sample() -> None:
+        while True:
+            samples.append(rss_mb(gateway_pid))
+            await asyncio.sleep(2)
+
+    sampler = asyncio.create_task(sample())
+    result = await load(url, streams, 1, pace)
+    sampler.cancel()
+    result["rss_mb_start"] = samples[0] if samples else None
+    result["rss_mb_peak"] = max(samples) if samples else None
+    result["rss_mb_end"] = samples[-1] if samples else None
+    return result
+
+
+def wait_ready(url: str, timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--backend", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.backend:
+        run_backend(args.backend)
+        return 0
+    logs = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    bport, gport = free_port(), free_port()
+    backend = subprocess.Popen([sys.executable, __file__, "--backend", str(bport)],
+                               stdout=(logs / "backend.log").open("w"), stderr=subprocess.STDOUT)
+    gateway = subprocess.Popen([sys.executable, "-m", "modelfleet", "--log-level", "warning", "gateway",
+                                "--backend", f"fake=http://127.0.0.1:{bport}", "--port", str(gport)],
+                               stdout=(logs / "gateway.log").open("w"), stderr=subprocess.STDOUT)
+    direct, through = f"http://127.0.0.1:{bport}", f"http://127.0.0.1:{gport}"
+    levels = [1, 32, 256]
+    per = {1: 50, 32: 4, 256: 1} if args.quick else {1: 200, 32: 16, 256: 2}
+    held, hold_s = (500, 20.0) if args.quick else (2000, 60.0)
+    rows: list[dict[str, Any]] = []
+    try:
+        wait_ready(direct)
+        wait_ready(through)
+        asyncio.run(load(through, 4, 2, 0))  # warm-up
+        for c in levels:
+            for name, url in (("direct", direct), ("gateway", through)):
+                row = {"path": name, "variant": "fast", "concurrency": c, **asyncio.run(load(url, c, per[c], 0))}
+                rows.append(row)
+                print(f"  {name:8s} fast   c={c:<4d} {row['events_per_s']:>9} events/s  "
+                      f"ttfb p50 {row['ttfb_p50_ms']} ms  errors {row['errors']}", flush=True)
+        for name, url in (("direct", direct), ("gateway", through)):
+            row = {"path": name, "variant": "paced", "concurrency": 32,
+                   **asyncio.run(load(url, 32, 1, 1 / 30))}
+            rows.append(row)
+            print(f"  {name:8s} paced  c=32   ttfb p50 {row['ttfb_p50_ms']} ms  errors {row['errors']}", flush=True)
+        print(f"holding {held} paced streams through the gateway for ~{hold_s:.0f}s", flush=True)
+        row = {"path": "gateway", "variant": f"{held} open streams", "concurrency": held,
+               **asyncio.run(open_streams(through, held, hold_s, gateway.pid))}
+        rows.append(row)
+        print(f"  errors {row['errors']}, gateway RSS {row['rss_mb_start']} -> {row['rss_mb_peak']} MB", flush=True)
+    finally:
+        for proc in (gateway, backend):
+            proc.kill()
+            proc.wait()
+
+    def get(path: str, c: int, key: str, variant: str = "fast") -> float | None:
+        return next((r[key] for r in rows if (r["path"], r["concurrency"], r["variant"]) == (path, c, variant)), None)
+
+    added = lambda c, key: round(get("gateway", c, key) - get("direct", c, key), 3)  # noqa: E731
+    held_row = rows[-1]
+    ratios = {
+        "added_ttfb_p50_ms@1": added(1, "ttfb_p50_ms"),
+        "added_latency_p50_ms@1": added(1, "latency_p50_ms"),
+        "added_latency_p99_ms@1": added(1, "latency_p99_ms"),
+        "throughput_vs_direct@32": ratio(get("gateway", 32, "events_per_s"), get("direct", 32, "events_per_s")),
+        "throughput_vs_direct@256": ratio(get("gateway", 256, "events_per_s"), get("direct", 256, "events_per_s")),
+        f"open_streams_errors@{held}": held_row["errors"],
+        "open_streams_rss_growth_mb": round((held_row["rss_mb_end"] or 0) - (held_row["rss_mb_start"] or 0), 1),
+    }
+    config = {"events_per_stream": EVENTS, "levels": levels, "per_client": per, "held_streams": held,
+              "hold_seconds": hold_s, "client": "httpx (data path)", "quick": args.quick, "cpus": os.cpu_count(),
+              "goals": {"added_latency_p50_ms@1": "<= 0.5", "throughput_vs_direct@32": ">= 0.9",
+                        f"open_streams_errors@{held}": "== 0", "open_streams_rss_growth_mb": "flat"}}
+    print()
+    print_table(rows, ["path", "variant", "concurrency", "events_per_s", "ttfb_p50_ms", "ttfb_p99_ms",
+                       "latency_p50_ms", "latency_p99_ms", "errors"])
+    for key, value in ratios.items():
+        print(f"{key:32s} {value}")
+
+    def plot(ax) -> None:
+        for name in ("direct", "gateway"):
+            pts = [(r["concurrency"], r["events_per_s"]) for r in rows if r["path"] == name and r["variant"] == "fast"]
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel("SSE events/s")
+        ax.set_title("gateway overhead (fake backend, 200 events per stream)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+
+    path = write_results("gateway_overhead", config, rows, ratios, plot)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
