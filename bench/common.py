@@ -131,6 +131,16 @@ def write_results(name: str, config: dict[str, Any], rows: list[dict[str, Any]],
     return path
 
 
+def finish_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """The axes every concurrency sweep shares: log2 x axis, labels, legend, light grid."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))

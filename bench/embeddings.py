@@ -17,7 +17,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import Sample, closed_loop, print_table, ratio, start_worker, stop, summarize, write_results  # noqa: E402
+from common import (  # noqa: E402
+    Sample,
+    closed_loop,
+    finish_axes,
+    print_table,
+    ratio,
+    start_worker,
+    stop,
+    summarize,
+    write_results,
+)
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches near "
          "the old harbour where ships unload grain and spices every morning").split()
@@ -118,12 +128,7 @@ def main() -> int:
         ax.plot(*zip(*pts, strict=True), marker="o", label="modelfleet (HTTP, 1 sentence/request)")
         for name, style in (("library batch=32", "--"), ("library batch=1", ":")):
             ax.axhline(eps(name, 32 if "32" in name else 1), linestyle=style, color="gray", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel("embeddings/s")
-        ax.set_title("all-MiniLM-L6-v2 embeddings")
-        ax.legend()
-        ax.grid(alpha=0.3)
+        finish_axes(ax, "concurrent clients", "embeddings/s", "all-MiniLM-L6-v2 embeddings")
 
     path = write_results("embeddings", config, rows, ratios, plot)
     print(f"\nwrote {path}")

@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import free_port, percentile, print_table, ratio, write_results  # noqa: E402
+from common import finish_axes, free_port, percentile, print_table, ratio, write_results  # noqa: E402
 
 EVENTS = 200
 
@@ -211,12 +211,7 @@ def main() -> int:
         for name in ("direct", "gateway"):
             pts = [(r["concurrency"], r["events_per_s"]) for r in rows if r["path"] == name and r["variant"] == "fast"]
             ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent streams")
-        ax.set_ylabel("SSE events/s")
-        ax.set_title("gateway overhead (fake backend, 200 events per stream)")
-        ax.legend()
-        ax.grid(alpha=0.3)
+        finish_axes(ax, "concurrent streams", "SSE events/s", "gateway overhead (fake backend, 200 events per stream)")
 
     path = write_results("gateway_overhead", config, rows, ratios, plot)
     print(f"\nwrote {path}")

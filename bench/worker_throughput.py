@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     Sample,
     closed_loop,
+    finish_axes,
     print_table,
     ratio,
     start_worker,
@@ -261,12 +262,7 @@ def main() -> int:
                    and r["mode"] == ("stream" if system == "fastchat" else "plain")]
             if pts:
                 ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=system)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel("generated tokens/s")
-        ax.set_title(f"worker throughput, {BENCH_SPEC.name}, {max_tokens} tokens/request")
-        ax.legend()
-        ax.grid(alpha=0.3)
+        finish_axes(ax, "concurrent clients", "generated tokens/s", f"worker throughput, {BENCH_SPEC.name}, {max_tokens} tokens/request")
 
     path = write_results("worker_throughput", config, rows, ratios, plot)
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
