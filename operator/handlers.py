@@ -68,47 +68,100 @@ def classify(exc: BaseException) -> BaseException:
     return exc
 
 
-class _Locks:
-    """One lock per ModelDeployment: a timer and an update handler may fire together."""
+class _Slot:
+    """The reconcile lock of one ModelDeployment and whether a run already waits for it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiting = False
+        # The Deployment resourceVersion the last reconcile computed status from.
+        self.deployment_version: str | None = None
+
+
+class _Slots:
+    """One slot per ModelDeployment: a timer, an update and child events may fire together."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
+        self._slots: dict[str, _Slot] = {}
 
-    def of(self, uid: str) -> threading.Lock:
+    def enter(self, uid: str) -> _Slot | None:
+        """Claim the right to run next for `uid`; None if another trigger already waits.
+
+        A waiting run has not read the cluster yet, so it will see whatever the newer trigger
+        was about: one is enough. Without this, a burst of child events (every status update
+        of a new Deployment) queues reconciles that each hold one of kopf's worker threads.
+        """
         with self._guard:
-            return self._locks.setdefault(uid, threading.Lock())
+            slot = self._slots.setdefault(uid, _Slot())
+            if slot.waiting:
+                return None
+            slot.waiting = True
+            return slot
+
+    def started(self, slot: _Slot) -> None:
+        with self._guard:
+            slot.waiting = False
+
+    def current(self, uid: str, deployment_version: str) -> bool:
+        """True if the last reconcile of `uid` already saw the Deployment at this version."""
+        with self._guard:
+            slot = self._slots.get(uid)
+            return slot is not None and slot.deployment_version == deployment_version
 
     def forget(self, uid: str) -> None:
         with self._guard:
-            self._locks.pop(uid, None)
+            slot = self._slots.get(uid)
+            if slot is not None and not slot.waiting:
+                del self._slots[uid]
+
+    def __len__(self) -> int:
+        return len(self._slots)
 
 
-def make_runner(deps: Deps) -> Callable[[Mapping[str, Any], str], Outcome | None]:
-    """The one function all triggers call: lock, time, reconcile, translate errors."""
-    locks = _Locks()
+def make_runner(deps: Deps) -> Callable[..., Outcome | None]:
+    """The one function all triggers call: coalesce, lock, time, reconcile, translate errors.
 
-    def run(body: Mapping[str, Any], trigger: str) -> Outcome | None:
+    `deployment_version` (child events) is the resourceVersion of the Deployment that changed:
+    if the last reconcile already computed status from that version, e.g. the event that our
+    own apply caused, there is nothing to do.
+    """
+    slots = _Slots()
+
+    def run(body: Mapping[str, Any], trigger: str, deployment_version: str | None = None) -> Outcome | None:
         meta = body.get("metadata") or {}
-        with locks.of(str(meta.get("uid", ""))), deps.metrics.timed(trigger):
-            try:
-                outcome = reconcile(body, deps.kube, deps.config, deps.probe, deps.clock())
-            except Gone:
-                return None  # deleted meanwhile: ownerReferences clean up the children
-            except Exception as exc:
-                translated = classify(exc)
-                kind = "permanent" if isinstance(translated, kopf.PermanentError) else "temporary"
-                if translated is exc and not isinstance(exc, kopf.TemporaryError):
-                    kind = "unexpected"
-                deps.metrics.errors.labels("modeldeployments", kind).inc()
-                if translated is exc:
-                    raise
-                raise translated from exc
+        uid = str(meta.get("uid", ""))
+        if deployment_version and slots.current(uid, deployment_version):
+            deps.metrics.coalesced.labels("modeldeployments", trigger).inc()
+            return None
+        slot = slots.enter(uid)
+        if slot is None:
+            deps.metrics.coalesced.labels("modeldeployments", trigger).inc()
+            return None
+        with slot.lock:
+            slots.started(slot)
+            with deps.metrics.timed(trigger):
+                try:
+                    outcome = reconcile(body, deps.kube, deps.config, deps.probe, deps.clock())
+                except Gone:
+                    slots.forget(uid)
+                    return None  # deleted meanwhile: ownerReferences clean up the children
+                except Exception as exc:
+                    translated = classify(exc)
+                    kind = "permanent" if isinstance(translated, kopf.PermanentError) else "temporary"
+                    if translated is exc and not isinstance(exc, kopf.TemporaryError):
+                        kind = "unexpected"
+                    deps.metrics.errors.labels("modeldeployments", kind).inc()
+                    if translated is exc:
+                        raise
+                    raise translated from exc
+            slot.deployment_version = outcome.deployment_version
         if outcome.scale_reason:
             grew = outcome.scaled_from is None or outcome.desired > outcome.scaled_from
             deps.metrics.scaled.labels("up" if grew else "down").inc()
         return outcome
 
+    run.slots = slots  # type: ignore[attr-defined] - for tests
     return run
 
 
@@ -147,7 +200,9 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
     def on_resume(body: kopf.Body, **_: Any) -> None:
         run(body, "resume")
 
-    @kopf.timer(*resource, registry=registry, id="resync", interval=deps.config.resync_seconds)
+    # The first resync waits an interval: create and resume already reconcile at the start.
+    interval = deps.config.resync_seconds
+    @kopf.timer(*resource, registry=registry, id="resync", interval=interval, initial_delay=interval)
     def on_timer(body: kopf.Body, **_: Any) -> None:
         run(body, "timer")
 
@@ -162,10 +217,11 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         id="child",
         labels={labels.APP_MANAGED_BY: labels.MANAGED_BY},
     )
-    def on_child(body: kopf.Body, **_: Any) -> None:
+    def on_child(body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
         owner = owner_stub(body)
         if owner is not None:
-            run(owner, "child")
+            version = None if type == "DELETED" else body.get("metadata", {}).get("resourceVersion")
+            run(owner, "child", deployment_version=version)
 
     @kopf.on.probe(registry=registry, id="reconciles")
     def probe_reconciles(**_: Any) -> float:

@@ -172,6 +172,8 @@ def run(argv: Sequence[str]) -> int:
         # kopf logs every handler success at INFO: with a resync timer that is a line per
         # object every few seconds. Failures still show (WARNING and up).
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        # httpx logs each /metrics scrape at INFO: a line per ready worker per resync.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = config_from_args(args)
         from .kube import Kube

@@ -37,6 +37,12 @@ class OperatorMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
         )
+        self.coalesced = Counter(
+            "modelfleet_operator_reconciles_coalesced",
+            "Triggers skipped because a reconcile of the same object was already waiting to run.",
+            ["resource", "trigger"],
+            registry=self.registry,
+        )
         self.scaled = Counter(
             "modelfleet_operator_autoscaler_moves",
             "Times the autoscaler changed a ModelDeployment's desired replicas.",

@@ -55,6 +55,9 @@ class Outcome:
     events: list[StatusEvent] = field(default_factory=list)
     scale_reason: str | None = None
     scaled_from: int | None = None
+    # resourceVersion of the Deployment this status was computed from: a Deployment event at
+    # that version brings nothing new (see handlers.make_runner).
+    deployment_version: str | None = None
 
 
 def _error_summary(exc: ValidationError) -> str:
@@ -176,6 +179,10 @@ def reconcile(
     fresh = kube.get(MODEL_DEPLOYMENT, str(meta.get("namespace", "")), str(meta.get("name", "")))
     if fresh is None:
         raise Gone(f"{meta.get('namespace')}/{meta.get('name')} no longer exists")
+    if (fresh.get("metadata") or {}).get("deletionTimestamp"):
+        # Being deleted: the garbage collector removes the children, and in a terminating
+        # namespace every write would be refused (403) and retried until kopf lets it go.
+        raise Gone(f"{meta.get('namespace')}/{meta.get('name')} is being deleted")
     body = fresh
     try:
         md = ModelDeployment.from_body(body)
@@ -186,7 +193,9 @@ def reconcile(
     ns, name = md.metadata.namespace, md.metadata.name
     selector = labels.selector_string(labels.selector_labels(name))
 
-    deployment = kube.get(DEPLOYMENT, ns, name)
+    # Only the autoscaler needs the Deployment before the apply (its current size); status
+    # uses what the apply returns.
+    deployment = kube.get(DEPLOYMENT, ns, name) if md.spec.autoscaling is not None else None
     pods = kube.list(POD, ns, label_selector=selector)
     desired, autoscaler, scale_reason, previous = desired_replicas(md, deployment, pods, probe, now)
     if scale_reason:
@@ -212,4 +221,7 @@ def reconcile(
         transitions.append(StatusEvent("Normal", "Scaled", scale_reason))
     for event in transitions:
         kube.post_event(md.metadata, event)
-    return Outcome(desired, status, written, transitions, scale_reason, previous if scale_reason else None)
+    version = str((deployment.get("metadata") or {}).get("resourceVersion") or "") or None
+    return Outcome(
+        desired, status, written, transitions, scale_reason, previous if scale_reason else None, version
+    )

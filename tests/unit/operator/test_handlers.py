@@ -3,6 +3,8 @@ line and kopf settings; reading in-flight load from worker metrics."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import datetime, timezone
 
 import kopf
@@ -91,6 +93,64 @@ def test_runner_translates_errors_and_counts_them() -> None:
         _value(metrics, "modelfleet_operator_reconciles_total", trigger="timer", result="TemporaryError") == 1
     )
     assert _value(metrics, "modelfleet_operator_reconcile_duration_seconds_count", trigger="timer") == 1
+
+
+class BlockingKube:
+    """get() blocks until released and then reports the object gone; counts its calls."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+        self.calls = 0
+
+    def get(self, *a, **k):
+        self.calls += 1
+        self.entered.release()
+        self.release.wait(5)
+        return None
+
+
+def test_triggers_coalesce_while_one_reconcile_waits() -> None:
+    metrics, kube = OperatorMetrics(), BlockingKube()
+    run = make_runner(deps(kube, metrics))
+    first = threading.Thread(target=run, args=(BODY, "create"))
+    first.start()
+    assert kube.entered.acquire(timeout=5)  # the first run is inside reconcile
+    second = threading.Thread(target=run, args=(BODY, "child"))
+    second.start()
+    deadline = time.monotonic() + 5
+    while not run.slots._slots["u"].waiting and time.monotonic() < deadline:  # the second waits
+        time.sleep(0.01)
+    assert run(BODY, "timer") is None  # a third has nothing to add: skipped at once
+    kube.release.set()
+    first.join(5)
+    second.join(5)
+    assert kube.calls == 2  # the first and the second; never the coalesced third
+    assert _value(metrics, "modelfleet_operator_reconciles_coalesced_total", trigger="timer") == 1
+    assert len(run.slots) == 0  # Gone forgets the object
+
+
+def test_child_event_at_the_version_status_came_from_is_skipped(monkeypatch) -> None:
+    import modelfleet.operator.handlers as handlers
+    from modelfleet.api import ModelDeploymentStatus
+    from modelfleet.operator.reconcile import Outcome
+
+    calls = []
+
+    def fake_reconcile(body, *a):
+        calls.append(body["metadata"]["name"])
+        return Outcome(0, ModelDeploymentStatus(), False, deployment_version="7")
+
+    monkeypatch.setattr(handlers, "reconcile", fake_reconcile)
+    metrics = OperatorMetrics()
+    run = make_runner(deps(FailingKube(Status(500)), metrics))
+    run(BODY, "create")
+    run(BODY, "child", deployment_version="7")  # the event our own apply caused
+    assert calls == ["m"]
+    run(BODY, "child", deployment_version="8")  # the controller updated its status
+    run(BODY, "child")  # a deletion carries no version to compare: always reconciled
+    assert calls == ["m", "m", "m"]
+    assert _value(metrics, "modelfleet_operator_reconciles_coalesced_total", trigger="child") == 1
 
 
 def test_register_uses_the_registry_given() -> None:

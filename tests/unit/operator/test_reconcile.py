@@ -322,8 +322,18 @@ def test_deleted_meanwhile_is_gone() -> None:
     assert not [c for c in kube.calls if c[0] != "get"]
 
 
+def test_being_deleted_is_gone_without_writes() -> None:
+    kube = FakeKube()
+    kube.md = body()
+    kube.md["metadata"]["deletionTimestamp"] = "2025-01-01T00:00:00Z"
+    with pytest.raises(Gone):
+        reconcile(kube.md, kube, CONFIG, unknown_load, NOW)
+    assert not [c for c in kube.calls if c[0] != "get"]
+
+
 def test_steady_state_costs_few_calls() -> None:
-    """A resync with nothing to do: read, apply two objects, no PDB delete, no status write."""
+    """A resync with nothing to do: read, apply two objects, no PDB delete, no status write
+    (and no GET of the Deployment: without autoscaling the apply returns what status needs)."""
     kube, b = FakeKube(), body()
     run(kube, b)
     kube.set_deployment_status(1, 1)
@@ -335,7 +345,6 @@ def test_steady_state_costs_few_calls() -> None:
     assert sorted(kube.calls) == sorted(
         [
             ("get", "ModelDeployment"),
-            ("get", "Deployment"),
             ("list", "Pod"),
             ("patch", "Service"),
             ("patch", "Deployment"),
