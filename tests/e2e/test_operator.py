@@ -31,6 +31,7 @@ from operator_harness import (  # noqa: E402
     chat,
     condition,
     create_namespace,
+    delete_model_deployments,
     delete_namespace,
     describe,
     get,
@@ -90,9 +91,10 @@ def env(cluster, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - cluster s
         )
         yield e
     finally:
+        delete_model_deployments(ns)  # while the operator runs: it releases kopf's finalizers
         op.stop()
-        print(f"operator log: {log}")
         delete_namespace(ns)
+        print(f"operator log: {log}")
 
 
 def _phase(md: dict | None) -> str:
@@ -253,30 +255,36 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(env: Env) ->
     apply(*[model_deployment(n, env.source, replicas=0) for n in names], namespace=env.namespace)
     # Kill as soon as the first Deployment appears: the operator is then in the middle of the
     # batch (some children applied, statuses not yet written).
-    env.wait(lambda: any(items("deploy", env.namespace, f"modelfleet.dev/model={n}") for n in names), 30,
-             "the operator to start on the batch", interval=0.05)
+    batch = f"{labels.MODEL} in ({','.join(names)})"
+    env.wait(lambda: items("deploy", env.namespace, batch), 30, "the operator to start on the batch", interval=0.05)
     env.op.kill()
-    half = sum(bool(((env.md(n) or {}).get("status") or {}).get("observedGeneration")) for n in names)
-    print(f"killed with {half}/{len(names)} statuses written")
+    written = sum(bool((m.get("status") or {}).get("observedGeneration")) for m in items("md", env.namespace)
+                  if m["metadata"]["name"] in names)
+    print(f"killed with {len(items('deploy', env.namespace, batch))} Deployments and {written}/{len(names)} "
+          "statuses written")
     env.op.start()
 
+    def by_model(kind: str) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {n: [] for n in names}
+        for obj in items(kind, env.namespace, labels.MODEL):
+            out.setdefault(obj["metadata"]["labels"][labels.MODEL], []).append(obj)
+        return out
+
     def converged() -> bool:
-        for n in names:
-            md = env.md(n)
-            st = (md or {}).get("status") or {}
-            if st.get("observedGeneration") != md["metadata"]["generation"] or not condition(md, "Ready"):
-                return False
-        return True
+        mds = {m["metadata"]["name"]: m for m in items("md", env.namespace)}
+        return all((mds[n].get("status") or {}).get("observedGeneration") == mds[n]["metadata"]["generation"]
+                   and condition(mds[n], "Ready") for n in names)
 
     env.wait(converged, SETTLE_TIMEOUT, "every restart-N to have its status after the restart")
+    mds = {m["metadata"]["name"]: m for m in items("md", env.namespace)}
+    children = {kind: by_model(kind) for kind in ("deploy", "svc", "rs")}
+    events = [e for e in items("events", env.namespace) if e["involvedObject"]["kind"] == "ModelDeployment"]
     for n in names:
-        sel = f"modelfleet.dev/model={n}"
-        for kind in ("deploy", "svc", "rs"):
-            found = items(kind, env.namespace, sel)
-            assert len(found) <= 1 if kind == "rs" else len(found) == 1, f"{n}: {kind}: {found}"
-        assert condition(env.md(n), "Ready")["reason"] == "ScaledToZero"
-        reasons = [e["reason"] for e in items("events", env.namespace)
-                   if e["involvedObject"]["name"] == n and e["involvedObject"]["kind"] == "ModelDeployment"]
+        for kind, found in children.items():
+            count = len(found[n])
+            assert count <= 1 if kind == "rs" else count == 1, f"{n}: {count} {kind}: {found[n]}"
+        assert condition(mds[n], "Ready")["reason"] == "ScaledToZero", mds[n]["status"]
+        reasons = [e["reason"] for e in events if e["involvedObject"]["name"] == n]
         assert len(reasons) == len(set(reasons)), f"{n}: duplicate events after the restart: {reasons}"
     kubectl("delete", "md", *names, "-n", env.namespace, "--wait=false")
 
@@ -329,5 +337,6 @@ def test_two_operators_with_peering_only_one_acts(env: Env, tmp_path: Path) -> N
                  SETTLE_TIMEOUT, "the follower to take over after the leader stopped", explain=explain)
     finally:
         high.stop()
+        delete_model_deployments(ns)
         low.stop()
         delete_namespace(ns)
