@@ -17,6 +17,14 @@ from .service import ModelService
 from .tool_calls import ToolCall, ToolCallFormat, ToolCallParser
 
 
+def choice_chunk(base: dict[str, Any], choice: dict[str, Any], include_usage: bool) -> bytes:
+    """One choice's chunk; with include_usage every chunk carries `usage: null` (OpenAI's shape)."""
+    body = {**base, "choices": [choice]}
+    if include_usage:
+        body["usage"] = None
+    return sse(body)
+
+
 def _error_event(message: str) -> bytes:
     return sse(error_body(message, type="server_error", code="internal_error"))
 
@@ -29,10 +37,7 @@ async def chat_stream(service: ModelService, stream: RequestStream, model: str, 
             "system_fingerprint": service.fingerprint}
 
     def chunk(choice: dict[str, Any]) -> bytes:
-        body = {**base, "choices": [choice]}
-        if include_usage:
-            body["usage"] = None
-        return sse(body)
+        return choice_chunk(base, choice, include_usage)
 
     try:
         for i in range(n):
@@ -79,10 +84,7 @@ async def completion_stream(service: ModelService, streams: list[RequestStream],
     offsets: dict[int, int] = {}
 
     def chunk(choice: dict[str, Any]) -> bytes:
-        body = {**base, "choices": [choice]}
-        if include_usage:
-            body["usage"] = None
-        return sse(body)
+        return choice_chunk(base, choice, include_usage)
 
     try:
         if echo_texts is not None:
