@@ -169,6 +169,12 @@ class _Counts:
     rollout_seen: bool
 
 
+def deployment_facts(deployment: Mapping[str, Any] | None) -> tuple[_Counts, Problem | None]:
+    """Everything compute_status reads from a Deployment: two Deployments with equal facts
+    give the same status (for the same pods), so an event that changes none is no news."""
+    return _counts(deployment), diagnose_deployment(deployment) if deployment is not None else None
+
+
 def _counts(deployment: Mapping[str, Any] | None) -> _Counts:
     status = (deployment or {}).get("status") or {}
     generation = _get(deployment, "metadata", "generation", default=0)

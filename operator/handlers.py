@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,6 +21,7 @@ import kopf
 from modelfleet import labels
 from modelfleet.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
+from .conditions import deployment_facts
 from .config import OperatorConfig
 from .kube import KubeApi
 from .load import LoadProbe
@@ -74,8 +76,10 @@ class _Slot:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.waiting = False
-        # The Deployment resourceVersion the last reconcile computed status from.
-        self.deployment_version: str | None = None
+        # deployment_facts() of the Deployment the last reconcile computed status from.
+        self.deployment_facts: Hashable | None = None
+        # When the last reconcile finished (monotonic seconds), None before the first.
+        self.finished: float | None = None
 
 
 class _Slots:
@@ -103,11 +107,17 @@ class _Slots:
         with self._guard:
             slot.waiting = False
 
-    def current(self, uid: str, deployment_version: str) -> bool:
-        """True if the last reconcile of `uid` already saw the Deployment at this version."""
+    def recent(self, uid: str, since: float) -> bool:
+        """True if a reconcile of `uid` finished after `since` (monotonic)."""
         with self._guard:
             slot = self._slots.get(uid)
-            return slot is not None and slot.deployment_version == deployment_version
+            return slot is not None and slot.finished is not None and slot.finished > since
+
+    def current(self, uid: str, facts: Hashable) -> bool:
+        """True if the last reconcile of `uid` computed status from a Deployment like this."""
+        with self._guard:
+            slot = self._slots.get(uid)
+            return slot is not None and slot.deployment_facts == facts
 
     def forget(self, uid: str) -> None:
         with self._guard:
@@ -119,19 +129,30 @@ class _Slots:
         return len(self._slots)
 
 
-def make_runner(deps: Deps) -> Callable[..., Outcome | None]:
+def make_runner(
+    deps: Deps, monotonic: Callable[[], float] = time.monotonic
+) -> Callable[..., Outcome | None]:
     """The one function all triggers call: coalesce, lock, time, reconcile, translate errors.
 
-    `deployment_version` (child events) is the resourceVersion of the Deployment that changed:
-    if the last reconcile already computed status from that version, e.g. the event that our
-    own apply caused, there is nothing to do.
+    `deployment` (child events) is the worker Deployment that changed: if the last reconcile
+    computed status from a Deployment with the same facts (the echo of our own apply, or a
+    status update that changes nothing status reads), there is nothing to do. The resync
+    timer skips an object reconciled within the last half interval for another reason, so
+    each object is still reconciled at least every 1.5 intervals, and a burst of new objects
+    is not slowed by their first resyncs.
     """
     slots = _Slots()
+    fresh_for = deps.config.resync_seconds / 2
 
-    def run(body: Mapping[str, Any], trigger: str, deployment_version: str | None = None) -> Outcome | None:
+    def run(
+        body: Mapping[str, Any], trigger: str, deployment: Mapping[str, Any] | None = None
+    ) -> Outcome | None:
         meta = body.get("metadata") or {}
         uid = str(meta.get("uid", ""))
-        if deployment_version and slots.current(uid, deployment_version):
+        facts = deployment_facts(deployment) if deployment is not None else None
+        if (facts is not None and slots.current(uid, facts)) or (
+            trigger == "timer" and slots.recent(uid, monotonic() - fresh_for)
+        ):
             deps.metrics.coalesced.labels("modeldeployments", trigger).inc()
             return None
         slot = slots.enter(uid)
@@ -140,6 +161,9 @@ def make_runner(deps: Deps) -> Callable[..., Outcome | None]:
             return None
         with slot.lock:
             slots.started(slot)
+            if facts is not None and slot.deployment_facts == facts:  # the run we waited for saw it
+                deps.metrics.coalesced.labels("modeldeployments", trigger).inc()
+                return None
             with deps.metrics.timed(trigger):
                 try:
                     outcome = reconcile(body, deps.kube, deps.config, deps.probe, deps.clock())
@@ -155,7 +179,7 @@ def make_runner(deps: Deps) -> Callable[..., Outcome | None]:
                     if translated is exc:
                         raise
                     raise translated from exc
-            slot.deployment_version = outcome.deployment_version
+            slot.deployment_facts, slot.finished = outcome.deployment_facts, monotonic()
         if outcome.scale_reason:
             grew = outcome.scaled_from is None or outcome.desired > outcome.scaled_from
             deps.metrics.scaled.labels("up" if grew else "down").inc()
@@ -220,8 +244,7 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
     def on_child(body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
         owner = owner_stub(body)
         if owner is not None:
-            version = None if type == "DELETED" else body.get("metadata", {}).get("resourceVersion")
-            run(owner, "child", deployment_version=version)
+            run(owner, "child", deployment=None if type == "DELETED" else body)
 
     @kopf.on.probe(registry=registry, id="reconciles")
     def probe_reconciles(**_: Any) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,7 +21,7 @@ from modelfleet import labels
 from modelfleet.api import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus, ObjectMeta
 
 from .autoscale import Observation, decide, format_time
-from .conditions import StatusEvent, compute_status, make_condition, transition_events
+from .conditions import StatusEvent, compute_status, deployment_facts, make_condition, transition_events
 from .config import OperatorConfig
 from .kube import DEPLOYMENT, EVENT, MODEL_DEPLOYMENT, PDB, POD, KubeApi
 from .load import LoadProbe, is_ready
@@ -55,9 +55,9 @@ class Outcome:
     events: list[StatusEvent] = field(default_factory=list)
     scale_reason: str | None = None
     scaled_from: int | None = None
-    # resourceVersion of the Deployment this status was computed from: a Deployment event at
-    # that version brings nothing new (see handlers.make_runner).
-    deployment_version: str | None = None
+    # deployment_facts() of the Deployment this status was computed from: a Deployment event
+    # with the same facts brings nothing new (see handlers.make_runner).
+    deployment_facts: Hashable | None = None
 
 
 def _error_summary(exc: ValidationError) -> str:
@@ -221,7 +221,7 @@ def reconcile(
         transitions.append(StatusEvent("Normal", "Scaled", scale_reason))
     for event in transitions:
         kube.post_event(md.metadata, event)
-    version = str((deployment.get("metadata") or {}).get("resourceVersion") or "") or None
     return Outcome(
-        desired, status, written, transitions, scale_reason, previous if scale_reason else None, version
+        desired, status, written, transitions, scale_reason, previous if scale_reason else None,
+        deployment_facts(deployment),
     )

@@ -130,27 +130,49 @@ def test_triggers_coalesce_while_one_reconcile_waits() -> None:
     assert len(run.slots) == 0  # Gone forgets the object
 
 
-def test_child_event_at_the_version_status_came_from_is_skipped(monkeypatch) -> None:
+def test_child_event_that_changes_nothing_status_reads_is_skipped(monkeypatch) -> None:
     import modelfleet.operator.handlers as handlers
     from modelfleet.api import ModelDeploymentStatus
+    from modelfleet.operator.conditions import deployment_facts
     from modelfleet.operator.reconcile import Outcome
 
+    applied = {"metadata": {"generation": 1, "resourceVersion": "7"}, "status": {}}
     calls = []
 
     def fake_reconcile(body, *a):
         calls.append(body["metadata"]["name"])
-        return Outcome(0, ModelDeploymentStatus(), False, deployment_version="7")
+        return Outcome(0, ModelDeploymentStatus(), False, deployment_facts=deployment_facts(applied))
 
     monkeypatch.setattr(handlers, "reconcile", fake_reconcile)
     metrics = OperatorMetrics()
     run = make_runner(deps(FailingKube(Status(500)), metrics))
     run(BODY, "create")
-    run(BODY, "child", deployment_version="7")  # the event our own apply caused
+    run(BODY, "child", deployment=applied)  # the echo of our own apply
+    # a new resourceVersion whose changes status does not read (e.g. a condition's timestamp)
+    run(BODY, "child", deployment={**applied, "metadata": {"generation": 1, "resourceVersion": "8"}})
     assert calls == ["m"]
-    run(BODY, "child", deployment_version="8")  # the controller updated its status
-    run(BODY, "child")  # a deletion carries no version to compare: always reconciled
+    seen = {**applied, "status": {"observedGeneration": 1}}  # the controller saw the spec
+    run(BODY, "child", deployment=seen)
+    run(BODY, "child")  # a deletion: always reconciled
     assert calls == ["m", "m", "m"]
-    assert _value(metrics, "modelfleet_operator_reconciles_coalesced_total", trigger="child") == 1
+    assert _value(metrics, "modelfleet_operator_reconciles_coalesced_total", trigger="child") == 2
+
+
+def test_resync_skips_an_object_reconciled_within_half_an_interval(monkeypatch) -> None:
+    import modelfleet.operator.handlers as handlers
+    from modelfleet.api import ModelDeploymentStatus
+    from modelfleet.operator.reconcile import Outcome
+
+    calls, now = [], [100.0]
+    monkeypatch.setattr(handlers, "reconcile", lambda body, *a: calls.append(1) or Outcome(0, ModelDeploymentStatus(), False))
+    run = make_runner(deps(FailingKube(Status(500)), OperatorMetrics()), monotonic=lambda: now[0])  # resync 10 s
+    run(BODY, "create")
+    now[0] += 4
+    run(BODY, "timer")  # 4 s after the create: nothing to catch up on
+    run(BODY, "update")  # other triggers always run
+    now[0] += 6
+    run(BODY, "timer")  # 6 s after the update
+    assert len(calls) == 3
 
 
 def test_register_uses_the_registry_given() -> None:
