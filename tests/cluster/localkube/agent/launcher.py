@@ -14,14 +14,15 @@ import subprocess
 import sys
 
 
-def bind(source: str, target: str, read_only: bool) -> None:
-    if os.path.isdir(source):
+def bind(fd: int, is_dir: bool, target: str, read_only: bool) -> None:
+    """Bind-mounts the already opened source `fd` over `target`."""
+    if is_dir:
         os.makedirs(target, exist_ok=True)
     else:
         os.makedirs(os.path.dirname(target) or "/", exist_ok=True)
         if not os.path.exists(target):
             open(target, "a").close()
-    subprocess.run(["mount", "--bind", source, target], check=True)
+    subprocess.run(["mount", "--bind", f"/proc/self/fd/{fd}", target], check=True, pass_fds=(fd,))
     if read_only:
         subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)
 
@@ -31,8 +32,13 @@ def main() -> None:
         spec = json.load(fh)
     if len(sys.argv) > 2:  # an exec probe or `exec` into a running container
         spec["argv"] = sys.argv[2:]
-    for source, target, read_only in spec["mounts"]:
-        bind(source, target, read_only)
+    # Open every source before the first mount: a volume mounted over a parent of another
+    # volume's source (an emptyDir on /tmp while the pods' files live under /tmp/...) would hide
+    # it. A bind mount from /proc/self/fd/N still reaches the opened directory.
+    opened = [(os.open(source, os.O_PATH), os.path.isdir(source)) for source, _, _ in spec["mounts"]]
+    for (fd, is_dir), (_, target, read_only) in zip(opened, spec["mounts"], strict=True):
+        bind(fd, is_dir, target, read_only)
+        os.close(fd)
     if spec.get("hostname"):
         socket.sethostname(spec["hostname"][:63])
     os.chdir(spec["cwd"])
