@@ -18,7 +18,7 @@ def test_a_volume_over_tmp_does_not_hide_later_sources(tmp_path):
     base = Path("/tmp") / f"launcher-test-{os.getpid()}"
     try:
         (base / "token").mkdir(parents=True)
-        (base / "token" / "token").write_text("secret-token")
+        (base / "token" / "token").write_text("secret-token\n")
         (base / "emptydir").mkdir()
         spec = {"mounts": [[str(base / "emptydir"), "/tmp", False],
                            [str(base / "token"), "/var/run/secrets/kubernetes.io/serviceaccount", True]],
