@@ -178,6 +178,17 @@ def responses_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] 
     return out
 
 
+class ResponseEvents:
+    """Frames the Responses API's typed events, numbering them in the order they are sent."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def __call__(self, kind: str, **fields: Any) -> bytes:
+        self.sent += 1
+        return sse_event(kind, {"type": kind, "sequence_number": self.sent - 1, **fields})
+
+
 async def responses_stream(stream: RequestStream, model: str,
                            tool_format: ToolCallFormat | None = None) -> AsyncIterator[bytes]:
     """The Responses API's typed events, in the order OpenAI sends them."""
@@ -186,12 +197,7 @@ async def responses_stream(stream: RequestStream, model: str,
             yield chunk
         return
     rid, mid, created = new_id("resp"), new_id("msg"), now()
-    seq = 0
-
-    def event(kind: str, **fields: Any) -> bytes:
-        nonlocal seq
-        seq += 1
-        return sse_event(kind, {"type": kind, "sequence_number": seq - 1, **fields})
+    event = ResponseEvents()
 
     item_base = {"type": "message", "id": mid, "role": "assistant"}
     try:
@@ -233,12 +239,7 @@ async def responses_tool_stream(stream: RequestStream, model: str, tool_format: 
     """Responses events when tools may be called: a message item opens at the first content,
     each call is a function_call item with argument deltas."""
     rid, mid, created = new_id("resp"), new_id("msg"), now()
-    seq = 0
-
-    def event(kind: str, **fields: Any) -> bytes:
-        nonlocal seq
-        seq += 1
-        return sse_event(kind, {"type": kind, "sequence_number": seq - 1, **fields})
+    event = ResponseEvents()
 
     parser = tool_format.parser()
     item_base = {"type": "message", "id": mid, "role": "assistant"}
