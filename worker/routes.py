@@ -17,7 +17,6 @@ from modelfleet.protocol import (
     DetokenizeRequest,
     EditRequest,
     EmbeddingRequest,
-    OpenAIError,
     ResponsesRequest,
     TokenizeRequest,
     new_id,
@@ -26,7 +25,7 @@ from modelfleet.protocol import (
     usage,
 )
 
-from .formatting import chat_message, completion_logprobs, prompt_entries
+from .formatting import chat_logprobs, chat_message, completion_logprobs, prompt_entries
 from .metrics import WorkerMetrics
 from .service import ModelService
 from .streams import (
@@ -117,7 +116,7 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
             out.append({
                 "index": c.state.index,
                 "message": message,
-                "logprobs": {"content": _chat_lp(service, c.state.logprobs), "refusal": None} if req.logprobs else None,
+                "logprobs": chat_logprobs(c.state.logprobs, service.text_of) if req.logprobs else None,
                 "finish_reason": finish,
             })
         return {
@@ -237,11 +236,3 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
 
     return router
 
-
-def _chat_lp(service: ModelService, entries) -> list[dict[str, Any]]:
-    from .formatting import chat_logprobs
-
-    return chat_logprobs(entries, service.text_of)["content"]
-
-
-__all__ = ["build_router", "OpenAIError"]

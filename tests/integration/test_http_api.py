@@ -2,6 +2,7 @@
 headers, tokenizer endpoints, metrics, and cancellation when a client goes away."""
 
 import json
+import re
 import time
 
 import httpx
@@ -133,7 +134,8 @@ def test_gateway_and_worker_metrics(server):
     wtext = httpx.get(f"{worker}/metrics").text
     for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
                  "vllm:time_to_first_token_seconds_bucket", "vllm:generation_tokens_total"):
-        assert f'{name}{{model_name="{CHAT}"' in wtext or f"{name}{{" in wtext, name
+        # Labelled with the model (where the label sits among others varies by client version).
+        assert re.search(rf'^{re.escape(name)}{{[^}}]*model_name="{CHAT}"', wtext, re.M), name
 
 
 def running(worker: str) -> float:
