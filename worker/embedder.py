@@ -31,26 +31,56 @@ class EmbedResult:
 class DynamicBatcher:
     """Collects what arrives while a batch runs and sends it as the next batch.
 
+    After a batch of N finishes, its N clients answer and send their next requests over a few
+    milliseconds. Starting the next batch on the first of them splits N clients into a batch of 1
+    and a batch of N-1, and a batch of 1 costs a third of a batch of 32 on a CPU. So the batcher
+    lingers for arrivals until it has as many as the last batch held, no arrival has come for
+    `quiet` seconds, or `linger` seconds have passed; a lone client (last batch 1) or an idle
+    worker never waits.
+
     Written by hand: the few batching libraries on PyPI add a server of their own, where this
-    needs twenty lines on the event loop the worker already runs.
+    needs a few dozen lines on the event loop the worker already runs.
     """
 
     def __init__(self, run_batch: Callable[[list[EmbedInput]], Awaitable[tuple[list[torch.Tensor], list[int]]]],
-                 max_items: int = 64) -> None:
+                 max_items: int = 64, linger: float = 0.02, quiet: float = 0.004) -> None:
         self.run_batch = run_batch
         self.max_items = max_items
+        self.linger = linger
+        self.quiet = quiet
         self.pending: list[tuple[list[EmbedInput], asyncio.Future]] = []
         self.draining: asyncio.Task | None = None
+        self.arrived = asyncio.Event()
+        self.last_size = 0
+        self.last_finished = 0.0
 
     async def submit(self, items: list[EmbedInput]) -> EmbedResult:
         future = asyncio.get_running_loop().create_future()
         self.pending.append((items, future))
+        self.arrived.set()
         if self.draining is None or self.draining.done():
             self.draining = asyncio.create_task(self._drain())
         return await future
 
+    def pending_items(self) -> int:
+        return sum(len(items) for items, _ in self.pending)
+
+    async def _await_arrivals(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self.last_finished > self.linger:
+            return  # idle before this request: nobody else is about to arrive
+        expected = min(self.last_size, self.max_items)
+        deadline = self.last_finished + self.linger
+        while self.pending_items() < expected and (left := deadline - loop.time()) > 0:
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), min(self.quiet, left))
+            except TimeoutError:
+                return
+
     async def _drain(self) -> None:
         while self.pending:
+            await self._await_arrivals()
             jobs, count = [], 0
             while self.pending and (not jobs or count + len(self.pending[0][0]) <= self.max_items):
                 items, future = self.pending.pop(0)
@@ -64,6 +94,8 @@ class DynamicBatcher:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            finally:
+                self.last_size, self.last_finished = count, asyncio.get_running_loop().time()
             at = 0
             for items, future in jobs:
                 n = len(items)

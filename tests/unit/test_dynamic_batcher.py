@@ -1,0 +1,103 @@
+"""The embeddings batcher: what goes into each forward pass, and what a lone client waits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from modelfleet.worker.embedder import DynamicBatcher
+
+
+class Recorder:
+    """A stand-in forward pass that records batch sizes and takes `cost` seconds."""
+
+    def __init__(self, cost: float = 0.01) -> None:
+        self.sizes: list[int] = []
+        self.cost = cost
+
+    async def __call__(self, items):
+        self.sizes.append(len(items))
+        await asyncio.sleep(self.cost)
+        return [torch.tensor([float(len(str(i)))]) for i in items], [1] * len(items)
+
+
+def test_results_go_back_to_their_own_requests():
+    async def scenario():
+        batcher = DynamicBatcher(Recorder())
+        results = await asyncio.gather(*(batcher.submit(["x" * n]) for n in (1, 2, 3)))
+        return [r.vectors[0].item() for r in results]
+
+    assert asyncio.run(scenario()) == [1.0, 2.0, 3.0]
+
+
+def test_a_lone_client_never_waits_for_company():
+    async def scenario():
+        recorder = Recorder(cost=0.0)
+        batcher = DynamicBatcher(recorder, linger=0.5, quiet=0.5)
+        waits = []
+        for _ in range(5):
+            started = time.perf_counter()
+            await batcher.submit(["a"])
+            waits.append(time.perf_counter() - started)
+        return recorder.sizes, max(waits)
+
+    sizes, worst = asyncio.run(scenario())
+    assert sizes == [1] * 5
+    assert worst < 0.1  # far below linger and quiet: a batch of 1 is followed by no wait
+
+
+def test_clients_answering_a_batch_are_gathered_into_the_next_one():
+    """Closed loop: 16 clients each send again shortly after their answer, a little apart.
+    Without lingering the next batch would start on the first of them (a batch of 1, then 15)."""
+
+    async def scenario():
+        recorder = Recorder(cost=0.01)
+        batcher = DynamicBatcher(recorder, linger=0.05, quiet=0.01)
+
+        async def client(i: int) -> None:
+            for _ in range(4):
+                await batcher.submit([f"c{i}"])
+                await asyncio.sleep(0.0005 * i)  # answers reach clients one after another
+
+        await asyncio.gather(*(client(i) for i in range(16)))
+        return recorder.sizes
+
+    sizes = asyncio.run(scenario())
+    assert sizes == [16] * 4
+
+
+def test_an_error_reaches_every_request_of_its_batch_and_the_batcher_goes_on():
+    calls = 0
+
+    async def flaky(items):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("bad batch")
+        return [torch.zeros(1) for _ in items], [1] * len(items)
+
+    async def scenario():
+        batcher = DynamicBatcher(flaky)
+        first = await asyncio.gather(*(batcher.submit(["a"]) for _ in range(3)), return_exceptions=True)
+        second = await batcher.submit(["b"])
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert all(isinstance(r, ValueError) for r in first)
+    assert second.tokens == 1
+
+
+@pytest.mark.parametrize("max_items", [2, 5])
+def test_a_batch_never_exceeds_max_items(max_items):
+    async def scenario():
+        recorder = Recorder(cost=0.0)
+        batcher = DynamicBatcher(recorder, max_items=max_items)
+        await asyncio.gather(*(batcher.submit(["a"]) for _ in range(11)))
+        return recorder.sizes
+
+    sizes = asyncio.run(scenario())
+    assert sum(sizes) == 11
+    assert max(sizes) <= max_items
