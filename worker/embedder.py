@@ -33,21 +33,28 @@ class DynamicBatcher:
 
     After a batch of N finishes, its N clients answer and send their next requests over a few
     milliseconds. Starting the next batch on the first of them splits N clients into a batch of 1
-    and a batch of N-1, and a batch of 1 costs a third of a batch of 32 on a CPU. So the batcher
-    lingers for arrivals until it has as many as the last batch held, no arrival has come for
-    `quiet` seconds, or `linger` seconds have passed; a lone client (last batch 1) or an idle
-    worker never waits.
+    and a batch of N-1, and a batch of 1 costs three times as much per item as a batch of 32 on a
+    CPU. So the batcher lingers for arrivals until it has a target number of items, no arrival
+    has come for `quiet` seconds, or `linger` seconds have passed; a lone client (last batch 1) or
+    an idle worker never waits.
+
+    The target is the last batch's size, or half of it once halves hold at least `half_min`
+    items: two half batches then take turns, one computing while the other's clients are
+    answered and send again, so the model never idles on HTTP. On MiniLM here a batch of 16
+    costs about the same per item as one of 32, and one of 8 about 15% more.
 
     Written by hand: the few batching libraries on PyPI add a server of their own, where this
     needs a few dozen lines on the event loop the worker already runs.
     """
 
     def __init__(self, run_batch: Callable[[list[EmbedInput]], Awaitable[tuple[list[torch.Tensor], list[int]]]],
-                 max_items: int = 64, linger: float = 0.02, quiet: float = 0.004) -> None:
+                 max_items: int = 64, linger: float = 0.02, quiet: float = 0.004,
+                 half_min: int = 8) -> None:
         self.run_batch = run_batch
         self.max_items = max_items
         self.linger = linger
         self.quiet = quiet
+        self.half_min = half_min
         self.pending: list[tuple[list[EmbedInput], asyncio.Future]] = []
         self.draining: asyncio.Task | None = None
         self.arrived = asyncio.Event()
@@ -70,6 +77,8 @@ class DynamicBatcher:
         if loop.time() - self.last_finished > self.linger:
             return  # idle before this request: nobody else is about to arrive
         expected = min(self.last_size, self.max_items)
+        if expected >= 2 * self.half_min:
+            expected //= 2
         deadline = self.last_finished + self.linger
         while self.pending_items() < expected and (left := deadline - loop.time()) > 0:
             self.arrived.clear()

@@ -49,24 +49,36 @@ def test_a_lone_client_never_waits_for_company():
     assert worst < 0.1  # far below linger and quiet: a batch of 1 is followed by no wait
 
 
-def test_clients_answering_a_batch_are_gathered_into_the_next_one():
-    """Closed loop: 16 clients each send again shortly after their answer, a little apart.
-    Without lingering the next batch would start on the first of them (a batch of 1, then 15)."""
+def closed_loop_batch_sizes(clients: int, rounds: int = 6) -> list[int]:
+    """Closed loop: each client sends again shortly after its answer, the answers reaching the
+    clients a little apart, as an HTTP server writes them one after another."""
 
     async def scenario():
-        recorder = Recorder(cost=0.01)
-        batcher = DynamicBatcher(recorder, linger=0.05, quiet=0.01)
+        recorder = Recorder(cost=0.02)
+        batcher = DynamicBatcher(recorder, linger=0.05, quiet=0.01, half_min=8)
 
         async def client(i: int) -> None:
-            for _ in range(4):
+            for _ in range(rounds):
                 await batcher.submit([f"c{i}"])
-                await asyncio.sleep(0.0005 * i)  # answers reach clients one after another
+                await asyncio.sleep(0.0005 * i)
 
-        await asyncio.gather(*(client(i) for i in range(16)))
+        await asyncio.gather(*(client(i) for i in range(clients)))
         return recorder.sizes
 
-    sizes = asyncio.run(scenario())
-    assert sizes == [16] * 4
+    return asyncio.run(scenario())
+
+
+def test_a_few_clients_answering_a_batch_are_gathered_into_the_next_one():
+    # Without lingering the next batch would start on the first of them: 1, then 7.
+    assert closed_loop_batch_sizes(8) == [8] * 6
+
+
+def test_many_clients_settle_into_two_half_batches_that_take_turns():
+    sizes = closed_loop_batch_sizes(32)
+    assert sum(sizes) == 32 * 6
+    assert sizes[0] == 32
+    assert all(size >= 8 for size in sizes), sizes  # never a batch of 1 split off
+    assert len(sizes) >= 10, sizes  # halves, so one computes while the other's clients return
 
 
 def test_an_error_reaches_every_request_of_its_batch_and_the_batcher_goes_on():
