@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import finish_axes, free_port, percentile, print_table, ratio, write_results  # noqa: E402
 
 EVENTS = 200
+ROUNDS = 3
+KEY = "sk-bench-0123456789abcdef"
+# The gateway runs as users run it: keys on, with limits high enough never to refuse.
+KEYS_FILE = f"keys:\n  - name: bench\n    key: {KEY}\n    rpm: 100000000\n    tpm: 100000000000\n"
 
 
 # -- the fake backend (runs in its own process: `python gateway_overhead.py --backend PORT`) -------
@@ -60,42 +65,66 @@ def run_backend(port: int) -> None:
 
 # -- load ------------------------------------------------------------------------------------------
 
+@dataclass
+class Run:
+    """What the clients saw in one run."""
+
+    ttfb: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    events: int = 0
+    errors: int = 0
+    requests: int = 0
+    wall: float = 0.0
+
+
+def summarize_runs(runs: list[Run]) -> dict[str, Any]:
+    """Runs of one configuration merged: throughput over their summed wall time."""
+    ttfb = [t for r in runs for t in r.ttfb]
+    latency = [t for r in runs for t in r.latency]
+    wall = sum(r.wall for r in runs)
+    ms = lambda v: round(v * 1000, 3) if v is not None else None  # noqa: E731
+    return {"requests": sum(r.requests for r in runs), "errors": sum(r.errors for r in runs),
+            "events_per_s": round(sum(r.events for r in runs) / wall, 1),
+            "ttfb_p50_ms": ms(percentile(ttfb, 50)), "ttfb_p99_ms": ms(percentile(ttfb, 99)),
+            "latency_p50_ms": ms(percentile(latency, 50)), "latency_p99_ms": ms(percentile(latency, 99))}
+
+
 async def load(url: str, concurrency: int, per_client: int, pace: float) -> dict[str, Any]:
+    return summarize_runs([await load_run(url, concurrency, per_client, pace)])
+
+
+async def load_run(url: str, concurrency: int, per_client: int, pace: float) -> Run:
     import aiohttp
 
-    ttfb, latency, errors = [], [], 0
-    events = 0
+    run = Run(requests=concurrency * per_client)
     body = {"model": "fake", "messages": [{"role": "user", "content": "x"}], "stream": True, "pace": pace}
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600),
+                                     headers={"authorization": f"Bearer {KEY}"}) as session:
 
         async def client() -> None:
-            nonlocal errors, events
             for _ in range(per_client):
                 started = time.perf_counter()
                 first = None
                 try:
                     async with session.post(url + "/v1/chat/completions", json=body) as r:
                         if r.status != 200:
-                            errors += 1
+                            run.errors += 1
                             continue
                         async for line in r.content:
                             if line.startswith(b"data: {"):
                                 first = first or time.perf_counter()
-                                events += 1
+                                run.events += 1
                 except aiohttp.ClientError:
-                    errors += 1
+                    run.errors += 1
                     continue
-                ttfb.append(first - started)
-                latency.append(time.perf_counter() - started)
+                run.ttfb.append(first - started)
+                run.latency.append(time.perf_counter() - started)
 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    ms = lambda v: round(v * 1000, 3) if v is not None else None  # noqa: E731
-    return {"requests": concurrency * per_client, "errors": errors, "events_per_s": round(events / wall, 1),
-            "ttfb_p50_ms": ms(percentile(ttfb, 50)), "ttfb_p99_ms": ms(percentile(ttfb, 99)),
-            "latency_p50_ms": ms(percentile(latency, 50)), "latency_p99_ms": ms(percentile(latency, 99))}
+        run.wall = time.perf_counter() - started
+    return run
 
 
 def rss_mb(pid: int) -> float:
@@ -150,12 +179,15 @@ def main() -> int:
     bport, gport = free_port(), free_port()
     backend = subprocess.Popen([sys.executable, __file__, "--backend", str(bport)],
                                stdout=(logs / "backend.log").open("w"), stderr=subprocess.STDOUT)
+    keys = logs / "keys.yaml"
+    keys.write_text(KEYS_FILE)
     gateway = subprocess.Popen([sys.executable, "-m", "modelfleet", "--log-level", "warning", "gateway",
-                                "--backend", f"fake=http://127.0.0.1:{bport}", "--port", str(gport)],
+                                "--backend", f"fake=http://127.0.0.1:{bport}", "--port", str(gport),
+                                "--api-keys", str(keys)],
                                stdout=(logs / "gateway.log").open("w"), stderr=subprocess.STDOUT)
     direct, through = f"http://127.0.0.1:{bport}", f"http://127.0.0.1:{gport}"
     levels = [1, 32, 256]
-    per = {1: 50, 32: 4, 256: 1} if args.quick else {1: 200, 32: 16, 256: 2}
+    per = {1: 40, 32: 4, 256: 1} if args.quick else {1: 100, 32: 12, 256: 2}
     held, hold_s = (500, 20.0) if args.quick else (2000, 60.0)
     rows: list[dict[str, Any]] = []
     try:
@@ -163,8 +195,14 @@ def main() -> int:
         wait_ready(through)
         asyncio.run(load(through, 4, 2, 0))  # warm-up
         for c in levels:
-            for name, url in (("direct", direct), ("gateway", through)):
-                row = {"path": name, "variant": "fast", "concurrency": c, **asyncio.run(load(url, c, per[c], 0))}
+            # Direct and gateway runs alternate, so that drift in this shared machine's speed
+            # falls on both sides of the ratio.
+            runs: dict[str, list[Run]] = {"direct": [], "gateway": []}
+            for _ in range(ROUNDS):
+                for name, url in (("direct", direct), ("gateway", through)):
+                    runs[name].append(asyncio.run(load_run(url, c, per[c], 0)))
+            for name in ("direct", "gateway"):
+                row = {"path": name, "variant": "fast", "concurrency": c, **summarize_runs(runs[name])}
                 rows.append(row)
                 print(f"  {name:8s} fast   c={c:<4d} {row['events_per_s']:>9} events/s  "
                       f"ttfb p50 {row['ttfb_p50_ms']} ms  errors {row['errors']}", flush=True)
@@ -198,7 +236,7 @@ def main() -> int:
         "open_streams_rss_growth_mb": round((held_row["rss_mb_end"] or 0) - (held_row["rss_mb_start"] or 0), 1),
     }
     config = {"events_per_stream": EVENTS, "levels": levels, "per_client": per, "held_streams": held,
-              "hold_seconds": hold_s, "client": "httpx (data path)", "quick": args.quick, "cpus": os.cpu_count(),
+              "hold_seconds": hold_s, "gateway": "raw ASGI data path, aiohttp upstream client; keys, rpm/tpm limits, metrics on", "quick": args.quick, "cpus": os.cpu_count(),
               "goals": {"added_latency_p50_ms@1": "<= 0.5", "throughput_vs_direct@32": ">= 0.9",
                         f"open_streams_errors@{held}": "== 0", "open_streams_rss_growth_mb": "flat"}}
     print()

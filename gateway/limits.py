@@ -51,8 +51,14 @@ class Window:
             self.events.append((now, amount))
             self.total += amount
 
+    def replenished_in(self, now: float) -> float:
+        """Seconds until the window is empty again (OpenAI's x-ratelimit-reset-*): when the
+        newest amount expires. O(1), as it runs on every admitted request."""
+        return max(0.0, self.events[-1][0] + WINDOW - now) if self.events else 0.0
+
     def reset_in(self, now: float, limit: int) -> float:
-        """Seconds until usage drops below `limit` again."""
+        """Seconds until usage drops below `limit` again (walks only the amounts that must
+        expire first, so it is short when a request is refused)."""
         if self.total < limit:
             return 0.0
         excess = self.total - limit + 1
@@ -105,10 +111,10 @@ class RateLimiter:
         req.add(now, 1)
         if key.rpm is not None:
             limit = self.share(key.rpm)
-            headers |= self._headers("requests", key.rpm, max(0, limit - req.total), req.reset_in(now, 1))
+            headers |= self._headers("requests", key.rpm, max(0, limit - req.total), req.replenished_in(now))
         if key.tpm is not None:
             limit = self.share(key.tpm)
-            headers |= self._headers("tokens", key.tpm, max(0, limit - tok.total), tok.reset_in(now, 1))
+            headers |= self._headers("tokens", key.tpm, max(0, limit - tok.total), tok.replenished_in(now))
 
         def charge(tokens: int) -> None:
             tok.add(self.clock(), max(0, tokens))

@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 from .registry import Registry
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 
 class RegistryCollector(Collector):
@@ -40,6 +41,15 @@ class GatewayMetrics:
         self.latency = Histogram("modelfleet_gateway_request_seconds", "Time until the response ended.",
                                  ["model"], buckets=BUCKETS, registry=self.prom)
         self.first_byte = Histogram("modelfleet_gateway_first_byte_seconds", "Time until the backend answered.",
+                                    ["model"], buckets=BUCKETS, registry=self.prom)
+        self.first_token = Histogram("modelfleet_gateway_time_to_first_token_seconds",
+                                     "Streams: from the request reaching the gateway to its first event.",
+                                     ["model"], buckets=BUCKETS, registry=self.prom)
+        self.inter_token = Histogram("modelfleet_gateway_inter_token_latency_seconds",
+                                     "Streams: mean time between events, one observation per stream.",
+                                     ["model"], buckets=ITL_BUCKETS, registry=self.prom)
+        self.queue_wait = Histogram("modelfleet_gateway_queue_wait_seconds",
+                                    "Time a request was held waiting for a model to have a ready replica.",
                                     ["model"], buckets=BUCKETS, registry=self.prom)
         self.retries = Counter("modelfleet_gateway_retries", "Attempts on another backend.", ["model"],
                                registry=self.prom)

@@ -3,17 +3,22 @@
 Fields the gateway does not know pass through untouched because the body is never re-encoded.
 Connection errors and 5xx answers are retried on another endpoint, but only before the first
 byte reaches the client; after that, a failure ends the stream with an OpenAI error event.
+
+A streamed request also has a first-byte deadline: a worker sends a stream's headers as soon as
+it has validated the request (before it queues or generates), so a replica that has not answered
+within `first_byte_timeout` is stalled, and the request moves to another one. A non-streamed
+answer only starts once it is complete, so it has no such deadline, only the read timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
-
-from fastapi.responses import StreamingResponse
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 
 from modelfleet.protocol import error_body, unavailable
 
@@ -28,20 +33,32 @@ PASS_HEADERS = {"content-type", "retry-after", "cache-control", "x-accel-bufferi
 FORWARD_HEADERS = {"content-type", "accept", "x-request-id", "user-agent", "openai-organization"}
 
 
+@dataclass
+class Relay:
+    """An upstream answer ready to relay: its status, the headers to send, and its bytes."""
+
+    status: int
+    headers: dict[str, str]
+    body: AsyncGenerator[bytes, None]
+
+
 class Proxy:
     def __init__(self, registry: Registry, upstream: Upstream, metrics: GatewayMetrics,
-                 max_attempts: int = 3) -> None:
+                 max_attempts: int = 3, first_byte_timeout: float = 15.0) -> None:
         self.registry = registry
         self.upstream = upstream
         self.metrics = metrics
         self.max_attempts = max_attempts
+        self.first_byte_timeout = first_byte_timeout
         self.rng = random.Random()
 
     async def forward(self, path: str, body: bytes, headers: dict[str, str], model: str,
                       on_usage: Callable[[int], None] | None = None, key_name: str = "",
-                      prefix: str = "") -> StreamingResponse:
+                      prefix: str = "", stream: bool = False, received: float | None = None) -> Relay:
         """Sends `body` to one endpoint of the (resolved) `model`; `on_usage` gets the tokens
-        the response reports once it has been relayed."""
+        the response reports once it has been relayed. `received` is when the gateway got the
+        request, for time to first token."""
+        received = received or time.monotonic()
         routing = self.registry.meta.get(model, {})
         strategy_name = routing.get("strategy", "least-load")
         strategy = STRATEGIES.get(strategy_name, STRATEGIES["least-load"])
@@ -61,7 +78,8 @@ class Proxy:
             endpoint.inflight += 1
             started = time.monotonic()
             try:
-                upstream = await self.upstream.post(endpoint.url + path, body, send_headers)
+                posting = self.upstream.post(endpoint.url + path, body, send_headers)
+                upstream = await (asyncio.wait_for(posting, self.first_byte_timeout) if stream else posting)
             except UpstreamError as exc:
                 endpoint.inflight -= 1
                 last_error = f"replica {endpoint.url} failed: {type(exc).__name__}"
@@ -80,8 +98,8 @@ class Proxy:
             out_headers["x-modelfleet-route"] = f"{strategy_name};attempt={attempt + 1}"
             self.metrics.first_byte.labels(model).observe(time.monotonic() - started)
             scanner = UsageScanner(len(body))
-            relay = self._relay(upstream, endpoint, model, started, scanner, on_usage, key_name)
-            return StreamingResponse(relay, status_code=upstream.status, headers=out_headers)
+            relay = self._relay(upstream, endpoint, model, received, scanner, on_usage, key_name)
+            return Relay(upstream.status, out_headers, relay)
         raise unavailable(f"No ready replica for model `{model}` ({last_error}).", retry_after=2)
 
     def _failed(self, endpoint: Endpoint) -> None:
@@ -89,15 +107,20 @@ class Proxy:
             self.metrics.ejections.labels(endpoint.model).inc()
             log.warning("ejected %s after repeated failures", endpoint.url)
 
-    async def _relay(self, upstream: UpstreamResponse, endpoint: Endpoint, model: str, started: float,
+    async def _relay(self, upstream: UpstreamResponse, endpoint: Endpoint, model: str, received: float,
                      scanner: UsageScanner, on_usage: Callable[[int], None] | None,
-                     key_name: str) -> AsyncIterator[bytes]:
+                     key_name: str) -> AsyncGenerator[bytes, None]:
         streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
         status = str(upstream.status)
         completed = False
+        first = last = 0.0
         try:
             async for chunk in upstream.chunks():
                 scanner.feed(chunk)
+                last = time.monotonic()
+                if not first and streaming and scanner.events:
+                    first = last
+                    self.metrics.first_token.labels(model).observe(first - received)
                 yield chunk
             completed = True
         except UpstreamError as exc:
@@ -116,4 +139,8 @@ class Proxy:
                 on_usage(tokens)
             self.metrics.requests.labels(model, status, key_name).inc()
             self.metrics.tokens.labels(model, key_name).inc(tokens)
-            self.metrics.latency.labels(model).observe(time.monotonic() - started)
+            self.metrics.latency.labels(model).observe(time.monotonic() - received)
+            if first and scanner.events > 1:
+                # One observation per stream (its mean gap), not per event: the gateway relays
+                # tens of thousands of events a second, and chunks arrive coalesced anyway.
+                self.metrics.inter_token.labels(model).observe((last - first) / (scanner.events - 1))

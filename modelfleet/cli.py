@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="kubernetes: namespace of API-key Secrets (default: the gateway's own)")
     gateway.add_argument("--gateway-service", default=None, metavar="NAME",
                          help="kubernetes: the gateway's own Service, to share rate limits between replicas")
+    gateway.add_argument("--first-byte-timeout", type=float, default=15.0, metavar="SECONDS",
+                         help="a streamed request whose replica sends nothing for this long moves to another")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=_port, default=8000)
 
@@ -182,7 +184,8 @@ def run_gateway(args: argparse.Namespace) -> int:
     app = build_gateway(GatewaySettings(host=args.host, port=args.port, backends=backends,
                                         api_keys=Path(args.api_keys) if args.api_keys else None,
                                         discovery=args.discovery, namespaces=args.namespace,
-                                        key_namespace=args.key_namespace, gateway_service=args.gateway_service))
+                                        key_namespace=args.key_namespace, gateway_service=args.gateway_service,
+                                        first_byte_timeout=args.first_byte_timeout))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import uuid
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +24,11 @@ log = logging.getLogger(__name__)
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
+def incoming_request_id(headers: Mapping[str, str]) -> str:
+    """The client's request id (bounded in length), or a new one."""
+    return headers.get("x-request-id", "")[:200] or uuid.uuid4().hex
+
+
 class RequestIdMiddleware:
     """Pure ASGI (not BaseHTTPMiddleware), so streamed bodies pass through untouched."""
 
@@ -33,12 +39,8 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = None
-        for name, value in scope.get("headers", []):
-            if name == b"x-request-id":
-                incoming = value.decode("latin-1")[:200]
-                break
-        rid = incoming or uuid.uuid4().hex
+        incoming = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"x-request-id"), "")
+        rid = incoming_request_id({"x-request-id": incoming})
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
 

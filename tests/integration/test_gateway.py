@@ -186,11 +186,11 @@ def worker(tmp_path_factory):
     proc.wait()
 
 
-def start_gateway(tmp: Path, *backends: str) -> tuple[subprocess.Popen, str]:
+def start_gateway(tmp: Path, *backends: str, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
     args = [a for b in backends for a in ("--backend", b)]
-    proc = subprocess.Popen([*CLI, "gateway", *args, "--port", str(port)], stdout=(tmp / "gw.log").open("w"),
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([*CLI, "gateway", *args, "--port", str(port), *extra],
+                            stdout=(tmp / "gw.log").open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(url + "/ready").status_code == 200, what="gateway ready")
     return proc, url
@@ -254,3 +254,64 @@ def test_a_stalled_replica_does_not_delay_the_others(worker, tmp_path):
     finally:
         gw.kill()
         stalled.close()
+
+
+def test_a_stream_on_a_stalled_replica_moves_to_another_after_the_first_byte_deadline(worker, tmp_path):
+    """A worker sends a stream's headers as soon as it has validated the request, so a replica
+    silent past --first-byte-timeout is stalled: the stream is retried on a healthy replica."""
+    stalled = FakeReplica(on_post="stall")
+    gw, url = start_gateway(tmp_path, f"m={worker},http://127.0.0.1:{stalled.port}",
+                            extra=("--first-byte-timeout", "1"))
+    try:
+        wait_until(lambda: f'backend_available{{backend="http://127.0.0.1:{stalled.port}",model="m"}} 1.0'
+                   in httpx.get(url + "/metrics").text, timeout=15, what="stalled replica looks ready")
+        body = {"model": "m", "prompt": "x", "max_tokens": 2, "stream": True}
+        for _ in range(6):
+            started = time.monotonic()
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=20) as r:
+                assert r.status_code == 200
+                text = r.read().decode()
+            assert r.headers["x-modelfleet-backend"] == worker
+            assert text.rstrip().endswith("data: [DONE]")
+            assert time.monotonic() - started < 8
+        metrics = httpx.get(url + "/metrics").text
+        assert metric(metrics, 'modelfleet_gateway_retries_total{model="m"}') >= 1
+    finally:
+        gw.kill()
+        stalled.close()
+
+
+def test_gateway_reports_time_to_first_token_and_inter_token_latency(worker, tmp_path):
+    gw, url = start_gateway(tmp_path, f"m={worker}")
+    try:
+        body = {"model": "m", "prompt": "x", "max_tokens": 8, "stream": True}
+        for _ in range(3):
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                r.read()
+        metrics = httpx.get(url + "/metrics").text
+        assert metric(metrics, 'modelfleet_gateway_time_to_first_token_seconds_count{model="m"}') == 3
+        assert metric(metrics, 'modelfleet_gateway_inter_token_latency_seconds_count{model="m"}') == 3
+        ttft = metric(metrics, 'modelfleet_gateway_time_to_first_token_seconds_sum{model="m"}') / 3
+        assert 0 < ttft < 30
+        # A non-streamed answer has no tokens to time.
+        httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=60).raise_for_status()
+        after = httpx.get(url + "/metrics").text
+        assert metric(after, 'modelfleet_gateway_time_to_first_token_seconds_count{model="m"}') == 3
+    finally:
+        gw.kill()
+
+
+def test_proxied_paths_answer_wrong_methods_and_huge_bodies_in_the_api_format(worker, tmp_path):
+    gw, url = start_gateway(tmp_path, f"m={worker}")
+    try:
+        r = httpx.get(f"{url}/v1/chat/completions")
+        assert r.status_code == 405
+        assert r.json()["error"]["code"] == "method_not_allowed"
+        assert r.headers["allow"] == "POST" and r.headers["x-request-id"]
+        r = httpx.post(f"{url}/v1/embeddings", content=b"x" * (65 * 1024 * 1024), timeout=60,
+                       headers={"content-type": "application/json", "x-request-id": "big-1"})
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "request_too_large"
+        assert r.headers["x-request-id"] == "big-1"
+    finally:
+        gw.kill()

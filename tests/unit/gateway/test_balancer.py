@@ -58,13 +58,14 @@ def test_removing_a_replica_moves_only_its_prefixes():
 
 
 def test_worker_queue_parsing_and_routing_fields():
-    from modelfleet.gateway.app import routing_fields
     from modelfleet.gateway.load import parse_queue
+    from modelfleet.gateway.routing import RoutingFields, routing_fields
 
     text = ('# HELP x\nvllm:num_requests_running{model_name="m"} 3.0\n'
             'vllm:num_requests_waiting{model_name="m"} 2.0\nother 9\n')
     assert parse_queue(text) == 5
     assert parse_queue("nothing here") is None
-    model, prefix = routing_fields(b'{"model": "m", "messages": [{"role": "system", "content": "Be brief."}]}')
-    assert model == "m" and prefix == "system:Be brief."
-    assert routing_fields(b'{"model": "m", "prompt": "Once upon"}') == ("m", "Once upon")
+    chat = routing_fields(b'{"model": "m", "messages": [{"role": "system", "content": "Be brief."}]}')
+    assert chat == RoutingFields("m", "system:Be brief.", stream=False)
+    assert routing_fields(b'{"model": "m", "prompt": "Once upon", "stream": true}') == RoutingFields(
+        "m", "Once upon", stream=True)

@@ -1,0 +1,48 @@
+"""What the gateway reads from a request body: the model, whether the answer streams, and the
+start of the conversation (for prefix affinity). The body itself is forwarded untouched."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from modelfleet.protocol import OpenAIError
+
+
+@dataclass(frozen=True)
+class RoutingFields:
+    model: str
+    prefix: str = ""
+    stream: bool = False
+
+
+def routing_fields(body: bytes) -> RoutingFields:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OpenAIError(f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from exc
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, str) or not model:
+        raise OpenAIError("You must provide a model parameter.", param="model", code="missing_model")
+    return RoutingFields(model, prompt_prefix(data), data.get("stream") is True)
+
+
+def prompt_prefix(data: dict, limit: int = 4096) -> str:
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        parts = []
+        for m in messages:
+            if isinstance(m, dict):
+                content = m.get("content")
+                parts.append(f"{m.get('role')}:{content if isinstance(content, str) else json.dumps(content)}")
+            if sum(map(len, parts)) >= limit:
+                break
+        return "\n".join(parts)[:limit]
+    for field_name in ("prompt", "input"):
+        value = data.get(field_name)
+        if isinstance(value, str):
+            return value[:limit]
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            return value[0][:limit]
+    return ""
+
