@@ -1,7 +1,7 @@
 """Thin kopf handlers: every trigger calls the same reconcile(); errors become retry policy.
 
 Create, update (spec, labels or annotations such as the gateway's demand signal), resume
-after a restart, a resync timer, and changes of a worker Deployment all run one level-based
+after a restart, the periodic resync (resync.py), and changes of a worker Deployment all run one level-based
 reconcile, so it does not matter which of them fires or how often. Handlers are registered
 on a registry passed in (no module-level state), so tests and embedders build their own.
 """
@@ -27,6 +27,7 @@ from .kube import KubeApi
 from .load import LoadProbe
 from .metrics import OperatorMetrics
 from .reconcile import Gone, InvalidSpec, Outcome, reconcile
+from .resync import Peering, Resync
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +208,10 @@ def owner_stub(child: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
-    """Register the handlers on `registry`."""
+def register(registry: kopf.OperatorRegistry, deps: Deps, peering: Peering | None = None) -> None:
+    """Register the handlers on `registry`. `peering` is how the resync loop follows kopf
+    peering (standalone when None)."""
+    peering = peering or Peering(standalone=True, priority=0, name=None, clusterwide=True)
     run = make_runner(deps)
     resource = (GROUP, VERSION, PLURAL)
 
@@ -224,11 +227,26 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
     def on_resume(body: kopf.Body, **_: Any) -> None:
         run(body, "resume")
 
-    # The first resync waits an interval: create and resume already reconcile at the start.
-    interval = deps.config.resync_seconds
-    @kopf.timer(*resource, registry=registry, id="resync", interval=interval, initial_delay=interval)
-    def on_timer(body: kopf.Body, **_: Any) -> None:
-        run(body, "timer")
+    # The periodic resync walks this index (see resync.py for why it is not a kopf timer).
+    @kopf.index(*resource, registry=registry, id="modeldeployments")
+    def index_model_deployments(name: str, namespace: str, uid: str, **_: Any) -> dict[str, dict[str, Any]]:
+        return {uid: {"metadata": {"name": name, "namespace": namespace, "uid": uid}}}
+
+    resync_holder: list[Resync] = []
+
+    @kopf.on.startup(registry=registry, id="start-resync")
+    async def start_resync(modeldeployments: kopf.Index, **_: Any) -> None:
+        def snapshot() -> list[Mapping[str, Any]]:
+            return [stub for store in modeldeployments.values() for stub in store]
+
+        resync = Resync(run, snapshot, deps.config.resync_seconds, deps.kube, peering)
+        resync.start()
+        resync_holder.append(resync)
+
+    @kopf.on.cleanup(registry=registry, id="stop-resync")
+    async def stop_resync(**_: Any) -> None:
+        for resync in resync_holder:
+            await resync.stop()
 
     # A worker Deployment changed (pods became ready, or someone deleted it): reconcile its
     # owner now rather than at the next resync. Errors here are only logged by kopf; the

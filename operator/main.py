@@ -24,6 +24,7 @@ from .config import OperatorConfig
 from .handlers import Deps, register
 from .load import make_http_probe, no_probe
 from .metrics import OperatorMetrics
+from .resync import Peering
 
 log = logging.getLogger("modelfleet.operator")
 
@@ -127,14 +128,14 @@ def kopf_settings(args: argparse.Namespace) -> kopf.OperatorSettings:
     return settings
 
 
-def build_registry(deps: Deps) -> kopf.OperatorRegistry:
+def build_registry(deps: Deps, peering: Peering | None = None) -> kopf.OperatorRegistry:
     """A fresh registry with our handlers and a login through the kubernetes client.
 
     kopf adds that login itself only to its process-wide default registry, which we do not use.
     """
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry, id="login")(kopf.login_via_client)
-    register(registry, deps)
+    register(registry, deps, peering)
     return registry
 
 
@@ -207,15 +208,17 @@ def run(argv: Sequence[str]) -> int:
     deps = Deps(
         kube=kube, config=config, probe=probe, metrics=metrics, clock=lambda: datetime.now(timezone.utc)
     )
-    registry = build_registry(deps)
     namespaces = tuple(args.namespace)
+    priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
+    peering = Peering(standalone=args.standalone, priority=priority, name=args.peering, clusterwide=not namespaces)
+    registry = build_registry(deps, peering)
     try:
         asyncio.run(
             kopf.operator(
                 registry=registry,
                 settings=kopf_settings(args),
                 standalone=args.standalone,
-                priority=args.priority if args.priority is not None else random.randint(1, 2**31 - 1),
+                priority=priority,
                 peering_name=args.peering,
                 liveness_endpoint=args.liveness or None,
                 clusterwide=not namespaces,

@@ -91,7 +91,7 @@ def env(cluster, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - cluster s
         )
         yield e
     finally:
-        delete_model_deployments(ns)  # while the operator runs: it releases kopf's finalizers
+        delete_model_deployments(ns)
         op.stop()
         delete_namespace(ns)
         print(f"operator log: {log}")
@@ -287,6 +287,25 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(env: Env) ->
         reasons = [e["reason"] for e in events if e["involvedObject"]["name"] == n]
         assert len(reasons) == len(set(reasons)), f"{n}: duplicate events after the restart: {reasons}"
     kubectl("delete", "md", *names, "-n", env.namespace, "--wait=false")
+
+
+def test_delete_completes_while_no_operator_runs(env: Env) -> None:
+    """The operator puts no finalizer on a ModelDeployment (its resync is not a kopf timer), so
+    a user can delete one while the operator is down; the garbage collector removes its children."""
+    apply(model_deployment("orphaned", env.source, replicas=0), namespace=env.namespace)
+    env.wait(lambda: get("deploy", "orphaned", env.namespace), SETTLE_TIMEOUT, "orphaned's Deployment")
+    env.wait(lambda: condition(env.md("orphaned"), "Ready"), SETTLE_TIMEOUT, "orphaned's status")
+    assert not (env.md("orphaned") or {})["metadata"].get("finalizers")
+    env.op.stop()
+    try:
+        started = time.monotonic()
+        kubectl("delete", "md", "orphaned", "-n", env.namespace, "--timeout=20s")
+        assert env.md("orphaned") is None
+        print(f"deleted with no operator running in {time.monotonic() - started:.1f}s")
+        env.wait(lambda: get("deploy", "orphaned", env.namespace) is None or None, 60,
+                 "the garbage collector to remove orphaned's Deployment", interval=1)
+    finally:
+        env.op.start()
 
 
 def test_scale_to_zero_and_back_on_demand(env: Env) -> None:

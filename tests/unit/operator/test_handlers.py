@@ -180,11 +180,16 @@ def test_register_uses_the_registry_given() -> None:
     register(registry, deps(FailingKube(Status(500)), OperatorMetrics()))
     changing = {h.id for h in registry._changing.get_all_handlers()}
     assert {"reconcile-create", "reconcile-update", "reconcile-resume"} <= changing
-    assert {h.id for h in registry._spawning.get_all_handlers()} == {"resync"}
     assert {h.id for h in registry._watching.get_all_handlers()} == {"child"}
+    assert {h.id for h in registry._indexing.get_all_handlers()} == {"modeldeployments"}
+    assert {"start-resync", "stop-resync"} <= {h.id for h in registry._activities.get_all_handlers()}
+    # No timers, daemons or deletion handlers: kopf adds its finalizer for those, and deleting a
+    # ModelDeployment would then hang while no operator runs.
+    assert not registry._spawning.get_all_handlers()
+    assert not [h for h in registry._changing.get_all_handlers() if "DELETE" in str(h.reason)]
     # Nothing leaked into kopf's process-wide default registry.
     default = kopf.get_default_registry()
-    assert not any(h.id == "resync" for h in default._spawning.get_all_handlers())
+    assert not any(h.id == "modeldeployments" for h in default._indexing.get_all_handlers())
 
 
 def test_owner_stub_follows_the_controller_reference() -> None:
@@ -209,8 +214,7 @@ def test_owner_stub_follows_the_controller_reference() -> None:
 
 def test_operator_registry_can_log_in() -> None:
     registry = build_registry(deps(FailingKube(Status(500)), OperatorMetrics()))
-    assert "login" in {h.id for h in registry._activities.get_all_handlers()}
-    assert "resync" in {h.id for h in registry._spawning.get_all_handlers()}
+    assert {"login", "start-resync"} <= {h.id for h in registry._activities.get_all_handlers()}
 
 
 def test_cli_options_become_settings() -> None:
