@@ -180,33 +180,44 @@ def main() -> int:
               + (f"  ttft p50 {row.get('ttft_p50_ms')} ms, itl p50 {row.get('itl_p50_ms')} ms"
                  if row.get("itl_p50_ms") else ""), flush=True)
 
-    print("modelfleet worker (continuous batching)", flush=True)
+    # This shared machine's speed drifts by 10-20% within minutes, so the comparisons the goals
+    # rest on are measured side by side: the one-at-a-time worker runs right after the batching
+    # worker at the same concurrency (both processes up, the idle one asleep), and plain
+    # `generate` at 1 client runs before and after the workers.
+    model, tok = load_model(model_dir)
+    static_one = [static_batching(model, tok, 1, max_tokens, 4)]
+    print("modelfleet worker (continuous batching), and the same worker one request at a time "
+          "(--max-num-seqs 1)", flush=True)
     proc, url = start_worker(model_dir, "bench", "--max-num-seqs", "64", log=logs / "worker.log")
+    serial, serial_url = start_worker(model_dir, "bench", "--max-num-seqs", "1", log=logs / "serial.log")
     try:
         asyncio.run(http_load(url, 2, 1, 4, False, 0))  # warm-up
+        asyncio.run(http_load(serial_url, 1, 1, 4, False, 0))
         for c in levels:
             record("modelfleet", "plain", "burst", c, asyncio.run(http_load(url, c, per_client * (4 if c == 1 else 1),
                                                                             max_tokens, False, 0)))
+            if c in (1, 32):
+                record("one-at-a-time", "plain", "burst", c, asyncio.run(
+                    http_load(serial_url, c, 4 if c == 1 else 1, max_tokens, False, 0)))
             record("modelfleet", "stream", "burst", c, asyncio.run(http_load(url, c, per_client, max_tokens, True, 0)))
             if c > 1:
                 record("modelfleet", "stream", "staggered", c,
                        asyncio.run(http_load(url, c, per_client, max_tokens, True, stagger=2.0)))
     finally:
         stop(proc)
-
-    print("modelfleet worker, one request at a time (--max-num-seqs 1)", flush=True)
-    proc, url = start_worker(model_dir, "bench", "--max-num-seqs", "1", log=logs / "serial.log")
-    try:
-        for c in (1, 32):
-            record("one-at-a-time", "plain", "burst", c, asyncio.run(http_load(url, c, 1 if c > 1 else 4,
-                                                                               max_tokens, False, 0)))
-    finally:
-        stop(proc)
+        stop(serial)
 
     print("in-process baselines: static batching and transformers' continuous batching", flush=True)
-    model, tok = load_model(model_dir)
+    static_one.append(static_batching(model, tok, 1, max_tokens, 4))
     for c in levels:
-        record("static", "plain", "burst", c, static_batching(model, tok, c, max_tokens, 4 if c == 1 else per_client))
+        if c == 1:
+            seconds = sum(r["seconds"] for r in static_one)
+            tokens = sum(r["tokens"] for r in static_one)
+            record("static", "plain", "burst", 1, {**static_one[-1], "seconds": round(seconds, 3), "tokens": tokens,
+                                                   "tokens_per_s": round(tokens / seconds, 2),
+                                                   "spread": [r["tokens_per_s"] for r in static_one]})
+        else:
+            record("static", "plain", "burst", c, static_batching(model, tok, c, max_tokens, per_client))
     for c in levels:
         try:
             record("transformers-cb", "plain", "burst", c, transformers_cb(model, tok, c, max_tokens, per_client))

@@ -105,6 +105,16 @@ def desired_replicas(
     return decision.desired, decision.state, decision.reason if moved else None, current
 
 
+def _may_have_pdb(md: ModelDeployment) -> bool:
+    """Whether an earlier reconcile could have left a PDB: only one that asked for 2 or more
+    replicas. Status records that; before status is first written, only an object whose spec
+    changed since creation, or that autoscales, could have had an earlier reconcile ask for 2.
+    Skipping the DELETE otherwise saves a call per create and per resync."""
+    if md.status.observed_generation is not None:
+        return md.status.desired_replicas >= 2
+    return md.metadata.generation != 1 or md.spec.autoscaling is not None or md.spec.replicas >= 2
+
+
 def _apply_children(
     md: ModelDeployment, replicas: int, kube: KubeApi, config: OperatorConfig
 ) -> dict[str, Any]:
@@ -114,9 +124,7 @@ def _apply_children(
         pdb = render_pdb(md, replicas)
         if pdb is not None:
             kube.apply(pdb)
-        elif md.status.observed_generation is None or md.status.desired_replicas >= 2:
-            # A PDB can only exist if an earlier reconcile asked for 2 or more (or status was
-            # never written); skipping the DELETE otherwise saves a call per resync.
+        elif _may_have_pdb(md):
             kube.delete(PDB, md.metadata.namespace, md.metadata.name)
     except ValueError as exc:
         raise InvalidSpec(str(exc)) from exc
@@ -193,11 +201,12 @@ def reconcile(
     ns, name = md.metadata.namespace, md.metadata.name
     selector = labels.selector_string(labels.selector_labels(name))
 
-    # Only the autoscaler needs the Deployment before the apply (its current size); status
-    # uses what the apply returns.
-    deployment = kube.get(DEPLOYMENT, ns, name) if md.spec.autoscaling is not None else None
-    pods = kube.list(POD, ns, label_selector=selector)
-    desired, autoscaler, scale_reason, previous = desired_replicas(md, deployment, pods, probe, now)
+    # Only the autoscaler needs the Deployment and pods before the apply (current size, load);
+    # status uses what the apply returns.
+    autoscaled = md.spec.autoscaling is not None
+    deployment = kube.get(DEPLOYMENT, ns, name) if autoscaled else None
+    pods = kube.list(POD, ns, label_selector=selector) if autoscaled else None
+    desired, autoscaler, scale_reason, previous = desired_replicas(md, deployment, pods or [], probe, now)
     if scale_reason:
         log.info("%s/%s: %s", ns, name, scale_reason)
     try:
@@ -205,6 +214,11 @@ def reconcile(
     except InvalidSpec as exc:
         report_invalid(body, str(exc), kube, now)
         raise
+    if pods is None:
+        # A Deployment at zero that had no pods when last seen has none to list: this saves a
+        # call per create and per resync of every scaled-to-zero model.
+        had_pods = md.status.replicas > 0 or int(((deployment.get("status") or {}).get("replicas")) or 0) > 0
+        pods = kube.list(POD, ns, label_selector=selector) if desired > 0 or had_pods else []
 
     # Pod warnings (volume mounts) explain pods stuck before their container starts; only
     # worth a list call while some pod is not ready.

@@ -352,6 +352,34 @@ def test_steady_state_costs_few_calls() -> None:
     )
 
 
+def test_a_new_object_at_zero_skips_calls_that_cannot_find_anything() -> None:
+    """Created at zero replicas and never changed: no pod can exist and no earlier reconcile can
+    have made a PDB, so neither is looked for (a burst of such objects is API-server bound)."""
+    kube, b = FakeKube(), body({"replicas": 0})
+    run(kube, b)
+    assert ("list", "Pod") not in kube.calls
+    assert ("delete", "PodDisruptionBudget") not in kube.calls
+    # Once the spec changed, an earlier reconcile may have asked for two replicas: look.
+    kube.calls.clear()
+    b2 = body({"replicas": 1})
+    b2["metadata"]["generation"] = 2
+    run(kube, b2)
+    assert ("list", "Pod") in kube.calls and ("delete", "PodDisruptionBudget") in kube.calls
+
+
+def test_scaling_to_zero_still_reads_the_pods_it_had() -> None:
+    kube, b = FakeKube(), body({"replicas": 1})
+    run(kube, b)
+    kube.set_deployment_status(1, 1)
+    kube.pods = [ready_pod()]
+    run(kube, b)
+    b["spec"]["replicas"] = 0
+    b["metadata"]["generation"] = 2
+    kube.calls.clear()
+    run(kube, b)  # status still says one replica: its pod may be terminating
+    assert ("list", "Pod") in kube.calls
+
+
 def test_a_still_invalid_object_is_reported_once() -> None:
     kube, b = FakeKube(), body()
     b["spec"]["model"]["source"] = "s3://bucket/model"
