@@ -223,7 +223,9 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
     @router.post("/v1/embeddings")
     async def embeddings(request: Request):
         req = await parse(request, EmbeddingRequest)
-        return await service.embed(req)
+        # A JSONResponse skips FastAPI's jsonable_encoder, which walks every float of every
+        # vector in Python (the body holds only JSON types already).
+        return JSONResponse(await service.embed(req))
 
     @router.post("/tokenize")
     async def tokenize(request: Request):
