@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import kopf
+
 from .kube import KubeApi
 
 log = logging.getLogger(__name__)
@@ -115,8 +117,11 @@ class Resync:
             if not allowed[namespace]:
                 continue
             handed += 1
+            name = stub["metadata"].get("name")
             try:
                 await asyncio.to_thread(self.run, stub, "timer")
+            except kopf.PermanentError as exc:  # an invalid spec: status says so; not worth a warning a round
+                log.debug("resync of %s/%s: %s", namespace, name, exc)
             except Exception as exc:  # noqa: BLE001 - the next round retries; events have the details
-                log.warning("resync of %s/%s failed: %s", namespace, stub["metadata"].get("name"), exc)
+                log.warning("resync of %s/%s failed: %s", namespace, name, exc)
         return handed

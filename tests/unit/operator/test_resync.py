@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
+import kopf
+
 from modelfleet.operator.resync import Peering, Resync, peering_allows
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
@@ -58,6 +60,8 @@ def test_a_round_reconciles_where_peering_allows_and_survives_failures():
         runs.append((body["metadata"]["name"], trigger))
         if body["metadata"]["name"] == "b1":
             raise RuntimeError("API server hiccup")
+        if body["metadata"]["name"] == "b2":
+            raise kopf.PermanentError("invalid spec")
 
     stubs = [stub("a1", "team-a"), stub("b1", "team-b"), stub("b2", "team-b"), stub("a2", "team-a")]
     peering = Peering(standalone=False, priority=5, name="modelfleet", clusterwide=False)
