@@ -14,7 +14,7 @@ from modelfleet.protocol import SSE_DONE, error_body, new_id, now, sse, sse_even
 from .engine import RequestStream
 from .formatting import TokenText, chat_delta, chat_logprobs, completion_logprobs, finish_with_calls
 from .service import ModelService
-from .tool_calls import ToolCall, ToolCallFormat, ToolCallParser
+from .tool_calls import ParseEvent, ToolCall, ToolCallFormat, ToolCallParser
 
 
 def choice_chunk(base: dict[str, Any], choice: dict[str, Any], include_usage: bool) -> bytes:
@@ -189,63 +189,42 @@ class ResponseEvents:
         return sse_event(kind, {"type": kind, "sequence_number": self.sent - 1, **fields})
 
 
+class PlainText:
+    """The parser for a Responses stream without tools: all text is message content."""
+
+    def __init__(self) -> None:
+        self.calls: list[ToolCall] = []
+        self.content = ""
+
+    def feed(self, text: str) -> list[ParseEvent]:
+        self.content += text
+        return [ParseEvent("content", text=text)] if text else []
+
+    def finish(self) -> list[ParseEvent]:
+        return []
+
+
 async def responses_stream(stream: RequestStream, model: str,
                            tool_format: ToolCallFormat | None = None) -> AsyncIterator[bytes]:
-    """The Responses API's typed events, in the order OpenAI sends them."""
-    if tool_format is not None:
-        async for chunk in responses_tool_stream(stream, model, tool_format):
-            yield chunk
-        return
+    """The Responses API's typed events, in the order OpenAI sends them. Without tools the
+    message item opens at once; with tools it opens at the first content, and each call is a
+    function_call item with argument deltas."""
     rid, mid, created = new_id("resp"), new_id("msg"), now()
     event = ResponseEvents()
 
-    item_base = {"type": "message", "id": mid, "role": "assistant"}
-    try:
-        yield event("response.created", response=response_object(rid, model, created, "", "in_progress", 0, 0, mid))
-        yield event("response.in_progress",
-                    response=response_object(rid, model, created, "", "in_progress", 0, 0, mid))
-        yield event("response.output_item.added", output_index=0,
-                    item={**item_base, "status": "in_progress", "content": []})
-        part = {"type": "output_text", "text": "", "annotations": []}
-        yield event("response.content_part.added", item_id=mid, output_index=0, content_index=0, part=part)
-        text, prompt_tokens, completion_tokens, finish = "", 0, 0, None
-        async for ev in stream:
-            if ev.error:
-                yield event("error", code="server_error", message=ev.error, param=None)
-                return
-            prompt_tokens, completion_tokens = ev.prompt_tokens, ev.completion_tokens
-            for d in ev.deltas:
-                finish = d.finish_reason or finish
-                if d.text:
-                    text += d.text
-                    yield event("response.output_text.delta", item_id=mid, output_index=0, content_index=0,
-                                delta=d.text, logprobs=[])
-        yield event("response.output_text.done", item_id=mid, output_index=0, content_index=0, text=text,
-                    logprobs=[])
-        done_part = {"type": "output_text", "text": text, "annotations": []}
-        yield event("response.content_part.done", item_id=mid, output_index=0, content_index=0, part=done_part)
-        yield event("response.output_item.done", output_index=0,
-                    item={**item_base, "status": "completed", "content": [done_part]})
-        incomplete = finish == "length"
-        final = response_object(rid, model, created, text, "incomplete" if incomplete else "completed",
-                                prompt_tokens, completion_tokens, mid, incomplete)
-        yield event("response.incomplete" if incomplete else "response.completed", response=final)
-    finally:
-        stream.cancel()
-
-
-async def responses_tool_stream(stream: RequestStream, model: str, tool_format: ToolCallFormat
-                                ) -> AsyncIterator[bytes]:
-    """Responses events when tools may be called: a message item opens at the first content,
-    each call is a function_call item with argument deltas."""
-    rid, mid, created = new_id("resp"), new_id("msg"), now()
-    event = ResponseEvents()
-
-    parser = tool_format.parser()
+    parser: ToolCallParser = tool_format.parser() if tool_format is not None else PlainText()
     item_base = {"type": "message", "id": mid, "role": "assistant"}
     message_index: int | None = None
     items = 0
     open_call: tuple[int, ToolCall] | None = None
+
+    def open_message() -> list[bytes]:
+        nonlocal message_index, items
+        message_index, items = items, items + 1
+        return [event("response.output_item.added", output_index=message_index,
+                      item={**item_base, "status": "in_progress", "content": []}),
+                event("response.content_part.added", item_id=mid, output_index=message_index, content_index=0,
+                      part={"type": "output_text", "text": "", "annotations": []})]
 
     def close_call() -> list[bytes]:
         if open_call is None:
@@ -260,6 +239,9 @@ async def responses_tool_stream(stream: RequestStream, model: str, tool_format: 
         yield event("response.created", response=response_object(rid, model, created, "", "in_progress", 0, 0, mid))
         yield event("response.in_progress",
                     response=response_object(rid, model, created, "", "in_progress", 0, 0, mid))
+        if tool_format is None:
+            for b in open_message():
+                yield b
         prompt_tokens, completion_tokens, finish = 0, 0, None
         async for ev in stream:
             if ev.error:
@@ -271,12 +253,8 @@ async def responses_tool_stream(stream: RequestStream, model: str, tool_format: 
                 for pe in parser.feed(d.text) + (parser.finish() if d.finish_reason else []):
                     if pe.kind == "content":
                         if message_index is None:
-                            message_index, items = items, items + 1
-                            yield event("response.output_item.added", output_index=message_index,
-                                        item={**item_base, "status": "in_progress", "content": []})
-                            yield event("response.content_part.added", item_id=mid, output_index=message_index,
-                                        content_index=0,
-                                        part={"type": "output_text", "text": "", "annotations": []})
+                            for b in open_message():
+                                yield b
                         yield event("response.output_text.delta", item_id=mid, output_index=message_index,
                                     content_index=0, delta=pe.text, logprobs=[])
                     elif pe.kind == "call" and pe.call is not None:

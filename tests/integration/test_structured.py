@@ -143,6 +143,27 @@ def test_responses_api_text_format_and_function_tools(server):
     jsonschema.validate(json.loads(out[0]["arguments"]), SCHEMA_OF["add"])
 
 
+def test_streamed_responses_function_calls_match_the_non_streamed_output(openai_client):
+    tools = [{"type": "function", "name": "add", "parameters": ADD["function"]["parameters"]}]
+    kw = dict(model=CHAT, input="Add.", max_output_tokens=200, tool_choice="required", tools=tools,
+              temperature=1.0, extra_body={"seed": 3})
+    whole = openai_client.responses.create(**kw)
+    events = list(openai_client.responses.create(stream=True, **kw))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    calls = [o for o in whole.output if o.type == "function_call"]
+    assert calls and all(c.name == "add" for c in calls)
+    added = [e.item for e in events if e.type == "response.output_item.added" and e.item.type == "function_call"]
+    assert [a.name for a in added] == [c.name for c in calls]
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert deltas == "".join(c.arguments for c in calls)
+    done = [e.arguments for e in events if e.type == "response.function_call_arguments.done"]
+    assert done == [c.arguments for c in calls]
+    final = events[-1].response.output
+    assert [(o.type, getattr(o, "arguments", None)) for o in final] == [
+        (o.type, getattr(o, "arguments", None)) for o in whole.output]
+
+
 def test_langchain_with_structured_output(server):
     lc = pytest.importorskip("langchain_openai")
     llm = lc.ChatOpenAI(model=CHAT, base_url=server + "/v1", api_key="EMPTY", max_retries=0, max_tokens=200,
