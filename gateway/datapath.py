@@ -18,7 +18,16 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from modelfleet.http import error_response, incoming_request_id, request_id_var
+from modelfleet.http import (
+    MAX_BODY_BYTES,
+    ClientGone,
+    incoming_request_id,
+    internal_error,
+    method_not_allowed,
+    read_body,
+    request_id_var,
+    send_error,
+)
 from modelfleet.protocol import OpenAIError, model_not_found
 
 from .auth import ApiKey, KeyStore
@@ -33,10 +42,6 @@ PROXIED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"
                      "/tokenize", "/detokenize"})
 
 
-class ClientGone(Exception):
-    """The client disconnected before its request body arrived."""
-
-
 @dataclass
 class DataPath:
     """Routes POSTs on the proxied paths itself and hands every other request to `app`."""
@@ -48,7 +53,7 @@ class DataPath:
     discovery: object  # StaticDiscovery or KubernetesDiscovery: only `wait_for` is used
     proxy: Proxy
     metrics: GatewayMetrics
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = MAX_BODY_BYTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in PROXIED:
@@ -58,9 +63,7 @@ class DataPath:
         rid = incoming_request_id(headers)
         headers["x-request-id"] = rid
         if scope["method"] != "POST":
-            await self.send_error(send, OpenAIError(f"Method {scope['method']} is not allowed on {scope['path']}",
-                                                    status=405, code="method_not_allowed",
-                                                    headers={"allow": "POST"}), rid)
+            await send_error(send, method_not_allowed(scope), rid)
             return
         token = request_id_var.set(rid)
         try:
@@ -74,7 +77,7 @@ class DataPath:
         name = "-"
         try:
             key = self.keys.authenticate(headers)
-            body = await self.read_body(receive)
+            body = await read_body(receive, self.max_body_bytes)
             fields = routing_fields(body)
             name = fields.model
             model = self.registry.resolve(name)
@@ -93,13 +96,11 @@ class DataPath:
             self.metrics.requests.labels(name, str(exc.status), key.name if key else "").inc()
             log.info("request refused", extra={"model": name, "status": exc.status,
                                                "key": key.name if key else None, "error": exc.code})
-            await self.send_error(send, exc, headers["x-request-id"])
+            await send_error(send, exc, headers["x-request-id"])
             return
         except Exception:  # noqa: BLE001 - a bug answers 500 in the API's format, never a stack trace
             log.exception("unhandled error on %s", path)
-            await self.send_error(send, OpenAIError("The server had an error while processing your request.",
-                                                    status=500, type="server_error", code="internal_error"),
-                                  headers["x-request-id"])
+            await send_error(send, internal_error(), headers["x-request-id"])
             return
         relay.headers.update(admission.headers)
         relay.headers["x-request-id"] = headers["x-request-id"]
@@ -116,29 +117,6 @@ class DataPath:
             await self.discovery.wait_for(model)
         finally:
             self.metrics.queue_wait.labels(model).observe(time.monotonic() - started)
-
-    async def read_body(self, receive: Receive) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise OpenAIError(f"The request body is larger than {self.max_body_bytes} bytes.", status=413,
-                                  code="request_too_large")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    @staticmethod
-    async def send_error(send: Send, exc: OpenAIError, rid: str) -> None:
-        response = error_response(exc)
-        response.headers["x-request-id"] = rid
-        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
-        await send({"type": "http.response.body", "body": response.body})
 
     @staticmethod
     async def relay(relay: Relay, receive: Receive, send: Send) -> None:

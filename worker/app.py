@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import uvicorn
 from fastapi import FastAPI
 
-from modelfleet.http import RequestIdMiddleware, install_error_handlers
+from modelfleet.http import JsonFastPath, RequestIdMiddleware, install_error_handlers
 from modelfleet.netutil import bind_socket
 
 from .engine import EngineConfig, GenerationEngine
@@ -24,7 +24,7 @@ from .loader import (
     resolve_source,
 )
 from .metrics import WorkerMetrics
-from .routes import build_router
+from .routes import build_router, fast_routes
 from .service import ModelService
 
 log = logging.getLogger("modelfleet.worker")
@@ -76,12 +76,12 @@ def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]
     return service, metrics
 
 
-def create_app(service: ModelService, metrics: WorkerMetrics) -> FastAPI:
+def create_app(service: ModelService, metrics: WorkerMetrics) -> JsonFastPath:
     app = FastAPI(title=f"modelfleet worker: {service.name}", docs_url=None, redoc_url=None)
     install_error_handlers(app)
     app.include_router(build_router(service, metrics))
     app.add_middleware(RequestIdMiddleware)
-    return app
+    return JsonFastPath(app, fast_routes(service))
 
 
 class DrainingServer(uvicorn.Server):

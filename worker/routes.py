@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from modelfleet.http import JsonHandler
 from modelfleet.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -59,6 +60,19 @@ async def until_disconnect(request: Request, work: Awaitable[T], on_disconnect) 
         return await task
     finally:
         watcher.cancel()
+
+
+def fast_routes(service: ModelService) -> dict[str, JsonHandler]:
+    """Endpoints served on the raw ASGI path (modelfleet.http.JsonFastPath): embeddings, where
+    32 clients keep the model and the HTTP loop busy at once and FastAPI's layers (and its
+    jsonable_encoder, which walks every float of every vector) cost measurable throughput."""
+
+    async def embeddings(body: bytes, rid: str) -> dict[str, Any]:
+        req = parse_request(EmbeddingRequest, body)
+        service.check_model(req.model)
+        return await service.embed(req)
+
+    return {"/v1/embeddings": embeddings}
 
 
 def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
@@ -219,13 +233,6 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
         }
 
     # -- embeddings and tokenizer ----------------------------------------------------------
-
-    @router.post("/v1/embeddings")
-    async def embeddings(request: Request):
-        req = await parse(request, EmbeddingRequest)
-        # A JSONResponse skips FastAPI's jsonable_encoder, which walks every float of every
-        # vector in Python (the body holds only JSON types already).
-        return JSONResponse(await service.embed(req))
 
     @router.post("/tokenize")
     async def tokenize(request: Request):

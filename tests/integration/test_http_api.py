@@ -88,6 +88,22 @@ def test_unknown_model_path_and_method(server):
     assert httpx.get(f"{server}/v1/chat/completions").status_code in (404, 405)
 
 
+def test_embedding_errors_keep_the_api_format_and_request_id(server):
+    """Embeddings are served on the workers' raw ASGI path; its errors must read like the rest."""
+    rid = {"x-request-id": "emb-err-1"}
+    r = httpx.post(f"{server}/v1/embeddings", json={"model": EMBED, "input": "x", "dimensions": "wide"}, headers=rid)
+    assert_error(r, 400, param="dimensions")
+    assert r.headers["x-request-id"] == "emb-err-1"
+    r = httpx.post(f"{server}/v1/embeddings", json={"model": EMBED, "input": ""}, headers=rid)
+    assert_error(r, 400, param="input")
+    r = httpx.post(f"{server}/v1/embeddings", content=b"[1, 2", headers={"content-type": "application/json"})
+    assert_error(r, 400)
+    r = httpx.post(f"{server}/v1/embeddings", json={"model": EMBED, "input": ["a", "b"], "encoding_format": "float"},
+                   headers=rid)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "emb-err-1"
+    assert [d["index"] for d in r.json()["data"]] == [0, 1] and r.json()["usage"]["prompt_tokens"] > 0
+
+
 def test_request_id_is_echoed_or_made(server):
     r = httpx.get(f"{server}/v1/models", headers={"x-request-id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
