@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -42,6 +43,12 @@ PROXIED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"
                      "/tokenize", "/detokenize"})
 
 
+class ReplicaWait(Protocol):
+    """What the data path needs of discovery (static or Kubernetes)."""
+
+    async def wait_for(self, model: str) -> None: ...
+
+
 @dataclass
 class DataPath:
     """Routes POSTs on the proxied paths itself and hands every other request to `app`."""
@@ -50,7 +57,7 @@ class DataPath:
     keys: KeyStore
     registry: Registry
     limiter: RateLimiter
-    discovery: object  # StaticDiscovery or KubernetesDiscovery: only `wait_for` is used
+    discovery: ReplicaWait
     proxy: Proxy
     metrics: GatewayMetrics
     max_body_bytes: int = MAX_BODY_BYTES

@@ -30,6 +30,14 @@ def incoming_request_id(headers: Mapping[str, str]) -> str:
     return headers.get("x-request-id", "")[:200] or uuid.uuid4().hex
 
 
+def scope_request_id(scope: Scope) -> str:
+    """incoming_request_id() straight from an ASGI scope's raw headers."""
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id":
+            return incoming_request_id({"x-request-id": value.decode("latin-1")})
+    return incoming_request_id({})
+
+
 class RequestIdMiddleware:
     """Pure ASGI (not BaseHTTPMiddleware), so streamed bodies pass through untouched."""
 
@@ -40,8 +48,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"x-request-id"), "")
-        rid = incoming_request_id({"x-request-id": incoming})
+        rid = scope_request_id(scope)
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
 
@@ -131,8 +138,7 @@ class JsonFastPath:
         if handler is None:
             await self.app(scope, receive, send)
             return
-        rid = incoming_request_id({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
-                                   if k == b"x-request-id"})
+        rid = scope_request_id(scope)
         if scope["method"] != "POST":
             await send_error(send, method_not_allowed(scope), rid)
             return

@@ -179,6 +179,9 @@ def test_scale_from_zero_holds_the_first_request(stack):
     assert time.monotonic() - started > 1.0  # it really waited for a replica to start
     annotations = stack.cluster.get("md", "sleepy", stack.namespace)["metadata"]["annotations"]
     assert "modelfleet.dev/demand" in annotations
+    held = [line for line in httpx.get(stack.url + "/metrics").text.splitlines()
+            if line.startswith('modelfleet_gateway_queue_wait_seconds_sum{model="sleepy-e2e"}')]
+    assert held and float(held[0].rsplit(" ", 1)[1]) > 1.0, held  # the hold shows as queue wait
 
 
 def test_key_secrets_take_effect_without_restart(stack):
