@@ -10,7 +10,6 @@ this app wraps.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -22,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from modelfleet.http import (
     MAX_BODY_BYTES,
     ClientGone,
+    DisconnectWatch,
     incoming_request_id,
     internal_error,
     method_not_allowed,
@@ -80,11 +80,29 @@ class DataPath:
 
     async def serve(self, path: str, headers: dict[str, str], receive: Receive, send: Send) -> None:
         received = time.monotonic()
-        key: ApiKey | None = None
-        name = "-"
+        rid = headers["x-request-id"]
         try:
             key = self.keys.authenticate(headers)
             body = await read_body(receive, self.max_body_bytes)
+        except ClientGone:
+            return
+        except OpenAIError as exc:
+            await self.refuse(send, exc, rid, "-", None)
+            return
+        # From here on the client leaving cancels the work: the hold for a replica, the wait
+        # for a non-streamed answer (which arrives whole), or the relay of a stream.
+        async with DisconnectWatch(receive) as client:
+            relay = await self.route(path, body, headers, key, received, send)
+            if relay is not None:
+                await self.relay(relay, client, send)
+
+    async def route(self, path: str, body: bytes, headers: dict[str, str], key: ApiKey | None,
+                    received: float, send: Send) -> Relay | None:
+        """Checks, picks a replica and sends it the request: the answer to relay, or None once
+        an error has been answered."""
+        name = "-"
+        rid = headers["x-request-id"]
+        try:
             fields = routing_fields(body)
             name = fields.model
             model = self.registry.resolve(name)
@@ -97,24 +115,25 @@ class DataPath:
             await self.wait_for_replica(model)
             relay = await self.proxy.forward(path, body, headers, model, admission.charge, key.name if key else "",
                                              fields.prefix, stream=fields.stream, received=received)
-        except ClientGone:
-            return
         except OpenAIError as exc:
-            self.metrics.requests.labels(name, str(exc.status), key.name if key else "").inc()
-            log.info("request refused", extra={"model": name, "status": exc.status,
-                                               "key": key.name if key else None, "error": exc.code})
-            await send_error(send, exc, headers["x-request-id"])
-            return
+            await self.refuse(send, exc, rid, name, key)
+            return None
         except Exception:  # noqa: BLE001 - a bug answers 500 in the API's format, never a stack trace
             log.exception("unhandled error on %s", path)
-            await send_error(send, internal_error(), headers["x-request-id"])
-            return
+            await send_error(send, internal_error(), rid)
+            return None
         relay.headers.update(admission.headers)
-        relay.headers["x-request-id"] = headers["x-request-id"]
+        relay.headers["x-request-id"] = rid
         log.info("request routed", extra={"model": name, "status": relay.status, "key": key.name if key else None,
                                           "backend": relay.headers.get("x-modelfleet-backend"),
                                           "ms": round((time.monotonic() - received) * 1000, 1)})
-        await self.relay(relay, receive, send)
+        return relay
+
+    async def refuse(self, send: Send, exc: OpenAIError, rid: str, model: str, key: ApiKey | None) -> None:
+        self.metrics.requests.labels(model, str(exc.status), key.name if key else "").inc()
+        log.info("request refused", extra={"model": model, "status": exc.status,
+                                           "key": key.name if key else None, "error": exc.code})
+        await send_error(send, exc, rid)
 
     async def wait_for_replica(self, model: str) -> None:
         if self.registry.available(model):
@@ -126,33 +145,18 @@ class DataPath:
             self.metrics.queue_wait.labels(model).observe(time.monotonic() - started)
 
     @staticmethod
-    async def relay(relay: Relay, receive: Receive, send: Send) -> None:
-        """Sends the upstream's bytes as they come. If the client goes away, the relay is
-        cancelled, which closes the upstream connection: that is how the worker learns to stop
-        generating and free the request's batch row."""
-        task = asyncio.current_task()
-        state = {"done": False}
-
-        def on_disconnect(watch: asyncio.Future) -> None:
-            if not state["done"] and task is not None and not watch.cancelled():
-                task.cancel()
-
-        watch = asyncio.ensure_future(receive())  # answers http.disconnect when the client leaves
-        watch.add_done_callback(on_disconnect)
+    async def relay(relay: Relay, client: DisconnectWatch, send: Send) -> None:
+        """Sends the upstream's bytes as they come. If the client goes away, `client` cancels
+        this, and closing the relay drops the upstream connection: that is how the worker
+        learns to stop generating and free the request's batch row."""
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in relay.headers.items()]
         try:
             await send({"type": "http.response.start", "status": relay.status, "headers": headers})
             async for chunk in relay.body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            state["done"] = True
+            client.finishing()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if state["done"] or not watch.done() or task is None:
-                raise  # cancelled from outside (shutdown), not by the client leaving
-            task.uncancel()
         finally:
-            state["done"] = True
-            watch.cancel()
             with contextlib.suppress(Exception):
                 await relay.body.aclose()
-
+            relay.close()

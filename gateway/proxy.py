@@ -30,16 +30,21 @@ from .usage import UsageScanner
 
 log = logging.getLogger(__name__)
 PASS_HEADERS = {"content-type", "retry-after", "cache-control", "x-accel-buffering"}
+CLIENT_CLOSED = "499"  # nginx's status for a client that left before its answer was complete
 FORWARD_HEADERS = {"content-type", "accept", "x-request-id", "user-agent", "openai-organization"}
 
 
 @dataclass
 class Relay:
-    """An upstream answer ready to relay: its status, the headers to send, and its bytes."""
+    """An upstream answer ready to relay: its status, the headers to send, its bytes, and
+    `close`, which settles the exchange (in-flight count, connection, usage, metrics) exactly
+    once. Call it when done, even if `body` never started: an unstarted generator never runs
+    its own cleanup."""
 
     status: int
     headers: dict[str, str]
     body: AsyncGenerator[bytes, None]
+    close: Callable[[], None]
 
 
 class Proxy:
@@ -80,67 +85,93 @@ class Proxy:
             try:
                 posting = self.upstream.post(endpoint.url + path, body, send_headers)
                 upstream = await (asyncio.wait_for(posting, self.first_byte_timeout) if stream else posting)
+            except asyncio.CancelledError:
+                endpoint.inflight -= 1  # the client left; aiohttp drops the connection, so the worker stops
+                self.metrics.requests.labels(model, CLIENT_CLOSED, key_name).inc()
+                raise
             except UpstreamError as exc:
                 endpoint.inflight -= 1
                 last_error = f"replica {endpoint.url} failed: {type(exc).__name__}"
-                self._failed(endpoint)
+                self.failed(endpoint)
                 continue
             others_left = any(e.url not in tried for e in self.registry.available(model))
             if upstream.status >= 500 and attempt + 1 < self.max_attempts and others_left:
                 upstream.close(completed=False)
                 endpoint.inflight -= 1
                 last_error = f"replica {endpoint.url} answered {upstream.status}"
-                self._failed(endpoint)
+                self.failed(endpoint)
                 continue
             self.registry.record_success(endpoint)
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASS_HEADERS}
             out_headers["x-modelfleet-backend"] = endpoint.url
             out_headers["x-modelfleet-route"] = f"{strategy_name};attempt={attempt + 1}"
             self.metrics.first_byte.labels(model).observe(time.monotonic() - started)
-            scanner = UsageScanner(len(body))
-            relay = self._relay(upstream, endpoint, model, received, scanner, on_usage, key_name)
-            return Relay(upstream.status, out_headers, relay)
+            exchange = Exchange(self, upstream, endpoint, model, received, UsageScanner(len(body)), on_usage, key_name)
+            return Relay(upstream.status, out_headers, exchange.chunks(), exchange.close)
         raise unavailable(f"No ready replica for model `{model}` ({last_error}).", retry_after=2)
 
-    def _failed(self, endpoint: Endpoint) -> None:
+    def failed(self, endpoint: Endpoint) -> None:
         if self.registry.record_failure(endpoint):
             self.metrics.ejections.labels(endpoint.model).inc()
             log.warning("ejected %s after repeated failures", endpoint.url)
 
-    async def _relay(self, upstream: UpstreamResponse, endpoint: Endpoint, model: str, received: float,
-                     scanner: UsageScanner, on_usage: Callable[[int], None] | None,
-                     key_name: str) -> AsyncGenerator[bytes, None]:
-        streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
-        status = str(upstream.status)
-        completed = False
-        first = last = 0.0
+
+@dataclass
+class Exchange:
+    """One upstream answer on its way to the client, and its books: settled once, by `close`."""
+
+    proxy: Proxy
+    upstream: UpstreamResponse
+    endpoint: Endpoint
+    model: str
+    received: float
+    scanner: UsageScanner
+    on_usage: Callable[[int], None] | None
+    key_name: str
+    status: str = ""
+    completed: bool = False
+    closed: bool = False
+    first: float = 0.0
+    last: float = 0.0
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        streaming = self.upstream.headers.get("content-type", "").startswith("text/event-stream")
+        metrics, scanner = self.proxy.metrics, self.scanner
         try:
-            async for chunk in upstream.chunks():
+            async for chunk in self.upstream.chunks():
                 scanner.feed(chunk)
-                last = time.monotonic()
-                if not first and streaming and scanner.events:
-                    first = last
-                    self.metrics.first_token.labels(model).observe(first - received)
+                self.last = time.monotonic()
+                if not self.first and streaming and scanner.events:
+                    self.first = self.last
+                    metrics.first_token.labels(self.model).observe(self.first - self.received)
                 yield chunk
-            completed = True
+            self.completed = True
         except UpstreamError as exc:
-            status = "upstream_error"
-            self._failed(endpoint)
-            log.warning("replica %s failed mid-response: %s", endpoint.url, exc)
+            self.status = "upstream_error"
+            self.proxy.failed(self.endpoint)
+            log.warning("replica %s failed mid-response: %s", self.endpoint.url, exc)
             if streaming:
                 message = "The model replica failed while streaming; please retry the request."
                 yield b"data: " + json.dumps(error_body(message, type="server_error", code="upstream_error")).encode()
                 yield b"\n\n"
         finally:
-            endpoint.inflight -= 1
-            upstream.close(completed)
-            tokens = scanner.tokens() if upstream.status == 200 else 0
-            if on_usage is not None:
-                on_usage(tokens)
-            self.metrics.requests.labels(model, status, key_name).inc()
-            self.metrics.tokens.labels(model, key_name).inc(tokens)
-            self.metrics.latency.labels(model).observe(time.monotonic() - received)
-            if first and scanner.events > 1:
-                # One observation per stream (its mean gap), not per event: the gateway relays
-                # tens of thousands of events a second, and chunks arrive coalesced anyway.
-                self.metrics.inter_token.labels(model).observe((last - first) / (scanner.events - 1))
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        metrics, scanner = self.proxy.metrics, self.scanner
+        self.endpoint.inflight -= 1
+        self.upstream.close(self.completed)
+        tokens = scanner.tokens() if self.upstream.status == 200 else 0  # a stream cut short still used its tokens
+        if self.on_usage is not None:
+            self.on_usage(tokens)
+        status = self.status or (str(self.upstream.status) if self.completed else CLIENT_CLOSED)
+        metrics.requests.labels(self.model, status, self.key_name).inc()
+        metrics.tokens.labels(self.model, self.key_name).inc(tokens)
+        metrics.latency.labels(self.model).observe(time.monotonic() - self.received)
+        if self.first and scanner.events > 1:
+            # One observation per stream (its mean gap), not per event: the gateway relays
+            # tens of thousands of events a second, and chunks arrive coalesced anyway.
+            metrics.inter_token.labels(self.model).observe((self.last - self.first) / (scanner.events - 1))

@@ -7,6 +7,7 @@ with the status OpenAI would use: never a 422, never a stack trace.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import uuid
@@ -93,6 +94,56 @@ async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+class DisconnectWatch:
+    """Cancels the current task when the client disconnects, for as long as the `async with`
+    block runs; the block then ends quietly. A cancellation from anywhere else (shutdown) still
+    propagates.
+
+    Enter it once the request body has been read: in ASGI the next message is then
+    `http.disconnect`. Servers also answer that message once the response is complete, so call
+    `finishing()` before sending the last body chunk.
+
+    Hand-written because Starlette only watches for disconnects while a StreamingResponse
+    sends, and the gateway must also stop waiting for a non-streamed answer (which arrives
+    whole, at the end) when its client has gone: that is how the worker learns to stop.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.fired = False
+        self.closed = False
+
+    async def __aenter__(self) -> DisconnectWatch:
+        self.task = asyncio.current_task()
+        self.watch = asyncio.ensure_future(self.receive())
+        self.watch.add_done_callback(self._on_message)
+        return self
+
+    def finishing(self) -> None:
+        """The response is about to complete; a disconnect from now on changes nothing."""
+        self.closed = True
+
+    def _on_message(self, watch: asyncio.Future) -> None:
+        if self.closed or watch.cancelled() or watch.exception() is not None or self.task is None:
+            return
+        self.fired = True
+        self.task.cancel()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        self.closed = True
+        self.watch.cancel()
+        if not self.fired or self.task is None:
+            return False
+        if exc_type is not asyncio.CancelledError:
+            try:
+                await asyncio.sleep(0)  # the block ended before our cancellation landed: take it here
+            except asyncio.CancelledError:
+                pass
+        if self.task.uncancel() > 0:
+            raise asyncio.CancelledError  # cancelled from elsewhere too
+        return exc_type is asyncio.CancelledError
 
 
 async def send_json(send: Send, body: dict[str, Any], rid: str, status: int = 200,

@@ -3,6 +3,7 @@ headers, tokenizer endpoints, metrics, and cancellation when a client goes away.
 
 import json
 import re
+import threading
 import time
 
 import httpx
@@ -154,26 +155,54 @@ def test_gateway_and_worker_metrics(server):
         assert re.search(rf'^{re.escape(name)}{{[^}}]*model_name="{CHAT}"', wtext, re.M), name
 
 
-def running(worker: str) -> float:
-    for line in httpx.get(f"{worker}/metrics").text.splitlines():
-        if line.startswith("vllm:num_requests_running{"):
+def worker_metric(url: str, name: str, having: str = "") -> float:
+    """A labelled sample on `url`'s /metrics; the first whose line contains `having`."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + "{") and having in line:
             return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("no running gauge")
+    raise AssertionError(f"no {name} with {having!r} on {url}")
 
 
-def test_client_disconnect_cancels_generation(server):
-    body = {"model": CHAT, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1900, "stream": True,
-            "ignore_eos": True}
-    with httpx.Client(timeout=60) as c, c.stream("POST", f"{server}/v1/chat/completions", json=body) as r:
+def running(worker: str) -> float:
+    return worker_metric(worker, "vllm:num_requests_running")
+
+
+def leave_after(url: str, body: dict, seconds: float) -> None:
+    """Waits `seconds` for a non-streamed answer, then hangs up."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=httpx.Timeout(60, read=seconds))
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "non-streamed"])
+def test_client_disconnect_cancels_generation(server, stream):
+    """A client that leaves frees its batch row on the worker behind the gateway, also when it
+    was waiting for a non-streamed answer (which arrives only once complete)."""
+    url = f"{server}/v1/chat/completions"
+    messages = [{"role": "user", "content": "x"}]
+    with httpx.stream("POST", url, json={"model": CHAT, "messages": messages, "max_tokens": 1, "stream": True}) as r:
         worker = r.headers["x-modelfleet-backend"]
-        lines = r.iter_lines()
-        for _ in range(20):  # the role chunk leaves before the engine admits: read a few tokens
-            next(lines)
+    body = {"model": CHAT, "messages": messages, "max_tokens": 1900, "stream": stream, "ignore_eos": True}
+    generated = worker_metric(worker, "vllm:generation_tokens_total")
+    if stream:
+        with httpx.Client(timeout=60) as c, c.stream("POST", url, json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(20):  # the role chunk leaves before the engine admits: read a few tokens
+                next(lines)
+            assert running(worker) == 1
+    else:
+        client = threading.Thread(target=leave_after, args=(url, body, 2.0))
+        client.start()
+        deadline = time.monotonic() + 10
+        while not running(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert running(worker) == 1
+        client.join()
     deadline = time.monotonic() + 10
     while running(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert running(worker) == 0
+    assert worker_metric(worker, "vllm:generation_tokens_total") - generated < 1900
+    assert worker_metric(server, "modelfleet_gateway_backend_inflight", worker) == 0  # the gateway's books too
 
 
 def test_client_sdk_dict_and_attribute_access(server):
