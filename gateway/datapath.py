@@ -10,7 +10,6 @@ this app wraps.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -152,11 +151,9 @@ class DataPath:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in relay.headers.items()]
         try:
             await send({"type": "http.response.start", "status": relay.status, "headers": headers})
-            async for chunk in relay.body:
+            while chunk := await relay.read():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             client.finishing()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            with contextlib.suppress(Exception):
-                await relay.body.aclose()
             relay.close()

@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from modelfleet.protocol import error_body, unavailable
@@ -32,19 +32,6 @@ log = logging.getLogger(__name__)
 PASS_HEADERS = {"content-type", "retry-after", "cache-control", "x-accel-buffering"}
 CLIENT_CLOSED = "499"  # nginx's status for a client that left before its answer was complete
 FORWARD_HEADERS = {"content-type", "accept", "x-request-id", "user-agent", "openai-organization"}
-
-
-@dataclass
-class Relay:
-    """An upstream answer ready to relay: its status, the headers to send, its bytes, and
-    `close`, which settles the exchange (in-flight count, connection, usage, metrics) exactly
-    once. Call it when done, even if `body` never started: an unstarted generator never runs
-    its own cleanup."""
-
-    status: int
-    headers: dict[str, str]
-    body: AsyncGenerator[bytes, None]
-    close: Callable[[], None]
 
 
 class Proxy:
@@ -83,8 +70,8 @@ class Proxy:
             endpoint.inflight += 1
             started = time.monotonic()
             try:
-                posting = self.upstream.post(endpoint.url + path, body, send_headers)
-                upstream = await (asyncio.wait_for(posting, self.first_byte_timeout) if stream else posting)
+                async with asyncio.timeout(self.first_byte_timeout if stream else None):
+                    upstream = await self.upstream.post(endpoint.url + path, body, send_headers)
             except asyncio.CancelledError:
                 endpoint.inflight -= 1  # the client left; aiohttp drops the connection, so the worker stops
                 self.metrics.requests.labels(model, CLIENT_CLOSED, key_name).inc()
@@ -106,8 +93,8 @@ class Proxy:
             out_headers["x-modelfleet-backend"] = endpoint.url
             out_headers["x-modelfleet-route"] = f"{strategy_name};attempt={attempt + 1}"
             self.metrics.first_byte.labels(model).observe(time.monotonic() - started)
-            exchange = Exchange(self, upstream, endpoint, model, received, UsageScanner(len(body)), on_usage, key_name)
-            return Relay(upstream.status, out_headers, exchange.chunks(), exchange.close)
+            return Relay(upstream.status, out_headers, self, upstream, endpoint, model, received,
+                         UsageScanner(len(body)), on_usage, key_name)
         raise unavailable(f"No ready replica for model `{model}` ({last_error}).", retry_after=2)
 
     def failed(self, endpoint: Endpoint) -> None:
@@ -117,9 +104,17 @@ class Proxy:
 
 
 @dataclass
-class Exchange:
-    """One upstream answer on its way to the client, and its books: settled once, by `close`."""
+class Relay:
+    """An upstream answer on its way to the client: its status, the headers to send, `read`
+    for its bytes as they come, and `close`, which settles its books (in-flight count,
+    connection, usage, metrics) exactly once, however the relay ended or if it never started.
 
+    `read` is a plain coroutine rather than an async generator: it runs for every chunk of
+    every stream, and each generator layer costs measurable gateway CPU (bench/gateway_overhead.py).
+    """
+
+    status: int
+    headers: dict[str, str]
     proxy: Proxy
     upstream: UpstreamResponse
     endpoint: Endpoint
@@ -128,34 +123,44 @@ class Exchange:
     scanner: UsageScanner
     on_usage: Callable[[int], None] | None
     key_name: str
-    status: str = ""
+    outcome: str = ""
     completed: bool = False
+    ended: bool = False
     closed: bool = False
     first: float = 0.0
     last: float = 0.0
 
-    async def chunks(self) -> AsyncGenerator[bytes, None]:
-        streaming = self.upstream.headers.get("content-type", "").startswith("text/event-stream")
-        metrics, scanner = self.proxy.metrics, self.scanner
+    def __post_init__(self) -> None:
+        self.streaming = self.upstream.headers.get("content-type", "").startswith("text/event-stream")
+
+    async def read(self) -> bytes:
+        """The next bytes to relay; b"" once the answer has ended."""
+        if self.ended:
+            return b""
         try:
-            async for chunk in self.upstream.chunks():
-                scanner.feed(chunk)
-                self.last = time.monotonic()
-                if not self.first and streaming and scanner.events:
-                    self.first = self.last
-                    metrics.first_token.labels(self.model).observe(self.first - self.received)
-                yield chunk
-            self.completed = True
+            chunk = await self.upstream.read()
         except UpstreamError as exc:
-            self.status = "upstream_error"
-            self.proxy.failed(self.endpoint)
-            log.warning("replica %s failed mid-response: %s", self.endpoint.url, exc)
-            if streaming:
-                message = "The model replica failed while streaming; please retry the request."
-                yield b"data: " + json.dumps(error_body(message, type="server_error", code="upstream_error")).encode()
-                yield b"\n\n"
-        finally:
-            self.close()
+            return self._failed_midway(exc)
+        if not chunk:
+            self.completed = self.ended = True
+            return b""
+        scanner = self.scanner
+        scanner.feed(chunk)
+        self.last = time.monotonic()
+        if not self.first and self.streaming and scanner.events:
+            self.first = self.last
+            self.proxy.metrics.first_token.labels(self.model).observe(self.first - self.received)
+        return chunk
+
+    def _failed_midway(self, exc: BaseException) -> bytes:
+        self.ended = True
+        self.outcome = "upstream_error"
+        self.proxy.failed(self.endpoint)
+        log.warning("replica %s failed mid-response: %s", self.endpoint.url, exc)
+        if not self.streaming:
+            return b""
+        message = "The model replica failed while streaming; please retry the request."
+        return b"data: " + json.dumps(error_body(message, type="server_error", code="upstream_error")).encode() + b"\n\n"
 
     def close(self) -> None:
         if self.closed:
@@ -167,8 +172,8 @@ class Exchange:
         tokens = scanner.tokens() if self.upstream.status == 200 else 0  # a stream cut short still used its tokens
         if self.on_usage is not None:
             self.on_usage(tokens)
-        status = self.status or (str(self.upstream.status) if self.completed else CLIENT_CLOSED)
-        metrics.requests.labels(self.model, status, self.key_name).inc()
+        outcome = self.outcome or (str(self.upstream.status) if self.completed else CLIENT_CLOSED)
+        metrics.requests.labels(self.model, outcome, self.key_name).inc()
         metrics.tokens.labels(self.model, self.key_name).inc(tokens)
         metrics.latency.labels(self.model).observe(time.monotonic() - self.received)
         if self.first and scanner.events > 1:

@@ -8,7 +8,6 @@ into fewer writes. httpx stays for the gateway's control calls (probes, metrics 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,8 +21,9 @@ class UpstreamResponse:
     headers: dict[str, str]
     raw: aiohttp.ClientResponse
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        return self.raw.content.iter_any()
+    async def read(self) -> bytes:
+        """Whatever has arrived (events that arrive together leave in one write); b"" at the end."""
+        return await self.raw.content.readany()
 
     def close(self, completed: bool) -> None:
         """Completed: the connection goes back to the pool. Otherwise it is dropped, which is

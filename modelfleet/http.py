@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import uuid
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -28,7 +28,7 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 
 def incoming_request_id(headers: Mapping[str, str]) -> str:
     """The client's request id (bounded in length), or a new one."""
-    return headers.get("x-request-id", "")[:200] or uuid.uuid4().hex
+    return headers.get("x-request-id", "")[:200] or os.urandom(16).hex()
 
 
 def scope_request_id(scope: Scope) -> str:
