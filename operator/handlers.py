@@ -26,7 +26,7 @@ from .config import OperatorConfig
 from .kube import KubeApi
 from .load import LoadProbe
 from .metrics import OperatorMetrics
-from .reconcile import Gone, InvalidSpec, Outcome, reconcile
+from .reconcile import Applied, Gone, InvalidSpec, Outcome, reconcile
 from .resync import Peering, Resync
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ class _Slot:
         self.deployment_facts: Hashable | None = None
         # When the last reconcile finished (monotonic seconds), None before the first.
         self.finished: float | None = None
+        # Outcome.applied of the last reconcile: what a child event's Deployment is compared to.
+        self.applied: Applied | None = None
 
 
 class _Slots:
@@ -167,7 +169,8 @@ def make_runner(
                 return None
             with deps.metrics.timed(trigger):
                 try:
-                    outcome = reconcile(body, deps.kube, deps.config, deps.probe, deps.clock())
+                    outcome = reconcile(body, deps.kube, deps.config, deps.probe, deps.clock(),
+                                        child=deployment, applied=slot.applied)
                 except Gone:
                     slots.forget(uid)
                     return None  # deleted meanwhile: ownerReferences clean up the children
@@ -181,6 +184,7 @@ def make_runner(
                         raise
                     raise translated from exc
             slot.deployment_facts, slot.finished = outcome.deployment_facts, monotonic()
+            slot.applied = outcome.applied
         if outcome.scale_reason:
             grew = outcome.scaled_from is None or outcome.desired > outcome.scaled_from
             deps.metrics.scaled.labels("up" if grew else "down").inc()

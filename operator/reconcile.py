@@ -58,6 +58,16 @@ class Outcome:
     # deployment_facts() of the Deployment this status was computed from: a Deployment event
     # with the same facts brings nothing new (see handlers.make_runner).
     deployment_facts: Hashable | None = None
+    # (ModelDeployment generation, Deployment generation) once the children match the spec.
+    applied: Applied | None = None
+
+
+# The ModelDeployment's generation and its Deployment's generation right after an apply.
+Applied = tuple[int, int]
+
+
+def _generation(obj: Mapping[str, Any] | None) -> int:
+    return int(((obj or {}).get("metadata") or {}).get("generation") or 0)
 
 
 def _error_summary(exc: ValidationError) -> str:
@@ -119,8 +129,9 @@ def _apply_children(
     md: ModelDeployment, replicas: int, kube: KubeApi, config: OperatorConfig
 ) -> dict[str, Any]:
     try:
-        kube.apply(render_service(md, config))
+        # The Deployment first: its pods take longest to become ready, so they start one call sooner.
         deployment = kube.apply(render_deployment(md, replicas, config))
+        kube.apply(render_service(md, config))
         pdb = render_pdb(md, replicas)
         if pdb is not None:
             kube.apply(pdb)
@@ -176,12 +187,21 @@ def reconcile(
     config: OperatorConfig,
     probe: LoadProbe,
     now: datetime,
+    child: Mapping[str, Any] | None = None,
+    applied: Applied | None = None,
 ) -> Outcome:
     """Bring one ModelDeployment's children and status in line with its spec and the cluster.
 
     `body` may be stale (kopf hands over the last object its watch saw, possibly from before
     our previous status write), so the object is read again first: transitions and the
     autoscaler's memory must start from the status actually stored.
+
+    `child` is the worker Deployment whose event triggered this run, and `applied` what the
+    last reconcile left (see Outcome.applied). If neither the ModelDeployment's spec nor the
+    Deployment's has changed since, the children are as rendered and only status is
+    recomputed: this spares two server-side applies for every status update the Deployment
+    controller makes, which in a burst of new objects is most of the API server's work for
+    them. A Deployment edited by hand has a new generation, so drift is still applied away.
     """
     meta = body.get("metadata") or {}
     fresh = kube.get(MODEL_DEPLOYMENT, str(meta.get("namespace", "")), str(meta.get("name", "")))
@@ -209,11 +229,15 @@ def reconcile(
     desired, autoscaler, scale_reason, previous = desired_replicas(md, deployment, pods or [], probe, now)
     if scale_reason:
         log.info("%s/%s: %s", ns, name, scale_reason)
-    try:
-        deployment = _apply_children(md, desired, kube, config)
-    except InvalidSpec as exc:
-        report_invalid(body, str(exc), kube, now)
-        raise
+    unchanged = (md.metadata.generation or 0, _generation(child))
+    if child is not None and not autoscaled and applied == unchanged:
+        deployment = dict(child)
+    else:
+        try:
+            deployment = _apply_children(md, desired, kube, config)
+        except InvalidSpec as exc:
+            report_invalid(body, str(exc), kube, now)
+            raise
     if pods is None:
         # A Deployment at zero that had no pods when last seen has none to list: this saves a
         # call per create and per resync of every scaled-to-zero model.
@@ -237,5 +261,5 @@ def reconcile(
         kube.post_event(md.metadata, event)
     return Outcome(
         desired, status, written, transitions, scale_reason, previous if scale_reason else None,
-        deployment_facts(deployment),
+        deployment_facts(deployment), (md.metadata.generation or 0, _generation(deployment)),
     )

@@ -139,7 +139,7 @@ def test_child_event_that_changes_nothing_status_reads_is_skipped(monkeypatch) -
     applied = {"metadata": {"generation": 1, "resourceVersion": "7"}, "status": {}}
     calls = []
 
-    def fake_reconcile(body, *a):
+    def fake_reconcile(body, *a, **kw):
         calls.append(body["metadata"]["name"])
         return Outcome(0, ModelDeploymentStatus(), False, deployment_facts=deployment_facts(applied))
 
@@ -164,7 +164,7 @@ def test_resync_skips_an_object_reconciled_within_half_an_interval(monkeypatch) 
     from modelfleet.operator.reconcile import Outcome
 
     calls, now = [], [100.0]
-    monkeypatch.setattr(handlers, "reconcile", lambda body, *a: calls.append(1) or Outcome(0, ModelDeploymentStatus(), False))
+    monkeypatch.setattr(handlers, "reconcile", lambda body, *a, **kw: calls.append(1) or Outcome(0, ModelDeploymentStatus(), False))
     run = make_runner(deps(FailingKube(Status(500)), OperatorMetrics()), monotonic=lambda: now[0])  # resync 10 s
     run(BODY, "create")
     now[0] += 4

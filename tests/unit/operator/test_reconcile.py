@@ -389,3 +389,41 @@ def test_a_still_invalid_object_is_reported_once() -> None:
     assert [e.reason for e in kube.events] == ["InvalidSpec"]
     ready = next(c for c in b["status"]["conditions"] if c["type"] == "Ready")
     assert ready["lastTransitionTime"] == "2025-01-01T12:00:00Z"
+
+
+def applies(kube: FakeKube) -> list[str]:
+    return [kind for verb, kind in kube.calls if verb == "patch" and kind != "ModelDeployment/status"]
+
+
+def test_a_deployment_status_update_recomputes_status_without_applying() -> None:
+    kube, b = FakeKube(), body({"replicas": 1})
+    kube.pods = [ready_pod()]
+    first = run(kube, b)
+    kube.set_deployment_status(replicas=1, ready=1)
+    kube.calls.clear()
+    kube.md = b
+    outcome = reconcile(b, kube, CONFIG, unknown_load, NOW, child=kube.deployment(), applied=first.applied)
+    assert applies(kube) == []
+    assert outcome.status.ready_replicas == 1 and outcome.status.phase == "Ready"
+
+
+def test_a_deployment_edited_by_hand_is_applied_back_on_its_event() -> None:
+    kube, b = FakeKube(), body({"replicas": 1})
+    first = run(kube, b)
+    edited = kube.deployment()
+    edited["spec"]["replicas"] = 5
+    edited["metadata"]["generation"] += 1
+    kube.calls.clear()
+    reconcile(b, kube, CONFIG, unknown_load, NOW, child=copy.deepcopy(edited), applied=first.applied)
+    assert "Deployment" in applies(kube)
+    assert kube.deployment()["spec"]["replicas"] == 1
+
+
+def test_a_spec_change_is_applied_even_when_a_child_event_runs_first() -> None:
+    kube, b = FakeKube(), body({"replicas": 1})
+    first = run(kube, b)
+    b["spec"]["replicas"] = 3
+    b["metadata"]["generation"] = 2
+    kube.calls.clear()
+    reconcile(b, kube, CONFIG, unknown_load, NOW, child=kube.deployment(), applied=first.applied)
+    assert kube.deployment()["spec"]["replicas"] == 3
