@@ -5,6 +5,7 @@ wires them together."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -70,6 +71,18 @@ def kubernetes_discovery(settings: GatewaySettings, registry: Registry, keys: Ke
     return KubernetesDiscovery(registry, settings.namespaces, extra_sources=sources), replicas
 
 
+def settle_garbage_collector() -> None:
+    """Measured under bench/gateway_overhead.py at 64 streams, Python's cyclic collector took
+    about 11% of the gateway's CPU, most of it re-scanning the objects that imports and
+    start-up left behind (FastAPI, pydantic, the Kubernetes client). Those move to the
+    permanent generation, and young collections run every 10,000 net allocations instead of
+    700: request garbage is freed by reference counting, and what cycles remain wait a little
+    longer. Gateway CPU per relayed event fell by about a tenth."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 def create_app(settings: GatewaySettings, registry: Registry | None = None,
                client: httpx.AsyncClient | None = None, keys: KeyStore | None = None,
                limiter: RateLimiter | None = None, discovery=None) -> DataPath:
@@ -101,6 +114,7 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
         await discovery.start()
         scraper.start()
         tasks = [asyncio.create_task(watch_key_file())] if key_file else []
+        settle_garbage_collector()
         yield
         scraper.stop()
         for t in tasks:
