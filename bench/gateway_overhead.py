@@ -1,7 +1,7 @@
 """What the gateway adds: a fake backend that streams 200 events with no model (and a paced
-variant at about 30 events/s per stream, like a real model), measured directly and through
-`modelfleet gateway` in the same run, at 1, 32 and 256 concurrent clients, plus many open paced
-streams held at once.
+variant at about 30 events/s per stream, like a real model), measured directly, through a bare
+uvicorn + aiohttp relay (the floor for a Python hop) and through `modelfleet gateway` in the
+same run, at 1, 32 and 256 concurrent clients, plus many open paced streams held at once.
 
     python bench/gateway_overhead.py [--quick]
 """
@@ -61,6 +61,39 @@ def run_backend(port: int) -> None:
     app.router.add_get("/metrics", lambda r: web.Response(text=""))
     app.router.add_post("/v1/chat/completions", chat)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def run_bare_relay(port: int, backend: str) -> None:
+    """The floor for any Python hop: uvicorn (uvloop, httptools) + aiohttp relaying bytes, with
+    no keys, limits, routing or metrics. What the gateway adds beyond this is its own cost."""
+    import aiohttp
+    import uvicorn
+
+    state: dict[str, aiohttp.ClientSession] = {}
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        session = state.setdefault("s", aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        method = session.get if scope["method"] == "GET" else session.post
+        async with method(backend + scope["path"], data=body or None,
+                          headers={"content-type": "application/json"}) as r:
+            await send({"type": "http.response.start", "status": r.status,
+                        "headers": [(b"content-type", r.headers.get("content-type", "").encode())]})
+            while chunk := await r.content.readany():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 # -- load ------------------------------------------------------------------------------------------
@@ -175,9 +208,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--backend", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--bare-relay", nargs=2, metavar=("PORT", "BACKEND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.backend:
         run_backend(args.backend)
+        return 0
+    if args.bare_relay:
+        run_bare_relay(int(args.bare_relay[0]), args.bare_relay[1])
         return 0
     logs = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     bport, gport = free_port(), free_port()
@@ -189,23 +226,27 @@ def main() -> int:
                                 "--backend", f"fake=http://127.0.0.1:{bport}", "--port", str(gport),
                                 "--api-keys", str(keys)],
                                stdout=(logs / "gateway.log").open("w"), stderr=subprocess.STDOUT)
-    direct, through = f"http://127.0.0.1:{bport}", f"http://127.0.0.1:{gport}"
+    rport = free_port()
+    bare = subprocess.Popen([sys.executable, __file__, "--bare-relay", str(rport), f"http://127.0.0.1:{bport}"],
+                            stdout=(logs / "bare.log").open("w"), stderr=subprocess.STDOUT)
+    direct, through, relay = f"http://127.0.0.1:{bport}", f"http://127.0.0.1:{gport}", f"http://127.0.0.1:{rport}"
+    paths = (("direct", direct), ("bare relay", relay), ("gateway", through))
     levels = [1, 32, 256]
     per = {1: 40, 32: 4, 256: 1} if args.quick else {1: 100, 32: 12, 256: 2}
     held, hold_s = (500, 20.0) if args.quick else (2000, 60.0)
     rows: list[dict[str, Any]] = []
     try:
-        wait_ready(direct)
-        wait_ready(through)
-        asyncio.run(load(through, 4, 2, 0))  # warm-up
+        for _, url in paths:
+            wait_ready(url)
+            asyncio.run(load(url, 4, 2, 0))  # warm-up
         for c in levels:
-            # Direct and gateway runs alternate, so that drift in this shared machine's speed
-            # falls on both sides of the ratio.
-            runs: dict[str, list[Run]] = {"direct": [], "gateway": []}
+            # The three paths alternate, so that drift in this shared machine's speed falls on
+            # every side of the ratios.
+            runs: dict[str, list[Run]] = {name: [] for name, _ in paths}
             for _ in range(ROUNDS):
-                for name, url in (("direct", direct), ("gateway", through)):
+                for name, url in paths:
                     runs[name].append(asyncio.run(load_run(url, c, per[c], 0)))
-            for name in ("direct", "gateway"):
+            for name, _ in paths:
                 row = {"path": name, "variant": "fast", "concurrency": c, **summarize_runs(runs[name])}
                 rows.append(row)
                 print(f"  {name:8s} fast   c={c:<4d} {row['events_per_s']:>9} events/s  "
@@ -222,21 +263,30 @@ def main() -> int:
         print(f"  errors {row['errors']}, gateway RSS {row['rss_mb_start']} MB before, {row['rss_mb_settled']} MB "
               f"once open, {row['rss_mb_end']} MB at the end", flush=True)
     finally:
-        for proc in (gateway, backend):
+        for proc in (gateway, bare, backend):
             proc.kill()
             proc.wait()
 
     def get(path: str, c: int, key: str, variant: str = "fast") -> float | None:
         return next((r[key] for r in rows if (r["path"], r["concurrency"], r["variant"]) == (path, c, variant)), None)
 
-    added = lambda c, key: round(get("gateway", c, key) - get("direct", c, key), 3)  # noqa: E731
+    def added(c: int, key: str, path: str = "gateway") -> float:
+        return round(get(path, c, key) - get("direct", c, key), 3)
+
+    def vs(c: int, path: str, base: str = "direct") -> float | None:
+        return ratio(get(path, c, "events_per_s"), get(base, c, "events_per_s"))
+
     held_row = rows[-1]
     ratios = {
         "added_ttfb_p50_ms@1": added(1, "ttfb_p50_ms"),
         "added_latency_p50_ms@1": added(1, "latency_p50_ms"),
         "added_latency_p99_ms@1": added(1, "latency_p99_ms"),
-        "throughput_vs_direct@32": ratio(get("gateway", 32, "events_per_s"), get("direct", 32, "events_per_s")),
-        "throughput_vs_direct@256": ratio(get("gateway", 256, "events_per_s"), get("direct", 256, "events_per_s")),
+        "bare_relay_added_latency_p50_ms@1": added(1, "latency_p50_ms", "bare relay"),
+        "throughput_vs_direct@32": vs(32, "gateway"),
+        "throughput_vs_direct@256": vs(256, "gateway"),
+        "bare_relay_throughput_vs_direct@32": vs(32, "bare relay"),
+        "bare_relay_throughput_vs_direct@256": vs(256, "bare relay"),
+        "throughput_vs_bare_relay@32": vs(32, "gateway", "bare relay"),
         f"open_streams_errors@{held}": held_row["errors"],
         "open_streams_rss_mb": round((held_row["rss_mb_settled"] or 0) - (held_row["rss_mb_start"] or 0), 1),
         "open_streams_rss_growth_while_held_mb": round((held_row["rss_mb_end"] or 0)
@@ -253,7 +303,7 @@ def main() -> int:
         print(f"{key:32s} {value}")
 
     def plot(ax) -> None:
-        for name in ("direct", "gateway"):
+        for name, _ in paths:
             pts = [(r["concurrency"], r["events_per_s"]) for r in rows if r["path"] == name and r["variant"] == "fast"]
             ax.plot(*zip(*pts, strict=True), marker="o", label=name)
         finish_axes(ax, "concurrent streams", "SSE events/s", "gateway overhead (fake backend, 200 events per stream)")
