@@ -72,21 +72,38 @@ def slice_owner(obj: dict[str, Any]) -> tuple[str, str] | None:
     return (meta.get("namespace", "default"), name) if name else None
 
 
+def _http_port(obj: dict[str, Any]) -> int | None:
+    """An EndpointSlice's port named http, else its first."""
+    ports = obj.get("ports") or []
+    return next((p.get("port") for p in ports if p.get("name") == "http"), None) or (
+        ports[0].get("port") if ports else None)
+
+
+def _url(address: str, port: int) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}"
+
+
 def ready_urls(obj: dict[str, Any]) -> list[str]:
     """Pure: the URLs of an EndpointSlice's ready endpoints (port named http, else the first)."""
-    ports = obj.get("ports") or []
-    port = next((p.get("port") for p in ports if p.get("name") == "http"), None) or (
-        ports[0].get("port") if ports else None)
+    port = _http_port(obj)
     if not port:
         return []
-    urls = []
-    for ep in obj.get("endpoints") or []:
-        if (ep.get("conditions") or {}).get("ready") is False:
-            continue
-        for address in ep.get("addresses") or []:
-            host = f"[{address}]" if ":" in address else address
-            urls.append(f"http://{host}:{port}")
-    return sorted(urls)
+    return sorted(_url(address, port) for ep in obj.get("endpoints") or []
+                  if (ep.get("conditions") or {}).get("ready") is not False
+                  for address in ep.get("addresses") or [])
+
+
+def failing_urls(obj: dict[str, Any]) -> list[str]:
+    """Pure: the URLs of an EndpointSlice's endpoints that are unready while not terminating:
+    a failing readiness probe, not a pod draining for its exit."""
+    port = _http_port(obj)
+    if not port:
+        return []
+    return sorted(_url(address, port) for ep in obj.get("endpoints") or []
+                  if (ep.get("conditions") or {}).get("ready") is False
+                  and not (ep.get("conditions") or {}).get("terminating")
+                  for address in ep.get("addresses") or [])
 
 
 class KubernetesDiscovery:
@@ -143,6 +160,10 @@ class KubernetesDiscovery:
         meta = obj.get("metadata", {})
         if owner is not None:
             self.slices[(meta.get("namespace", "default"), meta.get("name"))] = (owner, ready_urls(obj))
+            for url in failing_urls(obj):
+                endpoint = self.registry.endpoints.get(url)
+                if endpoint is not None:
+                    endpoint.mark_lost()
 
     def _rebuild(self) -> None:
         """Level-based: derive the registry's model set from the two caches, whole."""

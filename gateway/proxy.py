@@ -25,7 +25,7 @@ from modelfleet.protocol import error_body, unavailable
 from .balancer import STRATEGIES, RequestView
 from .metrics import GatewayMetrics
 from .registry import Endpoint, Registry
-from .upstream import Upstream, UpstreamError, UpstreamResponse
+from .upstream import ReplicaLost, Upstream, UpstreamError, UpstreamResponse
 from .usage import UsageScanner
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ class Proxy:
             endpoint.inflight += 1
             started = time.monotonic()
             try:
-                async with asyncio.timeout(self.first_byte_timeout if stream else None):
-                    upstream = await self.upstream.post(endpoint.url + path, body, send_headers)
+                upstream = await self._post(endpoint, endpoint.url + path, body, send_headers, stream)
             except asyncio.CancelledError:
                 endpoint.inflight -= 1  # the client left; aiohttp drops the connection, so the worker stops
                 self.metrics.requests.labels(model, CLIENT_CLOSED, key_name).inc()
@@ -96,6 +95,28 @@ class Proxy:
             return Relay(upstream.status, out_headers, self, upstream, endpoint, model, received,
                          UsageScanner(len(body)), on_usage, key_name)
         raise unavailable(f"No ready replica for model `{model}` ({last_error}).", retry_after=2)
+
+    async def _post(self, endpoint: Endpoint, url: str, body: bytes, headers: dict[str, str],
+                    stream: bool) -> UpstreamResponse:
+        """Sends the request and waits for the answer's headers. A stream gets them at once from
+        a healthy worker, hence its deadline. A non-streamed answer comes whole at the end, so
+        instead the wait ends if discovery finds the replica failing meanwhile (a wedged
+        process, a failing readiness probe): the request then moves to another replica rather
+        than waiting out the read timeout. A replica that is draining is left to finish."""
+        if stream:
+            async with asyncio.timeout(self.first_byte_timeout):
+                return await self.upstream.post(url, body, headers)
+        posting = asyncio.ensure_future(self.upstream.post(url, body, headers))
+        lost = endpoint.lost_signal()
+        try:
+            await asyncio.wait((posting, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting = not posting.done()
+            if waiting:
+                posting.cancel()  # aiohttp drops the connection
+        if waiting:
+            raise ReplicaLost(f"{endpoint.url} was found failing while the request waited")
+        return posting.result()
 
     def failed(self, endpoint: Endpoint) -> None:
         if self.registry.record_failure(endpoint):

@@ -6,6 +6,7 @@ the gateway's event loop, so no locks are needed.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +22,22 @@ class Endpoint:
     consecutive_failures: int = 0
     ejected_until: float = 0.0
     cards: list[dict[str, Any]] = field(default_factory=list)
+    # Resolved when discovery finds the replica failing (see Proxy.forward); made on demand.
+    _lost: asyncio.Future | None = field(default=None, repr=False, compare=False)
 
     def available(self, now: float | None = None) -> bool:
         return self.ready and (now or time.monotonic()) >= self.ejected_until
+
+    def lost_signal(self) -> asyncio.Future:
+        """A future that discovery resolves if this replica is found failing, not draining: its
+        health check times out or errors, or Kubernetes marks it unready while not terminating."""
+        if self._lost is None or self._lost.done():
+            self._lost = asyncio.get_running_loop().create_future()
+        return self._lost
+
+    def mark_lost(self) -> None:
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
 
     def load(self) -> int:
         return self.inflight + self.reported_waiting

@@ -53,6 +53,7 @@ class StaticDiscovery:
                     self.registry.aliases.setdefault(card["id"], endpoint.model)
         except (httpx.HTTPError, ValueError):
             ready = False
+            endpoint.mark_lost()  # no answer at all: wedged or gone, unlike a draining 503
         if ready != endpoint.ready:
             log.info("backend %s for %s is %s", endpoint.url, endpoint.model, "ready" if ready else "not ready")
         endpoint.ready = ready

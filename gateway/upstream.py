@@ -12,6 +12,11 @@ from dataclasses import dataclass
 
 import aiohttp
 
+
+class ReplicaLost(ConnectionError):
+    """Discovery found the replica failing while a request waited for its answer."""
+
+
 UpstreamError = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
 
 

@@ -140,11 +140,13 @@ def test_key_names_in_metrics_but_never_keys(keyed):
 # -- failover ------------------------------------------------------------------------------
 
 class FakeReplica:
-    """Answers health checks like a worker; a request is then either never answered ("stall")
+    """Answers health checks like a worker; a request is then either never answered ("stall"),
+    never answered and health checks hang from then on too, as in a wedged process ("wedge"),
     or its connection is dropped ("drop")."""
 
     def __init__(self, on_post: str) -> None:
         self.on_post = on_post
+        self.posted = False
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -157,6 +159,8 @@ class FakeReplica:
         line = await reader.readline()
         while (await reader.readline()) not in (b"\r\n", b""):
             pass
+        if line.startswith(b"GET") and self.on_post == "wedge" and self.posted:
+            await asyncio.sleep(3600)
         if line.startswith(b"GET"):
             body = b'{"status":"ready","object":"list","data":[]}'
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
@@ -164,6 +168,7 @@ class FakeReplica:
             await writer.drain()
             writer.close()
             return
+        self.posted = True
         if self.on_post == "drop":
             writer.close()
             return
@@ -254,6 +259,38 @@ def test_a_stalled_replica_does_not_delay_the_others(worker, tmp_path):
     finally:
         gw.kill()
         stalled.close()
+
+
+def test_a_request_waiting_on_a_wedged_replica_moves_to_another_once_its_health_check_fails(worker, tmp_path):
+    """A non-streamed answer comes whole at the end, so no first-byte deadline can tell a
+    stalled replica from a long generation; a replica whose health checks stop answering too
+    is wedged, and the requests it holds move to a healthy replica, long before the read
+    timeout (600 s)."""
+    wedged = FakeReplica(on_post="wedge")
+    gw, url = start_gateway(tmp_path, f"m={worker},http://127.0.0.1:{wedged.port}")
+    try:
+        wait_until(lambda: f'backend_available{{backend="http://127.0.0.1:{wedged.port}",model="m"}} 1.0'
+                   in httpx.get(url + "/metrics").text, timeout=15, what="wedged replica looks ready")
+        answers: list[tuple[httpx.Response, float]] = []
+
+        def call():
+            started = time.monotonic()
+            r = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2}, timeout=30)
+            answers.append((r, time.monotonic() - started))
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()  # at once, so that least-load sends some to the wedged replica
+        for t in threads:
+            t.join()
+        assert [r.status_code for r, _ in answers] == [200] * 6
+        assert {r.headers["x-modelfleet-backend"] for r, _ in answers} == {worker}
+        moved = [took for r, took in answers if r.headers["x-modelfleet-route"].endswith("attempt=2")]
+        assert wedged.posted and moved, "no request reached the wedged replica"
+        assert max(took for _, took in answers) < 15  # probe timeout (2 s) + interval, not the read timeout
+    finally:
+        gw.kill()
+        wedged.close()
 
 
 def test_a_stream_on_a_stalled_replica_moves_to_another_after_the_first_byte_deadline(worker, tmp_path):
