@@ -148,7 +148,7 @@ def make_runner(
     fresh_for = deps.config.resync_seconds / 2
 
     def run(
-        body: Mapping[str, Any], trigger: str, deployment: Mapping[str, Any] | None = None
+        body: Mapping[str, Any], trigger: str, deployment: Mapping[str, Any] | None = None, fresh: bool = False
     ) -> Outcome | None:
         meta = body.get("metadata") or {}
         uid = str(meta.get("uid", ""))
@@ -170,7 +170,7 @@ def make_runner(
             with deps.metrics.timed(trigger):
                 try:
                     outcome = reconcile(body, deps.kube, deps.config, deps.probe, deps.clock(),
-                                        child=deployment, applied=slot.applied)
+                                        child=deployment, applied=slot.applied, fresh=fresh)
                 except Gone:
                     slots.forget(uid)
                     return None  # deleted meanwhile: ownerReferences clean up the children
@@ -220,8 +220,9 @@ def register(registry: kopf.OperatorRegistry, deps: Deps, peering: Peering | Non
     resource = (GROUP, VERSION, PLURAL)
 
     @kopf.on.create(*resource, registry=registry, id="reconcile-create")
-    def on_create(body: kopf.Body, **_: Any) -> None:
-        run(body, "create")
+    def on_create(body: kopf.Body, retry: int, **_: Any) -> None:
+        # A first try with no status yet sees the object as stored: no need to read it again.
+        run(body, "create", fresh=retry == 0 and not body.get("status"))
 
     @kopf.on.update(*resource, registry=registry, id="reconcile-update")
     def on_update(body: kopf.Body, **_: Any) -> None:

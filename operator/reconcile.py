@@ -189,6 +189,7 @@ def reconcile(
     now: datetime,
     child: Mapping[str, Any] | None = None,
     applied: Applied | None = None,
+    fresh: bool = False,
 ) -> Outcome:
     """Bring one ModelDeployment's children and status in line with its spec and the cluster.
 
@@ -202,16 +203,19 @@ def reconcile(
     recomputed: this spares two server-side applies for every status update the Deployment
     controller makes, which in a burst of new objects is most of the API server's work for
     them. A Deployment edited by hand has a new generation, so drift is still applied away.
+
+    `fresh` says `body` is already what is stored (the first try of a create, before any
+    status): the re-read is skipped, so the Deployment exists one call sooner.
     """
     meta = body.get("metadata") or {}
-    fresh = kube.get(MODEL_DEPLOYMENT, str(meta.get("namespace", "")), str(meta.get("name", "")))
-    if fresh is None:
+    stored = body if fresh else kube.get(MODEL_DEPLOYMENT, str(meta.get("namespace", "")), str(meta.get("name", "")))
+    if stored is None:
         raise Gone(f"{meta.get('namespace')}/{meta.get('name')} no longer exists")
-    if (fresh.get("metadata") or {}).get("deletionTimestamp"):
+    if (stored.get("metadata") or {}).get("deletionTimestamp"):
         # Being deleted: the garbage collector removes the children, and in a terminating
         # namespace every write would be refused (403) and retried until kopf lets it go.
         raise Gone(f"{meta.get('namespace')}/{meta.get('name')} is being deleted")
-    body = fresh
+    body = stored
     try:
         md = ModelDeployment.from_body(body)
     except ValidationError as exc:

@@ -427,3 +427,14 @@ def test_a_spec_change_is_applied_even_when_a_child_event_runs_first() -> None:
     kube.calls.clear()
     reconcile(b, kube, CONFIG, unknown_load, NOW, child=kube.deployment(), applied=first.applied)
     assert kube.deployment()["spec"]["replicas"] == 3
+
+
+def test_a_first_create_skips_the_re_read_and_applies_the_deployment_first() -> None:
+    kube, b = FakeKube(), body({"replicas": 1})
+    kube.md = b
+    reconcile(b, kube, CONFIG, unknown_load, NOW, fresh=True)
+    assert ("get", "ModelDeployment") not in kube.calls
+    assert kube.calls[0] == ("patch", "Deployment")
+    kube.calls.clear()
+    reconcile(b, kube, CONFIG, unknown_load, NOW)  # every other trigger reads what is stored first
+    assert kube.calls[0] == ("get", "ModelDeployment")
