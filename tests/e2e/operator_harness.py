@@ -74,12 +74,8 @@ def delete_namespace(name: str) -> None:
 
 
 def delete_model_deployments(namespace: str, timeout: float = 60) -> None:
-    """Delete every ModelDeployment in `namespace` and wait until they are gone.
-
-    They carry kopf's finalizer (kopf's resync timer needs it), so an operator must still be
-    running: call this before stopping it, then delete the namespace, which no longer waits
-    for anything but the garbage collector.
-    """
+    """Delete every ModelDeployment in `namespace` and wait until they are gone, so that
+    deleting the namespace afterwards waits for nothing but the garbage collector."""
     kubectl("delete", "md", "--all", "-n", namespace, "--wait=true", f"--timeout={timeout:.0f}s", check=False,
             timeout=timeout + 10)
 

@@ -289,6 +289,30 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(env: Env) ->
     kubectl("delete", "md", *names, "-n", env.namespace, "--wait=false")
 
 
+def test_a_deployment_edited_or_deleted_by_hand_comes_back(env: Env) -> None:
+    """Drift is applied away (through the Deployment watch, or at the latest the resync), and
+    fields the operator does not own are left alone."""
+    apply(model_deployment("drift", env.source, replicas=0), namespace=env.namespace)
+    deployment = env.wait(lambda: get("deploy", "drift", env.namespace), SETTLE_TIMEOUT, "drift's Deployment")
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]["name"]
+    kubectl("set", "image", "deploy/drift", f"{container}=example.invalid/other:1", "-n", env.namespace)
+    kubectl("annotate", "deploy", "drift", "team=ml", "-n", env.namespace)
+
+    def restored() -> dict | None:
+        d = get("deploy", "drift", env.namespace)
+        return d if d and d["spec"]["template"]["spec"]["containers"][0]["image"] == image else None
+
+    d = env.wait(restored, 10, "the hand-edited image to be applied back", interval=0.2)
+    assert d["metadata"]["annotations"].get("team") == "ml"  # not the operator's field: kept
+
+    kubectl("delete", "deploy", "drift", "-n", env.namespace)
+    first_uid = d["metadata"]["uid"]
+    env.wait(lambda: (get("deploy", "drift", env.namespace) or {}).get("metadata", {}).get("uid") not in
+             (None, first_uid), 10, "the deleted Deployment to be created again", interval=0.2)
+    kubectl("delete", "md", "drift", "-n", env.namespace, "--wait=false")
+
+
 def test_delete_completes_while_no_operator_runs(env: Env) -> None:
     """The operator puts no finalizer on a ModelDeployment (its resync is not a kopf timer), so
     a user can delete one while the operator is down; the garbage collector removes its children."""
