@@ -184,6 +184,34 @@ def test_scale_from_zero_holds_the_first_request(stack):
     assert held and float(held[0].rsplit(" ", 1)[1]) > 1.0, held  # the hold shows as queue wait
 
 
+def test_an_api_server_restart_drops_no_traffic_and_watches_recover(stack):
+    """The gateway routes from what it has seen while the API server is away, and afterwards
+    its watches and the operator's pick up changes again (issue 5: survive API server
+    restarts without dropping traffic)."""
+    wait_for(lambda: stack.backends("tiny-chat-e2e") == 3, 240, what="three ready replicas")
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            codes.append(stack.chat("tiny-chat-e2e").status_code)
+
+    workers = [threading.Thread(target=load) for _ in range(2)]
+    for t in workers:
+        t.start()
+    try:
+        stack.cluster.restart("kube-apiserver")
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in workers:
+            t.join()
+    assert len(codes) > 5 and set(codes) == {200}, codes
+    stack.cluster.kubectl("scale", "-n", stack.namespace, "md/chat", "--replicas", "2")
+    wait_for(lambda: stack.backends("tiny-chat-e2e") == 2, 120, what="the scale-down seen through new watches")
+    assert stack.chat("tiny-chat-e2e").status_code == 200
+
+
 def test_key_secrets_take_effect_without_restart(stack):
     def secret(name: str, key: str) -> dict:
         return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name,

@@ -1,4 +1,4 @@
-"""`python -m localkube up|down|status` (what `make cluster-up/-down` run)."""
+"""`python -m localkube up|down|status|restart NAME` (`make cluster-up/-down` run the first two)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from .config import Settings
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="localkube", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "status", "restart-agent"])
+    parser.add_argument("command", choices=["up", "down", "status", "restart", "restart-agent"])
+    parser.add_argument("component", nargs="?", help="for restart: kube-apiserver, node-agent, ...")
     args = parser.parse_args(argv)
     settings = Settings()
     try:
@@ -20,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "down":
             cluster.down(settings)
         elif args.command == "restart-agent":
-            cluster.restart_agent(settings)
+            cluster.restart(settings, "node-agent")
+        elif args.command == "restart":
+            if not args.component:
+                parser.error("restart needs a component name")
+            cluster.restart(settings, args.component)
         else:
             ok = cluster.healthy(settings)
             print("up" if ok else "down")

@@ -216,12 +216,16 @@ def up(s: Settings) -> float:
     return took
 
 
-def restart_agent(s: Settings) -> None:
-    """Restart only the node agent (after changing its code): its pods are restarted too."""
+def restart(s: Settings, name: str) -> None:
+    """Restart one component: the node agent after changing its code (its pods are restarted
+    too), or the API server, to test that clients' watches recover."""
+    components = {comp.name: comp for comp in _components(s)}
+    if name not in components:
+        raise ClusterError(f"{name}: no such component (one of {', '.join(components)})")
     if not healthy(s):
-        raise ClusterError("node-agent: the cluster is not up (run `make cluster-up`)")
-    procs.stop(s.run, "node-agent", grace=20)
-    comp = _agent(s)
+        raise ClusterError(f"{name}: the cluster is not up (run `make cluster-up`)")
+    comp = components[name]
+    procs.stop(s.run, name, grace=20 if name == "node-agent" else 10)
     procs.start(s.run, s.logs, comp.name, comp.argv, _env(s))
     _wait(s, comp.name, comp.healthy, comp.timeout)
 

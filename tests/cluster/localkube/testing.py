@@ -4,7 +4,9 @@ tests): a handle on the running cluster with kubectl/apply/get, and a polling wa
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +47,15 @@ class LocalCluster:
 
             self._api = config.new_client_from_config(str(self.kubeconfig))
         return self._api
+
+    def restart(self, component: str) -> None:
+        """Stop and start one component (kube-apiserver, node-agent, ...) and wait until healthy."""
+        harness = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": str(harness)}
+        proc = subprocess.run([sys.executable, "-m", "localkube", "restart", component], env=env,
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"restarting {component} failed:\n{proc.stdout}{proc.stderr}")
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["kubectl", *args], input=input, capture_output=True, text=True,
