@@ -12,6 +12,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -142,8 +144,10 @@ def test_prefix_affinity_keeps_a_conversation_on_one_replica(stack):
                           "-p", '{"spec": {"routing": {"strategy": "least-load"}}}')
 
 
-def test_deleting_a_pod_under_load_fails_no_request(stack):
-    wait_for(lambda: stack.backends("tiny-chat-e2e") == 3, 240, what="three ready replicas")
+@contextmanager
+def chat_load(stack, clients: int) -> Iterator[list[int]]:
+    """Chat requests from `clients` threads, one after another, while the block runs: the
+    statuses they got."""
     codes: list[int] = []
     stop = threading.Event()
 
@@ -151,16 +155,24 @@ def test_deleting_a_pod_under_load_fails_no_request(stack):
         while not stop.is_set():
             codes.append(stack.chat("tiny-chat-e2e").status_code)
 
-    workers = [threading.Thread(target=load) for _ in range(4)]
+    workers = [threading.Thread(target=load) for _ in range(clients)]
     for t in workers:
         t.start()
-    time.sleep(2)
-    pods = stack.cluster.list("pods", stack.namespace, "modelfleet.dev/model=chat")
-    stack.cluster.kubectl("delete", "pod", "-n", stack.namespace, pods[0]["metadata"]["name"], "--wait=false")
-    time.sleep(12)
-    stop.set()
-    for t in workers:
-        t.join()
+    try:
+        yield codes
+    finally:
+        stop.set()
+        for t in workers:
+            t.join()
+
+
+def test_deleting_a_pod_under_load_fails_no_request(stack):
+    wait_for(lambda: stack.backends("tiny-chat-e2e") == 3, 240, what="three ready replicas")
+    with chat_load(stack, clients=4) as codes:
+        time.sleep(2)
+        pods = stack.cluster.list("pods", stack.namespace, "modelfleet.dev/model=chat")
+        stack.cluster.kubectl("delete", "pod", "-n", stack.namespace, pods[0]["metadata"]["name"], "--wait=false")
+        time.sleep(12)
     assert len(codes) > 10
     assert set(codes) == {200}, codes
 
@@ -189,23 +201,9 @@ def test_an_api_server_restart_drops_no_traffic_and_watches_recover(stack):
     its watches and the operator's pick up changes again (issue 5: survive API server
     restarts without dropping traffic)."""
     wait_for(lambda: stack.backends("tiny-chat-e2e") == 3, 240, what="three ready replicas")
-    codes: list[int] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        while not stop.is_set():
-            codes.append(stack.chat("tiny-chat-e2e").status_code)
-
-    workers = [threading.Thread(target=load) for _ in range(2)]
-    for t in workers:
-        t.start()
-    try:
+    with chat_load(stack, clients=2) as codes:
         stack.cluster.restart("kube-apiserver")
         time.sleep(2)
-    finally:
-        stop.set()
-        for t in workers:
-            t.join()
     assert len(codes) > 5 and set(codes) == {200}, codes
     stack.cluster.kubectl("scale", "-n", stack.namespace, "md/chat", "--replicas", "2")
     wait_for(lambda: stack.backends("tiny-chat-e2e") == 2, 120, what="the scale-down seen through new watches")
