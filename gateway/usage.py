@@ -16,7 +16,7 @@ EDGE = 64  # enough to hold a usage field split across two chunks
 
 class UsageScanner:
     """Reads usage from relayed chunks. Called for every chunk of every stream, so the common
-    chunk (no usage in it) costs two substring searches and no copy."""
+    chunk (no usage in it, following a whole event) costs one substring search and no copy."""
 
     def __init__(self, request_bytes: int) -> None:
         self.request_bytes = request_bytes
@@ -26,15 +26,17 @@ class UsageScanner:
 
     def feed(self, chunk: bytes) -> None:
         self.events += chunk.count(b"data: {")
-        edge = self.previous[-EDGE:]
-        if KEY in chunk or KEY in edge + chunk[:EDGE]:
+        previous = self.previous
+        # After a whole event ("\n\n") nothing can straddle the boundary.
+        straddles = previous and not previous.endswith(b"\n\n")
+        if KEY in chunk or (straddles and KEY in previous[-EDGE:] + chunk[:EDGE]):
             # The field may straddle the boundary, number included: the last match wins, so a
             # number cut short here is completed by the next chunk's look across the edge.
-            found = TOTAL.findall(edge + chunk)
+            found = TOTAL.findall(previous[-EDGE:] + chunk)
             if found:
                 self.total = int(found[-1])
         # Small chunks accumulate, so that the edge always holds the last EDGE bytes.
-        self.previous = chunk if len(chunk) >= EDGE else (self.previous + chunk)[-EDGE:]
+        self.previous = chunk if len(chunk) >= EDGE else (previous + chunk)[-EDGE:]
 
     def tokens(self) -> int:
         if self.total is not None:
