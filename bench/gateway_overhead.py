@@ -77,7 +77,9 @@ def run_bare_relay(port: int, backend: str) -> None:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        session = state.setdefault("s", aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+        if "s" not in state:  # one pooled session for the process, as the gateway has
+            state["s"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        session = state["s"]
         body = b""
         while True:
             message = await receive()
