@@ -86,21 +86,24 @@ class DataPath:
         except ClientGone:
             return
         except OpenAIError as exc:
-            await self.refuse(send, exc, rid, "-", None)
+            self.refused(exc, "-", None)
+            await send_error(send, exc, rid)
             return
         # From here on the client leaving cancels the work: the hold for a replica, the wait
         # for a non-streamed answer (which arrives whole), or the relay of a stream.
         async with DisconnectWatch(receive) as client:
-            relay = await self.route(path, body, headers, key, received, send)
-            if relay is not None:
-                await self.relay(relay, client, send)
+            answer = await self.route(path, body, headers, key, received)
+            if isinstance(answer, Relay):
+                await self.relay(answer, client, send)
+            else:
+                client.finishing()  # the error completes the response; no client left
+                await send_error(send, answer, rid)
 
     async def route(self, path: str, body: bytes, headers: dict[str, str], key: ApiKey | None,
-                    received: float, send: Send) -> Relay | None:
-        """Checks, picks a replica and sends it the request: the answer to relay, or None once
-        an error has been answered."""
+                    received: float) -> Relay | OpenAIError:
+        """Checks, picks a replica and sends it the request: the answer to relay, or the error
+        to answer with."""
         name = "-"
-        rid = headers["x-request-id"]
         try:
             fields = routing_fields(body)
             name = fields.model
@@ -115,24 +118,22 @@ class DataPath:
             relay = await self.proxy.forward(path, body, headers, model, admission.charge, key.name if key else "",
                                              fields.prefix, stream=fields.stream, received=received)
         except OpenAIError as exc:
-            await self.refuse(send, exc, rid, name, key)
-            return None
+            self.refused(exc, name, key)
+            return exc
         except Exception:  # noqa: BLE001 - a bug answers 500 in the API's format, never a stack trace
             log.exception("unhandled error on %s", path)
-            await send_error(send, internal_error(), rid)
-            return None
+            return internal_error()
         relay.headers.update(admission.headers)
-        relay.headers["x-request-id"] = rid
+        relay.headers["x-request-id"] = headers["x-request-id"]
         log.info("request routed", extra={"model": name, "status": relay.status, "key": key.name if key else None,
                                           "backend": relay.headers.get("x-modelfleet-backend"),
                                           "ms": round((time.monotonic() - received) * 1000, 1)})
         return relay
 
-    async def refuse(self, send: Send, exc: OpenAIError, rid: str, model: str, key: ApiKey | None) -> None:
+    def refused(self, exc: OpenAIError, model: str, key: ApiKey | None) -> None:
         self.metrics.requests.labels(model, str(exc.status), key.name if key else "").inc()
         log.info("request refused", extra={"model": model, "status": exc.status,
                                            "key": key.name if key else None, "error": exc.code})
-        await send_error(send, exc, rid)
 
     async def wait_for_replica(self, model: str) -> None:
         if self.registry.available(model):

@@ -22,7 +22,7 @@ class Endpoint:
     consecutive_failures: int = 0
     ejected_until: float = 0.0
     cards: list[dict[str, Any]] = field(default_factory=list)
-    # Resolved when discovery finds the replica failing (see Proxy.forward); made on demand.
+    # Resolved when discovery finds the replica failing (see Proxy._post); made on demand.
     _lost: asyncio.Future | None = field(default=None, repr=False, compare=False)
 
     def available(self, now: float | None = None) -> bool:

@@ -66,8 +66,9 @@ class Outcome:
 Applied = tuple[int, int]
 
 
-def _generation(obj: Mapping[str, Any] | None) -> int:
-    return int(((obj or {}).get("metadata") or {}).get("generation") or 0)
+def _applied(md: ModelDeployment, deployment: Mapping[str, Any] | None) -> Applied:
+    generation = int(((deployment or {}).get("metadata") or {}).get("generation") or 0)
+    return md.metadata.generation or 0, generation
 
 
 def _error_summary(exc: ValidationError) -> str:
@@ -233,8 +234,7 @@ def reconcile(
     desired, autoscaler, scale_reason, previous = desired_replicas(md, deployment, pods or [], probe, now)
     if scale_reason:
         log.info("%s/%s: %s", ns, name, scale_reason)
-    unchanged = (md.metadata.generation or 0, _generation(child))
-    if child is not None and not autoscaled and applied == unchanged:
+    if child is not None and not autoscaled and applied == _applied(md, child):
         deployment = dict(child)
     else:
         try:
@@ -265,5 +265,5 @@ def reconcile(
         kube.post_event(md.metadata, event)
     return Outcome(
         desired, status, written, transitions, scale_reason, previous if scale_reason else None,
-        deployment_facts(deployment), (md.metadata.generation or 0, _generation(deployment)),
+        deployment_facts(deployment), _applied(md, deployment),
     )

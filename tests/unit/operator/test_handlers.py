@@ -158,6 +158,30 @@ def test_child_event_that_changes_nothing_status_reads_is_skipped(monkeypatch) -
     assert _value(metrics, "modelfleet_operator_reconciles_coalesced_total", trigger="child") == 2
 
 
+def test_a_child_event_hands_reconcile_its_deployment_and_what_was_last_applied(monkeypatch) -> None:
+    """The wiring of the status-only reconcile: reconcile() decides, the runner must remember
+    Outcome.applied per object and pass it back with the child's Deployment."""
+    import modelfleet.operator.handlers as handlers
+    from modelfleet.api import ModelDeploymentStatus
+    from modelfleet.operator.conditions import deployment_facts
+    from modelfleet.operator.reconcile import Outcome
+
+    seen = []
+
+    def fake_reconcile(body, *a, **kw):
+        seen.append(kw)
+        child = kw["child"] or {"metadata": {"generation": 1}}
+        return Outcome(0, ModelDeploymentStatus(), False, deployment_facts=deployment_facts(child), applied=(1, 1))
+
+    monkeypatch.setattr(handlers, "reconcile", fake_reconcile)
+    run = make_runner(deps(FailingKube(Status(500)), OperatorMetrics()))
+    run(BODY, "create", fresh=True)
+    controller_saw = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "replicas": 1}}
+    run(BODY, "child", deployment=controller_saw)
+    assert seen[0] == {"child": None, "applied": None, "fresh": True}
+    assert seen[1] == {"child": controller_saw, "applied": (1, 1), "fresh": False}
+
+
 def test_resync_skips_an_object_reconciled_within_half_an_interval(monkeypatch) -> None:
     import modelfleet.operator.handlers as handlers
     from modelfleet.api import ModelDeploymentStatus
