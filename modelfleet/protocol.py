@@ -152,6 +152,8 @@ class ChatMessage(Lenient):
 
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+# Seeds are int64, as in vLLM and torch: a larger one is a 400, not a failure deep in the engine.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 StopParam = str | list[str] | None
 
 
@@ -166,7 +168,7 @@ class SamplingFields(Lenient):
     n: Annotated[int, Field(ge=1, le=128)] | None = 1
     stop: StopParam = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: Penalty | None = 0.0
     frequency_penalty: Penalty | None = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
@@ -270,7 +272,7 @@ class ResponsesRequest(Lenient):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     stream: bool | None = False
-    seed: int | None = None
+    seed: Seed | None = None
     text: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None

@@ -119,6 +119,10 @@ class GenerationEngine:
         self.outbox: list[tuple[RequestState, RequestOutput]] = []
         self.thread: threading.Thread | None = None
         self.stopping = False
+        self.admitting: list[RequestState] = []  # popped from `waiting`, not yet in `rows`
+        self.last_progress = time.monotonic()  # the engine thread's heartbeat (see `healthy`)
+        self.idle = True  # waiting for work, which is not stalling
+        self.fatal: str | None = None  # why the engine thread stopped, if it did on its own
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -133,6 +137,21 @@ class GenerationEngine:
             self.wakeup.notify()
         if self.thread:
             self.thread.join(timeout=10)
+
+    def healthy(self, stall_seconds: float) -> str | None:
+        """None when the engine serves; else why not, for `/health` and `/ready` to report.
+
+        The engine thread is the worker: if it has died, or has held work without finishing a
+        step for `stall_seconds`, the HTTP side must stop saying it is fine, so that the
+        gateway ejects it and the kubelet restarts it instead of every request hanging."""
+        if self.fatal is not None:
+            return self.fatal
+        if self.thread is not None and not self.thread.is_alive() and not self.stopping:
+            return "the engine thread has stopped"
+        stalled = time.monotonic() - self.last_progress
+        if not self.idle and stalled > stall_seconds:
+            return f"the engine has not finished a step in {stalled:.0f} s"
+        return None
 
     # -- the caller's side (event loop thread) -----------------------------------------------
 
@@ -169,11 +188,24 @@ class GenerationEngine:
     # -- the engine thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the thread is gone: say so rather than hang every caller
+            self.fatal = f"the engine thread stopped: {exc!r}"
+            log.critical("%s", self.fatal, exc_info=True)
+            self._fail_all(self.fatal)
+            self._publish()
+            raise
+
+    def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self.wakeup:
+                self.idle = True
                 while not (self.stopping or self.inbox or self.jobs or self.waiting or self.rows):
                     self.wakeup.wait()
+                self.idle = False
+                self.last_progress = time.monotonic()
                 if self.stopping:
                     break
                 self.waiting.extend(self.inbox)
@@ -189,6 +221,7 @@ class GenerationEngine:
             except Exception as exc:  # a bug must fail the requests in flight, not hang them
                 log.exception("engine step failed")
                 self._fail_all(f"internal engine error: {exc}")
+            self.last_progress = time.monotonic()
             self._publish()
         self._fail_all("the server is shutting down")
         self._publish()
@@ -224,14 +257,18 @@ class GenerationEngine:
                 pass  # that loop is closed: its clients are gone
 
     def _fail_all(self, message: str) -> None:
+        """Ends every request the engine holds with `message`, and empties the KV pool whole:
+        after a failed step the pool's rows and `self.rows` need not agree any more."""
         owners = {id(s.owner): s.owner for s in self.rows}
-        owners.update({id(s): s for s in self.waiting})
+        owners.update({id(s): s for s in [*self.waiting, *self.admitting]})
         for state in owners.values():
             self._emit(state, RequestOutput([], len(state.request.prompt_ids), state.completion_tokens,
                                             finished=True, error=message))
-        while self.rows:
-            self._remove_row(len(self.rows) - 1)
+        self.rows.clear()
+        self.pool.clear()
+        self.batch_params = None
         self.waiting.clear()
+        self.admitting = []
 
     def _drop_cancelled(self) -> None:
         self.waiting = deque(s for s in self.waiting if not s.cancelled.is_set())
@@ -250,8 +287,9 @@ class GenerationEngine:
         )
         if count == 0:
             return
-        batch = [self.waiting.popleft() for _ in range(count)]
-        self._prefill(batch)
+        self.admitting = [self.waiting.popleft() for _ in range(count)]
+        self._prefill(self.admitting)
+        self.admitting = []
 
     def _prefill(self, batch: list[RequestState]) -> None:
         started = time.monotonic()
@@ -276,13 +314,13 @@ class GenerationEngine:
         )
         logits = out.logits.float()
         sources = [i for i, s in enumerate(batch) for _ in range(s.request.n)]
+        sequences = [seq for state in batch for seq in state.make_sequences()]
         new_rows = self.pool.add_rows(cache, lengths, sources)
         for i, state in enumerate(batch):
             self.stats.prompt_tokens += lengths[i]
             if state.request.prompt_logprobs is not None:
                 prompt_lp = self._prompt_logprobs(logits[i], state.request, width - lengths[i])
                 self._emit(state, RequestOutput([], lengths[i], 0, prompt_logprobs=prompt_lp))
-        sequences = [seq for state in batch for seq in state.make_sequences()]
         for row, seq in zip(new_rows, sequences, strict=True):
             self.rows.append(seq)
             assert len(self.rows) - 1 == row

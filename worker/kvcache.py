@@ -184,6 +184,11 @@ class SlotPool:
             new_rows.append(row)
         return new_rows
 
+    def clear(self) -> None:
+        """Forgets every row (the buffers stay allocated)."""
+        self.starts = []
+        self.cursor = 0
+
     def remove_row(self, row: int) -> int | None:
         """Frees `row` by moving the last row into it; returns the index that moved (or None)."""
         last = self.rows - 1

@@ -101,11 +101,17 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
         return next(c for c in service.model_cards() if c["id"] == model_id)
 
     @router.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        failure = service.failure()
+        if failure is not None:
+            return JSONResponse({"status": "unhealthy", "reason": failure}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @router.get("/ready")
     async def ready() -> JSONResponse:
+        failure = service.failure()
+        if failure is not None:
+            return JSONResponse({"status": "unhealthy", "reason": failure}, status_code=503)
         if service.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ready", "models": service.names})

@@ -91,7 +91,9 @@ class Sequence:
         self.index = index
         self.generator = torch.Generator()
         if req.seed is not None:
-            self.generator.manual_seed(req.seed + index)
+            # torch takes seeds in [-2**63, 2**64); the API allows any int64, so choice n of a
+            # request seeded near the top wraps instead of failing.
+            self.generator.manual_seed((req.seed + index) % 2**64)
         else:
             self.generator.seed()
         self.output_ids: list[int] = []

@@ -64,6 +64,9 @@ class ModelService:
                                 f"{max_num_seqs}|modelfleet-0.1".encode()).hexdigest()
         self.fingerprint = "fp_" + digest[:10]
         self.draining = False
+        # A step that holds work this long without finishing means a wedged engine (a decode
+        # step of the largest batch on a CPU takes well under a second).
+        self.engine_stall_seconds = 60.0
 
     # -- identity -----------------------------------------------------------------------------
 
@@ -98,12 +101,21 @@ class ModelService:
             for name in self.names
         ]
 
+    def failure(self) -> str | None:
+        """Why this worker cannot serve (its engine died or stalled), or None: what `/health`
+        and `/ready` report, so that the gateway ejects it and the kubelet restarts it."""
+        return self.engine.healthy(self.engine_stall_seconds) if self.engine else None
+
     def require_generation(self, what: str) -> GenerationEngine:
         if self.engine is None:
             raise OpenAIError(f"The model `{self.name}` is an embedding model and does not support {what}.",
                               param="model", code="model_not_supported")
         if self.draining:
             raise OpenAIError("This server is shutting down.", status=503, type="service_unavailable",
+                              headers={"retry-after": "1"})
+        failure = self.failure()
+        if failure is not None:
+            raise OpenAIError(f"This worker cannot generate: {failure}.", status=503, type="service_unavailable",
                               headers={"retry-after": "1"})
         return self.engine
 

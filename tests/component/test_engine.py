@@ -130,3 +130,58 @@ def test_prompt_logprobs_score_each_prompt_token(engine, tiny):
     expected = torch.log_softmax(logits[0], -1)[ids[1]].item()
     assert entries[1].logprob == pytest.approx(expected, abs=1e-4)
     assert len(entries[1].top) == 2
+
+
+async def events_of(engine, req):
+    return [event async for event in engine.submit(req)]
+
+
+def test_a_request_that_fails_its_prefill_fails_alone_and_the_engine_keeps_serving(engine, tiny):
+    """A request the model cannot run (a token id past the vocabulary) gets an error event; the
+    requests after it are served exactly as before, and the engine reports itself healthy."""
+    _, tok = tiny
+    bad = GenerationRequest(prompt_ids=[10**7], params=SamplingParams(temperature=0), max_tokens=4)
+
+    async def main():
+        failed = await asyncio.wait_for(events_of(engine, bad), 30)
+        after = await asyncio.wait_for(generate(engine, tok, PROMPTS[0], 12), 30)
+        return failed, after
+
+    failed, (tokens, _) = asyncio.run(main())
+    assert failed[-1].finished and failed[-1].error
+    assert tokens[0] == reference(tiny, PROMPTS[0], 12)
+    assert engine.healthy(stall_seconds=60) is None
+
+
+def test_seeds_at_the_int64_edges_sample_and_choices_differ(engine, tiny):
+    """The largest and smallest int64 seeds work for every choice (choice i uses seed + i)."""
+    _, tok = tiny
+    params = SamplingParams(temperature=1.0)
+
+    async def main():
+        return [await asyncio.wait_for(generate(engine, tok, "Hi", 8, params=params, seed=seed, n=2), 30)
+                for seed in (2**63 - 1, -(2**63))]
+
+    for tokens, _ in asyncio.run(main()):
+        assert len(tokens[0]) == len(tokens[1]) == 8
+
+
+def test_an_engine_that_holds_work_without_stepping_reports_why(engine):
+    """A step that never finishes makes `healthy` name the stall, so `/health` can fail."""
+    import threading
+
+    release = threading.Event()
+
+    async def main():
+        job = asyncio.ensure_future(engine.run_job(lambda: release.wait(30)))
+        deadline = asyncio.get_running_loop().time() + 10
+        while engine.healthy(stall_seconds=0.2) is None:
+            assert asyncio.get_running_loop().time() < deadline, "the stall was never reported"
+            await asyncio.sleep(0.05)
+        reason = engine.healthy(stall_seconds=0.2)
+        release.set()
+        await job
+        return reason
+
+    assert "has not finished a step" in asyncio.run(main())
+    assert engine.healthy(stall_seconds=0.2) is None

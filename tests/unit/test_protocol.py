@@ -54,6 +54,9 @@ def test_garbage_bytes_are_a_400(raw):
         ({"model": "m", "messages": []}, "messages"),
         ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages.role"),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 2**63}, "seed"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": -(2**63) - 1}, "seed"),
     ],
 )
 def test_wrong_values_name_their_parameter(body, param):
