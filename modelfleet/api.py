@@ -18,6 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from .engines import EngineKind
+
 GROUP = "modelfleet.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -38,15 +40,22 @@ SOURCE_RE = (
 )
 # A Kubernetes quantity ("4", "500m", "16Gi", "1e3"), as the API server's own pattern.
 QUANTITY_RE = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-# Worker options the operator sets itself from spec.model; user args must not repeat them.
-RESERVED_ARGS = ("--model", "--served-name", "--host", "--port")
+# Options the operator sets itself from spec.model, for either engine; user args must not
+# repeat them (modelfleet worker's --served-name, vLLM's --served-model-name).
+RESERVED_ARGS = ("--model", "--served-name", "--served-model-name", "--host", "--port")
 # The Service is named after the ModelDeployment, so the name must be a DNS-1035 label.
 OBJECT_NAME_RE = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+GPU_NEEDS_VLLM = (
+    "spec.resources.gpu above 1 needs spec.engine.kind: vllm (modelfleet's own engine runs on one "
+    "device; vLLM splits a model over the GPUs with tensor parallelism)"
+)
 
 Phase = Literal["Pending", "Loading", "Ready", "Degraded", "Failed"]
 ConditionType = Literal["Ready", "Progressing", "Degraded"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Strategy = Literal["least-load", "prefix-affinity"]
+ModelTask = Literal["auto", "generate", "embed"]
 
 
 class _Model(BaseModel):
@@ -63,12 +72,24 @@ class _Model(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+class SecretKeyRef(_Model):
+    """A key of a Secret in the ModelDeployment's namespace."""
+
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(default="token", min_length=1, max_length=253)
+
+
 class ModelSource(_Model):
     """`spec.model`: where the weights come from and the names clients use."""
 
     source: str = Field(max_length=1024)
     served_name: str | None = Field(default=None, max_length=128)
     aliases: list[str] = Field(default_factory=list, max_length=16)
+    # The Hugging Face token for gated or private hf:// models, as HF_TOKEN in the pod.
+    token_secret_ref: SecretKeyRef | None = None
+    # What the model is served for. auto: modelfleet's worker and vLLM both tell from the
+    # architecture (a sentence-transformers or BERT-style model embeds, a causal LM generates).
+    task: ModelTask = "auto"
 
     @field_validator("source")
     @classmethod
@@ -150,8 +171,9 @@ class EnvVar(_Model):
 
 
 class Engine(_Model):
-    """`spec.engine`: the worker image and its engine options."""
+    """`spec.engine`: which engine serves the model, its image and its options."""
 
+    kind: EngineKind = "modelfleet"
     image: str | None = Field(default=None, max_length=512)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     args: list[str] = Field(default_factory=list, max_length=64)
@@ -167,8 +189,8 @@ class Engine(_Model):
         for arg in v:
             if arg in RESERVED_ARGS or arg.startswith(tuple(f"{a}=" for a in RESERVED_ARGS)):
                 raise ValueError(
-                    "spec.engine.args must not set --model, --served-name, --host or --port: "
-                    "the operator sets them from spec.model"
+                    "spec.engine.args must not set --model, --served-name, --served-model-name, --host or "
+                    "--port: the operator sets them from spec.model"
                 )
         return v
 
@@ -211,6 +233,12 @@ class ModelDeploymentSpec(_Model):
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     routing: Routing = Field(default_factory=Routing)
     termination_grace_period_seconds: int = Field(default=120, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _one_gpu_for_own_engine(self) -> ModelDeploymentSpec:
+        if self.resources.gpu > 1 and self.engine.kind != "vllm":
+            raise ValueError(GPU_NEEDS_VLLM)
+        return self
 
 
 class Condition(_Model):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modelfleet.engines import VLLM_VERSION
+
 
 @dataclass(frozen=True)
 class OperatorConfig:
@@ -16,6 +18,12 @@ class OperatorConfig:
     # Worker image when spec.engine.image is not set.
     default_image: str = "modelfleet:latest"
     default_image_pull_policy: str = "IfNotPresent"
+    # Image for spec.engine.kind vllm when spec.engine.image is not set (the chart pins one).
+    vllm_image: str = f"vllm/vllm-openai:v{VLLM_VERSION}"
+    # vLLM on CPU (no GPU asked for): GiB of KV cache (VLLM_CPU_KVCACHE_SPACE).
+    vllm_cpu_kv_cache_gib: int = 2
+    # Size of the in-memory /dev/shm that vLLM pods get.
+    vllm_shm_size: str = "1Gi"
     # Port the worker listens on inside the pod (also the Service and EndpointSlice port).
     worker_port: int = 8000
     # preStop sleep: time for the gateway and kube-proxy to see the endpoint go away before the

@@ -71,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker image when spec.engine.image is unset",
     )
     p.add_argument(
+        "--vllm-image",
+        default=OperatorConfig.vllm_image,
+        help="image for spec.engine.kind vllm when spec.engine.image is unset",
+    )
+    p.add_argument(
+        "--vllm-cpu-kv-cache-gib",
+        type=int,
+        default=OperatorConfig.vllm_cpu_kv_cache_gib,
+        help="KV cache of vLLM replicas without a GPU (VLLM_CPU_KVCACHE_SPACE)",
+    )
+    p.add_argument(
         "--image-pull-policy",
         default=OperatorConfig.default_image_pull_policy,
         choices=["Always", "IfNotPresent", "Never"],
@@ -108,6 +119,8 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     return OperatorConfig(
         default_image=args.default_image,
         default_image_pull_policy=args.image_pull_policy,
+        vllm_image=args.vllm_image,
+        vllm_cpu_kv_cache_gib=args.vllm_cpu_kv_cache_gib,
         resync_seconds=args.resync_seconds,
         drain_seconds=args.drain_seconds,
         host_path_models=args.host_path_models,

@@ -14,6 +14,7 @@ from typing import Any
 
 from modelfleet import labels
 from modelfleet.api import ModelDeployment
+from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, cpu_env, split_hf_source
 
 from .config import OperatorConfig
 
@@ -21,6 +22,7 @@ CONTAINER = "worker"
 PORT_NAME = "http"
 MODEL_VOLUME = "model"
 CACHE_VOLUME = "cache"
+SHM_VOLUME = "dshm"  # vLLM's workers share tensors through /dev/shm, which runtimes cap at 64 MiB
 GPU_RESOURCE = "nvidia.com/gpu"
 # Probe timing. The startup probe carries the whole model-loading budget so that liveness,
 # which is strict, only starts once the server answers.
@@ -100,7 +102,7 @@ def _metadata(md: ModelDeployment, api_version: str, kind: str) -> dict[str, Any
 
 
 def worker_args(md: ModelDeployment, model_path: str, config: OperatorConfig) -> list[str]:
-    """The `modelfleet worker` command line (CONTRACTS.md section 2); user args come last."""
+    """The `modelfleet worker` command line (docs/cli.md); user args come last."""
     spec = md.spec
     args = [
         "modelfleet", "worker",
@@ -121,6 +123,24 @@ def worker_args(md: ModelDeployment, model_path: str, config: OperatorConfig) ->
     if spec.engine.max_num_seqs is not None:
         args += ["--max-num-seqs", str(spec.engine.max_num_seqs)]
     return args + list(spec.engine.args)
+
+
+def vllm_server(md: ModelDeployment, model_path: str, config: OperatorConfig) -> VllmServer:
+    """vLLM's OpenAI server for this ModelDeployment: the same spec fields as the own worker's
+    flags, and the GPUs of a replica as its tensor-parallel size."""
+    spec = md.spec
+    model, revision = split_hf_source(model_path) if model_path.startswith("hf://") else (model_path, None)
+    return VllmServer(
+        model=model, revision=revision,
+        served_names=[md.served_name, *spec.model.aliases],
+        port=config.worker_port,
+        dtype=spec.engine.dtype,
+        max_model_len=spec.engine.max_model_len,
+        max_num_seqs=spec.engine.max_num_seqs,
+        tensor_parallel_size=max(1, spec.resources.gpu),
+        task=spec.model.task,
+        extra_args=list(spec.engine.args),
+    )  # fmt: skip
 
 
 def _resources(md: ModelDeployment) -> dict[str, Any]:
@@ -159,25 +179,41 @@ def _container(md: ModelDeployment, source: ResolvedSource, config: OperatorConf
     if source.needs_hf_cache:
         env.append({"name": "HF_HOME", "value": config.hf_cache_dir})
         mounts.append({"name": CACHE_VOLUME, "mountPath": config.hf_cache_dir})
+    token = md.spec.model.token_secret_ref
+    if token is not None:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
     startup_failures = math.ceil(engine.startup_timeout_seconds / STARTUP_PERIOD_SECONDS)
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": engine.image or config.default_image,
         "imagePullPolicy": engine.image_pull_policy or config.default_image_pull_policy,
-        "command": worker_args(md, source.path, config),
         "ports": [{"name": PORT_NAME, "containerPort": config.worker_port, "protocol": "TCP"}],
-        "env": env,
         "resources": _resources(md),
-        "volumeMounts": mounts,
         "startupProbe": _http_probe("/health", STARTUP_PERIOD_SECONDS, startup_failures, 3),
         "livenessProbe": _http_probe("/health", LIVENESS_PERIOD_SECONDS, LIVENESS_FAILURES, 5),
-        "readinessProbe": _http_probe("/ready", READINESS_PERIOD_SECONDS, READINESS_FAILURES, 3),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(config.drain_seconds)]}}},
         # The last log lines become the termination message, so a model that fails to load
         # shows why in status (CrashLoopBackOff: <message>) instead of only in the logs.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False},
     }
+    if engine.kind == "vllm":
+        if md.spec.resources.gpu == 0:
+            env += [{"name": k, "value": v} for k, v in cpu_env(config.vllm_cpu_kv_cache_gib).items()]
+        mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+        container.update({
+            "image": engine.image or config.vllm_image,
+            "command": ["python3", "-m", VLLM_SERVER_MODULE],
+            "args": vllm_server(md, source.path, config).args(),
+            # vLLM has no separate readiness endpoint: /health answers once the engine is up.
+            "readinessProbe": _http_probe("/health", READINESS_PERIOD_SECONDS, READINESS_FAILURES, 3),
+        })
+    else:
+        container.update({
+            "image": engine.image or config.default_image,
+            "command": worker_args(md, source.path, config),
+            "readinessProbe": _http_probe("/ready", READINESS_PERIOD_SECONDS, READINESS_FAILURES, 3),
+        })
+    container.update(env=env, volumeMounts=mounts)
     return {k: v for k, v in container.items() if v not in ([], {})}
 
 
@@ -195,6 +231,8 @@ def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig
     volumes = [source.volume] if source.volume else []
     if source.needs_hf_cache:
         volumes.append({"name": CACHE_VOLUME, "emptyDir": {}})
+    if spec.engine.kind == "vllm":
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": config.vllm_shm_size}})
     pod_spec: dict[str, Any] = {
         "containers": [_container(md, source, config)],
         # The grace period covers the preStop drain plus finishing in-flight requests.

@@ -21,7 +21,9 @@ def make_md(gpu: int = 0, memory: str | None = None, status: dict[str, Any] | No
     return ModelDeployment.from_body(
         {
             "metadata": {"name": "tiny-chat", "namespace": "default", "uid": "u", "generation": 3},
-            "spec": {"model": {"source": "file:///models/tiny-chat"}, "resources": resources},
+            "spec": {"model": {"source": "file:///models/tiny-chat"}, "resources": resources,
+                     # several GPUs per replica is for vLLM only
+                     "engine": {"kind": "vllm" if gpu > 1 else "modelfleet"}},
             "status": status or {},
         }
     )

