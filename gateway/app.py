@@ -45,6 +45,7 @@ class GatewaySettings:
     connect_timeout: float = 3.0
     read_timeout: float = 600.0
     first_byte_timeout: float = 15.0  # streams only; see proxy.py
+    hold_timeout: float = 60.0  # static: a request waits this long for a backend that is starting
     max_connections: int = 4096
 
 
@@ -97,7 +98,8 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
     metrics = GatewayMetrics(registry)
     upstream = Upstream(settings.connect_timeout, settings.read_timeout, settings.max_connections)
     proxy = Proxy(registry, upstream, metrics, first_byte_timeout=settings.first_byte_timeout)
-    discovery = discovery or StaticDiscovery(registry, settings.backends, client)
+    discovery = discovery or StaticDiscovery(registry, settings.backends, client,
+                                             hold_timeout=settings.hold_timeout)
     key_file = KeyFileWatcher(settings.api_keys, keys) if settings.api_keys else None
     if key_file:
         key_file.load()  # a broken file at start-up is the command's error, not a silent open gateway

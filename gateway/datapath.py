@@ -36,10 +36,27 @@ from .metrics import GatewayMetrics
 from .proxy import Proxy, Relay
 from .registry import Registry
 from .routing import routing_fields
+from .usage import UsageStripper, ask_for_usage
 
 log = logging.getLogger("modelfleet.gateway")
 PROXIED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/edits",
                      "/tokenize", "/detokenize"})
+
+
+# Streams whose usage comes only when asked for (stream_options); a Responses stream always
+# ends with its usage in `response.completed`.
+USAGE_STREAMS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def check_for_engine(engine: str, path: str, body: bytes, name: str) -> None:
+    """Refuses, in the API's own words, what the model's engine cannot serve, so that a client
+    gets the same answer whichever engine runs the model, never vLLM's 404 or a 500."""
+    if engine == "vllm" and path == "/v1/edits":
+        raise OpenAIError(
+            f"The model `{name}` is served by the vllm engine, which has no Edits API; "
+            "send the instruction and input to /v1/chat/completions instead.",
+            param="model", code="unsupported_endpoint",
+        )
 
 
 class ReplicaWait(Protocol):
@@ -113,10 +130,20 @@ class DataPath:
             if key is not None and not key.allows(name):
                 raise OpenAIError(f"Your API key is not allowed to use the model `{name}`.", status=403,
                                   type="permission_error", param="model", code="model_not_allowed")
+            engine = self.registry.engine(model)
+            if engine != "modelfleet":
+                check_for_engine(engine, path, body, name)
             admission = self.limiter.admit(key)
+            # A tpm limit is charged from the usage the answer reports: ask for it on streams.
+            strip_usage = (key is not None and key.tpm is not None and fields.stream and not fields.usage_asked
+                           and path in USAGE_STREAMS)
+            if strip_usage:
+                body = ask_for_usage(body)
             await self.wait_for_replica(model)
             relay = await self.proxy.forward(path, body, headers, model, admission.charge, key.name if key else "",
                                              fields.prefix, stream=fields.stream, received=received)
+            if strip_usage and relay.streaming and relay.status == 200:
+                relay.stripper = UsageStripper()
         except OpenAIError as exc:
             self.refused(exc, name, key)
             return exc

@@ -42,7 +42,9 @@ class ModelEntry:
     scale_from_zero: bool
     max_model_len: int | None
     created: int
-    waiting: int = 0
+    engine: str = "modelfleet"
+    stopped: bool = False  # spec.replicas 0 and no autoscaling: nothing will start
+    failure: str | None = None  # status says its replicas cannot start, and why
     last_demand: float = 0.0
 
 
@@ -56,13 +58,17 @@ def model_entry(obj: dict[str, Any]) -> ModelEntry | None:
     created = obj.get("metadata", {}).get("creationTimestamp")
     stamp = int(datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()) if created else 0
     autoscaling = md.spec.autoscaling
+    failed = md.status.phase == "Failed"
+    ready = md.status.condition("Ready")
     return ModelEntry(
         namespace=md.metadata.namespace, name=md.metadata.name, served=md.served_name,
         aliases=list(md.spec.model.aliases), strategy=md.spec.routing.strategy,
         prefix_length=md.spec.routing.prefix_length, load_factor=md.spec.routing.load_factor,
         max_queue=md.spec.routing.max_queue, hold_timeout=float(md.spec.routing.hold_timeout_seconds),
         scale_from_zero=autoscaling is not None and autoscaling.min_replicas == 0,
-        max_model_len=md.spec.engine.max_model_len, created=stamp,
+        max_model_len=md.spec.engine.max_model_len, created=stamp, engine=md.spec.engine.kind,
+        stopped=autoscaling is None and md.spec.replicas == 0,
+        failure=(ready.message if ready is not None and ready.message else "its replicas failed") if failed else None,
     )
 
 
@@ -115,7 +121,6 @@ class KubernetesDiscovery:
         self.extra_sources = extra_sources or []  # other watched state: API-key Secrets, gateway peers
         self.entries: dict[tuple[str, str], ModelEntry] = {}
         self.slices: dict[tuple[str, str], tuple[tuple[str, str], list[str]]] = {}
-        self.changed = asyncio.Event()
         self.informers: list = []
         self.synced = False
 
@@ -139,8 +144,8 @@ class KubernetesDiscovery:
             return
         key = (entry.namespace, entry.name)
         old = self.entries.get(key)
-        if old is not None:  # keep counters across updates
-            entry.waiting, entry.last_demand = old.waiting, old.last_demand
+        if old is not None:  # keep the demand clock across updates
+            entry.last_demand = old.last_demand
         self.entries[key] = entry
 
     def on_slice(self, kind: str, obj: dict[str, Any]) -> None:
@@ -181,11 +186,10 @@ class KubernetesDiscovery:
                                         ready=True)
             self.registry.meta[entry.served] = {"created": entry.created, "max_model_len": entry.max_model_len,
                                                 "strategy": entry.strategy, "prefix_length": entry.prefix_length,
-                                                "load_factor": entry.load_factor}
+                                                "load_factor": entry.load_factor, "engine": entry.engine}
         for model in set(self.registry.models()) - set(served):
             self.registry.remove_model(model)
-        self.changed.set()
-        self.changed = asyncio.Event()
+        self.registry.notify()
 
     def entry_for(self, model: str) -> ModelEntry | None:
         return next((e for e in self.entries.values() if e.served == model), None)
@@ -231,41 +235,34 @@ class KubernetesDiscovery:
         return all(i.synced.is_set() for i in self.informers)
 
     async def wait_for(self, model: str) -> None:
-        """Holds a request while its model scales up from zero; 503 when it cannot."""
+        """Holds a request while its model's replicas start, or scale up from zero (then the
+        demand annotation asks the operator for one), up to spec.routing.holdTimeoutSeconds;
+        503 at once when nothing will start: a model scaled to zero by hand, or one whose
+        replicas are failing (with the reason from its status)."""
         if self.registry.available(model):
             return
         entry = self.entry_for(model)
-        if entry is None or not entry.scale_from_zero:
+        if entry is None:
             raise unavailable(f"No ready replica for model `{model}`.", retry_after=5)
-        if entry.waiting >= entry.max_queue:
-            raise unavailable(f"Too many requests are waiting for model `{model}` to start.", retry_after=10)
-        entry.waiting += 1
-        deadline = time.monotonic() + entry.hold_timeout
-        try:
-            while not self.registry.available(model):
-                await self._signal_demand(entry)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise unavailable(f"Model `{model}` did not become ready within {entry.hold_timeout:.0f}s.",
-                                      retry_after=10)
-                try:
-                    await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, DEMAND_INTERVAL))
-                except asyncio.TimeoutError:
-                    pass
-        finally:
-            entry.waiting -= 1
+        if entry.failure is not None:
+            raise unavailable(f"Model `{model}` cannot start: {entry.failure}", retry_after=30)
+        if entry.stopped:
+            raise unavailable(f"Model `{model}` is scaled to zero replicas.", retry_after=30)
+        on_wait = (lambda: self._signal_demand(entry, model)) if entry.scale_from_zero else None
+        await self.registry.hold(model, entry.hold_timeout, entry.max_queue, on_wait, tick=DEMAND_INTERVAL)
 
-    async def _signal_demand(self, entry: ModelEntry) -> None:
+    async def _signal_demand(self, entry: ModelEntry, model: str) -> None:
         now = time.monotonic()
         if now - entry.last_demand < DEMAND_INTERVAL:
             return
         entry.last_demand = now
         from .kube import patch_annotation
 
-        value = labels.Demand(datetime.now(timezone.utc), entry.waiting).encode()
+        waiting = self.registry.waiting.get(model, 0)
+        value = labels.Demand(datetime.now(timezone.utc), waiting).encode()
         try:
             await asyncio.to_thread(patch_annotation, self.api_client, entry.namespace, entry.name, labels.DEMAND,
                                     value)
-            log.info("signalled demand", extra={"model": entry.served, "waiting": entry.waiting})
+            log.info("signalled demand", extra={"model": entry.served, "waiting": waiting})
         except Exception as exc:  # noqa: BLE001 - RBAC or API trouble must not fail the held request
             log.warning("could not signal demand for %s: %s", entry.served, exc)

@@ -15,15 +15,21 @@ GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
 def parse_queue(text: str) -> int | None:
-    """Pure: running + waiting requests from a worker's Prometheus text, None if absent."""
+    """Pure: running + waiting requests from a worker's Prometheus text, None if absent. vLLM
+    and modelfleet's worker export the same two gauges; vLLM also has longer names that start
+    alike (`vllm:num_requests_waiting_by_reason`), so a sample counts only under its exact name."""
     total, found = 0.0, False
     for line in text.splitlines():
-        if line.startswith(GAUGES):
-            try:
-                total += float(line.rsplit(" ", 1)[1])
-                found = True
-            except (ValueError, IndexError):
-                continue
+        if not line.startswith(GAUGES):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name not in GAUGES:
+            continue
+        try:
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+        except (ValueError, IndexError):
+            continue
     return int(total) if found else None
 
 

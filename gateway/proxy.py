@@ -26,7 +26,7 @@ from .balancer import STRATEGIES, RequestView
 from .metrics import GatewayMetrics
 from .registry import Endpoint, Registry
 from .upstream import ReplicaLost, Upstream, UpstreamError, UpstreamResponse
-from .usage import UsageScanner
+from .usage import UsageScanner, UsageStripper
 
 log = logging.getLogger(__name__)
 PASS_HEADERS = {"content-type", "retry-after", "cache-control", "x-accel-buffering"}
@@ -150,12 +150,26 @@ class Relay:
     closed: bool = False
     first: float = 0.0
     last: float = 0.0
+    # Set when the gateway asked for a stream's usage on the client's behalf (see DataPath).
+    stripper: UsageStripper | None = None
 
     def __post_init__(self) -> None:
         self.streaming = self.upstream.headers.get("content-type", "").startswith("text/event-stream")
 
     async def read(self) -> bytes:
         """The next bytes to relay; b"" once the answer has ended."""
+        if self.stripper is not None:
+            return await self._read_stripped(self.stripper)
+        return await self._read()
+
+    async def _read_stripped(self, stripper: UsageStripper) -> bytes:
+        while True:
+            chunk = await self._read()
+            out = stripper.feed(chunk)
+            if out or not chunk:
+                return out
+
+    async def _read(self) -> bytes:
         if self.ended:
             return b""
         try:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from modelfleet.protocol import unavailable
 
 
 @dataclass
@@ -55,8 +58,51 @@ class Registry:
     def __init__(self, outliers: OutlierPolicy | None = None) -> None:
         self.endpoints: dict[str, Endpoint] = {}  # by url
         self.aliases: dict[str, str] = {}  # served name or alias -> model
-        self.meta: dict[str, dict[str, Any]] = {}  # model -> what discovery knows (routing, context)
+        self.meta: dict[str, dict[str, Any]] = {}  # model -> what discovery knows (routing, context, engine)
         self.outliers = outliers or OutlierPolicy()
+        self.waiting: dict[str, int] = {}  # model -> requests held for a ready replica
+        self._changed: asyncio.Event | None = None
+
+    # -- holding a request until its model has a ready replica ---------------------------------
+
+    def notify(self) -> None:
+        """Discovery calls this when an endpoint may have become ready: held requests look again."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def hold(self, model: str, timeout: float, max_queue: int,
+                   on_wait: Callable[[], Awaitable[None]] | None = None, tick: float = 5.0) -> None:
+        """Waits until `model` has an available endpoint: at most `timeout` seconds and
+        `max_queue` requests at once, then 503 with Retry-After. `on_wait` runs at least every
+        `tick` seconds while waiting (the scale-from-zero demand signal)."""
+        if self.available(model):
+            return
+        if self.waiting.get(model, 0) >= max_queue:
+            raise unavailable(f"Too many requests are waiting for model `{model}` to start.", retry_after=10)
+        self.waiting[model] = self.waiting.get(model, 0) + 1
+        deadline = time.monotonic() + timeout
+        try:
+            while not self.available(model):
+                if on_wait is not None:
+                    await on_wait()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise unavailable(f"Model `{model}` has no ready replica after waiting {timeout:.0f}s.",
+                                      retry_after=10)
+                if self._changed is None:
+                    self._changed = asyncio.Event()
+                try:
+                    async with asyncio.timeout(min(remaining, tick)):
+                        await self._changed.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            self.waiting[model] -= 1
+
+    def engine(self, model: str) -> str:
+        """Which engine serves `model`: modelfleet's worker unless discovery found vLLM."""
+        return self.meta.get(model, {}).get("engine", "modelfleet")
 
     def set_endpoints(self, model: str, urls: list[str], names: list[str] | None = None,
                       ready: bool | None = None) -> None:
@@ -122,3 +168,14 @@ class Registry:
             endpoint.consecutive_failures = 0
             return True
         return False
+
+
+CARD_FIELDS = ("id", "created", "max_model_len", "task", "capabilities", "permission")
+
+
+def model_card(card: dict[str, Any], model: str) -> dict[str, Any]:
+    """Pure: a backend's model object as the gateway lists it, whichever engine sent it. vLLM's
+    name the server's model path as `root` and vllm as the owner; clients see one shape."""
+    out = {k: card[k] for k in CARD_FIELDS if k in card}
+    out.update(object="model", owned_by="modelfleet", root=model, parent=None if card["id"] == model else model)
+    return out

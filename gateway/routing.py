@@ -14,6 +14,7 @@ class RoutingFields:
     model: str
     prefix: str = ""
     stream: bool = False
+    usage_asked: bool = False  # stream_options.include_usage
 
 
 def routing_fields(body: bytes) -> RoutingFields:
@@ -24,7 +25,9 @@ def routing_fields(body: bytes) -> RoutingFields:
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, str) or not model:
         raise OpenAIError("You must provide a model parameter.", param="model", code="missing_model")
-    return RoutingFields(model, prompt_prefix(data), data.get("stream") is True)
+    options = data.get("stream_options")
+    usage_asked = isinstance(options, dict) and options.get("include_usage") is True
+    return RoutingFields(model, prompt_prefix(data), data.get("stream") is True, usage_asked)
 
 
 def prompt_prefix(data: dict, limit: int = 4096) -> str:

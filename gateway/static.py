@@ -10,7 +10,7 @@ import logging
 
 import httpx
 
-from .registry import Registry
+from .registry import Registry, model_card
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,16 @@ def parse_backends(specs: list[str]) -> dict[str, list[str]]:
 
 
 class StaticDiscovery:
+    """Probes each backend: modelfleet workers on `/ready` (503 while loading or draining);
+    a backend without `/ready` is vLLM's OpenAI server, ready when its `/health` answers."""
+
     def __init__(self, registry: Registry, backends: dict[str, list[str]], client: httpx.AsyncClient,
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, hold_timeout: float = 60.0, max_queue: int = 100) -> None:
         self.registry = registry
         self.client = client
         self.interval = interval
+        self.hold_timeout = hold_timeout
+        self.max_queue = max_queue
         for name, urls in backends.items():
             registry.set_endpoints(name, urls)
         self.task: asyncio.Task | None = None
@@ -43,12 +48,17 @@ class StaticDiscovery:
         await asyncio.gather(*(self._probe(e) for e in list(self.registry.endpoints.values())))
 
     async def _probe(self, endpoint) -> None:
+        vllm = self.registry.engine(endpoint.model) == "vllm"
         try:
-            r = await self.client.get(endpoint.url + "/ready", timeout=2.0)
+            r = await self.client.get(endpoint.url + ("/health" if vllm else "/ready"), timeout=2.0)
+            if r.status_code == 404 and not vllm:
+                self.registry.meta.setdefault(endpoint.model, {})["engine"] = "vllm"
+                log.info("backend %s for %s is vLLM's server", endpoint.url, endpoint.model)
+                r = await self.client.get(endpoint.url + "/health", timeout=2.0)
             ready = r.status_code == 200
             if ready and not endpoint.cards:
                 cards = await self.client.get(endpoint.url + "/v1/models", timeout=2.0)
-                endpoint.cards = cards.json().get("data", [])
+                endpoint.cards = [model_card(c, endpoint.model) for c in cards.json().get("data", [])]
                 for card in endpoint.cards:
                     self.registry.aliases.setdefault(card["id"], endpoint.model)
         except (httpx.HTTPError, ValueError):
@@ -56,12 +66,15 @@ class StaticDiscovery:
             endpoint.mark_lost()  # no answer at all: wedged or gone, unlike a draining 503
         if ready != endpoint.ready:
             log.info("backend %s for %s is %s", endpoint.url, endpoint.model, "ready" if ready else "not ready")
-        endpoint.ready = ready
+            endpoint.ready = ready
+            self.registry.notify()
 
     async def run(self) -> None:
         while True:
             await self.probe_once()
-            await asyncio.sleep(self.interval)
+            # Look often while a backend is still starting, so held requests go as soon as it can.
+            starting = any(not e.ready for e in self.registry.endpoints.values())
+            await asyncio.sleep(min(self.interval, 0.25) if starting else self.interval)
 
     async def start(self) -> None:
         await self.probe_once()
@@ -75,4 +88,6 @@ class StaticDiscovery:
         return any(e.available() for e in self.registry.endpoints.values())
 
     async def wait_for(self, model: str) -> None:
-        """Static backends cannot be scaled up: nothing to wait for."""
+        """Holds a request while its model's backends start (right after `modelfleet serve`
+        answers, the workers are still loading), bounded; then 503 with Retry-After."""
+        await self.registry.hold(model, self.hold_timeout, self.max_queue)

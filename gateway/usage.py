@@ -7,6 +7,7 @@ how the worker streams) and the prompt is estimated at four bytes a token.
 
 from __future__ import annotations
 
+import json
 import re
 
 TOTAL = re.compile(rb'"total_tokens":\s*(\d+)')
@@ -42,3 +43,47 @@ class UsageScanner:
         if self.total is not None:
             return self.total
         return self.events + self.request_bytes // 4
+
+
+def ask_for_usage(body: bytes) -> bytes:
+    """The request with `stream_options.include_usage` on: to charge a key's token limit
+    exactly, the gateway needs a stream's usage even when the client did not ask for it."""
+    data = json.loads(body)
+    options = data.get("stream_options") if isinstance(data.get("stream_options"), dict) else {}
+    data["stream_options"] = {**options, "include_usage": True}
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class UsageStripper:
+    """Takes out of a stream what `ask_for_usage` added and the client did not ask for: the
+    final chunk that holds only the usage, and the `"usage":null` OpenAI's shape puts in every
+    other chunk. Works on whole events, so it holds back an event cut across two chunks."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The relayable part of what has arrived; b"" (end of stream) flushes the rest."""
+        if not chunk:
+            rest, self.pending = self.pending, b""
+            return rest
+        data = self.pending + chunk
+        cut = data.rfind(b"\n\n") + 2
+        if cut < 2:
+            self.pending = data
+            return b""
+        self.pending = data[cut:]
+        return b"".join(_strip_event(e) for e in data[:cut].split(b"\n\n")[:-1])
+
+
+def _strip_event(event: bytes) -> bytes:
+    if b'"usage"' not in event:
+        return event + b"\n\n"
+    if b'"usage":null' not in event and event.startswith(b"data: {"):
+        try:
+            payload = json.loads(event[len(b"data: "):])
+        except ValueError:
+            return event + b"\n\n"
+        if payload.get("choices") == [] and payload.get("usage"):
+            return b""  # the usage-only chunk
+    return event.replace(b',"usage":null', b"") + b"\n\n"

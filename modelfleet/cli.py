@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="kubernetes: the gateway's own Service, to share rate limits between replicas")
     gateway.add_argument("--first-byte-timeout", type=float, default=15.0, metavar="SECONDS",
                          help="a streamed request whose replica sends nothing for this long moves to another")
+    gateway.add_argument("--hold-timeout", type=float, default=60.0, metavar="SECONDS",
+                         help="static: how long a request waits for a backend that is still starting")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=_port, default=8000)
 
@@ -185,7 +187,8 @@ def run_gateway(args: argparse.Namespace) -> int:
                                         api_keys=Path(args.api_keys) if args.api_keys else None,
                                         discovery=args.discovery, namespaces=args.namespace,
                                         key_namespace=args.key_namespace, gateway_service=args.gateway_service,
-                                        first_byte_timeout=args.first_byte_timeout))
+                                        first_byte_timeout=args.first_byte_timeout,
+                                        hold_timeout=args.hold_timeout))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -2,6 +2,7 @@
 headers, key-file reload, retries past a dead replica, and isolation from a stalled one."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -29,6 +30,9 @@ keys:
     tpm: 40
   - name: carol
     key: sk-carol-0123456789
+  - name: erin
+    key: sk-erin-0123456789
+    tpm: 100000
 """
 
 
@@ -117,6 +121,34 @@ def test_tpm_limit_counts_real_usage(keyed):
     limited = chat(url, "model-a", auth("bob"))
     assert limited.status_code == 429 and limited.json()["error"]["type"] == "tokens"
     assert limited.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+def tokens_charged(url: str, key: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("modelfleet_gateway_tokens_total{") and f'key="{key}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_token_limited_key_is_charged_exactly_on_a_stream_that_did_not_ask_for_usage(keyed):
+    """The gateway asks the replica for the stream's usage on the key's behalf, charges it, and
+    hands the client the stream it asked for: no usage chunk, no usage fields."""
+    url, _, _ = keyed
+    body = {"model": "model-a", "messages": [{"role": "user", "content": "count to ten"}], "max_tokens": 7,
+            "ignore_eos": True}
+    prompt = httpx.post(f"{url}/v1/chat/completions", headers=auth("carol"), json=body, timeout=60)
+    prompt_tokens = prompt.json()["usage"]["prompt_tokens"]
+    before = tokens_charged(url, "erin")
+    with httpx.stream("POST", f"{url}/v1/chat/completions", headers=auth("erin"), timeout=60,
+                      json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("usage" not in c and c["choices"] for c in chunks)
+    assert sum(1 for c in chunks if c["choices"][0]["delta"].get("content") is not None) >= 1
+    wait_until(lambda: tokens_charged(url, "erin") > before, timeout=10, what="usage charged")
+    assert tokens_charged(url, "erin") - before == prompt_tokens + 7
 
 
 def test_key_file_reload_adds_and_removes_keys(keyed):

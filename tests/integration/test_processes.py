@@ -182,3 +182,48 @@ def test_no_worker_outlives_serve(tmp_path, how):
             return
         time.sleep(0.3)
     raise AssertionError(f"worker {backend} still answers after serve got {how!r}")
+
+
+def test_requests_wait_for_a_backend_that_is_still_starting_then_503_after_the_bound(tmp_path):
+    """Right after the gateway answers, its workers may still be loading: a request is held
+    until one is ready, not refused; with nothing coming up it gets 503 + Retry-After once the
+    hold bound has passed."""
+    from modelfleet.demo import ensure_demo_model
+
+    worker_port, port = free_port(), free_port()
+    log = open(tmp_path / "gateway.log", "w")
+    gateway = subprocess.Popen([*CLI, "gateway", "--backend", f"tiny-chat=http://127.0.0.1:{worker_port}",
+                                "--backend", f"nobody=http://127.0.0.1:{free_port()}", "--hold-timeout", "20",
+                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+        answers: list[httpx.Response] = []
+        threads = [threading.Thread(target=lambda: answers.append(
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=120))) for _ in range(6)]
+        for th in threads:
+            th.start()
+        worker = subprocess.Popen([*CLI, "worker", "--model", str(ensure_demo_model()), "--served-name", "tiny-chat",
+                                   "--port", str(worker_port)], stdout=log, stderr=subprocess.STDOUT)
+        started = time.monotonic()
+        refused = httpx.post(url + "/v1/chat/completions", timeout=60,
+                             json={"model": "nobody", "messages": [{"role": "user", "content": "x"}]})
+        assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
+        assert refused.json()["error"]["type"] == "service_unavailable"
+        assert 19 <= time.monotonic() - started < 40  # held for the bound, then refused
+        for th in threads:
+            th.join()
+        assert [a.status_code for a in answers] == [200] * 6
+    finally:
+        for proc in (gateway, worker):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)

@@ -65,6 +65,9 @@ def test_worker_queue_parsing_and_routing_fields():
             'vllm:num_requests_waiting{model_name="m"} 2.0\nother 9\n')
     assert parse_queue(text) == 5
     assert parse_queue("nothing here") is None
+    # vLLM also exports gauges whose names start alike; they are not the queue
+    vllm = text + 'vllm:num_requests_waiting_by_reason{model_name="m",reason="capacity"} 7.0\n'
+    assert parse_queue(vllm) == 5
     chat = routing_fields(b'{"model": "m", "messages": [{"role": "system", "content": "Be brief."}]}')
     assert chat == RoutingFields("m", "system:Be brief.", stream=False)
     assert routing_fields(b'{"model": "m", "prompt": "Once upon", "stream": true}') == RoutingFields(
