@@ -13,8 +13,8 @@ export MODELFLEET_CACHE ?= $(HOME)/.cache/modelfleet
 install: ## install modelfleet with its test dependencies into the current Python
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 
-test: install cluster-up ## install what is needed, start the local cluster, and run every tier
-	$(PYTHON) -m pytest -q
+test: install vllm cluster-up ## install what is needed (vLLM's CPU build too), start the local cluster, and run every tier
+	MODELFLEET_REQUIRE_VLLM=1 $(PYTHON) -m pytest -q
 
 test-fast: ## unit and component tests only (no processes, no cluster)
 	$(PYTHON) -m pytest -q tests/unit tests/component
@@ -25,4 +25,5 @@ lint:
 serve: ## run the embedded default on http://127.0.0.1:8000
 	modelfleet serve
 
+include vllm.mk
 include tests/cluster/cluster.mk

@@ -31,6 +31,7 @@ from modelfleet.http import (
 from modelfleet.protocol import OpenAIError, model_not_found
 
 from .auth import ApiKey, KeyStore
+from .engines import ErrorRewriter, check_for_engine
 from .limits import RateLimiter
 from .metrics import GatewayMetrics
 from .proxy import Proxy, Relay
@@ -46,17 +47,6 @@ PROXIED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 # Streams whose usage comes only when asked for (stream_options); a Responses stream always
 # ends with its usage in `response.completed`.
 USAGE_STREAMS = frozenset({"/v1/chat/completions", "/v1/completions"})
-
-
-def check_for_engine(engine: str, path: str, body: bytes, name: str) -> None:
-    """Refuses, in the API's own words, what the model's engine cannot serve, so that a client
-    gets the same answer whichever engine runs the model, never vLLM's 404 or a 500."""
-    if engine == "vllm" and path == "/v1/edits":
-        raise OpenAIError(
-            f"The model `{name}` is served by the vllm engine, which has no Edits API; "
-            "send the instruction and input to /v1/chat/completions instead.",
-            param="model", code="unsupported_endpoint",
-        )
 
 
 class ReplicaWait(Protocol):
@@ -143,7 +133,9 @@ class DataPath:
             relay = await self.proxy.forward(path, body, headers, model, admission.charge, key.name if key else "",
                                              fields.prefix, stream=fields.stream, received=received)
             if strip_usage and relay.streaming and relay.status == 200:
-                relay.stripper = UsageStripper()
+                relay.rewrite = UsageStripper()
+            elif engine != "modelfleet" and relay.status >= 400 and not relay.streaming:
+                relay.rewrite = ErrorRewriter(relay.status)
         except OpenAIError as exc:
             self.refused(exc, name, key)
             return exc

@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from modelfleet.protocol import error_body, unavailable
 
@@ -26,7 +27,7 @@ from .balancer import STRATEGIES, RequestView
 from .metrics import GatewayMetrics
 from .registry import Endpoint, Registry
 from .upstream import ReplicaLost, Upstream, UpstreamError, UpstreamResponse
-from .usage import UsageScanner, UsageStripper
+from .usage import UsageScanner
 
 log = logging.getLogger(__name__)
 PASS_HEADERS = {"content-type", "retry-after", "cache-control", "x-accel-buffering"}
@@ -124,6 +125,10 @@ class Proxy:
             log.warning("ejected %s after repeated failures", endpoint.url)
 
 
+class ChunkFilter(Protocol):
+    def feed(self, chunk: bytes) -> bytes: ...
+
+
 @dataclass
 class Relay:
     """An upstream answer on its way to the client: its status, the headers to send, `read`
@@ -150,22 +155,23 @@ class Relay:
     closed: bool = False
     first: float = 0.0
     last: float = 0.0
-    # Set when the gateway asked for a stream's usage on the client's behalf (see DataPath).
-    stripper: UsageStripper | None = None
+    # Rewrites the answer on its way (see DataPath): takes out the usage the gateway asked for
+    # on the client's behalf, or rewords another engine's error. feed(b"") flushes.
+    rewrite: ChunkFilter | None = None
 
     def __post_init__(self) -> None:
         self.streaming = self.upstream.headers.get("content-type", "").startswith("text/event-stream")
 
     async def read(self) -> bytes:
         """The next bytes to relay; b"" once the answer has ended."""
-        if self.stripper is not None:
-            return await self._read_stripped(self.stripper)
+        if self.rewrite is not None:
+            return await self._read_rewritten(self.rewrite)
         return await self._read()
 
-    async def _read_stripped(self, stripper: UsageStripper) -> bytes:
+    async def _read_rewritten(self, rewrite: ChunkFilter) -> bytes:
         while True:
             chunk = await self._read()
-            out = stripper.feed(chunk)
+            out = rewrite.feed(chunk)
             if out or not chunk:
                 return out
 

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--api-keys", metavar="FILE", default=None)
+    serve.add_argument("--engine", choices=["modelfleet", "vllm"], default="modelfleet",
+                       help="modelfleet's own worker, or vLLM's OpenAI server (see `make vllm`)")
+    serve.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                       help="with --engine vllm: an extra vLLM server argument (repeatable, e.g. --vllm-arg=--enforce-eager)")
     _engine_options(serve)
 
     worker = sub.add_parser("worker", help="serve one model")

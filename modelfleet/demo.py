@@ -91,6 +91,10 @@ BENCH_SPEC = DemoSpec(
 )
 
 
+# The demo chat model for vLLM, whose CPU attention needs a head size of at least 32.
+VLLM_DEMO_SPEC = DemoSpec(hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
 def cache_dir() -> Path:
     """Where generated models live; `MODELFLEET_CACHE` moves it (CI keeps it between runs)."""
     root = os.environ.get("MODELFLEET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "modelfleet")

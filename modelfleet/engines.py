@@ -11,6 +11,7 @@ current Python or in the cached environment that `make vllm` installs.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -21,12 +22,17 @@ EngineKind = Literal["modelfleet", "vllm"]
 ENGINE_KINDS: tuple[str, ...] = ("modelfleet", "vllm")
 
 # The vLLM release the project tests with: the CPU build `make vllm` installs, and the tag of
-# the chart's default vLLM image. Bump both together (scripts/vllm-env.sh reads this line).
+# the chart's default vLLM image. scripts/vllm-env.sh and charts/modelfleet/values.yaml pin the
+# same version (tests/unit/test_engines.py checks that they agree).
 VLLM_VERSION = "0.32.0"
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # The tool-call parser that matches a ChatML/Hermes chat template (Qwen2.5, Hermes, the demo
 # model); `spec.engine.args` / `--vllm-arg` override it for other families (llama3_json, ...).
 DEFAULT_TOOL_CALL_PARSER = "hermes"
+# Structured outputs (response_format, tools, guided_*) as modelfleet's engine does them: with
+# llguidance ("guidance"), and compact JSON. With vLLM's default whitespace rules a random or
+# weak model can pad JSON with spaces until max_tokens and never close it.
+STRUCTURED_OUTPUTS = json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}, separators=(",", ":"))
 # Flags that the renderer sets from the spec; user args must not repeat them.
 VLLM_RESERVED_ARGS = ("--model", "--served-model-name", "--host", "--port")
 MISSING_VLLM = (
@@ -64,7 +70,6 @@ class VllmServer:
             "--host", self.host,
             "--port", str(self.port),
             "--dtype", self.dtype,
-            "--enable-prefix-caching",
             "--disable-uvicorn-access-log",
         ]  # fmt: skip
         if self.revision:
@@ -76,16 +81,24 @@ class VllmServer:
         if self.tensor_parallel_size > 1:
             args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.task == "embed":
+            # An encoder keeps no KV cache, and vLLM refuses prefix caching without one.
             args += ["--runner", "pooling"]
         else:
-            args += ["--enable-auto-tool-choice", "--tool-call-parser", DEFAULT_TOOL_CALL_PARSER]
+            args += ["--enable-prefix-caching",
+                     "--enable-auto-tool-choice", "--tool-call-parser", DEFAULT_TOOL_CALL_PARSER,
+                     "--structured-outputs-config", STRUCTURED_OUTPUTS]
         return args + list(self.extra_args)
 
 
-def cpu_env(kv_cache_gib: int = 2) -> dict[str, str]:
-    """What vLLM's CPU build needs to start on a shared machine: a KV budget it can get, and
-    no pinning of OpenMP threads to cores that other processes (or pods) also use."""
-    return {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+def vllm_env(gpu: bool, kv_cache_gib: int = 2) -> dict[str, str]:
+    """vLLM's environment in a modelfleet replica. Its processes talk to each other on
+    loopback (by default vLLM picks the host's outward address, found through a route to a
+    public one), and it sends no usage statistics home. On CPU it needs a KV budget it can get,
+    and no pinning of OpenMP threads to cores that other processes (or pods) also use."""
+    env = {"VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    if not gpu:
+        env |= {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    return env
 
 
 def cached_env_dir(cache: Path | None = None) -> Path:
@@ -100,10 +113,24 @@ def find_vllm_python() -> str | None:
         return sys.executable
     env = cached_env_dir()
     python = env / "bin" / "python"
-    return str(python) if (env / ".complete").exists() and python.exists() else None
+    return str(python) if (env / ".modelfleet-vllm-complete").exists() and python.exists() else None
 
 
 def split_hf_source(source: str) -> tuple[str, str | None]:
     """`hf://org/name[@revision]` -> ("org/name", revision or None)."""
     repo, _, revision = source[len("hf://") :].partition("@")
     return repo, revision or None
+
+
+def detect_task(model_dir: str) -> Literal["generate", "embed"]:
+    """A local model's task from its files: a causal or seq2seq LM generates; anything else
+    (a sentence-transformers or BERT-style encoder) embeds, on vLLM's pooling runner."""
+    path = Path(model_dir)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return "generate"
+    architectures = config.get("architectures") or []
+    if any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
+        return "generate"
+    return "embed"

@@ -30,17 +30,20 @@ class WorkerProcess:
     replica: int
     url: str
     process: subprocess.Popen
+    ready_path: str = "/ready"  # vLLM's server has only /health
 
     @property
     def label(self) -> str:
         return f"{self.name}#{self.replica}"
 
 
-def default_models() -> list[tuple[str, str]]:
-    from .demo import ensure_demo_model, minilm_path
+def default_models(engine: str = "modelfleet") -> list[tuple[str, str]]:
+    from .demo import VLLM_DEMO_SPEC, DemoSpec, ensure_demo_model, minilm_path
 
     print("modelfleet serve: preparing the embedded default models", file=sys.stderr, flush=True)
-    return [("all-MiniLM-L6-v2", str(minilm_path())), ("tiny-chat", str(ensure_demo_model()))]
+    # vLLM's CPU attention needs a head size of at least 32, which the smallest demo lacks.
+    spec = VLLM_DEMO_SPEC if engine == "vllm" else DemoSpec()
+    return [("all-MiniLM-L6-v2", str(minilm_path())), ("tiny-chat", str(ensure_demo_model(spec)))]
 
 
 def parse_models(specs: list[str]) -> list[tuple[str, str]]:
@@ -56,18 +59,46 @@ def parse_models(specs: list[str]) -> list[tuple[str, str]]:
     return models
 
 
+def worker_command(name: str, source: str, port: int, args: argparse.Namespace) -> list[str]:
+    """One replica's command line: modelfleet's worker, or vLLM's OpenAI server."""
+    if args.engine != "vllm":
+        return [sys.executable, "-m", "modelfleet", "--log-level", args.log_level, "worker", "--model", source,
+                "--served-name", name, "--host", "127.0.0.1", "--port", str(port), *engine_argv(args)]
+    from .engines import VLLM_SERVER_MODULE, VllmServer, detect_task, find_vllm_python, split_hf_source
+
+    python = find_vllm_python()
+    assert python is not None  # checked before anything started
+    model, revision = split_hf_source(source) if source.startswith("hf://") else (local_path(source), None)
+    server = VllmServer(model=model, revision=revision, served_names=[name], host="127.0.0.1", port=port,
+                        dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                        task=detect_task(model) if revision is None and os.path.isdir(model) else "auto",
+                        extra_args=list(args.vllm_arg))
+    # -P: never import from the current directory (a checkout's operator/ would shadow the stdlib's).
+    return [python, "-P", "-m", VLLM_SERVER_MODULE, *server.args()]
+
+
+def local_path(source: str) -> str:
+    return source[len("file://"):] if source.startswith("file://") else source
+
+
 def start_workers(models: list[tuple[str, str]], replicas: int, args: argparse.Namespace) -> list[WorkerProcess]:
+    from .engines import vllm_env
+
     workers = []
     for name, source in models:
         for replica in range(replicas):
             port = free_port()
-            cmd = [sys.executable, "-m", "modelfleet", "--log-level", args.log_level, "worker", "--model", source,
-                   "--served-name", name, "--host", "127.0.0.1", "--port", str(port), *engine_argv(args)]
+            cmd = worker_command(name, source, port, args)
             # Workers share 2-core machines with each other: keep torch from oversubscribing.
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(1, len(models)))))
+            if args.engine == "vllm":
+                env = {**vllm_env(gpu=args.device == "cuda"), **env}
+                if not source.startswith("hf://"):
+                    env["HF_HUB_OFFLINE"] = "1"  # a local model: nothing to ask the hub
             proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
-            workers.append(WorkerProcess(name, replica, f"http://127.0.0.1:{port}", proc))
+            workers.append(WorkerProcess(name, replica, f"http://127.0.0.1:{port}", proc,
+                                         "/health" if args.engine == "vllm" else "/ready"))
     return workers
 
 
@@ -121,7 +152,7 @@ async def watch(workers: list[WorkerProcess], server) -> None:
                     return
             for label, w in list(pending.items()):
                 try:
-                    if (await client.get(w.url + "/ready")).status_code == 200:
+                    if (await client.get(w.url + w.ready_path)).status_code == 200:
                         print(f"modelfleet serve: {label} ready", file=sys.stderr, flush=True)
                         del pending[label]
                         if not pending:
@@ -142,7 +173,12 @@ def run_serve(args: argparse.Namespace) -> int:
         sock = bind_socket(args.host, args.port)
     except PortInUseError as exc:
         raise CommandError(str(exc)) from None
-    models = parse_models(args.model) if args.model else default_models()
+    if args.engine == "vllm":
+        from .engines import MISSING_VLLM, find_vllm_python
+
+        if find_vllm_python() is None:
+            raise CommandError(MISSING_VLLM)
+    models = parse_models(args.model) if args.model else default_models(args.engine)
     check_sources(models)
     workers = start_workers(models, args.replicas, args)
     backends: dict[str, list[str]] = {}

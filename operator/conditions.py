@@ -8,6 +8,7 @@ No I/O; `handlers.py` gathers the facts and `kube.py` writes the result.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,9 +60,24 @@ def last_line(text: str | None) -> str:
     return line if len(line) <= MAX_MESSAGE else "..." + line[-MAX_MESSAGE:]
 
 
+# A log line that says what went wrong; the noise that libraries print after it does not.
+ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b|\berror\b", re.IGNORECASE)
+AFTER_ERROR_NOISE = ("[type=", "For further information", "Traceback", "File ")
+
+
+def error_line(text: str | None) -> str:
+    """The last line of a crashed container's log that names an error (vLLM ends its log with
+    pydantic's link to its docs, after the line that says why), else the last line."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if ERROR_LINE.search(line) and not line.startswith(AFTER_ERROR_NOISE):
+            return last_line(line)
+    return last_line(text)
+
+
 def _crash_problem(md: ModelDeployment, status: Mapping[str, Any]) -> Problem:
     term = _get(status, "lastState", "terminated") or _get(status, "state", "terminated") or {}
-    why = last_line(term.get("message"))
+    why = error_line(term.get("message"))
     exit_reason = term.get("reason") or "Error"
     if exit_reason == "OOMKilled":
         limit = md.spec.resources.memory

@@ -14,7 +14,7 @@ from typing import Any
 
 from modelfleet import labels
 from modelfleet.api import ModelDeployment
-from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, cpu_env, split_hf_source
+from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, split_hf_source, vllm_env
 
 from .config import OperatorConfig
 
@@ -197,8 +197,8 @@ def _container(md: ModelDeployment, source: ResolvedSource, config: OperatorConf
         "securityContext": {"allowPrivilegeEscalation": False},
     }
     if engine.kind == "vllm":
-        if md.spec.resources.gpu == 0:
-            env += [{"name": k, "value": v} for k, v in cpu_env(config.vllm_cpu_kv_cache_gib).items()]
+        gpu = md.spec.resources.gpu > 0
+        env += [{"name": k, "value": v} for k, v in vllm_env(gpu, config.vllm_cpu_kv_cache_gib).items()]
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
         container.update({
             "image": engine.image or config.vllm_image,

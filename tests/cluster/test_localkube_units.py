@@ -56,6 +56,18 @@ def test_only_project_images_run_locally() -> None:
     assert not is_local_image("registry/x:modelfleet")
 
 
+def test_vllm_images_run_from_the_vllm_environment_or_wait_with_the_command_that_installs_it(
+        tmp_path, monkeypatch) -> None:
+    from localkube.agent.container import image_bin
+
+    monkeypatch.setenv("MODELFLEET_CACHE", str(tmp_path))  # no vLLM environment there
+    bin_dir, why = image_bin("vllm/vllm-openai:v0.32.0")
+    assert bin_dir is None and "make vllm" in why
+    bin_dir, why = image_bin("nginx:1.27")
+    assert bin_dir is None and "not built from this project" in why
+    assert image_bin("modelfleet/worker:dev")[0] is not None
+
+
 def test_endpoints_skip_unready_and_other_ports() -> None:
     slices = [{"metadata": {"namespace": "ns", "labels": {"kubernetes.io/service-name": "s"}},
                "ports": [{"name": "http", "port": 8080}, {"name": "metrics", "port": 9090}],

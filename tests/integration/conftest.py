@@ -39,13 +39,14 @@ def wait_ready(url: str, models: set[str], proc: subprocess.Popen, timeout: floa
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
-def start(args: list[str], ready_models: set[str], log: Path) -> tuple[subprocess.Popen, str]:
+def start(args: list[str], ready_models: set[str], log: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "modelfleet", *args, "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=log.parent)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, ready_models, proc)
+        wait_ready(url, ready_models, proc, timeout)
     except Exception:
         stop(proc)
         raise RuntimeError(f"{' '.join(cmd)} failed to start:\n{log.read_text()[-3000:]}") from None
@@ -60,6 +61,12 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """`launch(args, ready_models, log, timeout)`: a modelfleet command, once ready -> (process, url)."""
+    return start
 
 
 @pytest.fixture(scope="session")

@@ -56,3 +56,36 @@ def test_vllm_model_cards_are_listed_in_the_gateways_shape():
     assert model_card(card, "chat") == {"id": "chat", "object": "model", "created": 5, "owned_by": "modelfleet",
                                         "root": "chat", "parent": None, "max_model_len": 2048, "permission": []}
     assert model_card({**card, "id": "alias"}, "chat")["parent"] == "chat"
+
+
+def test_another_engines_errors_are_reworded_in_openais_shape_once():
+    from modelfleet.gateway.engines import ErrorRewriter
+
+    vllm = b'{"error":{"message":"temperature must be in [0, 2]","type":"BadRequestError","param":"temperature",' \
+           b'"code":400}}'
+    rewriter = ErrorRewriter(400)
+    assert rewriter.feed(vllm[:10]) == b"" and rewriter.feed(vllm[10:]) == b""
+    assert json.loads(rewriter.feed(b"")) == {"error": {"message": "temperature must be in [0, 2]",
+                                                        "type": "invalid_request_error", "param": "temperature",
+                                                        "code": None}}
+    assert rewriter.feed(b"") == b""
+    flat = ErrorRewriter(503)
+    flat.feed(b'{"message": "overloaded", "object": "error"}')
+    assert json.loads(flat.feed(b""))["error"]["type"] == "service_unavailable"
+
+
+def test_a_request_for_a_vllm_model_is_checked_like_one_for_modelfleets_engine():
+    import pytest
+
+    from modelfleet.gateway.engines import check_for_engine
+    from modelfleet.protocol import OpenAIError
+
+    bad = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 5}).encode()
+    with pytest.raises(OpenAIError) as info:
+        check_for_engine("vllm", "/v1/chat/completions", bad, "m")
+    assert info.value.status == 400 and info.value.param == "temperature"
+    extras = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                         "guided_choice": ["a", "b"], "top_k": 5, "repetition_penalty": 1.1}).encode()
+    check_for_engine("vllm", "/v1/chat/completions", extras, "m")  # vLLM's own parameters pass
+    with pytest.raises(OpenAIError, match="Edits"):
+        check_for_engine("vllm", "/v1/edits", b'{"model": "m", "instruction": "x"}', "m")

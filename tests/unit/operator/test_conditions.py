@@ -385,6 +385,26 @@ def test_events_on_transitions_only() -> None:
     assert event.type == "Normal" and event.reason == "ReplicasReady"
 
 
+VLLM_START_FAILURE = """\
+(APIServer pid=632) INFO 11-30 19:49:11 [api_utils.py:286] non-default args: {'model': '/tmp/notamodel'}
+pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig
+  Value error, Invalid repository ID or local directory specified: '/tmp/notamodel'.
+For Hugging Face models: ensure the presence of a 'config.json'.
+ [type=value_error, input_value=ArgsKwargs((), {'model': ...}), input_type=ArgsKwargs]
+    For further information visit https://errors.pydantic.dev/2.14/v/value_error
+"""
+
+
+def test_a_crash_shows_the_line_that_names_the_error_not_the_noise_after_it() -> None:
+    from modelfleet.operator.conditions import error_line
+
+    assert error_line(VLLM_START_FAILURE) == (
+        "Value error, Invalid repository ID or local directory specified: '/tmp/notamodel'.")
+    assert error_line("loading\nmodelfleet worker: error: no such model directory /m\n") == (
+        "modelfleet worker: error: no such model directory /m")
+    assert error_line("killed\n") == "killed"
+
+
 def test_last_line_takes_the_error_and_bounds_it() -> None:
     assert last_line("a\n\nTraceback\nValueError: bad\n\n") == "ValueError: bad"
     assert last_line(None) == ""

@@ -295,6 +295,7 @@ def test_vllm_engine_renders_vllms_openai_server_with_the_same_spec_fields() -> 
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
     assert env["HF_HOME"]["value"] == CONFIG.hf_cache_dir
     assert "VLLM_CPU_KVCACHE_SPACE" not in env  # a GPU replica
+    assert env["VLLM_HOST_IP"]["value"] == "127.0.0.1" and env["VLLM_NO_USAGE_STATS"]["value"] == "1"
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,26 @@ def message_from_log(log: bytes, max_lines: int = MESSAGE_LOG_LINES, max_bytes: 
 def is_local_image(image: str) -> bool:
     """Images built from this project's Dockerfiles run from its Python environment."""
     return image.startswith("modelfleet/") or "modelfleet" in image.rsplit(":", 1)[0]
+
+
+def is_vllm_image(image: str) -> bool:
+    """vLLM's images (vllm/vllm-openai, a vllm-cpu build) run from `make vllm`'s environment."""
+    return "vllm" in image.rsplit(":", 1)[0].rsplit("/", 1)[-1]
+
+
+def image_bin(image: str) -> tuple[str | None, str]:
+    """The folder whose programs stand in for `image` (first on PATH), or None and why not."""
+    if is_local_image(image):
+        return str(Path(sys.executable).parent), ""
+    if is_vllm_image(image):
+        from modelfleet.engines import find_vllm_python
+
+        python = find_vllm_python()
+        if python is None:
+            return None, f'image "{image}" needs vLLM on this node: run `make vllm`'
+        return str(Path(python).parent), ""
+    return None, (f'image "{image}" is not built from this project; '
+                  "the local node agent runs only modelfleet and vLLM images")
 
 
 @dataclass(frozen=True)

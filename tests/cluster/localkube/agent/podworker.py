@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 from .. import network
 from . import env as envmod
 from . import probes, status, volumes
-from .container import Container, Terminated, is_local_image, now
+from .container import Container, Terminated, image_bin, now
 from .runtime import Runtime, call
 
 log = logging.getLogger(__name__)
@@ -160,16 +160,18 @@ class PodWorker(threading.Thread):
                 self.rt.settings.python, "-I", "-S", str(self.rt.launcher)]
 
     def _start(self, pod: dict, c: Container) -> None:
-        if not is_local_image(c.image):
-            c.waiting = ("ErrImagePull", f'image "{c.image}" is not built from this project; '
-                         "the local node agent runs only modelfleet images")
+        bin_dir, why_not = image_bin(c.image)
+        if bin_dir is None:
+            c.waiting = ("ErrImagePull", why_not)
             self._event(pod, "Warning", "Failed", f'Failed to pull image "{c.image}": {c.waiting[1]}')
             return
         status_now = dict(pod.get("status") or {}, podIP=self.ip, hostIP=self.node.internal_ip,
                           podIPs=[{"ip": self.ip}], hostIPs=[{"ip": self.node.internal_ip}])
         view = dict(pod, status=status_now)
         try:
-            env = envmod.build(view, c.spec, self.rt.base_env(pod), self._lookup)
+            base = self.rt.base_env(pod)
+            base["PATH"] = f"{bin_dir}:{base['PATH']}"  # the image's programs come first
+            env = envmod.build(view, c.spec, base, self._lookup)
             mounts = volumes.mounts(c.spec, self.volume_paths or {}) + self._hosts_mount(pod)
         except (envmod.EnvError, volumes.VolumeError) as exc:
             c.waiting = ("CreateContainerConfigError", str(exc))

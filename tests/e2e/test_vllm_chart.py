@@ -1,0 +1,215 @@
+"""ModelDeployments with `engine.kind: vllm` on the local cluster, installed with the chart and
+called through the Ingress with the openai SDK, as a platform team would: chat, streamed chat,
+completions and (a second model) embeddings on vLLM's own server; `kubectl scale` spreads the
+traffic; a pod deleted under load fails no non-streamed request; a key with a token limit is
+charged exactly on a vLLM stream; and a vLLM that cannot start says why in the status.
+
+The vLLM pods run the chart's default vLLM image, which the local node runs from the
+`make vllm` environment. vLLM compiles at its first start, so a replica takes a minute or two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from localkube.testing import LocalCluster, wait_for
+
+from modelfleet.demo import VLLM_DEMO_SPEC, ensure_demo_model, minilm_path
+from modelfleet.engines import find_vllm_python
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "modelfleet"
+RELEASE = "mfv"
+CHAT, EMBED = "vllm-chat", "vllm-embed"
+KEY = f"sk-vllm-{uuid.uuid4().hex}"
+METERED = f"sk-metered-{uuid.uuid4().hex}"
+TPM = 1_000_000
+READY_TIMEOUT = 900
+
+if find_vllm_python() is None:
+    if os.environ.get("MODELFLEET_REQUIRE_VLLM"):
+        raise RuntimeError("MODELFLEET_REQUIRE_VLLM is set but vLLM is not installed: run `make vllm`")
+    pytest.skip("vLLM is not installed (make vllm)", allow_module_level=True)
+
+
+def vllm_md(name: str, source: str, served: str, **model) -> dict:
+    return {
+        "apiVersion": "modelfleet.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
+        "spec": {"model": {"source": source, "servedName": served, **model}, "replicas": 1,
+                 "resources": {"cpu": "1", "memory": "4Gi"},
+                 # a small KV budget and no cold-start compile: several vLLM pods share 2 cores here
+                 "engine": {"kind": "vllm", "maxModelLen": 1024, "maxNumSeqs": 16,
+                            "args": ["--enforce-eager"], "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}],
+                            "startupTimeoutSeconds": 900}},
+    }
+
+
+class Release:
+    def __init__(self, cluster: LocalCluster, namespace: str) -> None:
+        self.cluster, self.namespace = cluster, namespace
+        self.host = f"{namespace}.modelfleet.test"
+
+    def kubectl(self, *args: str, check: bool = True) -> str:
+        return self.cluster.kubectl(*args, "-n", self.namespace, check=check).stdout
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.cluster.ingress_url}/v1", api_key=key, max_retries=0, timeout=120,
+                             default_headers={"Host": self.host})
+
+    def md(self, name: str) -> dict:
+        return self.cluster.get("md", name, self.namespace) or {}
+
+    def describe(self) -> str:
+        out = [self.kubectl("get", "md,deploy,pods,endpointslices", "-o", "wide", check=False)]
+        for pod in json.loads(self.kubectl("get", "pods", "-o", "json", check=False) or '{"items": []}')["items"]:
+            out.append(f"--- {pod['metadata']['name']}\n{self.kubectl('logs', pod['metadata']['name'], '--tail', '15', check=False)}")
+        return "\n".join(out)
+
+    def wait_ready(self, name: str, replicas: int = 1) -> None:
+        def ready() -> bool:
+            status = self.md(name).get("status") or {}
+            return status.get("phase") == "Ready" and status.get("readyReplicas") == replicas
+        try:
+            wait_for(ready, READY_TIMEOUT, interval=3, what=f"{name} Ready with {replicas} replicas")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.describe()}") from None
+
+
+@pytest.fixture(scope="module")
+def release(cluster: LocalCluster) -> Iterator[Release]:
+    import subprocess
+
+    namespace = f"mf-e2e-vllm-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", namespace)
+    wait_for(lambda: cluster.get("serviceaccount", "default", namespace), 30, what="default ServiceAccount")
+    rel = Release(cluster, namespace)
+    keys = [{"name": "team", "key": KEY}, {"name": "metered", "key": METERED, "tpm": TPM}]
+    proc = subprocess.run(
+        ["helm", "install", RELEASE, str(CHART), "-n", namespace, "--wait", "--timeout", "300s",
+         "--set-json", f'operator.watchNamespaces=["{namespace}"]', "--set", "gateway.replicas=1",
+         "--set", "ingress.enabled=true", "--set", "ingress.className=nginx", "--set", f"ingress.host={rel.host}",
+         "--set-json", f"apiKeys.keys={json.dumps(keys)}"],
+        capture_output=True, text=True, env=cluster.env, timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        yield rel
+    finally:
+        rel.kubectl("delete", "md", "--all", "--wait=false", check=False)
+        subprocess.run(["helm", "uninstall", RELEASE, "-n", namespace], capture_output=True, env=cluster.env,
+                       timeout=120)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def test_vllm_model_deployments_become_ready(release: Release) -> None:
+    chat_model = ensure_demo_model(VLLM_DEMO_SPEC)
+    release.cluster.apply(vllm_md(CHAT, f"file://{chat_model}", CHAT),
+                          vllm_md(EMBED, f"file://{minilm_path()}", EMBED, task="embed"),
+                          namespace=release.namespace)
+    for name in (CHAT, EMBED):
+        release.wait_ready(name)
+    pod = json.loads(release.kubectl("get", "pods", "-l", f"modelfleet.dev/model={CHAT}", "-o", "json"))["items"][0]
+    container = pod["spec"]["containers"][0]
+    assert container["image"].startswith("vllm/vllm-openai:") and "vllm.entrypoints.openai.api_server" in container["command"]
+
+
+def test_the_openai_sdk_through_the_ingress(release: Release) -> None:
+    client = release.client()
+    wait_for(lambda: {m.id for m in client.models.list().data} >= {CHAT, EMBED}, 60, what="both models listed")
+    r = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens > 0
+    chunks = list(client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hello"}],
+                                                 max_tokens=8, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+    c = client.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=6)
+    assert c.usage.completion_tokens > 0
+    e = client.embeddings.create(model=EMBED, input=["a sentence", "another sentence"])
+    assert [len(d.embedding) for d in e.data] == [384, 384]
+
+
+def tokens_charged(release: Release, key_name: str) -> float:
+    """The gateway's own count of a key's tokens, read from its pod (one gateway replica)."""
+    import httpx
+
+    pods = json.loads(release.kubectl("get", "pods", "-l", "app.kubernetes.io/component=gateway", "-o", "json"))
+    ip = next(p["status"]["podIP"] for p in pods["items"] if p["status"].get("podIP"))
+    port = pods["items"][0]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    for line in httpx.get(f"http://{ip}:{port}/metrics", timeout=10).text.splitlines():
+        if line.startswith("modelfleet_gateway_tokens_total{") and f'key="{key_name}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_token_limited_key_is_charged_exactly_on_a_vllm_stream(release: Release) -> None:
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "count"}], "max_tokens": 5,
+            "extra_body": {"ignore_eos": True}}
+    prompt_tokens = release.client().chat.completions.create(**body).usage.prompt_tokens
+    before = tokens_charged(release, "metered")
+    chunks = list(release.client(METERED).chat.completions.create(**body, stream=True))
+    assert all(c.choices for c in chunks) and all(getattr(c, "usage", None) is None for c in chunks)
+    wait_for(lambda: tokens_charged(release, "metered") > before, 30, what="the stream charged")
+    assert tokens_charged(release, "metered") - before == prompt_tokens + 5
+
+
+def test_kubectl_scale_spreads_traffic_and_a_pod_deleted_under_load_fails_nothing(release: Release) -> None:
+    release.kubectl("scale", "md", CHAT, "--replicas", "2")
+    release.wait_ready(CHAT, replicas=2)
+    client = release.client()
+    backends: set[str] = set()
+    for _ in range(16):
+        raw = client.chat.completions.with_raw_response.create(
+            model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        backends.add(raw.headers["x-modelfleet-backend"])
+    assert len(backends) == 2
+
+    failures: list[str] = []
+    done = threading.Event()
+    answered = [0]
+
+    def load() -> None:
+        while not done.is_set() and answered[0] < 400:
+            try:
+                client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+                answered[0] += 1
+            except openai.APIError as exc:
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: answered[0] >= 8, 120, what="load running")
+        pods = json.loads(release.kubectl("get", "pods", "-l", f"modelfleet.dev/model={CHAT}", "-o", "json"))["items"]
+        release.kubectl("delete", "pod", pods[0]["metadata"]["name"], "--wait=false")
+        start = answered[0]
+        wait_for(lambda: answered[0] >= start + 40, 300, what="requests answered after the deletion")
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=180)
+    assert failures == []
+
+
+def test_a_vllm_that_cannot_start_says_why_in_its_status(release: Release, tmp_path_factory) -> None:
+    empty = tmp_path_factory.mktemp("not-a-model")
+    (empty / "README.md").write_text("no weights here\n")
+    release.cluster.apply(vllm_md("vllm-broken", f"file://{empty}", "vllm-broken"), namespace=release.namespace)
+
+    def reason() -> str | None:
+        for cond in (release.md("vllm-broken").get("status") or {}).get("conditions") or []:
+            if cond["type"] == "Ready" and "Invalid repository ID or local directory" in cond.get("message", ""):
+                return cond["message"]
+        return None
+
+    message = wait_for(reason, 600, interval=3, what="the vLLM error in status")
+    assert str(empty) in message
+    events = release.kubectl("get", "events", "--field-selector", "involvedObject.name=vllm-broken", "-o", "json")
+    assert any("Invalid repository ID" in e.get("message", "") for e in json.loads(events)["items"])

@@ -1,0 +1,131 @@
+"""`modelfleet serve --engine vllm`: vLLM's own OpenAI server behind modelfleet's gateway, for
+real (vLLM's CPU build from `make vllm`), answering as modelfleet's engine does.
+
+vLLM takes one to two minutes to start on this machine (it compiles), so one server serves the
+whole module. Without the vLLM environment these tests skip, unless MODELFLEET_REQUIRE_VLLM is
+set (`make test` sets it after `make vllm`), when they fail.
+"""
+
+import json
+import os
+import signal
+
+import httpx
+import pytest
+
+from modelfleet.engines import find_vllm_python
+
+pytestmark = pytest.mark.integration
+CHAT, EMBED = "tiny-chat", "all-MiniLM-L6-v2"
+KEYS = """
+keys:
+  - name: open
+    key: sk-open-0123456789
+  - name: metered
+    key: sk-metered-0123456789
+    tpm: 1000000
+"""
+OPEN = {"authorization": "Bearer sk-open-0123456789"}
+
+if find_vllm_python() is None:
+    if os.environ.get("MODELFLEET_REQUIRE_VLLM"):
+        raise RuntimeError("MODELFLEET_REQUIRE_VLLM is set but vLLM is not installed: run `make vllm`")
+    pytest.skip("vLLM is not installed (make vllm)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def vllm_serve(tmp_path_factory, launch):
+    tmp = tmp_path_factory.mktemp("vllm")
+    (tmp / "keys.yaml").write_text(KEYS)
+    proc, url = launch(["serve", "--engine", "vllm", "--api-keys", str(tmp / "keys.yaml"), "--max-num-seqs", "16"],
+                       {CHAT, EMBED}, tmp / "serve.log", timeout=600)
+    yield url
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(vllm_serve):
+    from openai import OpenAI
+
+    return OpenAI(base_url=vllm_serve + "/v1", api_key="sk-open-0123456789", max_retries=0)
+
+
+def test_chat_streamed_chat_completions_and_embeddings_through_the_sdk(client):
+    chat = client.chat.completions.with_raw_response.create(
+        model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    assert chat.headers["x-request-id"]
+    body = chat.parse()
+    assert isinstance(body.choices[0].message.content, str) and body.usage.completion_tokens <= 8
+    assert body.choices[0].finish_reason in ("stop", "length")
+
+    chunks = list(client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=8, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    assert any(c.choices and c.choices[0].delta.content for c in chunks)
+
+    completion = client.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=5)
+    assert completion.usage.completion_tokens <= 5 and completion.choices[0].text is not None
+
+    embedded = client.embeddings.create(model=EMBED, input=["a sentence", "another one"])  # base64, as the SDK asks
+    assert [len(d.embedding) for d in embedded.data] == [384, 384]
+
+
+def test_models_are_listed_in_one_shape_and_mistakes_get_modelfleets_errors(vllm_serve):
+    cards = httpx.get(vllm_serve + "/v1/models", headers=OPEN).json()["data"]
+    assert {c["id"] for c in cards} == {CHAT, EMBED}
+    assert all(c["owned_by"] == "modelfleet" and c["root"] == c["id"] for c in cards)  # no server paths
+    bad = httpx.post(vllm_serve + "/v1/chat/completions", headers=OPEN, timeout=30,
+                     json={"model": CHAT, "messages": [{"role": "user", "content": "x"}], "temperature": 7})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["type"] == "invalid_request_error" and bad.json()["error"]["param"] == "temperature"
+    too_long = httpx.post(vllm_serve + "/v1/completions", headers=OPEN, timeout=30,
+                          json={"model": CHAT, "prompt": "word " * 5000, "max_tokens": 4})
+    assert too_long.status_code == 400  # vLLM's own refusal, in OpenAI's shape
+    error = too_long.json()["error"]
+    assert error["type"] == "invalid_request_error" and set(error) == {"message", "type", "param", "code"}
+    edits = httpx.post(vllm_serve + "/v1/edits", headers=OPEN, timeout=30,
+                       json={"model": CHAT, "input": "teh cat", "instruction": "fix the spelling"})
+    assert edits.status_code == 400 and "vllm engine" in edits.json()["error"]["message"]
+
+
+def test_a_token_limited_key_is_charged_exactly_on_a_vllm_stream(vllm_serve):
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "count"}], "max_tokens": 6, "ignore_eos": True}
+    prompt_tokens = httpx.post(vllm_serve + "/v1/chat/completions", headers=OPEN, json=body,
+                               timeout=60).json()["usage"]["prompt_tokens"]
+
+    def charged() -> float:
+        for line in httpx.get(vllm_serve + "/metrics").text.splitlines():
+            if line.startswith("modelfleet_gateway_tokens_total{") and 'key="metered"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = charged()
+    with httpx.stream("POST", vllm_serve + "/v1/chat/completions", json={**body, "stream": True}, timeout=60,
+                      headers={"authorization": "Bearer sk-metered-0123456789"}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert all(json.loads(e)["choices"] for e in events[:-1])  # the usage chunk was not asked for
+    assert charged() - before == prompt_tokens + 6
+
+
+def test_tools_are_called_when_required(client):
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    r = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                       tools=tools, tool_choice="required", max_tokens=60)
+    calls = r.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"
+    assert "city" in json.loads(calls[0].function.arguments)
+
+
+def test_json_schema_output_is_valid_json_of_the_schema(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "A person, as JSON"}], max_tokens=80,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    data = json.loads(r.choices[0].message.content)
+    assert set(data) == {"name", "age"} and isinstance(data["age"], int)
