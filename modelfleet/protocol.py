@@ -117,6 +117,8 @@ class Lenient(BaseModel):
 
 class StreamOptions(Lenient):
     include_usage: bool | None = False
+    # vLLM's: together with include_usage, every chunk carries the usage so far.
+    continuous_usage_stats: bool | None = False
 
 
 class ContentPart(Lenient):
@@ -153,8 +155,33 @@ class ChatMessage(Lenient):
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 # Seeds are int64, as in vLLM and torch: a larger one is a 400, not a failure deep in the engine.
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Seed = Int64
+# A token id's upper bound is the model's vocabulary, which the worker checks.
+TokenId = Annotated[int, Field(ge=0)]
 StopParam = str | list[str] | None
+JsonSpec = str | dict[str, Any]
+
+
+class StructuredOutputs(Lenient):
+    """vLLM's `structured_outputs` (0.11 and later): one kind of constraint, and options for JSON.
+    `json` is aliased because pydantic models already have a `json` attribute."""
+
+    json_spec: JsonSpec | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: JsonSpec | None = None
+    disable_any_whitespace: bool | None = False
+    disable_additional_properties: bool | None = False
+    whitespace_pattern: str | None = None
+
+    def kinds(self) -> dict[str, Any]:
+        """The constraints this sets, by vLLM's names; a valid request sets exactly one."""
+        values = {"json": self.json_spec, "regex": self.regex, "choice": self.choice, "grammar": self.grammar,
+                  "json_object": {} if self.json_object else None, "structural_tag": self.structural_tag}
+        return {kind: value for kind, value in values.items() if value is not None}
 
 
 class SamplingFields(Lenient):
@@ -167,7 +194,7 @@ class SamplingFields(Lenient):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] | None = 1
     stop: StopParam = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     seed: Seed | None = None
     presence_penalty: Penalty | None = 0.0
     frequency_penalty: Penalty | None = 0.0
@@ -178,6 +205,44 @@ class SamplingFields(Lenient):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None  # OpenAI's on chat; vLLM takes it on completions too
+
+    # vLLM's extra parameters, typed so that a wrong value is a 400 naming it. What the worker
+    # does with each (and with those it refuses, which are not declared) is in worker/extras.py.
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: JsonSpec | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+    structural_tag: JsonSpec | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    return_token_ids: bool | None = False
+    return_tokens_as_token_ids: bool | None = False
+    prompt_logprobs: Annotated[int, Field(ge=-1)] | None = None  # -1: the whole vocabulary, in vLLM
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    include_stop_str_in_output: bool | None = False
+    skip_special_tokens: bool | None = True
+    spaces_between_special_tokens: bool | None = True
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    bad_words: list[str] | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | None = None
+    stream_interval: Annotated[int, Field(ge=1)] | None = None
+    priority: Int64 | None = None
+    request_id: str | None = None
+    cache_salt: Annotated[str, Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _stream_only_options(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                              param="stream_options", code="invalid_value")
+        if self.prompt_logprobs is not None and self.stream:
+            raise OpenAIError("`prompt_logprobs` are not available when `stream` is true.",
+                              param="prompt_logprobs", code="invalid_value")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -201,20 +266,39 @@ class SamplingFields(Lenient):
         stops = [self.stop] if isinstance(self.stop, str) else self.stop
         return [s for s in stops if s]
 
+    def wants_usage(self) -> tuple[bool, bool]:
+        """(a final usage chunk, usage on every chunk): vLLM sends the second only with the first."""
+        opts = self.stream_options
+        final = bool(opts and opts.include_usage)
+        return final, final and bool(opts and opts.continuous_usage_stats)
 
-class ChatCompletionRequest(SamplingFields):
+
+class ChatTemplateFields(Lenient):
+    """vLLM's options for rendering messages into a prompt, on chat and on /tokenize (the worker's
+    prompts.TemplateOptions applies vLLM's rules to them)."""
+
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = False
+    add_special_tokens: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
-    echo: bool | None = False
+    echo: bool | None = False  # vLLM's: the reply starts with the final assistant message
+    include_reasoning: bool | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
@@ -224,8 +308,11 @@ class ChatCompletionRequest(SamplingFields):
             )
         return self
 
-    def output_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+    def output_limit(self) -> tuple[int | None, str]:
+        """The output token limit and the parameter that set it, for errors that name it."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
 
 PromptParam = str | list[str] | list[int] | list[list[int]]
@@ -238,6 +325,7 @@ class CompletionRequest(SamplingFields):
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1, le=128)] | None = None
+    add_special_tokens: bool | None = True
 
     @field_validator("prompt")
     @classmethod
@@ -277,6 +365,11 @@ class ResponsesRequest(Lenient):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     user: str | None = None
+    include: list[str] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    def wants_logprobs(self) -> bool:
+        return "message.output_text.logprobs" in (self.include or [])
 
     def messages(self) -> list[ChatMessage]:
         """Responses input (a string or message items) as chat messages for the chat path."""
@@ -308,11 +401,14 @@ class EditRequest(Lenient):
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
 
 
-class TokenizeRequest(Lenient):
+class TokenizeRequest(ChatTemplateFields):
+    """vLLM's /tokenize: a prompt, or messages rendered as chat renders them."""
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool | None = True
+    tools: list[dict[str, Any]] | None = None
+    return_token_strs: bool | None = False
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -323,7 +419,7 @@ class TokenizeRequest(Lenient):
 
 class DetokenizeRequest(Lenient):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 # --------------------------------------------------------------------------------------------

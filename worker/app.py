@@ -9,11 +9,13 @@ import time
 from dataclasses import dataclass
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
-from modelfleet.http import JsonFastPath, RequestIdMiddleware, install_error_handlers
+from modelfleet.http import ClientGone, JsonFastPath, RequestIdMiddleware, install_error_handlers
 from modelfleet.netutil import bind_socket
 
+from .content_type import JsonOnly
 from .engine import EngineConfig, GenerationEngine
 from .loader import (
     detect,
@@ -76,12 +78,17 @@ def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]
     return service, metrics
 
 
-def create_app(service: ModelService, metrics: WorkerMetrics) -> JsonFastPath:
+def create_app(service: ModelService, metrics: WorkerMetrics) -> JsonOnly:
     app = FastAPI(title=f"modelfleet worker: {service.name}", docs_url=None, redoc_url=None)
     install_error_handlers(app)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client has gone
+
     app.include_router(build_router(service, metrics))
     app.add_middleware(RequestIdMiddleware)
-    return JsonFastPath(app, fast_routes(service))
+    return JsonOnly(JsonFastPath(app, fast_routes(service)))
 
 
 class DrainingServer(uvicorn.Server):

@@ -17,6 +17,7 @@ The engine sees only `Constraint` (one per sequence) and `MaskBatch` (the shared
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -69,13 +70,15 @@ class GrammarCompiler:
 
         return llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
 
-    def json_schema(self, schema: dict[str, Any], param: str) -> Grammar:
+    def json_schema(self, schema: dict[str, Any], param: str, whitespace_pattern: str | None = None) -> Grammar:
+        """`whitespace_pattern` (vLLM's option) is the whitespace allowed between JSON tokens."""
         import llguidance
 
         if not isinstance(schema, dict):
             raise OpenAIError("The JSON schema must be an object.", param=param, code="invalid_value")
+        options = {**JSON_DEFAULTS, "whitespace_pattern": whitespace_pattern} if whitespace_pattern else JSON_DEFAULTS
         try:
-            text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
+            text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
         except (ValueError, TypeError) as exc:
             raise _schema_error(str(exc), param) from exc
         return self._checked(text, param)
@@ -84,6 +87,50 @@ class GrammarCompiler:
         import llguidance
 
         return self._checked(llguidance.LLMatcher.grammar_from_lark(grammar), param)
+
+    def regex(self, pattern: str, param: str) -> Grammar:
+        """The whole output matches `pattern` (Rust regex syntax, as llguidance reads it)."""
+        return self._from("regex", pattern, param, "regular expression")
+
+    def choice(self, options: list[str], param: str) -> Grammar:
+        """The whole output is exactly one of `options`."""
+        return self._from("choice", json.dumps(options), param, "choice list")
+
+    def grammar(self, text: str, param: str) -> Grammar:
+        """A Lark grammar, or GBNF/EBNF (`root ::= ...`), which llguidance converts to Lark."""
+        return self._from("grammar", text, param, "grammar")
+
+    def structural_tag(self, spec: dict[str, Any], param: str) -> Grammar:
+        """vLLM's structural tag (`{"structures": [{"begin", "schema", "end"}], "triggers": [...]}`):
+        free text in which each `begin` ... `end` holds JSON valid against its schema."""
+        import llguidance
+
+        tags = []
+        for i, s in enumerate(spec["structures"]):
+            trigger = next((t for t in spec["triggers"] if s["begin"].startswith(t)), None)
+            if trigger is None:
+                raise OpenAIError(f"No trigger in '{param}.triggers' starts structure {i}'s begin "
+                                  f"{s['begin']!r}.", param=param, code="invalid_value")
+            schema = {**s.get("schema", {"type": "object"}), "x-guidance": JSON_DEFAULTS}
+            tags.append(llguidance.StructTag(trigger=trigger, begin=s["begin"], grammar=schema, end=s["end"]))
+        # llguidance reads a `<...>` trigger as a special token unless told not to: do so only
+        # when such triggers are this tokenizer's own added tokens.
+        added = self.tokenizer.get_added_vocab()
+        special = all(t in added for t in spec["triggers"] if re.fullmatch(r"<[^<>]+>", t))
+        grammar = llguidance.StructTag.to_grammar(tags, assume_special=special)
+        return self._from("lark", grammar, param, "structural tag")
+
+    def _from(self, kind: str, text: str, param: str, what: str) -> Grammar:
+        import llguidance
+
+        try:
+            serialized = llguidance.grammar_from(kind, text)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise _invalid(what, str(exc), param) from exc
+        error = llguidance.LLMatcher.validate_grammar(serialized, self.lltokenizer)
+        if error:
+            raise _invalid(what, error, param)
+        return Grammar(serialized, self)
 
     def _checked(self, text: str, param: str) -> Grammar:
         import llguidance
@@ -94,10 +141,24 @@ class GrammarCompiler:
         return Grammar(text, self)
 
 
+def _first_lines(detail: str, fallback: str, lines: int = 1) -> str:
+    """The message of an llguidance error, without the source excerpts and carets it quotes."""
+    kept = [line.strip() for line in detail.strip().splitlines() if not _EXCERPT.match(line)][:lines]
+    return " ".join(kept) or fallback
+
+
+_EXCERPT = re.compile(r"^\s*(\d+\s*\|.*|\^+|)\s*$")
+
+
 def _schema_error(detail: str, param: str) -> OpenAIError:
-    detail = detail.strip().splitlines()[0] if detail.strip() else "invalid schema"
+    detail = _first_lines(detail, "invalid schema")
     return OpenAIError(f"The JSON schema in '{param}' uses a feature this server cannot enforce: {detail}",
                        param=param, code="unsupported_schema")
+
+
+def _invalid(what: str, detail: str, param: str) -> OpenAIError:
+    return OpenAIError(f"Invalid {what} in '{param}': {_first_lines(detail, 'rejected', 3)}", param=param,
+                       code="invalid_value")
 
 
 class Constraint:

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 
 from .constraints import Constraint, MaskBatch
 from .kvcache import SlotPool
-from .sampling import BatchParams, sample
+from .sampling import BatchParams, banned_by_bad_words, sample
 from .scheduler import plan_admission
 from .sequence import GenerationRequest, RequestOutput, RequestState, SeqDelta, Sequence, TokenLogprob
 
@@ -377,8 +377,11 @@ class GenerationEngine:
             logits[:, self.text_vocab :] = float("-inf")  # ids the tokenizer cannot print
         seqs = [self.rows[r] for r in rows]
         for i, seq in enumerate(seqs):
-            if len(seq.output_ids) < seq.owner.request.min_tokens and self.eos_ids and seq.constraint is None:
-                logits[i, self.eos_ids] = float("-inf")
+            req = seq.owner.request
+            if len(seq.output_ids) < req.min_tokens and seq.constraint is None:
+                logits[i, self.eos_ids + req.stop_token_ids] = float("-inf")
+            if seq.params.bad_words:
+                logits[i, banned_by_bad_words(seq.output_ids, seq.params.bad_words)] = float("-inf")
         self._constrain(logits, seqs)
         if self.batch_params is None or len(rows) != len(self.rows):
             bp = BatchParams.build([s.params for s in seqs], self.model_vocab)
@@ -434,8 +437,11 @@ class GenerationEngine:
         if seq.constraint is not None and not _constraint_accepts(seq.constraint, token):
             seq.finish_reason = "stop"
             return True
-        is_eos = token in self.eos_ids or token in req.stop_token_ids
-        if is_eos and not req.ignore_eos and len(seq.output_ids) > req.min_tokens - 1:
+        # ignore_eos passes end-of-sequence tokens only; stop_token_ids always stop (as in vLLM)
+        stops = token in req.stop_token_ids or (token in self.eos_ids and not req.ignore_eos)
+        if stops and len(seq.output_ids) > req.min_tokens - 1:
+            if req.include_stop_str_in_output:
+                seq.text.add_token(self.tokenizer, token)
             seq.finish_reason = "stop"
             return True
         before = len(seq.text.text)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelfleet.protocol import SamplingFields
+
 from .sequence import TokenLogprob
 from .tool_calls import ParseEvent, ToolCallFormat, parse_all
+
+TokenName = Callable[[int], str]
 
 
 class TokenText:
@@ -25,21 +30,62 @@ class TokenText:
         return text
 
 
-def chat_logprobs(entries: list[TokenLogprob], text_of: TokenText) -> dict[str, Any]:
+def token_id_name(token_id: int) -> str:
+    """vLLM's return_tokens_as_token_ids: a token written so that any token id survives JSON."""
+    return f"token_id:{token_id}"
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What a request asked to see besides its text: vLLM's token ids, prompt logprobs and token
+    naming, and OpenAI's (or vLLM's continuous) usage in streams."""
+
+    token_name: TokenName
+    token_ids: bool = False
+    prompt_logprobs: int | None = None
+    include_usage: bool = False
+    continuous_usage: bool = False
+
+    @classmethod
+    def of(cls, req: SamplingFields, text_of: TokenName) -> Shown:
+        final, continuous = req.wants_usage()
+        return cls(token_id_name if req.return_tokens_as_token_ids else text_of, bool(req.return_token_ids),
+                   req.prompt_logprobs, final, continuous)
+
+    def prompt_fields(self, prompt_ids: list[int], entries: list[TokenLogprob | None] | None) -> dict[str, Any]:
+        """vLLM's `prompt_token_ids` and `prompt_logprobs`, when asked for."""
+        out: dict[str, Any] = {}
+        if self.token_ids:
+            out["prompt_token_ids"] = prompt_ids
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = prompt_logprobs(entries or [], self.prompt_logprobs, self.token_name)
+        return out
+
+
+def chat_logprobs(entries: list[TokenLogprob], text_of: TokenName) -> dict[str, Any]:
+    return {"content": logprob_items(entries, text_of), "refusal": None}
+
+
+def logprob_items(entries: list[TokenLogprob], text_of: TokenName) -> list[dict[str, Any]]:
+    """Chat's (and the Responses API's) per-token logprobs: top_logprobs are the top N alone."""
+
     def one(token_id: int, logprob: float) -> dict[str, Any]:
         tok = text_of(token_id)
         return {"token": tok, "logprob": max(logprob, -9999.0), "bytes": list(tok.encode("utf-8"))}
 
-    content = []
+    items = []
     for e in entries:
         item = one(e.token_id, e.logprob)
         item["top_logprobs"] = [one(t, lp) for t, lp in e.top]
-        content.append(item)
-    return {"content": content, "refusal": None}
+        items.append(item)
+    return items
 
 
-def completion_logprobs(entries: list[TokenLogprob | None], text_of: TokenText, offset: int) -> dict[str, Any]:
-    """The legacy completions shape; `offset` is where the first token's text starts."""
+def completion_logprobs(entries: list[TokenLogprob | None], text_of: TokenName, offset: int,
+                        top_n: int | None = None) -> dict[str, Any]:
+    """The legacy completions shape; `offset` is where the first token's text starts. Each
+    `top_logprobs` entry holds the top `top_n` and, as OpenAI's does, the chosen (or echoed)
+    token itself, so it has up to top_n + 1 entries."""
     tokens, token_lps, tops, offsets = [], [], [], []
     at = offset
     for e in entries:
@@ -49,10 +95,35 @@ def completion_logprobs(entries: list[TokenLogprob | None], text_of: TokenText, 
         tokens.append(tok)
         unscored = math.isnan(e.logprob)  # the first prompt token: OpenAI sends null
         token_lps.append(None if unscored else max(e.logprob, -9999.0))
-        tops.append(None if unscored else {text_of(t): max(lp, -9999.0) for t, lp in e.top} or None)
+        if unscored:
+            tops.append(None)
+        else:
+            top = {text_of(t): max(lp, -9999.0) for t, lp in e.top[:top_n]}
+            top.setdefault(tok, max(e.logprob, -9999.0))
+            tops.append(top)
         offsets.append(at)
         at += len(tok)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_logprobs(entries: list[TokenLogprob | None], top_n: int, text_of: TokenName
+                    ) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt position (the first has none) the prompt token's own
+    entry and the top `top_n`, as {token id: {logprob, rank, decoded_token}}. A prompt token's
+    rank is known when it is among the top the engine computed, else null."""
+    out: list[dict[str, Any] | None] = []
+    for e in entries:
+        if e is None or math.isnan(e.logprob):
+            out.append(None)
+            continue
+        ranks = {t: (rank, lp) for rank, (t, lp) in enumerate(e.top, 1)}
+        own_rank = ranks.get(e.token_id, (None, 0.0))[0]
+        item = {str(e.token_id): {"logprob": max(e.logprob, -9999.0), "rank": own_rank,
+                                  "decoded_token": text_of(e.token_id)}}
+        for t, lp in e.top[:top_n]:
+            item.setdefault(str(t), {"logprob": max(lp, -9999.0), "rank": ranks[t][0], "decoded_token": text_of(t)})
+        out.append(item)
+    return out
 
 
 def prompt_entries(prompt_ids: list[int], entries: list[TokenLogprob | None] | None) -> list[TokenLogprob | None]:
@@ -92,6 +163,41 @@ def chat_message(text: str, finish_reason: str | None, tool_format: ToolCallForm
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
         ]
     return message, finish_with_calls(finish_reason, bool(calls))
+
+
+def chat_choice(state: ChoiceState, tool_format: ToolCallFormat | None, shown: Shown, *, logprobs: bool,
+                echo: str = "") -> dict[str, Any]:
+    """One choice of a non-streamed chat response; `echo` (vLLM's) starts the content."""
+    message, finish = chat_message(state.text, state.finish_reason, tool_format)
+    if echo:
+        message["content"] = echo + (message["content"] or "")
+    choice: dict[str, Any] = {"index": state.index, "message": message,
+                              "logprobs": chat_logprobs(state.logprobs, shown.token_name) if logprobs else None,
+                              "finish_reason": finish}
+    if shown.token_ids:
+        choice["token_ids"] = state.token_ids
+    return choice
+
+
+def completion_choice(index: int, state: ChoiceState, shown: Shown, *, prompt_ids: list[int],
+                      prompt_lps: list[TokenLogprob | None] | None, echo_text: str | None, logprobs: int | None,
+                      scoring_only: bool) -> dict[str, Any]:
+    """One choice of a non-streamed completion: with `echo_text` the prompt (and its logprobs)
+    come first; `scoring_only` (max_tokens=0) shows the prompt alone."""
+    text = "" if scoring_only else state.text
+    entries: list[TokenLogprob | None] = [] if scoring_only else list(state.logprobs)
+    if echo_text is not None:
+        entries = prompt_entries(prompt_ids, prompt_lps) + entries
+        text = echo_text + text
+    choice: dict[str, Any] = {
+        "index": index, "text": text,
+        "logprobs": completion_logprobs(entries, shown.token_name, 0, logprobs) if logprobs is not None else None,
+        "finish_reason": "length" if scoring_only else state.finish_reason,
+    }
+    choice.update(shown.prompt_fields(prompt_ids, prompt_lps))
+    if shown.token_ids:
+        choice["token_ids"] = [] if scoring_only else state.token_ids
+    return choice
 
 
 def finish_with_calls(finish_reason: str | None, has_calls: bool) -> str | None:

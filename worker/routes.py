@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from modelfleet.http import JsonHandler
+from modelfleet.http import ClientGone, DisconnectWatch, JsonHandler
 from modelfleet.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -18,6 +18,7 @@ from modelfleet.protocol import (
     DetokenizeRequest,
     EditRequest,
     EmbeddingRequest,
+    OpenAIError,
     ResponsesRequest,
     TokenizeRequest,
     new_id,
@@ -26,8 +27,9 @@ from modelfleet.protocol import (
     usage,
 )
 
-from .formatting import chat_logprobs, chat_message, completion_logprobs, prompt_entries
+from .formatting import Shown, chat_choice, completion_choice, logprob_items
 from .metrics import WorkerMetrics
+from .prompts import echo_prefix
 from .service import ModelService
 from .streams import (
     chat_stream,
@@ -40,26 +42,22 @@ from .streams import (
 from .tool_calls import parse_all
 
 T = TypeVar("T")
+RESPONSES_PARAMS = {"max_completion_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+log = logging.getLogger(__name__)
 
 
-async def until_disconnect(request: Request, work: Awaitable[T], on_disconnect) -> T:
-    """Awaits `work`, cancelling the engine request if the client hangs up first."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                on_disconnect()
-                task.cancel()
-                return
-
-    watcher = asyncio.create_task(watch())
-    try:
-        return await task
-    finally:
-        watcher.cancel()
+async def until_disconnect(request: Request, work: Awaitable[T], cancel: Callable[[], None]) -> T:
+    """Awaits `work`; if the client hangs up first, cancels the engine request and ends the
+    handler with ClientGone: one log line, since a client that leaves is not a server error."""
+    async with DisconnectWatch(request.receive) as watch:
+        try:
+            return await work
+        finally:
+            if watch.fired:
+                cancel()
+    log.info("client disconnected before the response; request cancelled")
+    raise ClientGone
 
 
 def fast_routes(service: ModelService) -> dict[str, JsonHandler]:
@@ -125,28 +123,22 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
     async def run_chat(request: Request, req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
         stream, plan = service.start_chat(req, rid(request))
         n = req.n or 1
+        shown = Shown.of(req, service.text_of)
+        echo = echo_prefix(req.messages) if req.echo else ""
         if req.stream:
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return stream_response(chat_stream(service, stream, req.model, n, include, plan.tool_format))
-        choices, prompt_tokens, completion_tokens, _ = await until_disconnect(
+            return stream_response(chat_stream(service, stream, req.model, n, shown, plan.tool_format, echo))
+        choices, prompt_tokens, completion_tokens, prompt_lps = await until_disconnect(
             request, service.collect([stream], n), stream.cancel)
-        out = []
-        for c in choices:
-            message, finish = chat_message(c.state.text, c.state.finish_reason, plan.tool_format)
-            out.append({
-                "index": c.state.index,
-                "message": message,
-                "logprobs": chat_logprobs(c.state.logprobs, service.text_of) if req.logprobs else None,
-                "finish_reason": finish,
-            })
         return {
             "id": new_id("chatcmpl"),
             "object": "chat.completion",
             "created": now(),
             "model": req.model,
             "system_fingerprint": service.fingerprint,
-            "choices": out,
+            "choices": [chat_choice(c.state, plan.tool_format, shown, logprobs=bool(req.logprobs), echo=echo)
+                        for c in choices],
             "usage": usage(prompt_tokens, completion_tokens),
+            **shown.prompt_fields(stream.state.request.prompt_ids, prompt_lps.get(0)),
         }
 
     @router.post("/v1/chat/completions")
@@ -162,17 +154,24 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
             response_format=responses_format(req.text),
             tools=responses_tools(req.tools), tool_choice=req.tool_choice,
             parallel_tool_calls=getattr(req, "parallel_tool_calls", None),
+            logprobs=req.wants_logprobs(), top_logprobs=req.top_logprobs if req.wants_logprobs() else None,
         )
-        stream, plan = service.start_chat(chat_req, rid(request))
+        try:
+            stream, plan = service.start_chat(chat_req, rid(request))
+        except OpenAIError as exc:  # name the Responses API's parameter, not its chat translation's
+            exc.param = RESPONSES_PARAMS.get(exc.param or "", exc.param)
+            raise
+        text_of = service.text_of if req.wants_logprobs() else None
         if req.stream:
-            return stream_response(responses_stream(stream, req.model, plan.tool_format))
+            return stream_response(responses_stream(stream, req.model, plan.tool_format, text_of))
         choices, prompt_tokens, completion_tokens, _ = await until_disconnect(
             request, service.collect([stream], 1), stream.cancel)
         st = choices[0].state
         incomplete = st.finish_reason == "length"
         content, calls = (st.text, []) if plan.tool_format is None else parse_all(plan.tool_format, st.text)
+        logprobs = logprob_items(st.logprobs, text_of) if text_of is not None else None
         return response_object(new_id("resp"), req.model, now(), content, "incomplete" if incomplete else "completed",
-                               prompt_tokens, completion_tokens, new_id("msg"), incomplete, calls)
+                               prompt_tokens, completion_tokens, new_id("msg"), incomplete, calls, logprobs)
 
     @router.post("/v1/edits")
     async def edits(request: Request):
@@ -197,11 +196,11 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
         req = await parse(request, CompletionRequest)
         streams = service.start_completions(req, rid(request))
         n = req.n or 1
-        prompts = service.completion_prompts(req.prompt)
+        prompts = [s.state.request.prompt_ids for s in streams]
         echo_texts = [service.tokenizer.decode(p) for p in prompts] if req.echo else None
+        shown = Shown.of(req, service.text_of)
         if req.stream:
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return stream_response(completion_stream(service, streams, req.model, n, echo_texts, include))
+            return stream_response(completion_stream(service, streams, req.model, n, echo_texts, shown, req.logprobs))
 
         def cancel_all() -> None:
             for s in streams:
@@ -216,18 +215,10 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
             if (req.best_of or n) > n:
                 mine = sorted(mine, key=lambda c: c.state.cumulative_logprob(), reverse=True)[:n]
             for i, c in enumerate(mine):
-                text = "" if scoring_only else c.state.text
-                entries = [] if scoring_only else c.state.logprobs
-                lp = None
-                if req.echo:
-                    entries = prompt_entries(prompts[p], prompt_lps.get(p)) + entries
-                    text = echo_texts[p] + text
-                if req.logprobs is not None:
-                    lp = completion_logprobs(entries, service.text_of, 0)
-                finish = "length" if scoring_only else c.state.finish_reason
-                out.append({"index": p * n + i, "text": text, "logprobs": lp, "finish_reason": finish})
-        if scoring_only:
-            completion_tokens = 0
+                out.append(completion_choice(p * n + i, c.state, shown, prompt_ids=prompts[p],
+                                             prompt_lps=prompt_lps.get(p),
+                                             echo_text=echo_texts[p] if echo_texts else None,
+                                             logprobs=req.logprobs, scoring_only=scoring_only))
         return {
             "id": new_id("cmpl"),
             "object": "text_completion",
@@ -235,7 +226,7 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
             "model": req.model,
             "system_fingerprint": service.fingerprint,
             "choices": out,
-            "usage": usage(prompt_tokens, completion_tokens),
+            "usage": usage(prompt_tokens, 0 if scoring_only else completion_tokens),
         }
 
     # -- embeddings and tokenizer ----------------------------------------------------------

@@ -26,6 +26,8 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     top_logprobs: int = 0
     want_logprobs: bool = False
+    allowed_token_ids: tuple[int, ...] = ()  # vLLM's: when set, only these are sampled
+    bad_words: tuple[tuple[int, ...], ...] = ()  # vLLM's, as token ids: see `banned_by_bad_words`
 
     @property
     def greedy(self) -> bool:
@@ -45,6 +47,7 @@ class BatchParams:
     frequency: torch.Tensor  # [B]
     repetition: torch.Tensor  # [B]
     bias_rows: list[tuple[int, list[int], list[float]]]
+    allowed_rows: list[tuple[int, list[int]]]
     any_top_p: bool
     any_top_k: bool
     any_min_p: bool
@@ -74,6 +77,7 @@ class BatchParams:
             frequency=col([p.frequency_penalty for p in params]),
             repetition=col([p.repetition_penalty for p in params]),
             bias_rows=bias_rows,
+            allowed_rows=[(row, list(p.allowed_token_ids)) for row, p in enumerate(params) if p.allowed_token_ids],
             any_top_p=any(p.top_p < 1.0 for p in params),
             any_top_k=any(k > 0 for k in top_k),
             any_min_p=any(p.min_p > 0.0 for p in params),
@@ -87,6 +91,26 @@ class BatchParams:
 def apply_logit_bias(logits: torch.Tensor, bias_rows: list[tuple[int, list[int], list[float]]]) -> None:
     for row, ids, values in bias_rows:
         logits[row, ids] += torch.tensor(values, dtype=logits.dtype)
+
+
+def apply_allowed(logits: torch.Tensor, allowed_rows: list[tuple[int, list[int]]]) -> None:
+    """vLLM's allowed_token_ids: every other id of the row becomes -inf."""
+    for row, ids in allowed_rows:
+        keep = torch.full_like(logits[row], float("-inf"))
+        keep[ids] = logits[row, ids]
+        logits[row] = keep
+
+
+def banned_by_bad_words(output_ids: list[int], bad_words: tuple[tuple[int, ...], ...]) -> list[int]:
+    """vLLM's bad_words: the last token of each word, where the tokens before it end the output
+    so far (a one-token word is always banned). transformers' NoBadWordsLogitsProcessor does
+    this for one word list per batch; here each row has its own."""
+    banned = []
+    for word in bad_words:
+        head = word[:-1]
+        if not head or (len(output_ids) >= len(head) and tuple(output_ids[len(output_ids) - len(head):]) == head):
+            banned.append(word[-1])
+    return banned
 
 
 def apply_penalties(
@@ -184,6 +208,7 @@ def sample(
     logprobs_all = torch.log_softmax(logits, dim=-1) if bp.any_logprobs else None
     work = logits.clone()
     apply_logit_bias(work, bp.bias_rows)
+    apply_allowed(work, bp.allowed_rows)
     if (bp.any_penalty or bp.any_repetition) and output_counts is not None and seen is not None:
         apply_penalties(work, output_counts, seen, bp)
     greedy_tokens = torch.argmax(work, dim=-1)

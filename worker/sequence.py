@@ -59,9 +59,11 @@ class GenerationRequest:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
-    prompt_logprobs: int | None = None  # top-k per prompt position, for completions echo
+    prompt_logprobs: int | None = None  # top-k per prompt position (echo, vLLM's prompt_logprobs)
     request_id: str = ""
     grammar: Any = None  # constraints.Grammar: each choice decodes under its own matcher
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
 
 class RequestState:
@@ -97,7 +99,8 @@ class Sequence:
         else:
             self.generator.seed()
         self.output_ids: list[int] = []
-        self.text = TextState(stops=req.stop)
+        self.text = TextState(stops=req.stop, include_stop=req.include_stop_str_in_output,
+                              skip_special=req.skip_special_tokens)
         self.finish_reason: str | None = None
         self.reported = False  # the final delta (with finish_reason) has been emitted
         self.last_token = -1

@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from jinja2 import TemplateError
 
 from modelfleet.protocol import (
     ChatCompletionRequest,
@@ -32,11 +30,21 @@ from modelfleet.protocol import (
 from .constraints import GrammarCompiler
 from .embedder import shape_vector
 from .engine import GenerationEngine, RequestStream
+from .extras import refuse_unsupported
 from .formatting import ChoiceState, TokenText
 from .loader import ModelInfo
-from .requests import Limits, generation_request, output_budget, sampling_params
+from .prompts import TemplateOptions, completion_prompts, render_chat
+from .requests import (
+    Limits,
+    check_token_ids,
+    generation_request,
+    output_budget,
+    sampling_params,
+    truncate_prompt,
+)
 from .sequence import RequestOutput
 from .structured import OutputPlan, plan_output
+from .tool_calls import functions_from_tools
 
 
 @dataclass
@@ -121,48 +129,40 @@ class ModelService:
 
     # -- prompts ------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[ChatMessage], param: str = "messages",
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def chat_prompt(self, messages: list[ChatMessage], options: TemplateOptions | None = None,
+                    tools: list[dict[str, Any]] | None = None, param: str = "messages") -> list[int]:
         if not self.info.has_chat_template:
             raise OpenAIError(
                 f"The model `{self.name}` has no chat template, so it cannot serve chat requests; "
                 "use /v1/completions with a prompt instead.", param=param, code="chat_template_missing")
-        rendered = [_template_message(m) for m in messages]
-        extra = {"tools": tools} if tools else {}
-        try:
-            text = self.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True, **extra)
-        except TemplateError as exc:
-            raise OpenAIError(f"The chat template rejected these messages: {exc}", param=param) from exc
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return render_chat(self.tokenizer, messages, options or TemplateOptions(), tools, param)
 
-    def completion_prompts(self, prompt: Any) -> list[list[int]]:
-        if isinstance(prompt, str):
-            return [self.tokenizer(prompt)["input_ids"]]
-        if prompt and all(isinstance(p, int) for p in prompt):
-            return [list(prompt)]
-        out = []
-        for p in prompt:
-            out.append(self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p))
-        if any(len(p) == 0 for p in out):
-            raise OpenAIError("Prompts must not be empty.", param="prompt")
-        return out
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        """The request's prompts as the engine runs them: tokenized, then truncated if asked."""
+        prompts = completion_prompts(self.tokenizer, req.prompt, req.add_special_tokens is not False)
+        return [truncate_prompt(p, req, self.limits) for p in prompts]
 
     # -- generation ---------------------------------------------------------------------------
 
     def start_chat(self, req: ChatCompletionRequest, request_id: str) -> tuple[RequestStream, OutputPlan]:
-        """Submits a chat request; the plan says how its text is constrained and read back."""
+        """Submits a chat request; the plan says how its text is constrained and read back. The
+        prompt the engine runs is the stream's `state.request.prompt_ids`."""
         engine = self.require_generation("chat completions")
+        refuse_unsupported(req, "chat")
         plan = plan_output(req, self.grammars)
-        prompt = self.chat_prompt(req.messages, tools=plan.tools)
-        max_tokens = output_budget(len(prompt), req.output_limit(), self.limits, "messages")
-        params = sampling_params(req, self.info.generation_defaults, self.limits,
-                                 want_logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0)
-        gen = generation_request(req, prompt, params, max_tokens, self.limits, n=req.n or 1, request_id=request_id)
+        prompt = truncate_prompt(self.chat_prompt(req.messages, TemplateOptions.of(req), plan.tools), req, self.limits)
+        limit, limit_param = req.output_limit()
+        max_tokens = output_budget(len(prompt), limit, self.limits, "messages", limit_param)
+        params = sampling_params(req, self.info.generation_defaults, self.limits, want_logprobs=bool(req.logprobs),
+                                 top_logprobs=req.top_logprobs or 0, tokenizer=self.tokenizer)
+        gen = generation_request(req, prompt, params, max_tokens, self.limits, n=req.n or 1,
+                                 prompt_logprobs=req.prompt_logprobs, request_id=request_id)
         gen.grammar = plan.grammar
         return engine.submit(gen), plan
 
     def start_completions(self, req: CompletionRequest, request_id: str) -> list[RequestStream]:
         engine = self.require_generation("completions")
+        refuse_unsupported(req, "completions")
         if req.suffix:
             raise OpenAIError("`suffix` (fill-in-the-middle) is not supported by this model.", param="suffix",
                               code="unsupported_parameter")
@@ -172,19 +172,24 @@ class ModelService:
             raise OpenAIError("best_of must be greater than or equal to n.", param="best_of")
         if best_of > n and req.stream:
             raise OpenAIError("best_of cannot be used with stream.", param="best_of")
-        prompts = self.completion_prompts(req.prompt)
+        plan = plan_output(req, self.grammars)
+        prompts = self.completion_prompts(req)
         top = req.logprobs or 0
         want = req.logprobs is not None or best_of > n
         params = sampling_params(req, self.info.generation_defaults, self.limits, want_logprobs=want,
-                                 top_logprobs=top)
+                                 top_logprobs=top, tokenizer=self.tokenizer)
+        echo_lp = top if (req.echo and req.logprobs is not None) else None
+        prompt_lp = max((k for k in (echo_lp, req.prompt_logprobs) if k is not None), default=None)
         gens = []
         for prompt in prompts:
             # OpenAI allows max_tokens=0 with echo, to score a prompt; the engine needs one step.
             max_tokens = output_budget(len(prompt), max(req.max_tokens or 0, 1) if req.max_tokens is not None
                                        else None, self.limits, "prompt")
-            echo_lp = top if (req.echo and req.logprobs is not None) else None
-            gens.append(generation_request(req, prompt, params, max_tokens, self.limits, n=best_of,
-                                           prompt_logprobs=echo_lp, request_id=request_id))
+            gen = generation_request(req, prompt, params, max_tokens, self.limits, n=best_of,
+                                     n_param="best_of" if best_of > n else "n", prompt_logprobs=prompt_lp,
+                                     request_id=request_id)
+            gen.grammar = plan.grammar
+            gens.append(gen)
         return [engine.submit(g) for g in gens]
 
     @staticmethod
@@ -280,36 +285,19 @@ class ModelService:
     # -- tokenizer ----------------------------------------------------------------------------
 
     def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's /tokenize: messages render as chat renders them (same template options)."""
         if req.messages is not None:
-            tokens = self.chat_prompt(req.messages)
+            tools = [f.as_tool() for f in functions_from_tools(req.tools or [])] or None
+            tokens = self.chat_prompt(req.messages, TemplateOptions.of(req), tools)
         else:
-            tokens = self.tokenizer(req.prompt, add_special_tokens=bool(req.add_special_tokens))["input_ids"]
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.info.max_model_len}
+            special = req.add_special_tokens is not False
+            tokens = self.tokenizer(req.prompt, add_special_tokens=special)["input_ids"]
+        out: dict[str, Any] = {"tokens": tokens, "count": len(tokens), "max_model_len": self.info.max_model_len}
+        if req.return_token_strs:
+            out["token_strs"] = self.tokenizer.convert_ids_to_tokens(tokens)
+        return out
 
     def detokenize(self, tokens: list[int]) -> dict[str, Any]:
-        bad = [t for t in tokens if not 0 <= t < self.limits.vocab_size]
-        if bad:
-            raise OpenAIError(f"Token id {bad[0]} is out of range for this model.", param="tokens")
+        check_token_ids(tokens, self.limits, "tokens")
         return {"prompt": self.tokenizer.decode(tokens)}
 
-
-def _template_message(m: ChatMessage) -> dict[str, Any]:
-    """A message as chat templates expect it: tool-call arguments as objects (templates such as
-    Qwen2.5's apply `tojson` to them), tool results with their call id."""
-    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-    if m.tool_calls:
-        calls = []
-        for call in m.tool_calls:
-            fn = dict(call.get("function") or {})
-            if isinstance(fn.get("arguments"), str):
-                try:
-                    fn["arguments"] = json.loads(fn["arguments"])
-                except ValueError:
-                    pass  # rendered as the string it is
-            calls.append({**call, "function": fn})
-        out["tool_calls"] = calls
-    if m.tool_call_id:
-        out["tool_call_id"] = m.tool_call_id
-    if m.name:
-        out["name"] = m.name
-    return out

@@ -44,6 +44,8 @@ class TextState:
     """
 
     stops: list[str]
+    include_stop: bool = False  # vLLM's include_stop_str_in_output: the text ends with the stop string
+    skip_special: bool = True  # vLLM's skip_special_tokens
     text: str = ""
     sent: int = 0
     token_ids: list[int] = field(default_factory=list)
@@ -52,8 +54,9 @@ class TextState:
 
     def add_token(self, decoder: Decoder, token_id: int) -> None:
         self.token_ids.append(token_id)
-        prefix = decoder.decode(self.token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decoder.decode(self.token_ids[self.prefix_offset :], skip_special_tokens=True)
+        skip = self.skip_special
+        prefix = decoder.decode(self.token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
+        full = decoder.decode(self.token_ids[self.prefix_offset :], skip_special_tokens=skip)
         if full.endswith("\ufffd") or len(full) <= len(prefix):
             return  # an unfinished character: wait for the next token
         self.text += full[len(prefix) :]
@@ -70,6 +73,8 @@ class TextState:
         at = find_stop(self.text, self.stops, start)
         if at is None:
             return False
+        if self.include_stop:
+            at += len(next(stop for stop in self.stops if self.text.startswith(stop, at)))
         self.text = self.text[:at]
         return True
 

@@ -6,92 +6,139 @@ batch rows at the next step. An error after the stream began is sent as a final 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from modelfleet.protocol import SSE_DONE, error_body, new_id, now, sse, sse_event, usage
 
 from .engine import RequestStream
-from .formatting import TokenText, chat_delta, chat_logprobs, completion_logprobs, finish_with_calls
+from .formatting import (
+    Shown,
+    TokenText,
+    chat_delta,
+    chat_logprobs,
+    completion_logprobs,
+    finish_with_calls,
+    logprob_items,
+)
 from .service import ModelService
 from .tool_calls import ParseEvent, ToolCall, ToolCallFormat, ToolCallParser
 
+log = logging.getLogger(__name__)
 
-def choice_chunk(base: dict[str, Any], choice: dict[str, Any], include_usage: bool) -> bytes:
-    """One choice's chunk; with include_usage every chunk carries `usage: null` (OpenAI's shape)."""
-    body = {**base, "choices": [choice]}
-    if include_usage:
-        body["usage"] = None
-    return sse(body)
+
+class Chunks:
+    """Frames one choice per chunk. With include_usage every chunk carries `usage: null`
+    (OpenAI's shape), or with vLLM's continuous_usage_stats the usage so far."""
+
+    def __init__(self, base: dict[str, Any], shown: Shown) -> None:
+        self.base = base
+        self.shown = shown
+
+    def __call__(self, choice: dict[str, Any], so_far: tuple[int, int] = (0, 0), **top: Any) -> bytes:
+        body = {**self.base, "choices": [choice], **top}
+        if self.shown.include_usage:
+            body["usage"] = usage(*so_far) if self.shown.continuous_usage else None
+        return sse(body)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        return sse({**self.base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
 
 
 def _error_event(message: str) -> bytes:
     return sse(error_body(message, type="server_error", code="internal_error"))
 
 
-async def chat_stream(service: ModelService, stream: RequestStream, model: str, n: int,
-                      include_usage: bool, tool_format: ToolCallFormat | None = None) -> AsyncIterator[bytes]:
+def _left(done: bool) -> None:
+    if not done:
+        log.info("client disconnected mid-stream; request cancelled")
+
+
+async def chat_stream(service: ModelService, stream: RequestStream, model: str, n: int, shown: Shown,
+                      tool_format: ToolCallFormat | None = None, echo: str = "") -> AsyncIterator[bytes]:
     """Chat chunks; with tools, each choice's text goes through a tool-call parser, so calls
-    stream as OpenAI streams them and the rest as content."""
+    stream as OpenAI streams them and the rest as content. vLLM's `echo` text comes first, and
+    its `prompt_token_ids` go on the role chunks (beside `choices`, as vLLM sends them)."""
     base = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": model,
             "system_fingerprint": service.fingerprint}
-
-    def chunk(choice: dict[str, Any]) -> bytes:
-        return choice_chunk(base, choice, include_usage)
-
+    chunk = Chunks(base, shown)
+    prompt_ids = stream.state.request.prompt_ids
+    prompt_tokens = len(prompt_ids)
+    counts = dict.fromkeys(range(n), 0)
+    done = False
     try:
         for i in range(n):
-            yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None})
-        prompt_tokens = completion_tokens = 0
+            role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}
+            yield chunk(role, (prompt_tokens, 0), **({"prompt_token_ids": prompt_ids} if shown.token_ids else {}))
+        for i in range(n if echo else 0):
+            yield chunk({"index": i, "delta": {"content": echo}, "logprobs": None, "finish_reason": None},
+                        (prompt_tokens, 0))
+        completion_tokens = 0
         parsers: dict[int, ToolCallParser] = {}
         async for event in stream:
             if event.error:
                 yield _error_event(event.error)
                 break
-            prompt_tokens, completion_tokens = event.prompt_tokens, event.completion_tokens
+            completion_tokens = event.completion_tokens
             for d in event.deltas:
-                lp = chat_logprobs(d.logprobs, service.text_of) if d.logprobs else None
+                counts[d.index] += len(d.token_ids)
+                so_far = (prompt_tokens, counts[d.index])
+                lp = chat_logprobs(d.logprobs, shown.token_name) if d.logprobs else None
+                ids = {"token_ids": d.token_ids} if shown.token_ids else {}
                 if tool_format is None:
-                    if d.text or d.logprobs:
+                    if d.text or d.logprobs or ids and d.token_ids:
                         yield chunk({"index": d.index, "delta": {"content": d.text}, "logprobs": lp,
-                                     "finish_reason": None})
+                                     "finish_reason": None, **ids}, so_far)
                     if d.finish_reason:
                         yield chunk({"index": d.index, "delta": {}, "logprobs": None,
-                                     "finish_reason": d.finish_reason})
+                                     "finish_reason": d.finish_reason}, so_far)
                     continue
                 parser = parsers.setdefault(d.index, tool_format.parser())
                 events = parser.feed(d.text) + (parser.finish() if d.finish_reason else [])
-                deltas = [chat_delta(e) for e in events] or ([{}] if lp else [])
+                deltas = [chat_delta(e) for e in events] or ([{}] if lp or ids and d.token_ids else [])
                 for j, delta in enumerate(deltas):
-                    yield chunk({"index": d.index, "delta": delta, "logprobs": lp if j == 0 else None,
-                                 "finish_reason": None})
+                    first = {"logprobs": lp, **ids} if j == 0 else {"logprobs": None}
+                    yield chunk({"index": d.index, "delta": delta, **first, "finish_reason": None}, so_far)
                 if d.finish_reason:
                     finish = finish_with_calls(d.finish_reason, bool(parser.calls))
-                    yield chunk({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": finish})
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+                    yield chunk({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": finish}, so_far)
+        if shown.include_usage:
+            yield chunk.usage(prompt_tokens, completion_tokens)
         yield SSE_DONE
+        done = True
     finally:
         stream.cancel()
+        _left(done)
 
 
 async def completion_stream(service: ModelService, streams: list[RequestStream], model: str, n: int,
-                            echo_texts: list[str] | None, include_usage: bool) -> AsyncIterator[bytes]:
+                            echo_texts: list[str] | None, shown: Shown, logprobs: int | None
+                            ) -> AsyncIterator[bytes]:
     base = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model,
             "system_fingerprint": service.fingerprint}
+    chunk = Chunks(base, shown)
     text_of: TokenText = service.text_of
+    prompts = [s.state.request.prompt_ids for s in streams]
     offsets: dict[int, int] = {}
+    counts: dict[int, int] = {}
+    first_of: set[int] = set()  # choices whose first chunk (with vLLM's prompt_token_ids) has gone
+    done = False
 
-    def chunk(choice: dict[str, Any]) -> bytes:
-        return choice_chunk(base, choice, include_usage)
+    def prompt_ids_once(p: int, index: int) -> dict[str, Any]:
+        if not shown.token_ids or index in first_of:
+            return {}
+        first_of.add(index)
+        return {"prompt_token_ids": prompts[p]}
 
     try:
         if echo_texts is not None:
             for p, text in enumerate(echo_texts):
                 for i in range(n):
                     offsets[p * n + i] = len(text)
-                    yield chunk({"index": p * n + i, "text": text, "logprobs": None, "finish_reason": None})
+                    yield chunk({"index": p * n + i, "text": text, "logprobs": None, "finish_reason": None,
+                                 **prompt_ids_once(p, p * n + i)}, (len(prompts[p]), 0))
         totals: dict[int, tuple[int, int]] = {}
         async for p, event in ModelService.merge(streams):
             if event.error:
@@ -100,26 +147,30 @@ async def completion_stream(service: ModelService, streams: list[RequestStream],
             totals[p] = (event.prompt_tokens, event.completion_tokens)
             for d in event.deltas:
                 index = p * n + d.index
+                counts[index] = counts.get(index, 0) + len(d.token_ids)
                 lp = None
                 if d.logprobs:
-                    lp = completion_logprobs(d.logprobs, text_of, offsets.get(index, 0))
+                    lp = completion_logprobs(d.logprobs, shown.token_name, offsets.get(index, 0), logprobs)
                     offsets[index] = offsets.get(index, 0) + sum(len(text_of(e.token_id)) for e in d.logprobs)
-                if d.text or lp or d.finish_reason:
-                    yield chunk({"index": index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason})
-        if include_usage:
-            prompt = sum(t[0] for t in totals.values())
-            completion = sum(t[1] for t in totals.values())
-            yield sse({**base, "choices": [], "usage": usage(prompt, completion)})
+                ids = {"token_ids": d.token_ids} if shown.token_ids else {}
+                if d.text or lp or d.finish_reason or ids and d.token_ids:
+                    yield chunk({"index": index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason,
+                                 **prompt_ids_once(p, index), **ids}, (len(prompts[p]), counts[index]))
+        if shown.include_usage:
+            yield chunk.usage(sum(t[0] for t in totals.values()), sum(t[1] for t in totals.values()))
         yield SSE_DONE
+        done = True
     finally:
         for s in streams:
             s.cancel()
+        _left(done)
 
 
 def response_object(rid: str, model: str, created: int, text: str | None, status: str, prompt_tokens: int,
                     completion_tokens: int, message_id: str, incomplete: bool = False,
-                    calls: list[ToolCall] | None = None) -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text or "", "annotations": [], "logprobs": []}]
+                    calls: list[ToolCall] | None = None, logprobs: list[dict[str, Any]] | None = None
+                    ) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text or "", "annotations": [], "logprobs": logprobs or []}]
     output = [] if status == "in_progress" else [
         {"type": "message", "id": message_id, "status": "completed", "role": "assistant", "content": content}
     ]
@@ -204,13 +255,17 @@ class PlainText:
         return []
 
 
-async def responses_stream(stream: RequestStream, model: str,
-                           tool_format: ToolCallFormat | None = None) -> AsyncIterator[bytes]:
+async def responses_stream(stream: RequestStream, model: str, tool_format: ToolCallFormat | None = None,
+                           text_of: TokenText | None = None) -> AsyncIterator[bytes]:
     """The Responses API's typed events, in the order OpenAI sends them. Without tools the
     message item opens at once; with tools it opens at the first content, and each call is a
-    function_call item with argument deltas."""
+    function_call item with argument deltas. With `text_of` (the request included
+    "message.output_text.logprobs") each text delta carries the logprobs of its tokens."""
     rid, mid, created = new_id("resp"), new_id("msg"), now()
     event = ResponseEvents()
+    pending: list[dict[str, Any]] = []  # logprobs of tokens whose text has not been sent yet
+    sent_logprobs: list[dict[str, Any]] = []
+    done = False
 
     parser: ToolCallParser = tool_format.parser() if tool_format is not None else PlainText()
     item_base = {"type": "message", "id": mid, "role": "assistant"}
@@ -246,17 +301,22 @@ async def responses_stream(stream: RequestStream, model: str,
         async for ev in stream:
             if ev.error:
                 yield event("error", code="server_error", message=ev.error, param=None)
+                done = True
                 return
             prompt_tokens, completion_tokens = ev.prompt_tokens, ev.completion_tokens
             for d in ev.deltas:
                 finish = d.finish_reason or finish
+                if text_of is not None and d.logprobs:
+                    pending += logprob_items(d.logprobs, text_of)
                 for pe in parser.feed(d.text) + (parser.finish() if d.finish_reason else []):
                     if pe.kind == "content":
                         if message_index is None:
                             for b in open_message():
                                 yield b
+                        sent_logprobs += pending
                         yield event("response.output_text.delta", item_id=mid, output_index=message_index,
-                                    content_index=0, delta=pe.text, logprobs=[])
+                                    content_index=0, delta=pe.text, logprobs=pending)
+                        pending = []
                     elif pe.kind == "call" and pe.call is not None:
                         for b in close_call():
                             yield b
@@ -269,11 +329,12 @@ async def responses_stream(stream: RequestStream, model: str,
                                     delta=pe.text)
         for b in close_call():
             yield b
+        sent_logprobs += pending  # tokens whose text never showed (an unfinished character at the end)
         if message_index is not None:
             text = parser.content
             done_part = {"type": "output_text", "text": text, "annotations": []}
             yield event("response.output_text.done", item_id=mid, output_index=message_index, content_index=0,
-                        text=text, logprobs=[])
+                        text=text, logprobs=sent_logprobs)
             yield event("response.content_part.done", item_id=mid, output_index=message_index, content_index=0,
                         part=done_part)
             yield event("response.output_item.done", output_index=message_index,
@@ -281,7 +342,9 @@ async def responses_stream(stream: RequestStream, model: str,
         incomplete = finish == "length"
         final = response_object(rid, model, created, parser.content or None,
                                 "incomplete" if incomplete else "completed", prompt_tokens, completion_tokens, mid,
-                                incomplete, parser.calls)
+                                incomplete, parser.calls, sent_logprobs)
         yield event("response.incomplete" if incomplete else "response.completed", response=final)
+        done = True
     finally:
         stream.cancel()
+        _left(done)

@@ -222,3 +222,55 @@ def test_client_sdk_dict_and_attribute_access(server):
     with pytest.raises(client.NotFoundError) as info:
         client.ChatCompletion.create(model="ghost", messages=[{"role": "user", "content": "Hi"}])
     assert info.value.code == "model_not_found"
+
+
+# -- vLLM clients and the review's input checks, through the gateway ------------------------------
+
+def test_vllm_entrypoint_style_structured_outputs(openai_client, server):
+    """What vLLM's own entrypoint tests send: the output is constrained, and an invalid regex is
+    a 400 naming the parameter (it used to be a 200 with free text)."""
+    messages = [{"role": "user", "content": "Pick one"}]
+    r = openai_client.chat.completions.create(model=CHAT, messages=messages, n=3, temperature=1.5,
+                                              extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert {c.message.content for c in r.choices} <= {"red", "green", "blue"}
+    r = openai_client.completions.create(model=CHAT, prompt="Phone:", max_tokens=20, seed=1,
+                                         extra_body={"structured_outputs": {"regex": r"\d{3}-\d{4}"}})
+    assert re.fullmatch(r"\d{3}-\d{4}", r.choices[0].text)
+    for body, param in [({"guided_regex": "[.*"}, "guided_regex"),
+                        ({"structured_outputs": {"regex": "[.*"}}, "structured_outputs.regex"),
+                        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+                        ({"use_beam_search": True}, "use_beam_search")]:
+        r = httpx.post(f"{server}/v1/chat/completions", json={"model": CHAT, "messages": messages, **body})
+        assert_error(r, 400, param=param)
+
+
+def test_a_form_encoded_body_is_a_400(server):
+    body = json.dumps({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+    r = httpx.post(f"{server}/v1/chat/completions", content=body,
+                   headers={"content-type": "application/x-www-form-urlencoded"})
+    assert_error(r, 400)
+    assert "application/json" in r.json()["error"]["message"]
+    ok = httpx.post(f"{server}/v1/chat/completions", content=body,
+                    headers={"content-type": "application/json; charset=utf-8"}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_stream_options_without_stream_is_a_400(server):
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+                                                          "stream_options": {"include_usage": True}})
+    assert_error(r, 400, param="stream_options")
+
+
+def test_completion_logprobs_hold_the_sampled_token(openai_client):
+    r = openai_client.completions.create(model=CHAT, prompt="Once", max_tokens=5, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert [list(top) for top in lp.top_logprobs] == [[tok] for tok in lp.tokens]
+
+
+def test_tokenize_chat_options_and_token_strings(server):
+    messages = [{"role": "user", "content": "Hi"}]
+    opened = httpx.post(f"{server}/tokenize", json={"model": CHAT, "messages": messages,
+                                                    "return_token_strs": True}).json()
+    closed = httpx.post(f"{server}/tokenize", json={"model": CHAT, "messages": messages,
+                                                    "add_generation_prompt": False}).json()
+    assert closed["count"] < opened["count"] and len(opened["token_strs"]) == opened["count"]

@@ -57,6 +57,19 @@ def test_garbage_bytes_are_a_400(raw):
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 2**63}, "seed"),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": -(2**63) - 1}, "seed"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+         "stream_options"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": False,
+          "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop_token_ids": [3, -1]}, "stop_token_ids"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "allowed_token_ids": [-5]},
+         "allowed_token_ids"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 1, "stream": True},
+         "prompt_logprobs"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"regex": 5}},
+         "structured_outputs.regex"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "guided_choice": "yes"}, "guided_choice"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "priority": 2**63}, "priority"),
     ],
 )
 def test_wrong_values_name_their_parameter(body, param):
@@ -79,3 +92,19 @@ def test_embedding_inputs_of_every_shape():
         parse_request(EmbeddingRequest, json.dumps({"model": "m", "input": value}).encode())
     with pytest.raises(OpenAIError):
         parse_request(EmbeddingRequest, json.dumps({"model": "m", "input": []}).encode())
+
+
+def test_stream_options_go_with_stream_on_completions_too():
+    body = {"model": "m", "prompt": "x", "stream_options": {"include_usage": True}}
+    with pytest.raises(OpenAIError) as info:
+        parse_request(CompletionRequest, json.dumps(body).encode())
+    assert info.value.param == "stream_options"
+    parse_request(CompletionRequest, json.dumps({**body, "stream": True}).encode())
+
+
+def test_detokenize_token_ids_are_not_negative():
+    from modelfleet.protocol import DetokenizeRequest
+
+    with pytest.raises(OpenAIError) as info:
+        parse_request(DetokenizeRequest, json.dumps({"tokens": [1, -2]}).encode())
+    assert info.value.param == "tokens"
