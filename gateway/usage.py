@@ -50,7 +50,8 @@ def ask_for_usage(body: bytes) -> bytes:
     exactly, the gateway needs a stream's usage even when the client did not ask for it."""
     data = json.loads(body)
     options = data.get("stream_options") if isinstance(data.get("stream_options"), dict) else {}
-    data["stream_options"] = {**options, "include_usage": True}
+    # continuous_usage_stats would put the usage in every chunk: the client did not ask for it.
+    data["stream_options"] = {**options, "include_usage": True, "continuous_usage_stats": False}
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -43,7 +43,7 @@ def test_vllm_shaped_chunks_without_usage_fields_pass_unchanged():
 
 
 def test_asking_for_usage_keeps_the_clients_other_stream_options():
-    body = json.dumps({"model": "m", "stream": True, "stream_options": {"continuous_usage_stats": False},
+    body = json.dumps({"model": "m", "stream": True, "stream_options": {"continuous_usage_stats": True},
                        "messages": [{"role": "user", "content": "héllo"}]}).encode()
     sent = json.loads(ask_for_usage(body))
     assert sent["stream_options"] == {"continuous_usage_stats": False, "include_usage": True}
