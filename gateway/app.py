@@ -17,9 +17,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from modelfleet.http import RequestIdMiddleware, install_error_handlers
+from modelfleet.openapi import openapi_document
 from modelfleet.protocol import model_not_found
 
 from .auth import ApiKey, KeyFileWatcher, KeyStore
+from .capacity import Capacity
 from .datapath import DataPath
 from .limits import RateLimiter
 from .load import LoadScraper
@@ -46,6 +48,7 @@ class GatewaySettings:
     read_timeout: float = 600.0
     first_byte_timeout: float = 15.0  # streams only; see proxy.py
     hold_timeout: float = 60.0  # static: a request waits this long for a backend that is starting
+    max_inflight_per_replica: int = 256  # past this, a burst gets 503 at once (see capacity.py)
     max_connections: int = 4096
 
 
@@ -125,7 +128,9 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
         await upstream.close()
         await client.aclose()
 
-    app = FastAPI(title="modelfleet gateway", docs_url=None, redoc_url=None, lifespan=lifespan)
+    # The document is ours (modelfleet/openapi.py): FastAPI's would list only the routes below.
+    app = FastAPI(title="modelfleet gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    document = openapi_document("modelfleet gateway")
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
 
@@ -160,5 +165,9 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
     async def prometheus():
         return Response(generate_latest(metrics.prom), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/openapi.json")
+    async def openapi():
+        return JSONResponse(document)
+
     return DataPath(app, keys=keys, registry=registry, limiter=limiter, discovery=discovery, proxy=proxy,
-                    metrics=metrics)
+                    metrics=metrics, capacity=Capacity(settings.max_inflight_per_replica))

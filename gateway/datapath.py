@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -31,6 +31,7 @@ from modelfleet.http import (
 from modelfleet.protocol import OpenAIError, model_not_found
 
 from .auth import ApiKey, KeyStore
+from .capacity import Capacity
 from .engines import ErrorRewriter, check_for_engine
 from .limits import RateLimiter
 from .metrics import GatewayMetrics
@@ -66,6 +67,7 @@ class DataPath:
     discovery: ReplicaWait
     proxy: Proxy
     metrics: GatewayMetrics
+    capacity: Capacity = field(default_factory=Capacity)
     max_body_bytes: int = MAX_BODY_BYTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -130,8 +132,15 @@ class DataPath:
             if strip_usage:
                 body = ask_for_usage(body)
             await self.wait_for_replica(model)
-            relay = await self.proxy.forward(path, body, headers, model, admission.charge, key.name if key else "",
-                                             fields.prefix, stream=fields.stream, received=received)
+            release = self.capacity.acquire(model, key.name if key else "", len(self.registry.available(model)))
+            try:
+                relay = await self.proxy.forward(path, body, headers, model, admission.charge,
+                                                 key.name if key else "", fields.prefix, stream=fields.stream,
+                                                 received=received)
+            except BaseException:
+                release()
+                raise
+            relay.release = release
             if strip_usage and relay.streaming and relay.status == 200:
                 relay.rewrite = UsageStripper()
             elif engine != "modelfleet" and relay.status >= 400 and not relay.streaming:

@@ -158,6 +158,7 @@ class Relay:
     # Rewrites the answer on its way (see DataPath): takes out the usage the gateway asked for
     # on the client's behalf, or rewords another engine's error. feed(b"") flushes.
     rewrite: ChunkFilter | None = None
+    release: Callable[[], None] | None = None  # the capacity the request holds (see capacity.py)
 
     def __post_init__(self) -> None:
         self.streaming = self.upstream.headers.get("content-type", "").startswith("text/event-stream")
@@ -209,6 +210,8 @@ class Relay:
         self.closed = True
         metrics, scanner = self.proxy.metrics, self.scanner
         self.endpoint.inflight -= 1
+        if self.release is not None:
+            self.release()
         self.upstream.close(self.completed)
         tokens = scanner.tokens() if self.upstream.status == 200 else 0  # a stream cut short still used its tokens
         if self.on_usage is not None:

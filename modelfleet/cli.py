@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a streamed request whose replica sends nothing for this long moves to another")
     gateway.add_argument("--hold-timeout", type=float, default=60.0, metavar="SECONDS",
                          help="static: how long a request waits for a backend that is still starting")
+    gateway.add_argument("--max-inflight-per-replica", type=_positive, default=256, metavar="N",
+                         help="requests in flight per ready replica before a burst gets 503 at once")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=_port, default=8000)
 
@@ -192,7 +194,8 @@ def run_gateway(args: argparse.Namespace) -> int:
                                         discovery=args.discovery, namespaces=args.namespace,
                                         key_namespace=args.key_namespace, gateway_service=args.gateway_service,
                                         first_byte_timeout=args.first_byte_timeout,
-                                        hold_timeout=args.hold_timeout))
+                                        hold_timeout=args.hold_timeout,
+                                        max_inflight_per_replica=args.max_inflight_per_replica))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

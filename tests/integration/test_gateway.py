@@ -179,6 +179,7 @@ class FakeReplica:
     def __init__(self, on_post: str) -> None:
         self.on_post = on_post
         self.posted = False
+        self.posts = 0
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -201,6 +202,7 @@ class FakeReplica:
             writer.close()
             return
         self.posted = True
+        self.posts += 1
         if self.on_post == "drop":
             writer.close()
             return
@@ -384,3 +386,56 @@ def test_proxied_paths_answer_wrong_methods_and_huge_bodies_in_the_api_format(wo
         assert r.headers["x-request-id"] == "big-1"
     finally:
         gw.kill()
+
+
+def test_a_burst_beyond_capacity_is_refused_fast_and_keys_get_fair_shares(tmp_path):
+    """A replica that holds every request (as a saturated one does), capacity 8 in flight: a
+    heavy key's burst gets 4 in (half, so others find room) and fast 429s for the rest; a
+    light key still gets in; once the model is full, everyone gets a fast 503 with Retry-After
+    instead of waiting in an unbounded queue."""
+    stall = FakeReplica(on_post="stall")
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {name: heavy, key: sk-heavy-0123456789}\n  - {name: light, key: sk-light-0123456789}\n"
+                    "  - {name: third, key: sk-third-0123456789}\n")
+    gw, url = start_gateway(tmp_path, f"m=http://127.0.0.1:{stall.port}",
+                            extra=("--api-keys", str(keys), "--max-inflight-per-replica", "8"))
+    answers: dict[str, list] = {"heavy": [], "light": [], "third": []}
+    stopped = [float("inf")]
+
+    def call(name: str) -> None:
+        started = time.monotonic()
+        try:
+            r = chat(url, "m", auth(name))
+            status, retry = r.status_code, r.headers.get("retry-after")
+        except httpx.HTTPError:
+            status, retry = None, None
+        ended = time.monotonic()
+        # still in flight when the gateway was stopped: it had been admitted
+        answers[name].append(("held", None, None) if ended >= stopped[0] else (status, retry, ended - started))
+
+    def burst(name: str, count: int, refused: int) -> list[threading.Thread]:
+        threads = [threading.Thread(target=call, args=(name,)) for _ in range(count)]
+        for th in threads:
+            th.start()
+        wait_until(lambda: len(answers[name]) >= refused, timeout=10, what=f"{name}'s refusals")
+        return threads
+
+    threads = []
+    try:
+        threads += burst("heavy", 10, refused=6)
+        threads += burst("light", 3, refused=0)
+        wait_until(lambda: stall.posts >= 7, timeout=10, what="7 requests at the replica")
+        threads += burst("third", 4, refused=3)
+    finally:
+        stopped[0] = time.monotonic()
+        gw.terminate()
+        gw.wait(timeout=30)
+        for th in threads:
+            th.join(timeout=30)
+        stall.close()
+    heavy = [a for a in answers["heavy"] if a[0] != "held"]
+    assert [a[0] for a in heavy] == [429] * 6 and len(answers["heavy"]) == 10
+    assert [a[0] for a in answers["light"]] == ["held"] * 3  # all three got in
+    third = [a for a in answers["third"] if a[0] != "held"]
+    assert [a[0] for a in third] == [503] * 3 and len(answers["third"]) == 4  # one got in, then the model was full
+    assert all(a[1] == "1" and a[2] < 2.0 for a in [*third, *heavy])  # fast, with Retry-After
