@@ -29,9 +29,10 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # The tool-call parser that matches a ChatML/Hermes chat template (Qwen2.5, Hermes, the demo
 # model); `spec.engine.args` / `--vllm-arg` override it for other families (llama3_json, ...).
 DEFAULT_TOOL_CALL_PARSER = "hermes"
-# Structured outputs (response_format, tools, guided_*) as modelfleet's engine does them: with
-# llguidance ("guidance"), and compact JSON. With vLLM's default whitespace rules a random or
-# weak model can pad JSON with spaces until max_tokens and never close it.
+# Structured outputs (response_format, guided_*) in compact JSON, as modelfleet's engine writes
+# them: with vLLM's default whitespace rules a random or weak model can pad JSON with spaces
+# until max_tokens and never close it. xgrammar, because vLLM 0.32's guidance backend cannot
+# compile the grammar of tool_choice "required" or a named tool (400 "'triggers'").
 STRUCTURED_OUTPUTS = json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}, separators=(",", ":"))
 # Flags that the renderer sets from the spec; user args must not repeat them.
 VLLM_RESERVED_ARGS = ("--model", "--served-model-name", "--host", "--port")
@@ -55,6 +56,8 @@ class VllmServer:
     max_num_seqs: int | None = None
     tensor_parallel_size: int = 1
     task: Literal["generate", "embed", "auto"] = "auto"
+    # After SIGTERM, finish in-flight requests for this long (vLLM's default aborts them).
+    drain_seconds: int = 30
     extra_args: list[str] = field(default_factory=list)
 
     def args(self) -> list[str]:
@@ -71,6 +74,7 @@ class VllmServer:
             "--port", str(self.port),
             "--dtype", self.dtype,
             "--disable-uvicorn-access-log",
+            "--shutdown-timeout", str(self.drain_seconds),
         ]  # fmt: skip
         if self.revision:
             args += ["--revision", self.revision]
@@ -86,6 +90,8 @@ class VllmServer:
         else:
             args += ["--enable-prefix-caching",
                      "--enable-auto-tool-choice", "--tool-call-parser", DEFAULT_TOOL_CALL_PARSER,
+                     # tool arguments follow each tool's schema, not only for `strict` tools
+                     "--tool-strict-level", "parameter",
                      "--structured-outputs-config", STRUCTURED_OUTPUTS]
         return args + list(self.extra_args)
 

@@ -72,6 +72,7 @@ def worker_command(name: str, source: str, port: int, args: argparse.Namespace) 
     server = VllmServer(model=model, revision=revision, served_names=[name], host="127.0.0.1", port=port,
                         dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         task=detect_task(model) if revision is None and os.path.isdir(model) else "auto",
+                        drain_seconds=DRAIN_SECONDS,
                         extra_args=list(args.vllm_arg))
     # -P: never import from the current directory (a checkout's operator/ would shadow the stdlib's).
     return [python, "-P", "-m", VLLM_SERVER_MODULE, *server.args()]
@@ -110,6 +111,9 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
     except OSError:
         pass
+
+
+DRAIN_SECONDS = 8  # a stopping replica finishes its requests this long, within stop_workers' grace
 
 
 def stop_workers(workers: list[WorkerProcess], grace: float = 10.0) -> None:

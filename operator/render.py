@@ -139,6 +139,7 @@ def vllm_server(md: ModelDeployment, model_path: str, config: OperatorConfig) ->
         max_num_seqs=spec.engine.max_num_seqs,
         tensor_parallel_size=max(1, spec.resources.gpu),
         task=spec.model.task,
+        drain_seconds=spec.termination_grace_period_seconds,
         extra_args=list(spec.engine.args),
     )  # fmt: skip
 
