@@ -144,6 +144,13 @@ def vllm_server(md: ModelDeployment, model_path: str, config: OperatorConfig) ->
     )  # fmt: skip
 
 
+def _merge_env(env: list[dict[str, Any]], user_count: int) -> list[dict[str, Any]]:
+    """The user's spec.engine.env (the first `user_count` entries) wins over what the operator
+    adds by default: an env list with a name twice is refused by server-side apply."""
+    user = {e["name"] for e in env[:user_count]}
+    return env[:user_count] + [e for e in env[user_count:] if e["name"] not in user]
+
+
 def _resources(md: ModelDeployment) -> dict[str, Any]:
     """Requests and limits. No CPU limit: throttling a loading model only makes it slower."""
     res = md.spec.resources
@@ -214,7 +221,7 @@ def _container(md: ModelDeployment, source: ResolvedSource, config: OperatorConf
             "command": worker_args(md, source.path, config),
             "readinessProbe": _http_probe("/ready", READINESS_PERIOD_SECONDS, READINESS_FAILURES, 3),
         })
-    container.update(env=env, volumeMounts=mounts)
+    container.update(env=_merge_env(env, len(engine.env)), volumeMounts=mounts)
     return {k: v for k, v in container.items() if v not in ([], {})}
 
 

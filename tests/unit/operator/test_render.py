@@ -320,3 +320,11 @@ def test_the_own_engine_gets_the_hf_token_too() -> None:
     md = make({"model": {"source": "hf://org/tiny", "tokenSecretRef": {"name": "s", "key": "hf"}}})
     env = {e["name"]: e for e in container(render_deployment(md, 1, CONFIG))["env"]}
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "s", "key": "hf"}}
+
+
+def test_the_users_env_wins_over_the_engines_defaults_without_duplicate_names() -> None:
+    md = make({"engine": {"kind": "vllm", "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}]}})
+    env = container(render_deployment(md, 1, CONFIG))["env"]
+    names = [e["name"] for e in env]
+    assert len(names) == len(set(names))  # server-side apply refuses a name twice
+    assert {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"} in env
