@@ -1,5 +1,5 @@
 """Shared benchmark plumbing: worker processes, a closed-loop load generator, statistics, and
-the results file + plot that every benchmark writes (CONTRACTS section 8)."""
+the results file + plot that every benchmark writes (bench/README.md)."""
 
 from __future__ import annotations
 

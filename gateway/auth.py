@@ -57,7 +57,7 @@ def _limit(value: Any, field: str, name: str) -> int | None:
 
 
 def parse_entry(entry: Mapping[str, Any], where: str) -> ApiKey:
-    """One key from the file's `keys:` list or from a Secret's data (CONTRACTS section 4)."""
+    """One key from the file's `keys:` list or from a Secret's data (docs/keys.md)."""
     name = str(entry.get("name") or "").strip()
     if not name:
         raise KeyFileError(f"{where}: every key needs a name")
@@ -164,7 +164,7 @@ class KeyFileWatcher:
 
 
 def keys_from_secrets(items: Iterable[Mapping[str, Any]]) -> list[ApiKey]:
-    """Secrets labelled modelfleet.dev/api-key=true -> keys (CONTRACTS section 4): data keys
+    """Secrets labelled modelfleet.dev/api-key=true -> keys (docs/keys.md): data keys
     `key` or `key_sha256`, `models` comma-separated, `rpm`, `tpm`; the key's name is `name` or
     the Secret's name. A malformed Secret is logged and skipped, never fatal."""
     import base64

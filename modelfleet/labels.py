@@ -30,7 +30,7 @@ ALIASES = f"{PREFIX}/aliases"
 # {"time": "<RFC 3339 UTC>", "waiting": <int>}; see docs/operator.md.
 DEMAND = f"{PREFIX}/demand"
 
-# Label on Secrets that hold API keys (CONTRACTS.md section 4); value "true".
+# Label on Secrets that hold API keys (docs/keys.md); value "true".
 API_KEY = f"{PREFIX}/api-key"
 
 # Prefix for kopf's own bookkeeping annotations (progress, last-handled configuration). A

@@ -1,6 +1,6 @@
 """In-flight load of a model's workers, read from their Prometheus /metrics.
 
-Workers export vLLM's gauge names (CONTRACTS.md section 3), so the same reader works for
+Workers export vLLM's gauge names (docs/engines.md), so the same reader works for
 vLLM pods too. Parsing is pure; `probe_inflight` does the HTTP, and reconcile() receives it as
 a plain callable so tests pass a fake.
 """

@@ -193,7 +193,7 @@ def run(argv: Sequence[str]) -> int:
         from .kube import Kube
 
         kube = Kube(_kube_client())
-    except Exception as exc:  # noqa: BLE001 - one clear line, per CONTRACTS.md section 2
+    except Exception as exc:  # noqa: BLE001 - one clear line, as every command does (docs/cli.md)
         print(f"modelfleet operator: {exc}", file=sys.stderr)
         return 2
 

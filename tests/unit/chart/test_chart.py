@@ -258,7 +258,7 @@ def test_api_keys_from_values(render) -> None:
 
 
 def test_api_keys_the_gateway_parses(render) -> None:
-    """The rendered Secrets go through the gateway's own parser (CONTRACTS.md section 4)."""
+    """The rendered Secrets go through the gateway's own parser (docs/keys.md)."""
     import base64
 
     from modelfleet.gateway.auth import keys_from_secrets
