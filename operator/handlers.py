@@ -83,6 +83,9 @@ class _Slot:
         self.finished: float | None = None
         # Outcome.applied of the last reconcile: what a child event's Deployment is compared to.
         self.applied: Applied | None = None
+        # Whether a reconcile of this object has run in this process (finished or not): after
+        # one, a body kopf saw earlier may predate what that run wrote.
+        self.ran = False
 
 
 class _Slots:
@@ -143,6 +146,12 @@ def make_runner(
     timer skips an object reconciled within the last half interval for another reason, so
     each object is still reconciled at least every 1.5 intervals, and a burst of new objects
     is not slowed by their first resyncs.
+
+    `fresh` (a create's first try, kopf's body has no status) is honoured only by the first
+    reconcile of an object in this process. After a restart, the watch of worker Deployments
+    can reconcile an object (writing its status and posting its Events) before kopf hands
+    over the create it listed earlier; that body, trusted as stored, would post every
+    transition a second time.
     """
     slots = _Slots()
     fresh_for = deps.config.resync_seconds / 2
@@ -167,6 +176,7 @@ def make_runner(
             if facts is not None and slot.deployment_facts == facts:  # the run we waited for saw it
                 deps.metrics.coalesced.labels("modeldeployments", trigger).inc()
                 return None
+            fresh, slot.ran = fresh and not slot.ran, True
             with deps.metrics.timed(trigger):
                 try:
                     outcome = reconcile(body, deps.kube, deps.config, deps.probe, deps.clock(),
@@ -221,7 +231,8 @@ def register(registry: kopf.OperatorRegistry, deps: Deps, peering: Peering | Non
 
     @kopf.on.create(*resource, registry=registry, id="reconcile-create")
     def on_create(body: kopf.Body, retry: int, **_: Any) -> None:
-        # A first try with no status yet sees the object as stored: no need to read it again.
+        # A first try with no status yet sees the object as stored: no need to read it again
+        # (unless another trigger reconciled it first: see make_runner).
         run(body, "create", fresh=retry == 0 and not body.get("status"))
 
     @kopf.on.update(*resource, registry=registry, id="reconcile-update")

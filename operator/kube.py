@@ -6,11 +6,16 @@ touches fields it does not render (HPA, `kubectl rollout restart`, API server de
 
 Built on the kubernetes client's DynamicClient, whose get/patch/server_side_apply interface is
 the same across client releases, unlike the generated typed APIs.
+
+Events are posted here rather than with kopf.event: kopf posts each one under a generated name
+from an in-memory queue, so a repeat is a second Event and a killed process loses what it
+queued. Ours are named after what they say (event_name) and a repeat bumps the existing
+Event's count, as client-go's recorder folds them, but across restarts too.
 """
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -31,6 +36,11 @@ POD = ("v1", "Pod")
 EVENT = ("v1", "Event")
 MODEL_DEPLOYMENT = (API_VERSION, KIND)
 
+MAX_EVENT_MESSAGE = 1024  # as kopf cuts them, and events.k8s.io/v1 caps a note
+MAX_NAME = 253
+# Tries to bump an existing Event's count when another writer bumps it at the same time.
+FOLD_TRIES = 3
+
 
 class KubeApi(Protocol):
     """What reconcile() needs from the cluster; kube.Kube implements it, tests fake it."""
@@ -49,6 +59,55 @@ def _status_code(exc: BaseException) -> int | None:
     return getattr(exc, "status", None)
 
 
+def event_name(meta: ObjectMeta, event: StatusEvent) -> str:
+    """The object's name and a digest of its uid and the event's type, reason and message.
+
+    What client-go's EventCorrelator keys repeats on, written into the name: the same event
+    about the same object is the same Event, whichever process or trigger posts it.
+    """
+    key = "\0".join((meta.uid, event.type, event.reason, event.message[:MAX_EVENT_MESSAGE]))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return f"{meta.name[: MAX_NAME - len(digest) - 1]}.{digest}"
+
+
+def event_body(meta: ObjectMeta, event: StatusEvent, now: str, component: str) -> dict[str, Any]:
+    """A core/v1 Event about the ModelDeployment, seen for the first time at `now`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": event_name(meta, event), "namespace": meta.namespace},
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": meta.name,
+            "namespace": meta.namespace,
+            "uid": meta.uid,
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": event.message[:MAX_EVENT_MESSAGE],
+        "source": {"component": component},
+        "reportingComponent": component,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+
+
+def fold_patch(existing: Mapping[str, Any], now: str) -> dict[str, Any]:
+    """The merge patch that records one more occurrence on an existing Event.
+
+    Its resourceVersion makes it conditional: two writers folding at once cannot both count
+    from the same number (one gets 409 and reads again).
+    """
+    meta = existing.get("metadata") or {}
+    return {
+        "metadata": {"resourceVersion": meta.get("resourceVersion")},
+        "count": int(existing.get("count") or 1) + 1,
+        "lastTimestamp": now,
+    }
+
+
 class Kube:
     """KubeApi over a kubernetes DynamicClient (built by main.py from the kubeconfig)."""
 
@@ -59,7 +118,6 @@ class Kube:
         self._field_manager = field_manager
         self._component = component
         self._resources: dict[tuple[str, str], Any] = {}
-        self._seq = itertools.count()
 
     def _resource(self, kind: tuple[str, str]) -> Any:
         if kind not in self._resources:
@@ -120,35 +178,38 @@ class Kube:
         )
 
     def post_event(self, meta: ObjectMeta, event: StatusEvent) -> None:
-        """A core/v1 Event on the ModelDeployment (what `kubectl describe md` shows).
+        """A core/v1 Event on the ModelDeployment (what `kubectl describe md` shows): created
+        under event_name(), or, when it exists already, its count and lastTimestamp bumped.
 
         Failures are logged, not raised: an Event is a courtesy, status is the record.
         """
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "name": f"{meta.name}.{time.time_ns():x}{next(self._seq)}",
-                "namespace": meta.namespace,
-            },
-            "involvedObject": {
-                "apiVersion": API_VERSION,
-                "kind": KIND,
-                "name": meta.name,
-                "namespace": meta.namespace,
-                "uid": meta.uid,
-            },
-            "type": event.type,
-            "reason": event.reason,
-            "message": event.message[:1024],
-            "source": {"component": self._component},
-            "reportingComponent": self._component,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        body = event_body(meta, event, now, self._component)
         try:
-            self._dyn.create(self._resource(EVENT), body=body, namespace=meta.namespace)
+            self._post_or_fold(body, now)
         except Exception as exc:  # noqa: BLE001 - see docstring
             log.warning("could not post event %s on %s/%s: %s", event.reason, meta.namespace, meta.name, exc)
+
+    def _post_or_fold(self, body: Mapping[str, Any], now: str) -> None:
+        resource = self._resource(EVENT)
+        name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+        try:
+            self._dyn.create(resource, body=dict(body), namespace=namespace)
+            return
+        except Exception as exc:
+            if _status_code(exc) != 409:  # 409: AlreadyExists, a repeat
+                raise
+        for attempt in range(FOLD_TRIES):
+            existing = self._dyn.get(resource, name=name, namespace=namespace).to_dict()
+            try:
+                self._dyn.patch(
+                    resource,
+                    body=fold_patch(existing, now),
+                    name=name,
+                    namespace=namespace,
+                    content_type="application/merge-patch+json",
+                )
+                return
+            except Exception as exc:
+                if _status_code(exc) != 409 or attempt == FOLD_TRIES - 1:  # 409: Conflict, read again
+                    raise

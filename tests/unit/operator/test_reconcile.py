@@ -438,3 +438,25 @@ def test_a_first_create_skips_the_re_read_and_applies_the_deployment_first() -> 
     kube.calls.clear()
     reconcile(b, kube, CONFIG, unknown_load, NOW)  # every other trigger reads what is stored first
     assert kube.calls[0] == ("get", "ModelDeployment")
+
+
+def test_after_a_restart_a_create_listed_before_a_child_reconcile_posts_nothing_again() -> None:
+    """The restart race behind duplicate Events: an operator killed between applying the
+    Deployment and writing status. Its successor's Deployment watch reconciles the object
+    first (status, ScaledToZero); then kopf hands over the create with the body it listed
+    before that, with no status, which must not be trusted as stored."""
+    from modelfleet.operator.handlers import Deps, make_runner
+    from modelfleet.operator.metrics import OperatorMetrics
+
+    kube, stored = FakeKube(), body({"replicas": 0})
+    listed = copy.deepcopy(stored)  # what kopf's watch of ModelDeployments saw at start-up
+    kube.md = stored
+    run_trigger = make_runner(Deps(kube, CONFIG, unknown_load, OperatorMetrics(), lambda: NOW))
+    left_by_the_killed_operator = {"metadata": {"generation": 1}, "spec": {"replicas": 0}, "status": {}}
+    run_trigger(stored, "child", deployment=left_by_the_killed_operator)
+    for patch in kube.status_patches:
+        stored["status"] = {k: v for k, v in {**stored["status"], **patch}.items() if v is not None}
+    assert [e.reason for e in kube.events] == ["ScaledToZero"]
+    kube.status_patches.clear()
+    run_trigger(listed, "create", fresh=True)
+    assert [e.reason for e in kube.events] == ["ScaledToZero"] and kube.status_patches == []
