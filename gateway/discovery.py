@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from modelfleet import labels
@@ -259,7 +259,7 @@ class KubernetesDiscovery:
         from .kube import patch_annotation
 
         waiting = self.registry.waiting.get(model, 0)
-        value = labels.Demand(datetime.now(timezone.utc), waiting).encode()
+        value = labels.Demand(datetime.now(UTC), waiting).encode()
         try:
             await asyncio.to_thread(patch_annotation, self.api_client, entry.namespace, entry.name, labels.DEMAND,
                                     value)

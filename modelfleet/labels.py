@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from modelfleet.api import GROUP
 
@@ -100,7 +100,7 @@ class Demand:
 
     def encode(self) -> str:
         """The annotation value the gateway writes."""
-        stamp = self.time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = self.time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return json.dumps({"time": stamp, "waiting": int(self.waiting)}, separators=(",", ":"))
 
 
@@ -119,5 +119,5 @@ def parse_demand(value: str | None) -> Demand | None:
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
     if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=timezone.utc)
+        stamp = stamp.replace(tzinfo=UTC)
     return Demand(time=stamp, waiting=max(waiting, 0))

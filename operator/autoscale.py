@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from modelfleet.api import AutoscalerStatus, Autoscaling
 from modelfleet.labels import Demand
@@ -50,7 +50,7 @@ class Decision:
 
 def format_time(t: datetime) -> str:
     """RFC 3339 in UTC with a Z, as Kubernetes writes times."""
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -61,7 +61,7 @@ def parse_time(value: str | None) -> datetime | None:
         t = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _elapsed(now: datetime, since: str | None) -> timedelta:

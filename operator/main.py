@@ -13,7 +13,7 @@ import random
 import socket
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import kopf
@@ -219,7 +219,7 @@ def run(argv: Sequence[str]) -> int:
         else no_probe
     )
     deps = Deps(
-        kube=kube, config=config, probe=probe, metrics=metrics, clock=lambda: datetime.now(timezone.utc)
+        kube=kube, config=config, probe=probe, metrics=metrics, clock=lambda: datetime.now(UTC)
     )
     namespaces = tuple(args.namespace)
     priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
@@ -84,7 +84,7 @@ class Resync:
 
     def __init__(self, run: Callable[..., Any], snapshot: Callable[[], list[Mapping[str, Any]]],
                  interval: float, kube: KubeApi, peering: Peering,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.run = run
         self.snapshot = snapshot
         self.interval = interval

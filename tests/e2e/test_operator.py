@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -361,7 +361,7 @@ def test_scale_to_zero_and_back_on_demand(env: Env) -> None:
 
     env.wait(lambda: replicas() == 0 and condition(env.md("zero"), "Ready").get("reason") == "ScaledToZero",
              SETTLE_TIMEOUT, "zero to sit at 0 replicas (ScaledToZero)")
-    signalled = datetime.now(timezone.utc)
+    signalled = datetime.now(UTC)
     demand = labels.Demand(time=signalled, waiting=1).encode()
     t0 = time.monotonic()
     kubectl("annotate", "md", "zero", "-n", env.namespace, "--overwrite", f"{labels.DEMAND}={demand}")
@@ -372,7 +372,7 @@ def test_scale_to_zero_and_back_on_demand(env: Env) -> None:
     # The signal counts for 30 s (the minimum hold) after its time; then, with nothing in
     # flight for scaleDownDelaySeconds (3), back to zero.
     env.wait(lambda: replicas() == 0, 60, "zero to scale back to 0 once idle", interval=1)
-    idle = (datetime.now(timezone.utc) - signalled).total_seconds()
+    idle = (datetime.now(UTC) - signalled).total_seconds()
     assert idle >= 30, f"scaled to zero {idle:.0f}s after the demand signal, before it went stale"
     env.wait(lambda: not items("pods", env.namespace, "modelfleet.dev/model=zero"), 60, "zero's pod to stop")
     md = env.md("zero")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -10,7 +10,7 @@ from modelfleet.api import AutoscalerStatus, Autoscaling
 from modelfleet.labels import Demand, parse_demand
 from modelfleet.operator.autoscale import Observation, decide, format_time, parse_time, recommend
 
-NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 SPEC = Autoscaling(
     min_replicas=0, max_replicas=4, target_inflight_per_replica=8, scale_down_delay_seconds=300
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import kopf
 import pytest
@@ -65,7 +65,7 @@ def deps(kube, metrics: OperatorMetrics) -> Deps:
         config=OperatorConfig(),
         probe=lambda pods: None,
         metrics=metrics,
-        clock=lambda: datetime(2025, 1, 1, tzinfo=timezone.utc),
+        clock=lambda: datetime(2025, 1, 1, tzinfo=UTC),
     )
 
 

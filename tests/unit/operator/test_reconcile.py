@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from modelfleet.operator.config import OperatorConfig
 from modelfleet.operator.kube import DEPLOYMENT, PDB, SERVICE
 from modelfleet.operator.reconcile import Gone, InvalidSpec, reconcile
 
-NOW = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 CONFIG = OperatorConfig(default_image="modelfleet:test")
 RBAC = Path(__file__).resolve().parents[3] / "operator" / "rbac.yaml"
 

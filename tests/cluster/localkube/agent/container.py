@@ -21,7 +21,7 @@ from .probes import Prober
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # The kubelet's bounds for a termination message taken from the log (FallbackToLogsOnError).

@@ -161,7 +161,7 @@ class ServiceProxy:
         for host, port in targets:
             try:
                 ur, uw = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 continue
             try:
                 await asyncio.gather(_pipe(cr, uw), _pipe(ur, cw))
