@@ -8,31 +8,11 @@ import logging
 
 import httpx
 
+from modelfleet.engines import inflight_from_metrics
+
 from .registry import Endpoint, Registry
 
 log = logging.getLogger(__name__)
-GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
-
-
-def parse_queue(text: str) -> int | None:
-    """Pure: running + waiting requests from a worker's Prometheus text, None if absent. vLLM
-    and modelfleet's worker export the same two gauges; vLLM also has longer names that start
-    alike (`vllm:num_requests_waiting_by_reason`), so a sample counts only under its exact name."""
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if not line.startswith(GAUGES):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name not in GAUGES:
-            continue
-        try:
-            total += float(line.rsplit(" ", 1)[1])
-            found = True
-        except (ValueError, IndexError):
-            continue
-    return int(total) if found else None
-
-
 class LoadScraper:
     def __init__(self, registry: Registry, client: httpx.AsyncClient, interval: float = 1.0) -> None:
         self.registry = registry
@@ -44,7 +24,7 @@ class LoadScraper:
         mine = endpoint.inflight
         try:
             r = await self.client.get(endpoint.url + "/metrics", timeout=1.0)
-            queue = parse_queue(r.text) if r.status_code == 200 else None
+            queue = inflight_from_metrics(r.text) if r.status_code == 200 else None
         except httpx.HTTPError:
             queue = None
         # What the worker holds beyond this gateway's own requests: other gateway replicas' load.

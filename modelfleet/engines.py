@@ -140,3 +140,26 @@ def detect_task(model_dir: str) -> Literal["generate", "embed"]:
     if any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
         return "generate"
     return "embed"
+
+
+# The queue gauges both engines export under vLLM's names (modelfleet's worker copies them), so
+# one reader serves the gateway's load balancing and the operator's autoscaling for either.
+INFLIGHT_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+
+
+def inflight_from_metrics(text: str) -> int | None:
+    """Running + waiting requests in one replica's Prometheus text; None if it exports neither.
+    Samples count only under their exact names: vLLM also has longer gauges that start alike
+    (`vllm:num_requests_waiting_by_reason`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total, seen = 0.0, False
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in INFLIGHT_GAUGES:
+                    total += sample.value
+                    seen = True
+    except ValueError:
+        return None
+    return int(round(total)) if seen else None

@@ -12,28 +12,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
+
+from modelfleet.engines import inflight_from_metrics
 
 log = logging.getLogger(__name__)
 
-INFLIGHT_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
-
 # (ready pods) -> total in-flight requests, or None when no pod could be asked.
 LoadProbe = Callable[[Sequence[Mapping[str, Any]]], "int | None"]
-
-
-def inflight_from_metrics(text: str) -> int | None:
-    """Running + waiting requests in one worker's metrics; None if it exports neither gauge."""
-    total, seen = 0.0, False
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name in INFLIGHT_GAUGES:
-                    total += sample.value
-                    seen = True
-    except ValueError:
-        return None
-    return int(round(total)) if seen else None
 
 
 def is_ready(pod: Mapping[str, Any]) -> bool:

@@ -58,7 +58,7 @@ def test_removing_a_replica_moves_only_its_prefixes():
 
 
 def test_worker_queue_parsing_and_routing_fields():
-    from modelfleet.gateway.load import parse_queue
+    from modelfleet.engines import inflight_from_metrics as parse_queue
     from modelfleet.gateway.routing import RoutingFields, routing_fields
 
     text = ('# HELP x\nvllm:num_requests_running{model_name="m"} 3.0\n'
