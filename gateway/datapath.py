@@ -144,7 +144,7 @@ class DataPath:
             if strip_usage and relay.streaming and relay.status == 200:
                 relay.rewrite = UsageStripper()
             elif engine != "modelfleet" and relay.status >= 400 and not relay.streaming:
-                relay.rewrite = ErrorRewriter(relay.status)
+                relay.rewrite = ErrorRewriter.for_answer(relay, name, path)
         except OpenAIError as exc:
             self.refused(exc, name, key)
             return exc

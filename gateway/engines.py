@@ -46,9 +46,21 @@ class ErrorRewriter:
     """An error answer from another engine, reworded in OpenAI's shape (the status stays). The
     body is small and complete only at its end, so it is held until then."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, replacement: dict | None = None) -> None:
         self.status = status
         self.body: bytes | None = b""
+        self.replacement = replacement
+
+    @classmethod
+    def for_answer(cls, relay, name: str, path: str) -> ErrorRewriter:
+        """The rewriter for one error answer. vLLM answers 404 for a path its runner does not
+        serve (chat on a pooling model, embeddings on a generating one): modelfleet's worker
+        says 400, naming the model, and so does the gateway."""
+        if relay.status == 404:
+            relay.status = 400
+            message = f"The model `{name}` does not support {path}."
+            return cls(400, error_body(message, param="model", code="model_not_supported"))
+        return cls(relay.status)
 
     def feed(self, chunk: bytes) -> bytes:
         if self.body is None:  # already sent
@@ -56,7 +68,7 @@ class ErrorRewriter:
         if chunk:
             self.body += chunk
             return b""
-        out = json.dumps(openai_error(self.body, self.status)).encode()
+        out = json.dumps(self.replacement or openai_error(self.body, self.status)).encode()
         self.body = None
         return out
 

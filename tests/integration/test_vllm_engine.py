@@ -84,6 +84,9 @@ def test_models_are_listed_in_one_shape_and_mistakes_get_modelfleets_errors(vllm
     assert too_long.status_code == 400  # vLLM's own refusal, in OpenAI's shape
     error = too_long.json()["error"]
     assert error["type"] == "invalid_request_error" and set(error) == {"message", "type", "param", "code"}
+    wrong_runner = httpx.post(vllm_serve + "/v1/chat/completions", headers=OPEN, timeout=30,
+                              json={"model": EMBED, "messages": [{"role": "user", "content": "x"}]})
+    assert wrong_runner.status_code == 400 and wrong_runner.json()["error"]["code"] == "model_not_supported"
     edits = httpx.post(vllm_serve + "/v1/edits", headers=OPEN, timeout=30,
                        json={"model": CHAT, "input": "teh cat", "instruction": "fix the spelling"})
     assert edits.status_code == 400 and "vllm engine" in edits.json()["error"]["message"]
