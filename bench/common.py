@@ -8,7 +8,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,13 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelfleet.netutil import free_port
+
 RESULTS = Path(__file__).parent / "results"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_worker(model: Path | str, name: str, *extra: str, log: Path) -> tuple[subprocess.Popen, str]:

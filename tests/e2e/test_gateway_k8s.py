@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,16 +20,12 @@ import pytest
 from localkube.testing import wait_for
 
 from modelfleet.demo import ensure_demo_model
+from modelfleet.netutil import free_port
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "modelfleet"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_deployment(name: str, served: str, **spec) -> dict:

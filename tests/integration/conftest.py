@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,11 @@ import httpx
 import pytest
 
 from modelfleet.demo import ensure_demo_model, minilm_path
+from modelfleet.netutil import free_port
 
 CHAT = "tiny-chat"
 EMBED = "all-MiniLM-L6-v2"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, models: set[str], proc: subprocess.Popen, timeout: float = 180) -> None:

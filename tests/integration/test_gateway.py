@@ -5,7 +5,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import httpx
 import pytest
 
 from modelfleet.demo import ensure_demo_model
+from modelfleet.netutil import free_port
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "modelfleet"]
@@ -35,11 +35,6 @@ keys:
     tpm: 100000
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check, timeout: float = 120, what: str = "condition"):

@@ -12,14 +12,11 @@ import time
 import httpx
 import pytest
 
+from modelfleet.netutil import free_port
+
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "modelfleet"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
