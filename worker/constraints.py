@@ -219,6 +219,3 @@ class MaskBatch:
             self._executor = llguidance.LLExecutor()
         return self._executor
 
-
-def schema_text(schema: Any) -> str:
-    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
