@@ -120,7 +120,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "monitored": {"metrics.serviceMonitor.enabled": True, "metrics.podMonitor.enabled": True,
                   "metrics.serviceMonitor.labels": {"release": "prom"}},
     "keys": {"apiKeys.keys": [{"name": "alice", "key": "sk-alice", "models": ["tiny-chat"], "rpm": 60},
-                              {"name": "bob", "keySha256": "AB" * 32, "tpm": 1000}],
+                              {"name": "bob", "keySha256": "AB" * 32, "tpm": 2_000_000}],
              "apiKeys.existingSecret": "more-keys", "imagePullSecrets": ["regcred"]},
     "minimal": {"operator.enabled": False, "gateway.replicas": 1, "dashboards.enabled": False,
                 "operator.leaderElection.enabled": False},
@@ -249,7 +249,7 @@ def test_api_keys_from_values(render) -> None:
         assert s["metadata"]["labels"]["modelfleet.dev/api-key"] == "true"
         assert s["metadata"]["namespace"] == "mf-system"
     assert alice["stringData"] == {"name": "alice", "key": "sk-alice", "models": "tiny-chat", "rpm": "60"}
-    assert bob["stringData"] == {"name": "bob", "key_sha256": "ab" * 32, "tpm": "1000"}
+    assert bob["stringData"] == {"name": "bob", "key_sha256": "ab" * 32, "tpm": "2000000"}
     dep = one(objects, "Deployment", "mf-modelfleet-gateway")
     assert "--api-keys=/etc/modelfleet/api-keys/keys.yaml" in container(dep)["args"]
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
@@ -270,7 +270,8 @@ def test_api_keys_the_gateway_parses(render) -> None:
     keys = {k.name: k for k in keys_from_secrets(as_read)}
     assert set(keys) == {"alice", "bob"}
     assert keys["alice"].models == frozenset({"tiny-chat"}) and keys["alice"].rpm == 60
-    assert keys["bob"].models is None and keys["bob"].tpm == 1000
+    # Helm reads numbers as floats; a large one must not reach the Secret as "2e+06"
+    assert keys["bob"].models is None and keys["bob"].tpm == 2_000_000
 
 
 def test_monitors(render) -> None:
