@@ -82,7 +82,13 @@ def parse_entry(entry: Mapping[str, Any], where: str) -> ApiKey:
 
 
 def parse_key_file(text: str, where: str = "keys file") -> list[ApiKey]:
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        # PyYAML's message quotes the broken line, which may hold a key: say only where.
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise KeyFileError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', None) or 'syntax error'}") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys", []), list):
         raise KeyFileError(f"{where}: expected a mapping with a `keys:` list")
     keys = [parse_entry(e if isinstance(e, dict) else {}, where) for e in data.get("keys") or []]

@@ -38,6 +38,8 @@ SOURCE_RE = (
     r"^(file:///.*|hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9._/-]+)?"
     r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?)$"
 )
+# A '..' path segment (also percent-encoded), which would climb out of a volume or a cache.
+CLIMB_RE = r"(^[a-z]+://|/|@)([.]|%2[eE]){2}(/|$)"
 # A Kubernetes quantity ("4", "500m", "16Gi", "1e3"), as the API server's own pattern.
 QUANTITY_RE = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 # Options the operator sets itself from spec.model, for either engine; user args must not
@@ -94,9 +96,10 @@ class ModelSource(_Model):
     @field_validator("source")
     @classmethod
     def _source_scheme(cls, v: str) -> str:
-        if not re.match(SOURCE_RE, v):
+        if not re.match(SOURCE_RE, v) or re.search(CLIMB_RE, v):
             raise ValueError(
-                "spec.model.source must be file:///abs/path, hf://org/name[@revision] or pvc://claim/path"
+                "spec.model.source must be file:///abs/path, hf://org/name[@revision] or pvc://claim/path, "
+                "with no '..' segments"
             )
         return v
 

@@ -23,6 +23,11 @@ PORT_NAME = "http"
 MODEL_VOLUME = "model"
 CACHE_VOLUME = "cache"
 SHM_VOLUME = "dshm"  # vLLM's workers share tensors through /dev/shm, which runtimes cap at 64 MiB
+TMP_VOLUME = "tmp"
+# modelfleet's worker runs as its image's user (images/worker.Dockerfile: USER 65532:65532) on a
+# read-only root filesystem; only /tmp and the hf:// cache (emptyDirs) are writable. vLLM's
+# official image runs as root, so its containers keep only allowPrivilegeEscalation: false.
+WORKER_UID = 65532
 GPU_RESOURCE = "nvidia.com/gpu"
 # Probe timing. The startup probe carries the whole model-loading budget so that liveness,
 # which is strict, only starts once the server answers.
@@ -64,6 +69,8 @@ def resolve_source(source: str, config: OperatorConfig) -> ResolvedSource:
     if source.startswith("hf://"):
         return ResolvedSource(path=source, needs_hf_cache=True)
     if source.startswith("file://"):
+        if ".." in source[len("file://") :].split("/"):
+            raise ValueError(f"spec.model.source {source!r} climbs out of its directory with '..'")
         path = posixpath.normpath(source[len("file://") :])
         if not config.host_path_models:
             return ResolvedSource(path=path)
@@ -220,7 +227,17 @@ def _container(md: ModelDeployment, source: ResolvedSource, config: OperatorConf
             "image": engine.image or config.default_image,
             "command": worker_args(md, source.path, config),
             "readinessProbe": _http_probe("/ready", READINESS_PERIOD_SECONDS, READINESS_FAILURES, 3),
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": WORKER_UID,
+                "runAsGroup": WORKER_UID,
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
         })
+        mounts.append({"name": TMP_VOLUME, "mountPath": "/tmp"})
     container.update(env=_merge_env(env, len(engine.env)), volumeMounts=mounts)
     return {k: v for k, v in container.items() if v not in ([], {})}
 
@@ -241,6 +258,8 @@ def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig
         volumes.append({"name": CACHE_VOLUME, "emptyDir": {}})
     if spec.engine.kind == "vllm":
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": config.vllm_shm_size}})
+    else:
+        volumes.append({"name": TMP_VOLUME, "emptyDir": {}})
     pod_spec: dict[str, Any] = {
         "containers": [_container(md, source, config)],
         # The grace period covers the preStop drain plus finishing in-flight requests.

@@ -225,7 +225,7 @@ def test_watch_namespaces(render) -> None:
     # Cluster-wide, only what kopf reads even when restricted to namespaces: CRDs and namespaces.
     (observe,) = find(objects, "ClusterRole")
     assert {r for rule in observe["rules"] for r in rule["resources"]} == {"customresourcedefinitions", "namespaces"}
-    assert all(rule["verbs"] == ["get", "list", "watch"] for rule in observe["rules"])
+    assert all(rule["verbs"] == ["list", "watch"] for rule in observe["rules"])
     assert [b["roleRef"]["name"] for b in find(objects, "ClusterRoleBinding")] == [observe["metadata"]["name"]]
     assert not find(objects, "ClusterKopfPeering")
     args = container(one(objects, "Deployment", "mf-modelfleet-operator"))["args"]
@@ -424,10 +424,10 @@ def rules_of(objects: list[dict], subject: str, namespace: str | None) -> list[d
     return out
 
 
-GATEWAY_NEEDS_WATCHED = [("modelfleet.dev", "modeldeployments", {"get", "list", "watch", "patch"}),
+GATEWAY_NEEDS_WATCHED = [("modelfleet.dev", "modeldeployments", {"list", "watch", "patch"}),
                          ("discovery.k8s.io", "endpointslices", {"list", "watch"})]
-GATEWAY_NEEDS_OWN = [("", "secrets", {"get", "list", "watch"}),
-                     ("discovery.k8s.io", "endpointslices", {"get", "list", "watch"})]
+GATEWAY_NEEDS_OWN = [("", "secrets", {"list", "watch"}),
+                     ("discovery.k8s.io", "endpointslices", {"list", "watch"})]
 
 
 def operator_needs() -> list[tuple[str, str, set[str]]]:
@@ -439,6 +439,7 @@ def operator_needs() -> list[tuple[str, str, set[str]]]:
 
 # Only the cluster-wide peering is not needed by an operator restricted to namespaces.
 CLUSTER_SCOPED = {"clusterkopfpeerings"}
+# tests/unit/chart/test_rbac.py compares every grant with the code's calls, both ways.
 
 
 @pytest.mark.parametrize("watch", [[], ["team-a", "mf-system"]], ids=["all-namespaces", "some-namespaces"])
@@ -479,8 +480,8 @@ def test_key_namespace(render) -> None:
     objects = render({"apiKeys.namespace": "keys", "apiKeys.keys": [{"name": "a", "key": "k"}]})
     assert one(objects, "Secret")["metadata"]["namespace"] == "keys"
     assert "--key-namespace=keys" in container(one(objects, "Deployment", "mf-modelfleet-gateway"))["args"]
-    assert grants(rules_of(objects, "mf-modelfleet-gateway", "keys"), "", "secrets", {"get", "list", "watch"})
-    assert not grants(rules_of(objects, "mf-modelfleet-gateway", "mf-system"), "", "secrets", {"get"})
+    assert grants(rules_of(objects, "mf-modelfleet-gateway", "keys"), "", "secrets", {"list", "watch"})
+    assert not grants(rules_of(objects, "mf-modelfleet-gateway", "mf-system"), "", "secrets", {"list"})
 
 
 # --- lint and NOTES ----------------------------------------------------------------------------

@@ -196,7 +196,13 @@ def test_cel_regexes_equal_the_validators(path: tuple[str, ...], regex: str) -> 
     node = root_schema()
     for key in path:
         node = node["properties"][key]
-    assert any(f"self.matches('{regex}')" == rule for rule in _rules(node))
+    assert any(rule == f"self.matches('{regex}')" or rule.startswith(f"self.matches('{regex}') && ")
+               for rule in _rules(node))
+
+
+def test_the_source_rule_refuses_climbing_as_the_validator_does() -> None:
+    source = root_schema()["properties"]["spec"]["properties"]["model"]["properties"]["source"]
+    assert any(f"!self.matches('{api.CLIMB_RE}')" in rule for rule in _rules(source))
 
 
 def test_alias_and_name_regexes_equal_the_validators() -> None:

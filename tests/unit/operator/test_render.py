@@ -67,7 +67,11 @@ def test_minimal_spec_renders_a_safe_worker() -> None:
     assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(CONFIG.drain_seconds)]
     assert pod["terminationGracePeriodSeconds"] == 120 + CONFIG.drain_seconds
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    assert "resources" not in c and "volumes" not in pod and "nodeSelector" not in pod
+    assert "resources" not in c and "nodeSelector" not in pod
+    # Only scratch space: /tmp on an emptyDir (the root filesystem is read-only).
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {}}]
+    assert c["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["runAsNonRoot"] is True
 
 
 def test_labels_selector_and_owner() -> None:
@@ -189,13 +193,14 @@ def test_sources_become_a_path_and_a_volume(source: str, path: str, volume: dict
     dep = render_deployment(make({"model": {"source": source}}), 1, CONFIG)
     c = container(dep)
     assert flag(c["command"], "--model") == path
-    volumes = dep["spec"]["template"]["spec"].get("volumes", [])
+    volumes = [v for v in dep["spec"]["template"]["spec"].get("volumes", []) if v["name"] != "tmp"]
+    mounts = [m for m in c.get("volumeMounts", []) if m["name"] != "tmp"]
     if volume is None:
-        assert volumes == [] and "volumeMounts" not in c
+        assert volumes == [] and mounts == []
         return
     (vol,) = volumes
     assert {k: v for k, v in vol.items() if k != "name"} == volume
-    (mount,) = c["volumeMounts"]
+    (mount,) = mounts
     assert mount["name"] == vol["name"]
     if "persistentVolumeClaim" in volume:
         assert mount["readOnly"] is True and path.startswith(mount["mountPath"])
@@ -206,7 +211,7 @@ def test_sources_become_a_path_and_a_volume(source: str, path: str, volume: dict
 def test_file_source_mounted_from_the_node_when_configured() -> None:
     config = OperatorConfig(host_path_models=True)
     dep = render_deployment(make(), 1, config)
-    (vol,) = dep["spec"]["template"]["spec"]["volumes"]
+    vol, _tmp = dep["spec"]["template"]["spec"]["volumes"]
     assert vol["hostPath"] == {"path": "/models/tiny-chat", "type": "Directory"}
     assert container(dep)["volumeMounts"][0] == {
         "name": vol["name"],

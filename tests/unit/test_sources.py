@@ -1,0 +1,178 @@
+"""Model sources cannot climb out of where they point: every layer a source passes, checked.
+
+A source travels: the CRD's CEL rule (crds/, at the API server) -> modelfleet.api's validator
+(objects that reached the operator under an older CRD) -> operator/render.py resolve_source (the
+worker's --model and its volume) -> worker/loader.py resolve_source (the directory it loads).
+Each attempt below must be refused by the first layer that can tell, and the chain as a whole
+must never let one reach the filesystem.
+
+Where a layer lets an attempt through today and a later layer stops it, the test is marked
+xfail(strict=True) with the reason: it turns into a failure once the layer is fixed, so the
+marker is removed then.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from modelfleet.api import ModelSource
+from modelfleet.operator.config import OperatorConfig
+from modelfleet.operator.render import resolve_source as render_source
+from modelfleet.worker import loader
+from modelfleet.worker.loader import ModelSourceError
+from modelfleet.worker.loader import resolve_source as worker_source
+
+celpy = pytest.importorskip("celpy")
+
+CRD = Path(__file__).resolve().parents[2] / "crds" / "modeldeployments.modelfleet.dev.yaml"
+CONFIG = OperatorConfig(host_path_models=True)
+
+# Attempts to leave a volume, the hub cache or the directory written, by scheme.
+ESCAPES = [
+    "file://../../x",                  # relative: resolved against the worker's cwd
+    "file:///models/../etc",           # climbs out of /models
+    "file:///models/%2e%2e/etc",       # the same, percent-encoded
+    "pvc://claim/../..",               # out of the claim's mount, to the container's /
+    "pvc://claim/..",                  # the mount root, where other claims are mounted
+    "pvc://claim/sub/../../../etc",
+    "pvc://claim/%2e%2e/x",            # percent-encoded: a literal name to a filesystem
+    "pvc://../x",                      # no claim at all
+    "hf://../x",                       # the hub client joins repo ids into cache paths
+    "hf://org/..",
+    "hf://org/name/../../x",
+    "hf://org/name@../../x",           # ... and revisions (refs/<revision>)
+    "hf://org/name@refs/../../../x",
+    "hf://org/name@%2e%2e/x",
+]
+
+# What the CRD's pattern (and modelfleet.api's identical SOURCE_RE) accepts today. The fix
+# belongs in crds/ and modelfleet/api.py: a second CEL rule refusing '..' segments, e.g.
+# "!self.matches('(^[a-z]+://|/|@)([.]|%2[eE]){2}(/|$)')" (CEL's RE2 has no look-ahead).
+CRD_ACCEPTS: set[str] = set()  # was 8 sources before the CLIMB rule; kept so a regression shows which
+CRD_GAP = "the CRD pattern allows '..' segments after file:///, pvc://claim/ and hf://...@ (see CRD_ACCEPTS)"
+
+
+def crd_rule():
+    schema = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    source = schema["properties"]["spec"]["properties"]["model"]["properties"]["source"]
+    (rule,) = source["x-kubernetes-validations"]
+    env = celpy.Environment()
+    return env.program(env.compile(rule["rule"]))
+
+
+CEL = crd_rule()
+
+
+def crd_allows(source: str) -> bool:
+    return bool(CEL.evaluate({"self": celpy.celtypes.StringType(source)}))
+
+
+def api_allows(source: str) -> bool:
+    try:
+        ModelSource.model_validate({"source": source})
+    except ValidationError:
+        return False
+    return True
+
+
+def params(gaps: set[str], reason: str) -> list:
+    return [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=reason)) if s in gaps else s
+            for s in ESCAPES]
+
+
+# --- the CRD and modelfleet.api -----------------------------------------------------------------
+
+@pytest.mark.parametrize("source", params(CRD_ACCEPTS, CRD_GAP))
+def test_the_crd_refuses(source: str) -> None:
+    assert not crd_allows(source)
+
+
+@pytest.mark.parametrize("source", params(CRD_ACCEPTS, CRD_GAP))
+def test_the_typed_api_refuses(source: str) -> None:
+    with pytest.raises(ValidationError, match="spec.model.source must be"):
+        ModelSource.model_validate({"source": source})
+
+
+@pytest.mark.parametrize("source", ESCAPES)
+def test_the_crd_and_the_typed_api_agree(source: str) -> None:
+    assert crd_allows(source) == api_allows(source) == (source in CRD_ACCEPTS)
+
+
+# --- operator/render.py -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source", sorted(s for s in ESCAPES if s.startswith("pvc://claim/")))
+def test_render_keeps_pvc_sources_inside_their_claim(source: str) -> None:
+    """What reaches the operator: '..' that climbs out is refused; anything else (a literal
+    '%2e%2e' is a file name to a filesystem, which decodes nothing) stays under the mount."""
+    claim = source[len("pvc://"):].split("/")[0]
+    mount = f"{CONFIG.pvc_mount_root}/{claim}"
+    try:
+        resolved = render_source(source, CONFIG)
+    except ValueError as exc:
+        assert "leaves its volume" in str(exc)
+        return
+    assert resolved.path.startswith(mount + "/") and ".." not in resolved.path.split("/")
+    assert resolved.mount["mountPath"] == mount and resolved.mount["readOnly"] is True
+
+
+def test_render_refuses_file_sources_that_climb() -> None:
+    with pytest.raises(ValueError):
+        render_source("file:///models/../etc", CONFIG)
+
+
+# --- worker/loader.py ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source", ESCAPES)
+def test_the_worker_refuses_with_a_clear_reason(source: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(loader, "PVC_MOUNT_ROOT", str(tmp_path / "mnt"))
+    # Every target exists and looks like a model, so only the source check can refuse.
+    for target in (tmp_path / "mnt", tmp_path / "mnt" / "claim", tmp_path / "x", tmp_path / "etc"):
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "mnt" / "claim")
+    with pytest.raises(ModelSourceError) as info:
+        worker_source(source)
+    message = str(info.value)
+    assert "does not exist" not in message and "no config.json" not in message, message
+    assert "'..' path segment" in message or "look like" in message or "must be" in message \
+        or "absolute path" in message, message
+
+
+def test_the_worker_still_resolves_sources_that_stay_put(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(loader, "PVC_MOUNT_ROOT", str(tmp_path))
+    model = tmp_path / "claim" / "org" / "a..b"  # '..' inside a name is not a segment
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    assert worker_source("pvc://claim/org/a..b") == model
+    assert worker_source("pvc://claim/./org/a..b/") == model
+    assert worker_source(f"file://{model}") == model
+    assert worker_source(str(model)) == model
+
+
+@pytest.mark.parametrize("source", ESCAPES)
+def test_no_escape_passes_the_whole_chain(source: str, tmp_path: Path, monkeypatch) -> None:
+    """CRD -> api -> render -> worker: some layer refuses before a file is read. (file://
+    sources name a node directory by design; a climbing one is refused by the worker when it
+    gets the source itself, as `modelfleet serve` and `worker` do, and by nothing in-cluster,
+    where render hands the worker the normalized path: see test_render_refuses_...)"""
+    if not crd_allows(source) or not api_allows(source):
+        return
+    try:
+        resolved = render_source(source, CONFIG)
+    except ValueError:
+        return
+    if source.startswith("pvc://"):
+        assert resolved.path.startswith(resolved.mount["mountPath"] + "/")
+        return
+    if source.startswith("file://"):
+        with pytest.raises(ModelSourceError):
+            worker_source(source)
+        return
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelSourceError, match=r"'\.\.' path segment"):
+        worker_source(resolved.path)
