@@ -40,13 +40,14 @@ if find_vllm_python() is None:
     pytest.skip("vLLM is not installed (make vllm)", allow_module_level=True)
 
 
-def vllm_md(name: str, source: str, served: str, **model) -> dict:
+def vllm_md(name: str, source: str, served: str, max_model_len: int = 1024, spec: dict | None = None,
+            **model) -> dict:
     return {
         "apiVersion": "modelfleet.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
-        "spec": {"model": {"source": source, "servedName": served, **model}, "replicas": 1,
+        "spec": {**(spec or {}), "model": {"source": source, "servedName": served, **model}, "replicas": 1,
                  "resources": {"cpu": "1", "memory": "4Gi"},
                  # a small KV budget and no cold-start compile: several vLLM pods share 2 cores here
-                 "engine": {"kind": "vllm", "maxModelLen": 1024, "maxNumSeqs": 16,
+                 "engine": {"kind": "vllm", "maxModelLen": max_model_len, "maxNumSeqs": 16,
                             "args": ["--enforce-eager"], "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}],
                             "startupTimeoutSeconds": 900}},
     }
@@ -65,7 +66,13 @@ class Release:
                              default_headers={"Host": self.host})
 
     def md(self, name: str) -> dict:
-        return self.cluster.get("md", name, self.namespace) or {}
+        """The object, or {} while it cannot be read (a slow API server is not an answer)."""
+        import subprocess
+
+        try:
+            return self.cluster.get("md", name, self.namespace) or {}
+        except subprocess.TimeoutExpired:
+            return {}
 
     def describe(self) -> str:
         out = [self.kubectl("get", "md,deploy,pods,endpointslices", "-o", "wide", check=False)]
@@ -111,7 +118,7 @@ def release(cluster: LocalCluster) -> Iterator[Release]:
 def test_vllm_model_deployments_become_ready(release: Release) -> None:
     chat_model = ensure_demo_model(VLLM_DEMO_SPEC)
     release.cluster.apply(vllm_md(CHAT, f"file://{chat_model}", CHAT),
-                          vllm_md(EMBED, f"file://{minilm_path()}", EMBED, task="embed"),
+                          vllm_md(EMBED, f"file://{minilm_path()}", EMBED, max_model_len=256, task="embed"),
                           namespace=release.namespace)
     for name in (CHAT, EMBED):
         release.wait_ready(name)
@@ -196,6 +203,21 @@ def test_kubectl_scale_spreads_traffic_and_a_pod_deleted_under_load_fails_nothin
         for t in threads:
             t.join(timeout=180)
     assert failures == []
+
+
+def test_a_vllm_model_scaled_to_zero_holds_its_first_request_until_a_replica_starts(release: Release) -> None:
+    md = vllm_md("vllm-lazy", f"file://{ensure_demo_model(VLLM_DEMO_SPEC)}", "vllm-lazy",
+                 spec={"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleDownDelaySeconds": 600},
+                       "routing": {"holdTimeoutSeconds": 600}})
+    release.cluster.apply(md, namespace=release.namespace)
+    client = release.client()
+    wait_for(lambda: "vllm-lazy" in {m.id for m in client.models.list().data}, 60, what="listed at zero replicas")
+    assert not (release.md("vllm-lazy").get("status") or {}).get("readyReplicas")
+    slow = openai.OpenAI(base_url=client.base_url, api_key=KEY, max_retries=0, timeout=700,
+                         default_headers={"Host": release.host})
+    r = slow.chat.completions.create(model="vllm-lazy", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert r.choices and r.usage.completion_tokens > 0
+    assert (release.md("vllm-lazy").get("status") or {}).get("readyReplicas") == 1
 
 
 def test_a_vllm_that_cannot_start_says_why_in_its_status(release: Release, tmp_path_factory) -> None:
