@@ -75,9 +75,28 @@ def error_line(text: str | None) -> str:
     return last_line(text)
 
 
+def _killed(term: Mapping[str, Any]) -> str | None:
+    """Why a container ended by a signal (exit code 128+n) whose log names no error, or None.
+
+    Its log then ends wherever it was, often a line from long after the model loaded: shown as
+    "failed to load" it would send the user after a problem that never was.
+    """
+    code = term.get("exitCode")
+    if not isinstance(code, int) or code <= 128 or term.get("reason") == "OOMKilled":
+        return None
+    if any(ERROR_LINE.search(ln) for ln in (term.get("message") or "").splitlines()):
+        return None
+    return f"the worker was killed by signal {code - 128} (exit code {code})"
+
+
 def _crash_problem(md: ModelDeployment, status: Mapping[str, Any]) -> Problem:
     term = _get(status, "lastState", "terminated") or _get(status, "state", "terminated") or {}
-    why = error_line(term.get("message"))
+    killed = _killed(term)
+    if killed is not None and _get(status, "state", "running") is not None:
+        # Killed once (a node agent, an operator's kill -9) and running again: it restarts by
+        # itself. A container killed again and again waits in CrashLoopBackOff instead.
+        return Problem("Restarted", f"{killed}; it is starting again", 1, True)
+    why = killed or error_line(term.get("message"))
     exit_reason = term.get("reason") or "Error"
     if exit_reason == "OOMKilled":
         limit = md.spec.resources.memory
@@ -255,6 +274,20 @@ def _degraded(problem: Problem | None, desired: int) -> tuple[str, str, str]:
     return "False", "AsExpected", "no replica reports a problem"
 
 
+def apply_failed(message: str, c: _Counts) -> tuple[tuple[str, str, str], tuple[str, str, str],
+                                                   tuple[str, str, str], Phase]:
+    """Ready, Progressing, Degraded and phase when the API server refuses a rendered child.
+
+    Ready is False whatever still runs: the spec the user wrote is not what is deployed, and
+    only they can fix it. Replicas of an earlier spec that still serve make the phase
+    Degraded (the gateway keeps routing to them); with none the phase is Failed, which the
+    gateway turns into a fast 503 carrying this message instead of holding requests.
+    """
+    value = ("False", "ApplyFailed", last_line(message))
+    phase: Phase = "Degraded" if c.ready >= 1 else "Failed"
+    return value, value, ("True", "ApplyFailed", value[2]), phase
+
+
 def make_condition(
     type_: str, value: tuple[str, str, str], previous: ModelDeploymentStatus, now: str, generation: int
 ) -> Condition:
@@ -280,9 +313,12 @@ def compute_status(
     events: Sequence[Mapping[str, Any]],
     selector: str,
     now: str,
+    apply_error: str | None = None,
 ) -> ModelDeploymentStatus:
     """The whole status from cluster facts; `md.status` supplies the previous conditions.
 
+    `apply_error` is the API server's refusal of a rendered child (see apply_failed): the
+    counts still describe the Deployment and pods that exist, but the spec is not applied.
     The autoscaler's part of status is carried over unchanged: autoscale.py owns it.
     """
     has_deployment = deployment is not None
@@ -290,15 +326,19 @@ def compute_status(
     problem = worst_problem(md, deployment or {}, pods, events) if has_deployment else None
     previous = md.status
     generation = md.metadata.generation
+    ready = _ready(desired, c, problem, has_deployment)
+    progressing = _progressing(desired, c, problem, has_deployment)
+    degraded = _degraded(problem, desired)
+    phase = _phase(desired, c, problem, has_deployment)
+    if apply_error is not None:
+        ready, progressing, degraded, phase = apply_failed(apply_error, c)
     conditions = [
-        make_condition("Ready", _ready(desired, c, problem, has_deployment), previous, now, generation),
-        make_condition(
-            "Progressing", _progressing(desired, c, problem, has_deployment), previous, now, generation
-        ),
-        make_condition("Degraded", _degraded(problem, desired), previous, now, generation),
+        make_condition("Ready", ready, previous, now, generation),
+        make_condition("Progressing", progressing, previous, now, generation),
+        make_condition("Degraded", degraded, previous, now, generation),
     ]
     return ModelDeploymentStatus(
-        phase=_phase(desired, c, problem, has_deployment),
+        phase=phase,
         replicas=c.replicas,
         ready_replicas=c.ready,
         updated_replicas=c.updated,

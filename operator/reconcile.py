@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 # A demand signal counts for at least this long even when the gateway holds requests for less
 # (holdTimeoutSeconds 0): it must survive until the next resync sees it.
 MIN_DEMAND_TTL_SECONDS = 30
+# Answers to an apply that status reports as ApplyFailed: 500 is what server-side apply
+# returns for a body it cannot merge. 502-504 (an API server restarting, a timeout) and the
+# codes handlers.RETRY_DELAYS lists are only retried: they say nothing about the object.
+APPLY_REFUSALS = frozenset({500})
 
 
 class InvalidSpec(Exception):
@@ -39,6 +43,19 @@ class InvalidSpec(Exception):
 
     Retrying does not help (kopf.PermanentError); the next change or resync tries again.
     """
+
+
+class ApplyFailed(Exception):
+    """The API server refused a rendered child with an error that names no field (server-side
+    apply answers 500 for a body it cannot merge, such as a duplicate env name).
+
+    It may be transient (an API server in trouble), so kopf retries it; meanwhile status and
+    a Warning Event say why. `status` keeps the HTTP status for handlers.classify.
+    """
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Gone(Exception):
@@ -129,10 +146,13 @@ def _may_have_pdb(md: ModelDeployment) -> bool:
 def _apply_children(
     md: ModelDeployment, replicas: int, kube: KubeApi, config: OperatorConfig
 ) -> dict[str, Any]:
+    kind = "Deployment"
     try:
         # The Deployment first: its pods take longest to become ready, so they start one call sooner.
         deployment = kube.apply(render_deployment(md, replicas, config))
+        kind = "Service"
         kube.apply(render_service(md, config))
+        kind = "PodDisruptionBudget"
         pdb = render_pdb(md, replicas)
         if pdb is not None:
             kube.apply(pdb)
@@ -141,8 +161,11 @@ def _apply_children(
     except ValueError as exc:
         raise InvalidSpec(str(exc)) from exc
     except Exception as exc:
-        if getattr(exc, "status", None) in (400, 422):
+        code = getattr(exc, "status", None)
+        if code in (400, 422):
             raise InvalidSpec(f"the API server rejected a worker object: {_api_message(exc)}") from exc
+        if code in APPLY_REFUSALS:
+            raise ApplyFailed(f"the API server refused the worker {kind}: {_api_message(exc)}", code) from exc
         raise
     return deployment
 
@@ -180,6 +203,29 @@ def report_invalid(body: Mapping[str, Any], message: str, kube: KubeApi, now: da
         ready = old.condition("Ready")
         if ready is None or ready.reason != "InvalidSpec" or ready.message != message:
             kube.post_event(meta, StatusEvent("Warning", "InvalidSpec", message))
+
+
+def report_apply_failed(
+    md: ModelDeployment, desired: int, message: str, kube: KubeApi, now: datetime
+) -> None:
+    """Status (Ready=False, reason ApplyFailed, the API server's message) and a Warning Event
+    for a refused apply, with counts from what does run. Without this the object kept an
+    empty status while kopf retried and only its log said why.
+
+    Written only when it changes, and the Event only on a transition, so the retries of a
+    still-refused object are silent.
+    """
+    ns, name = md.metadata.namespace, md.metadata.name
+    selector = labels.selector_string(labels.selector_labels(name))
+    deployment = kube.get(DEPLOYMENT, ns, name)
+    pods = kube.list(POD, ns, label_selector=selector) if deployment is not None else []
+    # The autoscaler's memory stays as stored (compute_status carries it): its new decision
+    # was not applied, and the retry decides again.
+    status = compute_status(md, desired, deployment, pods, [], selector, format_time(now), apply_error=message)
+    if status.to_wire() != md.status.to_wire():
+        kube.patch_status(md.metadata, _status_patch(md.status, status))
+    for event in transition_events(md.status, status):
+        kube.post_event(md.metadata, event)
 
 
 def reconcile(
@@ -241,6 +287,9 @@ def reconcile(
             deployment = _apply_children(md, desired, kube, config)
         except InvalidSpec as exc:
             report_invalid(body, str(exc), kube, now)
+            raise
+        except ApplyFailed as exc:
+            report_apply_failed(md, desired, str(exc), kube, now)
             raise
     if pods is None:
         # A Deployment at zero that had no pods when last seen has none to list: this saves a

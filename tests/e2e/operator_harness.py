@@ -218,3 +218,88 @@ def chat(address: str, model: str, port: int = 8000, timeout: float = 30) -> dic
                                  headers={"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
+
+
+class GatewayProcess:
+    """`modelfleet gateway --discovery kubernetes` on the host, watching `namespace`, logging
+    to a file. Its URL is 127.0.0.1 only."""
+
+    def __init__(self, namespace: str, log_path: Path, *extra: str) -> None:
+        self.namespace = namespace
+        self.log_path = log_path
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self) -> GatewayProcess:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "modelfleet", "gateway", "--discovery", "kubernetes",
+                "--namespace", self.namespace, "--port", str(port), *self.extra]
+        with open(self.log_path, "ab") as log:
+            log.write(f"==== {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, env=os.environ.copy())
+        wait_for(self._ready, 60, what="the gateway's /ready", explain=self.tail)
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise AssertionError(f"the gateway exited ({self.proc and self.proc.returncode}):\n{self.tail()}")
+        try:
+            with urllib.request.urlopen(self.url + "/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def metric(self, name: str, **match: str) -> float:
+        """The sum of `name`'s samples whose labels include `match` (0 if none)."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in match.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no gateway log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def pod_pids(pod: dict) -> list[int]:
+    """The host pids of a pod's processes: the local node runs each pod as processes in a
+    network namespace named after its uid (tests/cluster/localkube/network.py)."""
+    uid = pod["metadata"]["uid"][:18]
+    names = [line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                                        check=True).stdout.splitlines() if line.strip()]
+    netns = [n for n in names if n.endswith(uid)]
+    if not netns:
+        return []
+    out = subprocess.run(["ip", "netns", "pids", netns[0]], capture_output=True, text=True, check=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def signal_pod(pod: dict, sig: int) -> list[int]:
+    """Send `sig` to every process of the pod (its worker and anything it started); the pids."""
+    pids = pod_pids(pod)
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return pids

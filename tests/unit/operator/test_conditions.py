@@ -409,3 +409,44 @@ def test_last_line_takes_the_error_and_bounds_it() -> None:
     assert last_line("a\n\nTraceback\nValueError: bad\n\n") == "ValueError: bad"
     assert last_line(None) == ""
     assert len(last_line("x" * 5000)) <= 515
+
+
+def test_a_refused_apply_is_not_ready_and_fails_only_when_nothing_serves() -> None:
+    refused = "the API server refused the worker Deployment: duplicate entries for key [name=\"X\"]"
+    new = compute_status(make_md(), 1, None, [], [], SELECTOR, T0, apply_error=refused)
+    assert new.phase == "Failed"
+    assert cond(new, "Ready") == ("False", "ApplyFailed") and cond(new, "Degraded") == ("True", "ApplyFailed")
+    assert new.condition("Ready").message == refused  # type: ignore[union-attr]
+    # A spec change refused while the previous spec's replicas serve: they keep serving.
+    old = compute_status(make_md(), 1, deployment(1, 1), [READY_POD], [], SELECTOR, T0, apply_error=refused)
+    assert old.phase == "Degraded" and old.ready_replicas == 1
+    assert cond(old, "Ready") == ("False", "ApplyFailed") and cond(old, "Progressing") == ("False", "ApplyFailed")
+    (event,) = transition_events(ModelDeploymentStatus(), new)
+    assert event.type == "Warning" and event.reason == "ApplyFailed" and refused in event.message
+    long = compute_status(make_md(), 1, None, [], [], SELECTOR, T0, apply_error="x" * 5000)
+    assert len(long.condition("Ready").message) <= 515  # type: ignore[union-attr]
+
+
+def test_a_replica_killed_by_a_signal_is_not_reported_as_a_failed_model_load() -> None:
+    """Found by tests/e2e/test_faults.py: after a SIGKILL the log tail is a line from long after
+    the model loaded, and status said "CrashLoopBackOff: the model failed to load: ... serving"."""
+    killed = {"exitCode": 137, "reason": "Error", "message": "INFO modelfleet.worker: serving faults on :8000\n"}
+    restarting = pod(name="tiny-chat-2", container={"ready": False, "restartCount": 1,
+                                                    "state": {"running": {"startedAt": T0}},
+                                                    "lastState": {"terminated": killed}})
+    status = status_of(make_md(), 2, deployment(2, 1), [READY_POD, restarting])
+    ready = status.condition("Ready")
+    assert status.phase == "Degraded" and ready is not None and ready.reason == "PartiallyReady"
+    assert "killed by signal 9 (exit code 137); it is starting again" in ready.message
+    assert "failed to load" not in ready.message
+    # Killed again and again: back-off, still said as a kill, not as a load failure.
+    looping = pod(container={"ready": False, "restartCount": 5, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                             "lastState": {"terminated": killed}})
+    status = status_of(make_md(), 1, deployment(1, 0), [looping])
+    assert cond(status, "Ready") == ("False", "CrashLoopBackOff") and status.phase == "Failed"
+    assert "killed by signal 9" in status.condition("Ready").message  # type: ignore[union-attr]
+    # A signal exit whose log names an error still shows the error.
+    errored = {**killed, "message": "RuntimeError: CUDA out of memory\n"}
+    crashed = pod(container={"ready": False, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                             "lastState": {"terminated": errored}})
+    assert "CUDA out of memory" in status_of(make_md(), 1, deployment(1, 0), [crashed]).condition("Ready").message  # type: ignore[union-attr]

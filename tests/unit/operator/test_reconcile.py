@@ -18,7 +18,7 @@ from modelfleet.api import ObjectMeta
 from modelfleet.operator.conditions import StatusEvent
 from modelfleet.operator.config import OperatorConfig
 from modelfleet.operator.kube import DEPLOYMENT, PDB, SERVICE
-from modelfleet.operator.reconcile import Gone, InvalidSpec, reconcile
+from modelfleet.operator.reconcile import ApplyFailed, Gone, InvalidSpec, reconcile
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 CONFIG = OperatorConfig(default_image="modelfleet:test")
@@ -249,6 +249,62 @@ def test_api_rejection_of_a_child_is_reported() -> None:
     with pytest.raises(InvalidSpec, match="bad toleration key"):
         run(kube, b)
     assert b["status"]["phase"] == "Failed"
+
+
+# What server-side apply answers (500) for a Deployment with two env entries of one name.
+SSA_DUPLICATE_ENV = ('failed to create typed patch object (default/tiny-chat; apps/v1, Kind=Deployment): '
+                     '.spec.template.spec.containers[name="worker"].env: duplicate entries for key [name="X"]')
+
+
+def test_a_refused_apply_shows_in_status_and_an_event_and_is_retried() -> None:
+    """Found on the cluster: the object kept an empty status while kopf retried the 500."""
+    import kopf
+
+    from modelfleet.operator.handlers import classify
+
+    kube, b = FakeKube(), body()
+    kube.reject["Deployment"] = ApiError(500, SSA_DUPLICATE_ENV)
+    with pytest.raises(ApplyFailed) as raised:
+        run(kube, b)
+    assert isinstance(classify(raised.value), kopf.TemporaryError)  # a 500 may also be the API server's trouble
+    assert b["status"]["phase"] == "Failed" and b["status"]["observedGeneration"] == 1
+    ready = next(c for c in b["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ApplyFailed")
+    assert ready["message"].startswith("the API server refused the worker Deployment: ")
+    assert 'duplicate entries for key [name="X"]' in ready["message"]
+    assert [(e.type, e.reason) for e in kube.events] == [("Warning", "ApplyFailed")]
+    # kopf's retries of a still-refused object write nothing and post nothing more.
+    for _ in range(3):
+        with pytest.raises(ApplyFailed):
+            run(kube, b)
+    assert len(kube.events) == 1 and ("patch", "ModelDeployment/status") not in kube.calls[-4:]
+    # Fixed: the next reconcile applies and status moves on.
+    del kube.reject["Deployment"]
+    run(kube, b)
+    assert next(c for c in b["status"]["conditions"] if c["type"] == "Ready")["reason"] != "ApplyFailed"
+    assert b["status"]["phase"] == "Pending"
+
+
+def test_a_refused_spec_change_keeps_counting_the_replicas_that_serve() -> None:
+    kube, b = FakeKube(), body()
+    run(kube, b)
+    kube.set_deployment_status(replicas=1, ready=1)
+    kube.pods = [ready_pod()]
+    run(kube, b)
+    b["metadata"]["generation"] = 2
+    kube.reject["Deployment"] = ApiError(500, SSA_DUPLICATE_ENV)
+    with pytest.raises(ApplyFailed):
+        run(kube, b)
+    assert b["status"]["phase"] == "Degraded" and b["status"]["readyReplicas"] == 1
+    assert next(c for c in b["status"]["conditions"] if c["type"] == "Ready")["reason"] == "ApplyFailed"
+    assert kube.events[-1].type == "Warning" and kube.events[-1].reason == "ApplyFailed"
+
+
+def test_a_refused_service_names_the_service() -> None:
+    kube, b = FakeKube(), body()
+    kube.reject["Service"] = ApiError(500, "boom")
+    with pytest.raises(ApplyFailed, match="refused the worker Service: boom"):
+        run(kube, b)
 
 
 def test_conflicts_propagate_for_retry() -> None:
