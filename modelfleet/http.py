@@ -2,13 +2,15 @@
 
 Every response carries `x-request-id` (the client's, echoed, or a new one), and every error,
 including FastAPI's own 404/405 and validation errors, leaves in the `{"error": {...}}` shape
-with the status OpenAI would use: never a 422, never a stack trace.
+with the status OpenAI would use: never a 422, never a stack trace. The server's protocol
+(GuardedHttpToolsProtocol) bounds what a client may take before the app sees a request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .protocol import OpenAIError, error_body
 
@@ -242,3 +245,77 @@ def install_error_handlers(app: FastAPI) -> None:
                        code="internal_error"),
             status_code=500,
         )
+
+
+# -- the server's protocol ----------------------------------------------------------------------
+
+MAX_HEAD_BYTES = 64 * 1024
+HEAD_TIMEOUT = 10.0
+REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the two bounds it lacks, for `uvicorn.Config(http=...)`.
+
+    A request's head (request line and headers) must arrive within `head_timeout` seconds: uvicorn
+    arms no timer until a first response, and its keep-alive timer restarts on every byte, so a
+    client that connects and sends nothing, or a header a byte at a time, held its connection and
+    file descriptor for ever. And the head must fit in `max_head_bytes` (plus at most one read):
+    llhttp has no bound, and a 100 MB header was buffered and re-joined for tens of seconds.
+    Past either bound the client gets 408 or 431 in the API's error format and the connection
+    closes; the app never sees the request.
+    """
+
+    head_timeout = HEAD_TIMEOUT
+    max_head_bytes = MAX_HEAD_BYTES
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.head_bytes = 0
+        self.head_done = False
+        self.head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.head_timeout, self._head_too_slow)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.head_done or self.transport.is_closing():
+            return
+        self.head_bytes += len(data)  # the head is still incomplete: all of this chunk was head
+        if self.head_bytes > self.max_head_bytes:
+            self._refuse(431, f"The request's headers are larger than {self.max_head_bytes} bytes.",
+                         "request_header_fields_too_large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.head_done = False
+        self.head_bytes = 0
+        if self.head_timer is None:
+            self.head_timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+        self._disarm()
+        super().on_headers_complete()
+
+    def _disarm(self) -> None:
+        if getattr(self, "head_timer", None) is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self.head_timer = None
+        if not self.head_done:
+            self._refuse(408, f"The request's headers did not arrive within {self.head_timeout:g} seconds.",
+                         "request_timeout")
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        body = json.dumps(OpenAIError(message, status=status, code=code).body()).encode()
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        self.transport.write(head % (status, REASONS[status], len(body)) + body)
+        self.transport.close()

@@ -12,7 +12,13 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from modelfleet.http import ClientGone, JsonFastPath, RequestIdMiddleware, install_error_handlers
+from modelfleet.http import (
+    ClientGone,
+    GuardedHttpToolsProtocol,
+    JsonFastPath,
+    RequestIdMiddleware,
+    install_error_handlers,
+)
 from modelfleet.netutil import bind_socket
 
 from .content_type import JsonOnly
@@ -79,7 +85,8 @@ def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]
 
 
 def create_app(service: ModelService, metrics: WorkerMetrics) -> JsonOnly:
-    app = FastAPI(title=f"modelfleet worker: {service.name}", docs_url=None, redoc_url=None)
+    # /openapi.json is served by the router from modelfleet/openapi.py, not FastAPI's generator.
+    app = FastAPI(title=f"modelfleet worker: {service.name}", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
 
     @app.exception_handler(ClientGone)
@@ -132,7 +139,8 @@ def serve(settings: WorkerSettings) -> None:
     # Keep-alive longer than the gateway's pool keeps idle connections (30 s), so the gateway
     # never sends a request on a connection this worker is closing.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5, lifespan="off", timeout_keep_alive=75)
+                            timeout_graceful_shutdown=5, lifespan="off", timeout_keep_alive=75,
+                            http=GuardedHttpToolsProtocol)  # bounds slow and huge request heads
     server = DrainingServer(config, service, settings.drain_timeout)
     log.info("serving %s (%s, %s) on http://%s:%d", service.name, service.info.task, service.info.path,
              settings.host, settings.port)

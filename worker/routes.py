@@ -9,8 +9,10 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
-from modelfleet.http import ClientGone, DisconnectWatch, JsonHandler
+from modelfleet.http import ClientGone, DisconnectWatch, JsonHandler, read_body
+from modelfleet.openapi import openapi_document
 from modelfleet.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -25,6 +27,7 @@ from modelfleet.protocol import (
     now,
     parse_request,
     usage,
+    validation_error_to_openai,
 )
 
 from .formatting import Shown, chat_choice, completion_choice, logprob_items
@@ -60,6 +63,12 @@ async def until_disconnect(request: Request, work: Awaitable[T], cancel: Callabl
     raise ClientGone
 
 
+def responses_error(exc: OpenAIError) -> OpenAIError:
+    """Names the Responses API's parameter, not its chat translation's."""
+    exc.param = RESPONSES_PARAMS.get(exc.param or "", exc.param)
+    return exc
+
+
 def fast_routes(service: ModelService) -> dict[str, JsonHandler]:
     """Endpoints served on the raw ASGI path (modelfleet.http.JsonFastPath): embeddings, where
     32 clients keep the model and the HTTP loop busy at once and FastAPI's layers (and its
@@ -80,7 +89,7 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
         return request.scope.get("state", {}).get("request_id", "")
 
     async def parse(request: Request, model_cls: type[T]) -> T:
-        body = parse_request(model_cls, await request.body())
+        body = parse_request(model_cls, await read_body(request.receive))  # 413 past the limit, as the gateway
         service.check_model(getattr(body, "model", None))
         return body
 
@@ -118,6 +127,12 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    document = openapi_document(f"modelfleet worker: {service.name}")
+
+    @router.get("/openapi.json")
+    async def openapi() -> JSONResponse:
+        return JSONResponse(document)
+
     # -- chat and the APIs served through it ------------------------------------------------
 
     async def run_chat(request: Request, req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
@@ -148,19 +163,23 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
     @router.post("/v1/responses")
     async def responses(request: Request):
         req = await parse(request, ResponsesRequest)
-        chat_req = ChatCompletionRequest(
-            model=req.model, messages=req.messages(), max_completion_tokens=req.max_output_tokens,
-            temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-            response_format=responses_format(req.text),
-            tools=responses_tools(req.tools), tool_choice=req.tool_choice,
-            parallel_tool_calls=getattr(req, "parallel_tool_calls", None),
-            logprobs=req.wants_logprobs(), top_logprobs=req.top_logprobs if req.wants_logprobs() else None,
-        )
+        messages = req.messages()
+        if not messages:
+            raise OpenAIError("'input' must not be empty.", param="input", code="invalid_value")
         try:
+            chat_req = ChatCompletionRequest(
+                model=req.model, messages=messages, max_completion_tokens=req.max_output_tokens,
+                temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                response_format=responses_format(req.text),
+                tools=responses_tools(req.tools), tool_choice=req.tool_choice,
+                parallel_tool_calls=getattr(req, "parallel_tool_calls", None),
+                logprobs=req.wants_logprobs(), top_logprobs=req.top_logprobs if req.wants_logprobs() else None,
+            )
             stream, plan = service.start_chat(chat_req, rid(request))
-        except OpenAIError as exc:  # name the Responses API's parameter, not its chat translation's
-            exc.param = RESPONSES_PARAMS.get(exc.param or "", exc.param)
-            raise
+        except ValidationError as exc:  # a field the Responses model keeps untyped (parallel_tool_calls)
+            raise responses_error(validation_error_to_openai(exc)) from exc
+        except OpenAIError as exc:
+            raise responses_error(exc) from None
         text_of = service.text_of if req.wants_logprobs() else None
         if req.stream:
             return stream_response(responses_stream(stream, req.model, plan.tool_format, text_of))

@@ -1,0 +1,163 @@
+"""The OpenAPI 3.1 document of the HTTP API, served at `/openapi.json` by the gateway and by the
+worker, which offer the same paths.
+
+Request bodies are the protocol models' own JSON schemas, so the document cannot drift from what
+the servers validate. FastAPI's generated document did not fit: the OpenAI paths are raw ASGI
+(gateway/datapath.py, modelfleet.http.JsonFastPath) or read the raw body themselves, so FastAPI
+never sees their models, and it would advertise the 422 that this API never sends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.json_schema import models_json_schema
+
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EditRequest,
+    EmbeddingRequest,
+    ResponsesRequest,
+    TokenizeRequest,
+)
+
+# The error shape of modelfleet.protocol.error_body, written as a type so the document can state it.
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    model_config = ConfigDict(title="ErrorResponse")
+
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: str
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: str
+    data: list[ModelCard]
+
+
+class Status(BaseModel):
+    """What /health and /ready answer, 200 or 503: a probe's answer, not an API error."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str
+
+
+# path -> (request model, summary, whether `stream: true` answers server-sent events)
+POST_PATHS: dict[str, tuple[type[BaseModel], str, bool]] = {
+    "/v1/chat/completions": (ChatCompletionRequest, "Create a chat completion", True),
+    "/v1/completions": (CompletionRequest, "Create a text completion", True),
+    "/v1/embeddings": (EmbeddingRequest, "Create embeddings", False),
+    "/v1/responses": (ResponsesRequest, "Create a response (Responses API)", True),
+    "/v1/edits": (EditRequest, "Create an edit (legacy Edits API, served through chat)", False),
+    "/tokenize": (TokenizeRequest, "Tokenize a prompt or chat messages", False),
+    "/detokenize": (DetokenizeRequest, "Turn token ids back into text", False),
+}
+
+# Statuses a POST can answer besides 200, with what they mean here (CONTRACTS.md section 3).
+POST_ERRORS = {
+    "400": "Invalid request: malformed JSON, a wrong type or range (never 422), a non-JSON content type, "
+           "a prompt or output past the context",
+    "401": "Missing or wrong API key (gateway with keys)",
+    "403": "The API key may not use this model",
+    "404": "Unknown model (`code: model_not_found`)",
+    "405": "Method not allowed",
+    "413": "Request body larger than the limit",
+    "429": "Rate limited; see `retry-after`",
+    "500": "A bug in the server",
+    "503": "No ready replica, or the worker is draining; see `retry-after`",
+}
+
+# One server-sent event: `data:` is a JSON object or `[DONE]`; the Responses API also names events.
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+
+REQUEST_ID = {"x-request-id": {"description": "The client's request id, echoed, or a new one",
+                               "schema": {"type": "string"}}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "headers": REQUEST_ID, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(statuses: dict[str, str]) -> dict[str, Any]:
+    return {status: _json(_ref("ErrorResponse"), text) for status, text in statuses.items()}
+
+
+def _post(model: type[BaseModel], summary: str, streams: bool, body_ref: dict[str, str]) -> dict[str, Any]:
+    ok = _json({"type": "object"}, "The answer" + (", or with `stream: true` server-sent events "
+                                                    "ending with `data: [DONE]`" if streams else ""))
+    if streams:
+        ok["content"]["text/event-stream"] = {"schema": SSE_EVENT}
+    return {"post": {
+        "summary": summary,
+        "operationId": model.__name__[0].lower() + model.__name__[1:],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body_ref}}},
+        "responses": {"200": ok, **_errors(POST_ERRORS)},
+    }}
+
+
+def _get(summary: str, ok: dict[str, Any], errors: dict[str, str], **extra: Any) -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": {"200": ok, **_errors(errors)}, **extra}}
+
+
+def _schemas() -> tuple[dict[type[BaseModel], dict[str, str]], dict[str, Any]]:
+    models = [m for m, _, _ in POST_PATHS.values()] + [ErrorResponse, ModelList, Status]
+    refs, defs = models_json_schema([(m, "validation") for m in models],
+                                    ref_template="#/components/schemas/{model}")
+    return {m: ref for (m, _), ref in refs.items()}, defs["$defs"]
+
+
+def openapi_document(title: str, version: str = "0.1.0") -> dict[str, Any]:
+    """The document for every path the gateway and the worker serve."""
+    refs, schemas = _schemas()
+    status_ok = _json(refs[Status], "The status")
+    paths: dict[str, Any] = {path: _post(model, summary, streams, refs[model])
+                             for path, (model, summary, streams) in POST_PATHS.items()}
+    paths["/v1/models"] = _get("List the models", _json(refs[ModelList], "The models this key may use"),
+                               {"401": POST_ERRORS["401"], "500": POST_ERRORS["500"]}, operationId="listModels")
+    paths["/v1/models/{model}"] = _get(
+        "Describe one model", _json(_ref("ModelCard"), "The model"),
+        {"401": POST_ERRORS["401"], "404": POST_ERRORS["404"], "500": POST_ERRORS["500"]},
+        operationId="getModel",
+        parameters=[{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}])
+    paths["/health"] = _get("Liveness", status_ok, {}, operationId="health")
+    paths["/health"]["get"]["responses"]["503"] = _json(refs[Status], "The model failed")
+    paths["/ready"] = _get("Readiness: at least one model can take traffic", status_ok, {}, operationId="ready")
+    paths["/ready"]["get"]["responses"]["503"] = _json(refs[Status], "Not ready, or draining")
+    paths["/metrics"] = _get("Prometheus metrics", {"description": "Prometheus text format", "headers": REQUEST_ID,
+                                                    "content": {"text/plain": {"schema": {"type": "string"}}}},
+                             {}, operationId="metrics")
+    paths["/openapi.json"] = _get("This document", _json({"type": "object"}, "OpenAPI 3.1"), {},
+                                  operationId="openapi")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version,
+                 "description": "OpenAI-compatible API. Every error is `{\"error\": {\"message\", \"type\", "
+                                "\"param\", \"code\"}}`."},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
