@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from modelfleet.protocol import OpenAIError
+from modelfleet.protocol import OpenAIError, load_json
 
 
 @dataclass(frozen=True)
@@ -18,10 +18,7 @@ class RoutingFields:
 
 
 def routing_fields(body: bytes) -> RoutingFields:
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OpenAIError(f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from exc
+    data = load_json(body)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, str) or not model:
         raise OpenAIError("You must provide a model parameter.", param="model", code="missing_model")

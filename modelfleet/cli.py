@@ -177,6 +177,7 @@ def run_gateway(args: argparse.Namespace) -> int:
 
     from modelfleet.gateway.app import GatewaySettings
     from modelfleet.gateway.static import parse_backends
+    from modelfleet.http import GuardedHttpToolsProtocol
     from modelfleet.netutil import PortInUseError, bind_socket
 
     if args.discovery == "kubernetes" and args.backend:
@@ -196,7 +197,8 @@ def run_gateway(args: argparse.Namespace) -> int:
                                         first_byte_timeout=args.first_byte_timeout,
                                         hold_timeout=args.hold_timeout,
                                         max_inflight_per_replica=args.max_inflight_per_replica))
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                            http=GuardedHttpToolsProtocol)  # bounds slow and huge request heads
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

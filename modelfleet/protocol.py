@@ -91,12 +91,25 @@ def _looks_like_type(part: str) -> bool:
     )
 
 
+def load_json(raw: bytes) -> Any:
+    """A request body as JSON, or a 400 `invalid_json`: malformed JSON, bytes that are not
+    strict UTF-8 (json.loads would pass an encoded surrogate through), a lone surrogate written
+    as an escape (no tokenizer can encode it), or nesting deep enough to exhaust the stack."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+        if b"\\ud" in raw or b"\\uD" in raw:  # surrogate escapes: legal only in pairs
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (json.JSONDecodeError, UnicodeDecodeError, UnicodeEncodeError) as exc:
+        raise OpenAIError(f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from exc
+    except RecursionError:
+        raise OpenAIError("We could not parse the JSON body of your request: it is nested too deeply.",
+                          code="invalid_json") from None
+    return data
+
+
 def parse_request(model_cls: type[BaseModel], raw: bytes) -> Any:
     """Validates a raw JSON body into `model_cls`; malformed JSON and bad values become 400s."""
-    try:
-        data = json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OpenAIError(f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from exc
+    data = load_json(raw) if raw else None
     if not isinstance(data, dict):
         raise OpenAIError("The request body must be a JSON object.", code="invalid_json")
     try:

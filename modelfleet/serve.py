@@ -170,6 +170,8 @@ async def watch(workers: list[WorkerProcess], server) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from modelfleet.http import GuardedHttpToolsProtocol
+
     from .cli import build_gateway
     from .gateway.app import GatewaySettings
 
@@ -207,7 +209,8 @@ def run_serve(args: argparse.Namespace) -> int:
             finally:
                 watcher.cancel()
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
+                            http=GuardedHttpToolsProtocol)  # bounds slow and huge request heads
     server = ServeServer(config)
     print(f"modelfleet serve: gateway on http://{args.host}:{args.port}, loading {len(workers)} worker(s)",
           file=sys.stderr, flush=True)

@@ -67,6 +67,8 @@ class ModelService:
         self.text_of = TokenText(tokenizer)
         vocab = engine.model_vocab if engine else len(tokenizer)
         self.limits = Limits(max_model_len=info.max_model_len, vocab_size=vocab, max_num_seqs=max_num_seqs)
+        # The most characters one token can stand for (see check_fits).
+        self.longest_token = max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
         self.grammars = GrammarCompiler(tokenizer, vocab)
         digest = hashlib.sha256(f"{info.path}|{info.architecture}|{dtype}|{device}|{info.max_model_len}|"
                                 f"{max_num_seqs}|modelfleet-0.1".encode()).hexdigest()
@@ -137,8 +139,24 @@ class ModelService:
                 "use /v1/completions with a prompt instead.", param=param, code="chat_template_missing")
         return render_chat(self.tokenizer, messages, options or TemplateOptions(), tools, param)
 
+    def check_fits(self, texts: list[str], param: str) -> None:
+        """Refuses text that cannot fit the context, before tokenizing it. A token stands for
+        at most `longest_token` characters, so text longer than that many times the context is
+        too long whatever it says; tokenizing megabytes takes seconds on the event loop, which
+        would stall every other request of this worker, its readiness probe included."""
+        least = -(-sum(len(t) for t in texts) // self.longest_token)
+        if least >= self.limits.max_model_len:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.limits.max_model_len} tokens. However, your "
+                f"prompt has at least {least} tokens. Please reduce the length of the prompt.",
+                param=param, code="context_length_exceeded")
+
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         """The request's prompts as the engine runs them: tokenized, then truncated if asked."""
+        if req.truncate_prompt_tokens is None:
+            texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
+            for text in texts:
+                self.check_fits([text], "prompt")
         prompts = completion_prompts(self.tokenizer, req.prompt, req.add_special_tokens is not False)
         return [truncate_prompt(p, req, self.limits) for p in prompts]
 
@@ -150,6 +168,8 @@ class ModelService:
         engine = self.require_generation("chat completions")
         refuse_unsupported(req, "chat")
         plan = plan_output(req, self.grammars)
+        if req.truncate_prompt_tokens is None:
+            self.check_fits([m.text() for m in req.messages], "messages")
         prompt = truncate_prompt(self.chat_prompt(req.messages, TemplateOptions.of(req), plan.tools), req, self.limits)
         limit, limit_param = req.output_limit()
         max_tokens = output_budget(len(prompt), limit, self.limits, "messages", limit_param)
