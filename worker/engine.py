@@ -5,6 +5,11 @@ running sequence, samples each row with its own parameters, and retires finished
 requests join and leave the batch at every step. The HTTP side talks to it through `submit`,
 which returns an async stream of `RequestOutput` events.
 
+With prefix caching, a request whose prompt starts with full blocks another prompt already
+prefilled takes their KV from the prefix cache (prefix_cache.py) and computes only the rest:
+such requests prefill apart from the others, on top of a past made of the cached KV, laid out
+so that every row ends up exactly as a full left-padded prefill would leave it.
+
 transformers' own ContinuousBatchingManager packs the batch into one long sequence with a dense
 mask and samples with one setting per batch; measured here it reaches about half of plain
 padded batching, which is why the loop is ours, on transformers' model and cache classes.
@@ -25,9 +30,10 @@ import torch
 from transformers import DynamicCache
 
 from .constraints import Constraint, MaskBatch
-from .kvcache import SlotPool
+from .kvcache import SlotPool, cache_over_past
+from .prefix_cache import PrefixCache, PrefixMatch
 from .sampling import BatchParams, banned_by_bad_words, sample
-from .scheduler import plan_admission
+from .scheduler import plan_admission, plan_prefill_groups
 from .sequence import GenerationRequest, RequestOutput, RequestState, SeqDelta, Sequence, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,9 @@ class EngineConfig:
     max_model_len: int
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
+    enable_prefix_caching: bool = True
+    prefix_cache_block_size: int = 16
+    prefix_cache_bytes: int = 1 << 30  # the KV copies of cached prompt blocks, at most
 
 
 class EngineStats:
@@ -50,6 +59,8 @@ class EngineStats:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.steps = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of those, tokens whose KV was reused
 
 
 Observer = Callable[[str, float], None]
@@ -96,15 +107,29 @@ class GenerationEngine:
         mc = model.config
         heads = mc.num_attention_heads
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // heads
+        kv_heads = getattr(mc, "num_key_value_heads", None) or heads
         self.pool = SlotPool(
             num_layers=mc.num_hidden_layers,
-            kv_heads=getattr(mc, "num_key_value_heads", None) or heads,
+            kv_heads=kv_heads,
             head_dim=head_dim,
             max_rows=config.max_num_seqs,
             max_columns=config.max_model_len + 1,
             dtype=self.dtype,
             device=self.device,
         )
+        self.prefix_cache: PrefixCache | None = None
+        if config.enable_prefix_caching:
+            block_bytes = 2 * mc.num_hidden_layers * kv_heads * head_dim * config.prefix_cache_block_size
+            block_bytes *= self.dtype.itemsize
+            self.prefix_cache = PrefixCache(
+                num_layers=mc.num_hidden_layers,
+                kv_heads=kv_heads,
+                head_dim=head_dim,
+                block_size=config.prefix_cache_block_size,
+                num_blocks=max(1, config.prefix_cache_bytes // block_bytes),
+                dtype=self.dtype,
+                device=self.device,
+            )
         self.model_vocab = mc.vocab_size
         self.text_vocab = min(len(tokenizer), self.model_vocab)
         self.rows: list[Sequence] = []
@@ -231,9 +256,12 @@ class GenerationEngine:
             try:
                 result = fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
-                done(None, exc)
+                result, error = None, exc
             else:
-                done(result, None)
+                error = None
+            # a finished job is progress, recorded before its caller can look at `healthy`
+            self.last_progress = time.monotonic()
+            done(result, error)
 
     def _emit(self, state: RequestState, output: RequestOutput) -> None:
         self.outbox.append((state, output))
@@ -280,21 +308,55 @@ class GenerationEngine:
 
     def _admit(self) -> None:
         free = self.config.max_num_seqs - len(self.rows)
-        count = plan_admission(
-            [(len(s.request.prompt_ids), s.request.n) for s in self.waiting],
-            free_rows=free,
-            token_budget=self.config.max_num_batched_tokens,
-        )
-        if count == 0:
-            return
-        self.admitting = [self.waiting.popleft() for _ in range(count)]
-        self._prefill(self.admitting)
-        self.admitting = []
+        candidates, rows = [], 0
+        for state in self.waiting:
+            rows += state.request.n
+            if rows > free:
+                break
+            candidates.append(state)
+        matches = [self._match(s) for s in candidates]
+        try:
+            uncached = [max(1, len(s.request.prompt_ids) - m.tokens) for s, m in zip(candidates, matches, strict=True)]
+            count = plan_admission(
+                [(tokens, s.request.n) for tokens, s in zip(uncached, candidates, strict=True)],
+                free_rows=free,
+                token_budget=self.config.max_num_batched_tokens,
+            )
+            if count == 0:
+                return
+            self.admitting = [self.waiting.popleft() for _ in range(count)]
+            # Rows with a cached prefix prefill together on top of it; the rest as before.
+            admitted = list(zip(self.admitting, matches[:count], strict=True))
+            misses = [s for s, m in admitted if not m.tokens]
+            hits = [(s, m) for s, m in admitted if m.tokens]
+            if misses:
+                self._prefill(misses, [PrefixMatch()] * len(misses))
+            tails = [len(s.request.prompt_ids) - m.tokens for s, m in hits]
+            for group in plan_prefill_groups(tails, slack=self.config.prefix_cache_block_size):
+                self._prefill([hits[i][0] for i in group], [hits[i][1] for i in group])
+            self.admitting = []
+        finally:
+            if self.prefix_cache is not None:
+                for m in matches:
+                    self.prefix_cache.release(m)
 
-    def _prefill(self, batch: list[RequestState]) -> None:
+    def _match(self, state: RequestState) -> PrefixMatch:
+        """The pinned cached prefix of a waiting request; none for prompt logprobs, which need
+        the logits of every prompt position."""
+        if self.prefix_cache is None or state.request.prompt_logprobs is not None:
+            return PrefixMatch()
+        return self.prefix_cache.match(state.request.prompt_ids)
+
+    def _prefill(self, batch: list[RequestState], matches: list[PrefixMatch]) -> None:
+        """One left-padded prefill of `batch`. With cached prefixes, the first `past` columns
+        come from the prefix cache and only the last `width - past` are computed: as many as the
+        longest uncached tail, and at least one, since the last prompt token's logits are needed."""
         started = time.monotonic()
         lengths = [len(s.request.prompt_ids) for s in batch]
         width = max(lengths)
+        computed = max(1, max(n - m.tokens for n, m in zip(lengths, matches, strict=True)))
+        past = width - computed
+        reused = [max(0, n - computed) for n in lengths]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -303,21 +365,28 @@ class GenerationEngine:
             mask[i, width - lengths[i] :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         want_prompt_logprobs = any(s.request.prompt_logprobs is not None for s in batch)
-        cache = DynamicCache(config=self.model.config)
+        assert not (want_prompt_logprobs and past), "prompt logprobs never read the prefix cache"
+        if past:
+            cache = self._cache_over_prefixes(matches, reused, past, width)
+        else:
+            cache = DynamicCache(config=self.model.config)
         out = self.model(
-            input_ids=ids.to(self.device),
+            input_ids=ids[:, past:].to(self.device),
             attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
+            position_ids=positions[:, past:].to(self.device),
             use_cache=True,
             logits_to_keep=0 if want_prompt_logprobs else 1,
             **{self.cache_kwarg: cache},
         )
         logits = out.logits.float()
+        if self.prefix_cache is not None:
+            self._store_prefixes(batch, cache, lengths, reused, width)
         sources = [i for i, s in enumerate(batch) for _ in range(s.request.n)]
         sequences = [seq for state in batch for seq in state.make_sequences()]
         new_rows = self.pool.add_rows(cache, lengths, sources)
         for i, state in enumerate(batch):
             self.stats.prompt_tokens += lengths[i]
+            state.cached_tokens = reused[i]
             if state.request.prompt_logprobs is not None:
                 prompt_lp = self._prompt_logprobs(logits[i], state.request, width - lengths[i])
                 self._emit(state, RequestOutput([], lengths[i], 0, prompt_logprobs=prompt_lp))
@@ -331,6 +400,27 @@ class GenerationEngine:
         last = logits[:, -1, :]
         self._sample_and_advance(last[torch.tensor(sources)], new_rows)
         self.observe("prefill_seconds", time.monotonic() - started)
+
+    def _cache_over_prefixes(self, matches: list[PrefixMatch], reused: list[int], past: int, width: int):
+        """A prefill cache whose first `past` columns hold each row's reused prefix, right-aligned
+        there so that the row's tokens stay contiguous and end at `width`, as in a full prefill."""
+        first = self.pool.keys[0]
+        cache = cache_over_past(self.pool.num_layers, len(matches), first.shape[1], width, first.shape[3], past,
+                                self.dtype, self.device)
+        self.prefix_cache.write_past([cl.keys for cl in cache.layers], [cl.values for cl in cache.layers],
+                                     matches, reused, past)
+        return cache
+
+    def _store_prefixes(self, batch: list[RequestState], cache, lengths: list[int], reused: list[int],
+                        width: int) -> None:
+        """Caches the full prompt blocks this prefill computed, and counts the lookups."""
+        for i, state in enumerate(batch):
+            if state.request.prompt_logprobs is None:
+                self.stats.prefix_cache_queries += lengths[i]
+                self.stats.prefix_cache_hits += reused[i]
+            start = width - lengths[i]
+            self.prefix_cache.store(state.request.prompt_ids, [layer.keys[i, :, start:] for layer in cache.layers],
+                                    [layer.values[i, :, start:] for layer in cache.layers])
 
     def _prompt_logprobs(self, logits: torch.Tensor, request: GenerationRequest, offset: int):
         """Logprob of each prompt token given the tokens before it (the first has none)."""

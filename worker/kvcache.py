@@ -139,7 +139,8 @@ class SlotPool:
     def _grow(self, needed: int) -> None:
         if needed > self.max_columns:
             raise RuntimeError(f"KV cache needs {needed} columns, more than the {self.max_columns} allowed")
-        columns = min(self.max_columns, max(needed, self.columns * 2))
+        # a quarter of headroom: a prompt slightly longer than the last one must not re-copy it all
+        columns = min(self.max_columns, max(needed + needed // 4, self.columns * 2))
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 new = self._alloc(columns)
@@ -203,3 +204,48 @@ class SlotPool:
         if not self.starts:
             self.cursor = 0
         return moved
+
+
+class PastLayer(CacheLayerMixin):
+    """One layer of a prefill that runs on top of a given past (a cached prompt prefix): the
+    buffer is the batch's whole width, the past already in its first columns; `update` writes the
+    new tokens after it, so the result is laid out exactly as a prefill of the whole prompts."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, past: int) -> None:
+        super().__init__()
+        self.keys = keys
+        self.values = values
+        self.length = past
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[2]
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+def cache_over_past(num_layers: int, batch: int, kv_heads: int, width: int, head_dim: int, past: int,
+                    dtype: torch.dtype, device: torch.device) -> Cache:
+    """A prefill cache of `width` columns; the caller fills the first `past` columns of every row
+    (zeros where the row has padding), the model the rest."""
+    shape = (batch, kv_heads, width, head_dim)
+    layers = [PastLayer(torch.empty(shape, dtype=dtype, device=device),
+                        torch.empty(shape, dtype=dtype, device=device), past) for _ in range(num_layers)]
+    return Cache(layers=layers)

@@ -40,6 +40,8 @@ class EngineCollector(Collector):
             ("vllm:prompt_tokens", "Prefilled prompt tokens.", s.prompt_tokens),
             ("vllm:generation_tokens", "Generated tokens.", s.generation_tokens),
             ("modelfleet_worker_decode_steps", "Decode steps run by the engine.", s.steps),
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
+            ("vllm:prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.", s.prefix_cache_hits),
         ):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric([self.model], value)
