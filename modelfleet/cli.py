@@ -31,12 +31,17 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-model-len", type=_positive, default=None, help="context length (default: model's)")
     group.add_argument("--max-num-seqs", type=_positive, default=64, help="sequences in the running batch")
     group.add_argument("--max-num-batched-tokens", type=_positive, default=4096, help="prefill tokens per step")
+    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse the KV of prompt prefixes that earlier requests computed")
+    group.add_argument("--prefix-cache-gib", type=float, default=1.0, metavar="GIB",
+                       help="memory for cached prefix blocks")
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
     """The engine options as worker arguments, for `serve` to pass on."""
     out = ["--device", args.device, "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--prefix-cache-gib", str(args.prefix_cache_gib),
+           "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching"]
     if args.max_model_len:
         out += ["--max-model-len", str(args.max_model_len)]
     return out
@@ -151,6 +156,7 @@ def run_worker(args: argparse.Namespace) -> int:
         source=args.model, served_names=names, host=args.host, port=args.port, device=args.device,
         dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, drain_timeout=args.drain_timeout,
+        enable_prefix_caching=args.enable_prefix_caching, prefix_cache_gib=args.prefix_cache_gib,
     )
     try:
         serve(settings)

@@ -50,6 +50,8 @@ class WorkerSettings:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     drain_timeout: float = 30.0
+    enable_prefix_caching: bool = True
+    prefix_cache_gib: float = 1.0
 
 
 def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]:
@@ -73,7 +75,9 @@ def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]
 
         model, tokenizer = load_causal_lm(info, device, dtype)
         config = EngineConfig(max_model_len=info.max_model_len, max_num_seqs=settings.max_num_seqs,
-                              max_num_batched_tokens=settings.max_num_batched_tokens)
+                              max_num_batched_tokens=settings.max_num_batched_tokens,
+                              enable_prefix_caching=settings.enable_prefix_caching,
+                              prefix_cache_bytes=int(settings.prefix_cache_gib * (1 << 30)))
         engine = GenerationEngine(model, tokenizer, config, info.eos_token_ids)
         embedder = CausalEmbedder(engine, info.max_model_len)
     service = ModelService(settings.served_names, info, tokenizer, engine, embedder, settings.max_num_seqs,

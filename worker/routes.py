@@ -152,7 +152,7 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
             "system_fingerprint": service.fingerprint,
             "choices": [chat_choice(c.state, plan.tool_format, shown, logprobs=bool(req.logprobs), echo=echo)
                         for c in choices],
-            "usage": usage(prompt_tokens, completion_tokens),
+            "usage": usage(prompt_tokens, completion_tokens, stream.state.cached_tokens),
             **shown.prompt_fields(stream.state.request.prompt_ids, prompt_lps.get(0)),
         }
 
@@ -190,7 +190,8 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
         content, calls = (st.text, []) if plan.tool_format is None else parse_all(plan.tool_format, st.text)
         logprobs = logprob_items(st.logprobs, text_of) if text_of is not None else None
         return response_object(new_id("resp"), req.model, now(), content, "incomplete" if incomplete else "completed",
-                               prompt_tokens, completion_tokens, new_id("msg"), incomplete, calls, logprobs)
+                               prompt_tokens, completion_tokens, new_id("msg"), incomplete, calls, logprobs,
+                               stream.state.cached_tokens)
 
     @router.post("/v1/edits")
     async def edits(request: Request):
@@ -205,7 +206,7 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
             "object": "edit",
             "created": now(),
             "choices": [{"text": c.state.text, "index": c.state.index} for c in choices],
-            "usage": usage(prompt_tokens, completion_tokens),
+            "usage": usage(prompt_tokens, completion_tokens, stream.state.cached_tokens),
         }
 
     # -- completions -------------------------------------------------------------------------
@@ -245,7 +246,8 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
             "model": req.model,
             "system_fingerprint": service.fingerprint,
             "choices": out,
-            "usage": usage(prompt_tokens, 0 if scoring_only else completion_tokens),
+            "usage": usage(prompt_tokens, 0 if scoring_only else completion_tokens,
+                           sum(s.state.cached_tokens for s in streams)),
         }
 
     # -- embeddings and tokenizer ----------------------------------------------------------

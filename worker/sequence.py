@@ -78,6 +78,7 @@ class RequestState:
         self.sequences: list[Sequence] = []
         self.completion_tokens = 0
         self.open_sequences = request.n
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
 
     def make_sequences(self) -> list[Sequence]:
         self.sequences = [Sequence(self, i) for i in range(self.request.n)]

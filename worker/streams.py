@@ -42,8 +42,8 @@ class Chunks:
             body["usage"] = usage(*so_far) if self.shown.continuous_usage else None
         return sse(body)
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        return sse({**self.base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> bytes:
+        return sse({**self.base, "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)})
 
 
 def _error_event(message: str) -> bytes:
@@ -105,7 +105,7 @@ async def chat_stream(service: ModelService, stream: RequestStream, model: str, 
                     finish = finish_with_calls(d.finish_reason, bool(parser.calls))
                     yield chunk({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": finish}, so_far)
         if shown.include_usage:
-            yield chunk.usage(prompt_tokens, completion_tokens)
+            yield chunk.usage(prompt_tokens, completion_tokens, stream.state.cached_tokens)
         yield SSE_DONE
         done = True
     finally:
@@ -157,7 +157,8 @@ async def completion_stream(service: ModelService, streams: list[RequestStream],
                     yield chunk({"index": index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason,
                                  **prompt_ids_once(p, index), **ids}, (len(prompts[p]), counts[index]))
         if shown.include_usage:
-            yield chunk.usage(sum(t[0] for t in totals.values()), sum(t[1] for t in totals.values()))
+            yield chunk.usage(sum(t[0] for t in totals.values()), sum(t[1] for t in totals.values()),
+                              sum(s.state.cached_tokens for s in streams))
         yield SSE_DONE
         done = True
     finally:
@@ -168,8 +169,8 @@ async def completion_stream(service: ModelService, streams: list[RequestStream],
 
 def response_object(rid: str, model: str, created: int, text: str | None, status: str, prompt_tokens: int,
                     completion_tokens: int, message_id: str, incomplete: bool = False,
-                    calls: list[ToolCall] | None = None, logprobs: list[dict[str, Any]] | None = None
-                    ) -> dict[str, Any]:
+                    calls: list[ToolCall] | None = None, logprobs: list[dict[str, Any]] | None = None,
+                    cached_tokens: int = 0) -> dict[str, Any]:
     content = [{"type": "output_text", "text": text or "", "annotations": [], "logprobs": logprobs or []}]
     output = [] if status == "in_progress" else [
         {"type": "message", "id": message_id, "status": "completed", "role": "assistant", "content": content}
@@ -191,7 +192,7 @@ def response_object(rid: str, model: str, created: int, text: str | None, status
         "tools": [],
         "usage": None if status == "in_progress" else {
             "input_tokens": prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": cached_tokens},
             "output_tokens": completion_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt_tokens + completion_tokens,
@@ -342,7 +343,7 @@ async def responses_stream(stream: RequestStream, model: str, tool_format: ToolC
         incomplete = finish == "length"
         final = response_object(rid, model, created, parser.content or None,
                                 "incomplete" if incomplete else "completed", prompt_tokens, completion_tokens, mid,
-                                incomplete, parser.calls, sent_logprobs)
+                                incomplete, parser.calls, sent_logprobs, stream.state.cached_tokens)
         yield event("response.incomplete" if incomplete else "response.completed", response=final)
         done = True
     finally:

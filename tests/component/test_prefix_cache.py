@@ -255,3 +255,23 @@ def test_n_choices_of_a_cached_prompt_each_get_the_prompt(cached_engine, tiny):
     by_choice, cached = asyncio.run(main())
     assert cached > 0
     assert [by_choice[i] for i in range(3)] == [reference(tiny, ids, 8)] * 3
+
+
+def test_the_api_reports_cached_prompt_tokens_in_every_usage_shape(api):
+    """A second request with the same long prompt reuses its full blocks: chat, completions
+    (streamed too) and Responses say how many prompt tokens came from the cache."""
+    system = "You are a careful assistant. " * 40  # several full blocks of the demo tokenizer
+    chat = {"model": "tiny-chat", "messages": [{"role": "system", "content": system},
+                                               {"role": "user", "content": "Hi"}], "max_tokens": 2}
+    first = api.ok("/v1/chat/completions", chat)["usage"]
+    second = api.ok("/v1/chat/completions", chat)["usage"]
+    assert second["prompt_tokens"] == first["prompt_tokens"]
+    assert 16 <= second["prompt_tokens_details"]["cached_tokens"] < second["prompt_tokens"]
+    streamed = api.events("/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}})[-1]["usage"]
+    assert streamed["prompt_tokens_details"]["cached_tokens"] >= 16
+    prompt = {"model": "tiny-chat", "prompt": system, "max_tokens": 2}
+    api.ok("/v1/completions", prompt)
+    assert api.ok("/v1/completions", prompt)["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+    responses = {"model": "tiny-chat", "input": system, "max_output_tokens": 2}
+    api.ok("/v1/responses", responses)
+    assert api.ok("/v1/responses", responses)["usage"]["input_tokens_details"]["cached_tokens"] >= 16
