@@ -212,7 +212,10 @@ def test_uninstall_leaves_only_the_crd(release: Release) -> None:
     selector = f"app.kubernetes.io/instance={RELEASE}"
     wait_for(lambda: not release.kubectl("get", CHART_KINDS, "-l", selector, "-o", "name").strip() or None,
                     60, what="the release's objects to go")
-    assert not release.kubectl("get", "deployments,services", "-l", "modelfleet.dev/model", "-o", "name").strip()
+    # The workers' Deployments and Services go with their ModelDeployments through Kubernetes'
+    # garbage collector, which works in the background (seconds on a loaded API server).
+    wait_for(lambda: not release.kubectl("get", "deployments,services", "-l", "modelfleet.dev/model", "-o",
+                                         "name").strip() or None, 120, what="the workers' objects to go")
     wait_for(lambda: not release.kubectl("get", "pods", "-o", "name").strip() or None, 120, what="pods to stop")
     cluster_wide = release.cluster.kubectl("get", "clusterroles,clusterrolebindings", "-l", selector, "-o", "name").stdout
     assert release.namespace not in cluster_wide
