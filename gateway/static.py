@@ -72,9 +72,10 @@ class StaticDiscovery:
     async def run(self) -> None:
         while True:
             await self.probe_once()
-            # Look often while a backend is still starting, so held requests go as soon as it can.
-            starting = any(not e.ready for e in self.registry.endpoints.values())
-            await asyncio.sleep(min(self.interval, 0.25) if starting else self.interval)
+            # Look often while requests are held for a backend, so they go as soon as it is ready
+            # (a backend that is simply down is not probed faster for nobody).
+            holding = any(self.registry.waiting.values())
+            await asyncio.sleep(min(self.interval, 0.25) if holding else self.interval)
 
     async def start(self) -> None:
         await self.probe_once()

@@ -73,7 +73,7 @@ POST_PATHS: dict[str, tuple[type[BaseModel], str, bool]] = {
     "/detokenize": (DetokenizeRequest, "Turn token ids back into text", False),
 }
 
-# Statuses a POST can answer besides 200, with what they mean here (CONTRACTS.md section 3).
+# Statuses a POST can answer besides 200, with what they mean here (docs/api.md).
 POST_ERRORS = {
     "400": "Invalid request: malformed JSON, a wrong type or range (never 422), a non-JSON content type, "
            "a prompt or output past the context",

@@ -185,3 +185,19 @@ def test_an_engine_that_holds_work_without_stepping_reports_why(engine):
 
     assert "has not finished a step" in asyncio.run(main())
     assert engine.healthy(stall_seconds=0.2) is None
+
+
+def test_an_engine_whose_thread_died_says_so_and_fails_what_it_held(tiny):
+    """The engine thread ending on its own (a bug past the per-step guard) is reported by
+    `healthy`, which `/health` and `/ready` answer 503 with, instead of requests hanging."""
+    model, tok = tiny
+    eng = GenerationEngine(model, tok, EngineConfig(max_model_len=2048, max_num_seqs=2), [tok.eos_token_id])
+
+    def broken_loop() -> None:
+        raise RuntimeError("boom")
+
+    eng._loop = broken_loop
+    eng.start()
+    eng.thread.join(timeout=10)
+    reason = eng.healthy(stall_seconds=60)
+    assert reason is not None and "boom" in reason

@@ -45,7 +45,7 @@ OPERATIONS = [(path, "POST") for path in POST_PATHS] + [
 # -- checks ---------------------------------------------------------------------------------------
 
 def openai_error_format(ctx, response, case) -> bool:
-    """Every 4xx/5xx is `{"error": {"message", "type", "param", "code"}}` (CONTRACTS.md section 3)."""
+    """Every 4xx/5xx is `{"error": {"message", "type", "param", "code"}}` (docs/api.md)."""
     if response.status_code < 400:
         return True
     if case.operation.path in ("/health", "/ready"):

@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ import httpx
 import pytest
 
 from modelfleet.demo import ensure_demo_model
+from modelfleet.netutil import free_port
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "modelfleet"]
@@ -86,11 +86,6 @@ def needles() -> dict[str, str]:
             out[f"{name}: sha256"] = hashlib.sha256(key.encode()).hexdigest()
     return out
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check, timeout: float, what: str) -> None:
