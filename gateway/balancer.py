@@ -7,7 +7,7 @@ import bisect
 import hashlib
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,4 +68,42 @@ def prefix_affinity(candidates: Sequence[Endpoint], view: RequestView, rng: rand
     return least_load(candidates, view, rng)
 
 
-STRATEGIES: dict[str, Strategy] = {"least-load": least_load, "prefix-affinity": prefix_affinity}
+def choose_deployment(weights: Mapping[str, int], u: float) -> str:
+    """Pure: the ModelDeployment that takes a request, in proportion to its weight, from a
+    uniform `u` in [0, 1). Weights are relative (5 and 95: 5%); weight-0 ones are chosen only
+    when every one is 0 (they then share evenly), so a canary at 0 takes over only while the
+    weighted ones have no ready replica."""
+    names = sorted(weights)
+    total = sum(weights[n] for n in names)
+    if total <= 0:
+        return names[min(int(u * len(names)), len(names) - 1)]
+    point = u * total
+    for name in names:
+        point -= weights[name]
+        if point < 0 and weights[name] > 0:
+            return name
+    return next(n for n in reversed(names) if weights[n] > 0)
+
+
+def by_weight(strategy: Strategy) -> Strategy:
+    """`strategy` within one ModelDeployment, chosen first by weight when the candidates belong
+    to several (a canary and a stable version serving one name). Only deployments with an
+    available candidate take part, so a version with no ready replica gives its share to the
+    others. Under prefix affinity the choice follows the prompt's hash, so a conversation
+    stays on one version."""
+
+    def pick(candidates: Sequence[Endpoint], view: RequestView, rng: random.Random) -> Endpoint:
+        groups: dict[str, list[Endpoint]] = {}
+        for endpoint in candidates:
+            groups.setdefault(endpoint.deployment, []).append(endpoint)
+        if len(groups) > 1:
+            weights = {name: group[0].weight or 0 for name, group in groups.items()}
+            sticky = strategy is prefix_affinity and view.prefix
+            u = _hash(view.prefix[: view.prefix_length]) / 2**64 if sticky else rng.random()
+            candidates = groups[choose_deployment(weights, u)]
+        return strategy(candidates, view, rng)
+
+    return pick
+
+
+STRATEGIES: dict[str, Strategy] = {"least-load": by_weight(least_load), "prefix-affinity": by_weight(prefix_affinity)}

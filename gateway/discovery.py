@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from modelfleet import labels
-from modelfleet.api import ModelDeployment
+from modelfleet.api import ModelDeployment, NameClaim, settle_names
 from modelfleet.protocol import unavailable
 
 from .registry import Registry
@@ -43,6 +43,7 @@ class ModelEntry:
     max_model_len: int | None
     created: int
     engine: str = "modelfleet"
+    weight: int | None = None  # spec.routing.weight: its share when several serve the name
     stopped: bool = False  # spec.replicas 0 and no autoscaling: nothing will start
     failure: str | None = None  # status says its replicas cannot start, and why
     last_demand: float = 0.0
@@ -67,6 +68,7 @@ def model_entry(obj: dict[str, Any]) -> ModelEntry | None:
         max_queue=md.spec.routing.max_queue, hold_timeout=float(md.spec.routing.hold_timeout_seconds),
         scale_from_zero=autoscaling is not None and autoscaling.min_replicas == 0,
         max_model_len=md.spec.engine.max_model_len, created=stamp, engine=md.spec.engine.kind,
+        weight=md.spec.routing.weight,
         stopped=autoscaling is None and md.spec.replicas == 0,
         failure=(ready.message if ready is not None and ready.message else "its replicas failed") if failed else None,
     )
@@ -123,6 +125,9 @@ class KubernetesDiscovery:
         self.slices: dict[tuple[str, str], tuple[tuple[str, str], list[str]]] = {}
         self.informers: list = []
         self.synced = False
+        # Served name -> the ModelDeployments serving it, oldest first (several when weighted).
+        self.serving: dict[str, list[ModelEntry]] = {}
+        self._refused: set[tuple[str, str]] = set()  # name clashes already logged
 
     # -- events (on the event loop) -------------------------------------------------------------
 
@@ -175,24 +180,43 @@ class KubernetesDiscovery:
         urls: dict[tuple[str, str], list[str]] = {}
         for owner, slice_urls in self.slices.values():
             urls.setdefault(owner, []).extend(slice_urls)
-        served = {}
-        for key, entry in sorted(self.entries.items(), key=lambda kv: kv[1].created):
-            if entry.served in served:
-                log.warning("model name %s is served by both %s and %s/%s; using the older", entry.served,
-                            "/".join(served[entry.served]), *key)
-                continue
-            served[entry.served] = key
-            self.registry.set_endpoints(entry.served, sorted(set(urls.get(key, []))), [entry.served, *entry.aliases],
-                                        ready=True)
-            self.registry.meta[entry.served] = {"created": entry.created, "max_model_len": entry.max_model_len,
-                                                "strategy": entry.strategy, "prefix_length": entry.prefix_length,
-                                                "load_factor": entry.load_factor, "engine": entry.engine}
+        served = self._settle()
+        for model, members in served.items():
+            groups = {url: (f"{e.namespace}/{e.name}", e.weight) for e in members
+                      for url in urls.get((e.namespace, e.name), [])}
+            names = list(dict.fromkeys(n for e in members for n in (e.served, *e.aliases)))
+            self.registry.set_endpoints(model, sorted(groups), names, ready=True, groups=groups)
+            first = members[0]  # the oldest: its routing settings and card apply to the name
+            self.registry.meta[model] = {"created": first.created, "max_model_len": first.max_model_len,
+                                         "strategy": first.strategy, "prefix_length": first.prefix_length,
+                                         "load_factor": first.load_factor, "engine": first.engine}
+        self.serving = served
         for model in set(self.registry.models()) - set(served):
             self.registry.remove_model(model)
         self.registry.notify()
 
+    def _settle(self) -> dict[str, list[ModelEntry]]:
+        """Served name -> its ModelDeployments, settled as the operator does (modelfleet.api.
+        settle_names): the oldest keeps a name; a newer one shares it only when both set
+        spec.routing.weight, and is otherwise left out (its status says NameConflict)."""
+        claims = [NameClaim(e.namespace, e.name, e.served, tuple(e.aliases), e.weight, e.created)
+                  for e in self.entries.values()]
+        settled = settle_names(claims)
+        served: dict[str, list[ModelEntry]] = {}
+        for claim in sorted(claims, key=lambda c: (c.created, c.namespace, c.name)):
+            holder = settled[claim.key]
+            if holder is None:
+                served.setdefault(claim.served, []).append(self.entries[claim.key])
+            elif claim.key not in self._refused:
+                log.warning("model name %s of %s/%s is served by %s/%s; not routing to it (NameConflict)",
+                            claim.served, *claim.key, *holder.key)
+        self._refused = {key for key, holder in settled.items() if holder is not None}
+        return served
+
     def entry_for(self, model: str) -> ModelEntry | None:
-        return next((e for e in self.entries.values() if e.served == model), None)
+        """The oldest ModelDeployment serving `model` (its routing settings apply)."""
+        members = self.serving.get(model)
+        return members[0] if members else None
 
     # -- the app's side ------------------------------------------------------------------------
 
@@ -244,12 +268,20 @@ class KubernetesDiscovery:
         entry = self.entry_for(model)
         if entry is None:
             raise unavailable(f"No ready replica for model `{model}`.", retry_after=5)
-        if entry.failure is not None:
+        members = self.serving.get(model, [entry])
+        if all(e.failure is not None for e in members):
             raise unavailable(f"Model `{model}` cannot start: {entry.failure}", retry_after=30)
-        if entry.stopped:
+        if all(e.stopped for e in members):
             raise unavailable(f"Model `{model}` is scaled to zero replicas.", retry_after=30)
-        on_wait = (lambda: self._signal_demand(entry, model)) if entry.scale_from_zero else None
-        await self.registry.hold(model, entry.hold_timeout, entry.max_queue, on_wait, tick=DEMAND_INTERVAL)
+        # Every version that can scale from zero is asked to: the weighted split needs each one.
+        waking = [e for e in members if e.scale_from_zero]
+
+        async def on_wait() -> None:
+            for e in waking:
+                await self._signal_demand(e, model)
+
+        await self.registry.hold(model, entry.hold_timeout, entry.max_queue, on_wait if waking else None,
+                                 tick=DEMAND_INTERVAL)
 
     async def _signal_demand(self, entry: ModelEntry, model: str) -> None:
         now = time.monotonic()

@@ -51,6 +51,10 @@ class GatewayMetrics:
         self.queue_wait = Histogram("modelfleet_gateway_queue_wait_seconds",
                                     "Time a request was held waiting for a model to have a ready replica.",
                                     ["model"], buckets=BUCKETS, registry=self.prom)
+        # Per version of a model: how a weighted split (spec.routing.weight) actually went.
+        self.routed = Counter("modelfleet_gateway_routed_requests", "Requests a backend answered, by model and "
+                              "ModelDeployment (namespace/name; empty under static discovery).",
+                              ["model", "deployment"], registry=self.prom)
         self.retries = Counter("modelfleet_gateway_retries", "Attempts on another backend.", ["model"],
                                registry=self.prom)
         self.ejections = Counter("modelfleet_gateway_ejections", "Backends ejected after failures.", ["model"],

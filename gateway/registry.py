@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,10 @@ class Endpoint:
     consecutive_failures: int = 0
     ejected_until: float = 0.0
     cards: list[dict[str, Any]] = field(default_factory=list)
+    # The ModelDeployment ("namespace/name") this replica belongs to, and its spec.routing.weight
+    # when several serve one name (balancer.by_weight); empty and None under static discovery.
+    deployment: str = ""
+    weight: int | None = None
     # Resolved when discovery finds the replica failing (see Proxy._post); made on demand.
     _lost: asyncio.Future | None = field(default=None, repr=False, compare=False)
 
@@ -105,9 +109,10 @@ class Registry:
         return self.meta.get(model, {}).get("engine", "modelfleet")
 
     def set_endpoints(self, model: str, urls: list[str], names: list[str] | None = None,
-                      ready: bool | None = None) -> None:
+                      ready: bool | None = None, groups: Mapping[str, tuple[str, int | None]] | None = None) -> None:
         """Replaces the endpoint set and names of `model`, keeping counters of endpoints that
-        stay. `ready` marks them as Kubernetes reports; None leaves it to probing."""
+        stay. `ready` marks them as Kubernetes reports; None leaves it to probing. `groups` maps
+        a URL to its ModelDeployment and weight, for a name that several of them serve."""
         keep = set(urls)
         for url in [u for u, e in self.endpoints.items() if e.model == model and u not in keep]:
             del self.endpoints[url]
@@ -115,6 +120,8 @@ class Registry:
             endpoint = self.endpoints.setdefault(url, Endpoint(url=url, model=model))
             if ready is not None:
                 endpoint.ready = ready
+            if groups is not None and url in groups:
+                endpoint.deployment, endpoint.weight = groups[url]
         for alias in [a for a, m in self.aliases.items() if m == model]:
             del self.aliases[alias]
         for name in names or [model]:

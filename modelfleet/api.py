@@ -12,7 +12,9 @@ message instead of a crash.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -47,6 +49,26 @@ QUANTITY_RE = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]
 RESERVED_ARGS = ("--model", "--served-name", "--served-model-name", "--host", "--port")
 # The Service is named after the ModelDeployment, so the name must be a DNS-1035 label.
 OBJECT_NAME_RE = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+# Pod-template fields the operator owns: refused in spec.podTemplate (by CEL in the CRD and by
+# the validators below), so a user's value can never silently lose to the operator's.
+# Labels: the Deployment's selector and the well-known labels on every worker object
+# (modelfleet/labels.py). Annotations: the served names and what the operator sets for
+# kubectl and Prometheus. Volumes: the names operator/render.py gives its own volumes.
+OWNED_LABEL_KEYS = (
+    "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
+    "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by",
+)  # fmt: skip
+OWNED_ANNOTATION_KEYS = (
+    "kubectl.kubernetes.io/default-container", "prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path",
+)  # fmt: skip
+OWNED_KEY_PREFIX = f"{GROUP}/"
+OWNED_VOLUMES = ("model", "cache", "dshm", "tmp")
+OWNED_MOUNT_PATHS = ("/tmp", "/dev/shm")
+# An extended resource name as Kubernetes spells it: a DNS subdomain, '/', a name
+# (nvidia.com/gpu, amd.com/gpu, nvidia.com/mig-1g.5gb, gpu.intel.com/i915).
+EXTENDED_RESOURCE_RE = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 
 GPU_NEEDS_VLLM = (
     "spec.resources.gpu above 1 needs spec.engine.kind: vllm (modelfleet's own engine runs on one "
@@ -143,11 +165,49 @@ class Autoscaling(_Model):
 
 
 class Resources(_Model):
-    """`spec.resources`: per replica. cpu and memory are Kubernetes quantities."""
+    """`spec.resources`: per replica. cpu and memory are Kubernetes quantities.
+
+    `gpu` counts accelerators whatever their vendor: `gpu_resource` names the extended resource
+    they are requested as (AMD, Intel, a MIG profile), and the count still sets vLLM's tensor
+    parallelism. `extended` adds other device-plugin resources (RDMA, FUSE) that are not GPUs.
+    """
 
     gpu: int = Field(default=0, ge=0, le=64)
+    gpu_resource: str = Field(default=DEFAULT_GPU_RESOURCE, max_length=317)
     cpu: int | str | None = None
     memory: int | str | None = None
+    extended: dict[str, int | str] = Field(default_factory=dict, max_length=16)
+
+    @field_validator("gpu_resource")
+    @classmethod
+    def _gpu_resource(cls, v: str) -> str:
+        if not re.match(EXTENDED_RESOURCE_RE, v):
+            raise ValueError(
+                f"spec.resources.gpuResource {v!r} must be an extended resource name such as nvidia.com/gpu, "
+                "amd.com/gpu or nvidia.com/mig-1g.5gb"
+            )
+        return v
+
+    @field_validator("extended")
+    @classmethod
+    def _extended(cls, v: dict[str, int | str]) -> dict[str, int | str]:
+        for name, quantity in v.items():
+            if not re.match(EXTENDED_RESOURCE_RE, name) or name.startswith(("kubernetes.io/", "requests.")):
+                raise ValueError(
+                    f"spec.resources.extended key {name!r} must be a domain-qualified extended resource name "
+                    "(vendor.example/device), not cpu, memory or a kubernetes.io resource"
+                )
+            if isinstance(quantity, str) and not re.match(QUANTITY_RE, quantity):
+                raise ValueError(f"spec.resources.extended[{name!r}] {quantity!r} is not a Kubernetes quantity")
+        return v
+
+    @model_validator(mode="after")
+    def _gpu_once(self) -> Resources:
+        if self.gpu_resource in self.extended:
+            raise ValueError(
+                "spec.resources.extended must not repeat spec.resources.gpuResource: set the count in spec.resources.gpu"
+            )
+        return self
 
     @field_validator("cpu", "memory")
     @classmethod
@@ -222,6 +282,101 @@ class Routing(_Model):
     load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
     max_queue: int = Field(default=100, ge=0, le=100000)
     hold_timeout_seconds: int = Field(default=60, ge=0, le=600)
+    # Several ModelDeployments may serve one name when every one of them sets a weight: the
+    # gateway splits that name's requests between them in proportion (5 and 95: a 5% canary).
+    weight: int | None = Field(default=None, ge=0, le=100)
+
+
+class VolumeMount(_Model):
+    """A mount of one of spec.podTemplate.spec.volumes into the model container."""
+
+    name: str = Field(min_length=1, max_length=63)
+    mount_path: str = Field(min_length=1, max_length=1024)
+    read_only: bool | None = None
+    sub_path: str | None = Field(default=None, max_length=1024)
+
+
+class LocalObjectReference(_Model):
+    """A reference to an object in the ModelDeployment's namespace, by name."""
+
+    name: str = Field(min_length=1, max_length=253)
+
+
+class PodTemplateMetadata(_Model):
+    """`spec.podTemplate.metadata`: extra labels and annotations for the worker pods."""
+
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    annotations: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _not_owned(cls, v: dict[str, str], info: Any) -> dict[str, str]:
+        owned = OWNED_LABEL_KEYS if info.field_name == "labels" else OWNED_ANNOTATION_KEYS
+        taken = sorted(k for k in v if k in owned or k.startswith(OWNED_KEY_PREFIX))
+        if taken:
+            raise ValueError(
+                f"spec.podTemplate.metadata.{info.field_name} must not set {', '.join(taken)}: the operator owns "
+                f"them (modelfleet.dev/* and {', '.join(owned)})"
+            )
+        return v
+
+
+class PodTemplateSpec(_Model):
+    """`spec.podTemplate.spec`: pod fields the operator does not set itself, merged under what it
+    does. Big Kubernetes types (affinity, volumes) are kept as the API server validates them."""
+
+    affinity: dict[str, Any] | None = None
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    runtime_class_name: str | None = Field(default=None, max_length=253)
+    priority_class_name: str | None = Field(default=None, max_length=253)
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16)
+    volumes: list[dict[str, Any]] = Field(default_factory=list, max_length=32)
+    volume_mounts: list[VolumeMount] = Field(default_factory=list, max_length=32)
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+
+    @field_validator("volumes")
+    @classmethod
+    def _volume_names(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for volume in v:
+            name = volume.get("name")
+            if not isinstance(name, str) or not name:
+                raise ValueError("spec.podTemplate.spec.volumes entries need a name")
+            if name in OWNED_VOLUMES:
+                raise ValueError(
+                    f"spec.podTemplate.spec.volumes must not use the names {', '.join(OWNED_VOLUMES)}: "
+                    "the operator's own volumes have them"
+                )
+        return v
+
+    @field_validator("volume_mounts")
+    @classmethod
+    def _mounts(cls, v: list[VolumeMount]) -> list[VolumeMount]:
+        for mount in v:
+            if mount.mount_path in OWNED_MOUNT_PATHS:
+                raise ValueError(
+                    f"spec.podTemplate.spec.volumeMounts must not mount at {', '.join(OWNED_MOUNT_PATHS)}: "
+                    "the operator mounts its own volumes there"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _mounts_name_volumes(self) -> PodTemplateSpec:
+        names = {volume.get("name") for volume in self.volumes}
+        missing = sorted({m.name for m in self.volume_mounts} - names)
+        if missing:
+            raise ValueError(
+                "spec.podTemplate.spec.volumeMounts must name volumes of spec.podTemplate.spec.volumes "
+                f"(unknown: {', '.join(missing)})"
+            )
+        return self
+
+
+class PodTemplate(_Model):
+    """`spec.podTemplate`: the escape hatch for what real clusters need of a pod."""
+
+    metadata: PodTemplateMetadata = Field(default_factory=PodTemplateMetadata)
+    spec: PodTemplateSpec = Field(default_factory=PodTemplateSpec)
 
 
 class ModelDeploymentSpec(_Model):
@@ -236,6 +391,7 @@ class ModelDeploymentSpec(_Model):
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     routing: Routing = Field(default_factory=Routing)
     termination_grace_period_seconds: int = Field(default=120, ge=0, le=3600)
+    pod_template: PodTemplate | None = None
 
     @model_validator(mode="after")
     def _one_gpu_for_own_engine(self) -> ModelDeploymentSpec:
@@ -323,6 +479,64 @@ class ModelDeployment(_Model):
     def served_name(self) -> str:
         """The name clients use: spec.model.servedName, defaulting to metadata.name."""
         return self.spec.model.served_name or self.metadata.name
+
+
+@dataclass(frozen=True)
+class NameClaim:
+    """The names one ModelDeployment asks to serve, and what decides who gets them.
+
+    The operator (which reports NameConflict) and the gateway (which routes) both settle
+    clashes with `settle_names`, so they always agree on the holder.
+    """
+
+    namespace: str
+    name: str
+    served: str
+    aliases: tuple[str, ...] = ()
+    weight: int | None = None
+    created: int = 0  # metadata.creationTimestamp, seconds since the epoch
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.namespace, self.name
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset((self.served, *self.aliases))
+
+    def shares_with(self, other: NameClaim) -> bool:
+        """Whether both may serve their names side by side: one served name, both weighted."""
+        return self.served == other.served and self.weight is not None and other.weight is not None
+
+    @classmethod
+    def of(cls, md: ModelDeployment, created: int) -> NameClaim:
+        spec = md.spec
+        return cls(md.metadata.namespace, md.metadata.name, md.served_name, tuple(spec.model.aliases),
+                   spec.routing.weight, created)  # fmt: skip
+
+
+def settle_names(claims: Sequence[NameClaim]) -> dict[tuple[str, str], NameClaim | None]:
+    """Who serves which name: for each claim, None if it serves its names, else the claim that
+    holds one of them first. The oldest claim wins (then namespace and name, so two objects
+    created in the same second still settle the same way everywhere); a newer one is refused
+    when any of its names (served name or alias) is already held, unless the two share a
+    served name and both set spec.routing.weight."""
+    held: dict[str, list[NameClaim]] = {}
+    out: dict[tuple[str, str], NameClaim | None] = {}
+    for claim in sorted(claims, key=lambda c: (c.created, c.namespace, c.name)):
+        holder = next((h for n in sorted(claim.names) for h in held.get(n, []) if not claim.shares_with(h)), None)
+        out[claim.key] = holder
+        if holder is None:
+            for n in claim.names:
+                held.setdefault(n, []).append(claim)
+    return out
+
+
+def created_seconds(timestamp: str | None) -> int:
+    """metadata.creationTimestamp (RFC 3339) as seconds since the epoch; 0 when absent."""
+    if not timestamp:
+        return 0
+    return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp())
 
 
 def _plain(value: Any) -> Any:

@@ -13,9 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from modelfleet.api import Condition, ModelDeployment, ModelDeploymentStatus, Phase
-
-from .render import GPU_RESOURCE
+from modelfleet.api import Condition, ModelDeployment, ModelDeploymentStatus, NameClaim, Phase
 
 # Waiting reasons that no amount of waiting fixes: the user must change something.
 IMAGE_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
@@ -135,8 +133,8 @@ def _container_problem(md: ModelDeployment, status: Mapping[str, Any]) -> Proble
 
 
 def _gpu_hint(md: ModelDeployment) -> str:
-    gpu = md.spec.resources.gpu
-    return f" (each replica asks for {gpu} {GPU_RESOURCE})" if gpu else ""
+    res = md.spec.resources
+    return f" (each replica asks for {res.gpu} {res.gpu_resource})" if res.gpu else ""
 
 
 def diagnose_pod(
@@ -288,6 +286,20 @@ def apply_failed(message: str, c: _Counts) -> tuple[tuple[str, str, str], tuple[
     return value, value, ("True", "ApplyFailed", value[2]), phase
 
 
+NAME_CONFLICT = "NameConflict"
+
+
+def name_conflict(md: ModelDeployment, holder: NameClaim) -> str:
+    """What a ModelDeployment refused a name (modelfleet.api.settle_names) says: who holds it and
+    the two ways out."""
+    names = sorted(holder.names & frozenset((md.served_name, *md.spec.model.aliases)))
+    way = ("set spec.routing.weight on both to split its traffic between them, or "
+           if holder.served == md.served_name else "")
+    return (f"the model name {', '.join(names)} is already served by ModelDeployment {holder.namespace}/"
+            f"{holder.name}, which the gateway keeps routing to; {way}choose another spec.model.servedName "
+            "or spec.model.aliases")
+
+
 def make_condition(
     type_: str, value: tuple[str, str, str], previous: ModelDeploymentStatus, now: str, generation: int
 ) -> Condition:
@@ -314,11 +326,15 @@ def compute_status(
     selector: str,
     now: str,
     apply_error: str | None = None,
+    conflict: str | None = None,
 ) -> ModelDeploymentStatus:
     """The whole status from cluster facts; `md.status` supplies the previous conditions.
 
     `apply_error` is the API server's refusal of a rendered child (see apply_failed): the
     counts still describe the Deployment and pods that exist, but the spec is not applied.
+    `conflict` (name_conflict) says another ModelDeployment holds this one's name: its pods may
+    run, but no request reaches them, so it is not Ready and the phase is Failed until the
+    user renames it, weights both, or the holder goes.
     The autoscaler's part of status is carried over unchanged: autoscale.py owns it.
     """
     has_deployment = deployment is not None
@@ -332,6 +348,10 @@ def compute_status(
     phase = _phase(desired, c, problem, has_deployment)
     if apply_error is not None:
         ready, progressing, degraded, phase = apply_failed(apply_error, c)
+    elif conflict is not None:
+        ready = ("False", NAME_CONFLICT, conflict)
+        degraded = ("True", NAME_CONFLICT, conflict)
+        phase = "Failed"
     conditions = [
         make_condition("Ready", ready, previous, now, generation),
         make_condition("Progressing", progressing, previous, now, generation),

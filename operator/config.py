@@ -6,9 +6,38 @@ settings fresh with whatever they need.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from modelfleet.engines import VLLM_VERSION
+
+# A Service name (DNS-1035 label), as the endpoint picker's Service must have.
+_SERVICE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class EndpointPicker:
+    """The Inference Extension's endpoint picker (EPP) Service each InferencePool names.
+
+    `name` may hold `{name}`, replaced by the ModelDeployment's name: an EPP serves one pool.
+    """
+
+    name: str
+    port: int
+
+    @classmethod
+    def parse(cls, value: str) -> EndpointPicker:
+        """NAME:PORT, as `--inference-pool-epp` takes it; ValueError saying what is wrong."""
+        name, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"expected NAME:PORT with a port 1-65535, got {value!r}")
+        epp = cls(name, int(port))
+        if not _SERVICE_NAME.fullmatch(epp.service_name("x")):
+            raise ValueError(f"{name!r} is not a Service name (lowercase letters, digits, '-'; {{name}} allowed)")
+        return epp
+
+    def service_name(self, md_name: str) -> str:
+        return self.name.replace("{name}", md_name)
 
 
 @dataclass(frozen=True)
@@ -42,3 +71,8 @@ class OperatorConfig:
     # Scrape workers' /metrics for in-flight counts (autoscaling); the timeout per pod.
     scrape_workers: bool = True
     scrape_timeout_seconds: float = 2.0
+    # Environment every worker gets, as (name, value) pairs: the chart's tracing settings
+    # (OTEL_*); a ModelDeployment's own spec.engine.env wins over them.
+    worker_env: tuple[tuple[str, str], ...] = ()
+    # Render an InferencePool per ModelDeployment naming this EPP (operator/inference_pool.py).
+    endpoint_picker: EndpointPicker | None = None

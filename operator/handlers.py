@@ -200,7 +200,6 @@ def make_runner(
             deps.metrics.scaled.labels("up" if grew else "down").inc()
         return outcome
 
-    run.slots = slots  # type: ignore[attr-defined] - for tests
     return run
 
 

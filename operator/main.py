@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import random
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -20,8 +21,9 @@ import kopf
 
 from modelfleet import labels
 
-from .config import OperatorConfig
+from .config import EndpointPicker, OperatorConfig
 from .handlers import Deps, register
+from .inference_pool import INFERENCE_POOL
 from .load import make_http_probe, no_probe
 from .metrics import OperatorMetrics
 from .resync import Peering
@@ -106,11 +108,34 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not read workers' /metrics (autoscaling then sees only demand)",
     )
+    p.add_argument(
+        "--inference-pool-epp",
+        default=None,
+        metavar="NAME:PORT",
+        help="render a Gateway API Inference Extension InferencePool per ModelDeployment, naming this endpoint "
+        "picker Service ({name} becomes the ModelDeployment's name, e.g. {name}-epp:9002); needs the "
+        "InferencePool CRD (inference.networking.k8s.io/v1)",
+    )
+    p.add_argument(
+        "--worker-env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for every worker (repeatable), e.g. the OTEL_* tracing settings",
+    )
     p.add_argument("--workers", type=int, default=8, help="reconciles that may run at once")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true")
     verbosity.add_argument("-q", "--quiet", action="store_true")
     return p
+
+
+def _env_pair(value: str) -> tuple[str, str]:
+    name, sep, val = value.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {value!r}")
+    return name, val
 
 
 def config_from_args(args: argparse.Namespace) -> OperatorConfig:
@@ -125,6 +150,8 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         drain_seconds=args.drain_seconds,
         host_path_models=args.host_path_models,
         scrape_workers=not args.no_scrape,
+        worker_env=tuple(args.worker_env),
+        endpoint_picker=EndpointPicker.parse(args.inference_pool_epp) if args.inference_pool_epp else None,
     )
 
 
@@ -162,6 +189,19 @@ def _check_bindable(url: str) -> None:
         sock.bind((parsed.hostname or "0.0.0.0", parsed.port))
 
 
+def _check_served(dynamic, kind: tuple[str, str]) -> None:  # pragma: no cover - needs a cluster
+    """Fail at start-up, naming the CRD, rather than on every reconcile's apply."""
+    from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+    try:
+        dynamic.resources.get(api_version=kind[0], kind=kind[1])
+    except ResourceNotFoundError:
+        raise ValueError(
+            f"--inference-pool-epp: the API server does not serve {kind[1]} ({kind[0]}); install the "
+            "Gateway API Inference Extension's CRDs first"
+        ) from None
+
+
 def _kube_client():  # pragma: no cover - needs a cluster or kubeconfig
     """A DynamicClient from the in-cluster account, else the kubeconfig (KUBECONFIG)."""
     from kubernetes import client, config
@@ -192,7 +232,10 @@ def run(argv: Sequence[str]) -> int:
         config = config_from_args(args)
         from .kube import Kube
 
-        kube = Kube(_kube_client())
+        dynamic = _kube_client()
+        if config.endpoint_picker is not None:
+            _check_served(dynamic, INFERENCE_POOL)
+        kube = Kube(dynamic)
     except Exception as exc:  # noqa: BLE001 - one clear line, as every command does (docs/cli.md)
         print(f"modelfleet operator: {exc}", file=sys.stderr)
         return 2

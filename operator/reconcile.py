@@ -18,11 +18,28 @@ from typing import Any
 from pydantic import ValidationError
 
 from modelfleet import labels
-from modelfleet.api import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus, ObjectMeta
+from modelfleet.api import (
+    AutoscalerStatus,
+    ModelDeployment,
+    ModelDeploymentStatus,
+    NameClaim,
+    ObjectMeta,
+    created_seconds,
+    settle_names,
+)
 
 from .autoscale import Observation, decide, format_time
-from .conditions import StatusEvent, compute_status, deployment_facts, make_condition, transition_events
+from .conditions import (
+    NAME_CONFLICT,
+    StatusEvent,
+    compute_status,
+    deployment_facts,
+    make_condition,
+    name_conflict,
+    transition_events,
+)
 from .config import OperatorConfig
+from .inference_pool import render_inference_pool
 from .kube import DEPLOYMENT, EVENT, MODEL_DEPLOYMENT, PDB, POD, KubeApi
 from .load import LoadProbe, is_ready
 from .render import render_deployment, render_pdb, render_service
@@ -158,6 +175,12 @@ def _apply_children(
             kube.apply(pdb)
         elif _may_have_pdb(md):
             kube.delete(PDB, md.metadata.namespace, md.metadata.name)
+        # Only with the setting on; a pool left from before it was turned off stays until its
+        # ModelDeployment goes (owner reference), as no call is spent per resync to look for it.
+        pool = render_inference_pool(md, config)
+        if pool is not None:
+            kind = "InferencePool"
+            kube.apply(pool)
     except ValueError as exc:
         raise InvalidSpec(str(exc)) from exc
     except Exception as exc:
@@ -228,6 +251,36 @@ def report_apply_failed(
         kube.post_event(md.metadata, event)
 
 
+def _claim(obj: Mapping[str, Any]) -> NameClaim | None:
+    """The names one listed ModelDeployment claims; None for one the gateway would ignore too."""
+    try:
+        md = ModelDeployment.from_body(obj)
+    except ValidationError:
+        return None
+    return NameClaim.of(md, created_seconds((obj.get("metadata") or {}).get("creationTimestamp")))
+
+
+def check_names(md: ModelDeployment, body: Mapping[str, Any], kube: KubeApi) -> str | None:
+    """NameConflict's message when an older ModelDeployment of the namespace holds one of this
+    one's names (see modelfleet.api.settle_names, which the gateway routes by), else None.
+
+    One namespaced list per reconcile that applies: the price of saying so in status instead
+    of only in the gateway's log. Names are checked within the namespace; across namespaces
+    the gateway settles them the same way but only its log says so."""
+    mine = NameClaim.of(md, created_seconds((body.get("metadata") or {}).get("creationTimestamp")))
+    claims = [c for obj in kube.list(MODEL_DEPLOYMENT, md.metadata.namespace)
+              if (c := _claim(obj)) is not None and c.key != mine.key]
+    holder = settle_names([*claims, mine]).get(mine.key)
+    return name_conflict(md, holder) if holder is not None else None
+
+
+def _previous_conflict(md: ModelDeployment) -> str | None:
+    """The NameConflict status keeps while only the Deployment changed (no list call then);
+    the next apply or resync checks again."""
+    ready = md.status.condition("Ready")
+    return ready.message if ready is not None and ready.reason == NAME_CONFLICT else None
+
+
 def reconcile(
     body: Mapping[str, Any],
     kube: KubeApi,
@@ -282,6 +335,7 @@ def reconcile(
         log.info("%s/%s: %s", ns, name, scale_reason)
     if child is not None and not autoscaled and applied == _applied(md, child):
         deployment = dict(child)
+        conflict = _previous_conflict(md)
     else:
         try:
             deployment = _apply_children(md, desired, kube, config)
@@ -291,6 +345,8 @@ def reconcile(
         except ApplyFailed as exc:
             report_apply_failed(md, desired, str(exc), kube, now)
             raise
+        # After the apply, so that a new object's pods start one call sooner.
+        conflict = check_names(md, body, kube)
     if pods is None:
         # A Deployment at zero that had no pods when last seen has none to list: this saves a
         # call per create and per resync of every scaled-to-zero model.
@@ -302,7 +358,7 @@ def reconcile(
     events: list[dict[str, Any]] = []
     if any(not is_ready(p) for p in pods):
         events = kube.list(EVENT, ns, field_selector="involvedObject.kind=Pod,type=Warning")
-    status = compute_status(md, desired, deployment, pods, events, selector, format_time(now))
+    status = compute_status(md, desired, deployment, pods, events, selector, format_time(now), conflict=conflict)
     status = status.model_copy(update={"autoscaler": autoscaler})
     written = status.to_wire() != md.status.to_wire()
     if written:

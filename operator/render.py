@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelfleet import labels
-from modelfleet.api import ModelDeployment
+from modelfleet.api import DEFAULT_GPU_RESOURCE, ModelDeployment
 from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, split_hf_source, vllm_env
 
 from .config import OperatorConfig
@@ -28,7 +28,7 @@ TMP_VOLUME = "tmp"
 # read-only root filesystem; only /tmp and the hf:// cache (emptyDirs) are writable. vLLM's
 # official image runs as root, so its containers keep only allowPrivilegeEscalation: false.
 WORKER_UID = 65532
-GPU_RESOURCE = "nvidia.com/gpu"
+GPU_RESOURCE = DEFAULT_GPU_RESOURCE  # spec.resources.gpuResource names another (amd.com/gpu, a MIG profile)
 # Probe timing. The startup probe carries the whole model-loading budget so that liveness,
 # which is strict, only starts once the server answers.
 STARTUP_PERIOD_SECONDS = 5
@@ -102,7 +102,6 @@ def _metadata(md: ModelDeployment, api_version: str, kind: str) -> dict[str, Any
             "name": md.metadata.name,
             "namespace": md.metadata.namespace,
             "labels": labels.worker_labels(md.metadata.name),
-            "annotations": labels.served_name_annotations(md.served_name, md.spec.model.aliases),
             "ownerReferences": [owner_reference(md)],
         },
     }
@@ -168,7 +167,9 @@ def _resources(md: ModelDeployment) -> dict[str, Any]:
     if res.memory is not None:
         requests["memory"] = limits["memory"] = str(res.memory)
     if res.gpu > 0:
-        limits[GPU_RESOURCE] = str(res.gpu)
+        limits[res.gpu_resource] = str(res.gpu)
+    # Extended resources cannot be overcommitted: Kubernetes sets the request to the limit.
+    limits.update({name: str(quantity) for name, quantity in res.extended.items()})
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -197,6 +198,7 @@ def _container(md: ModelDeployment, source: ResolvedSource, config: OperatorConf
     token = md.spec.model.token_secret_ref
     if token is not None:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
+    env += [{"name": name, "value": value} for name, value in config.worker_env]
     startup_failures = math.ceil(engine.startup_timeout_seconds / STARTUP_PERIOD_SECONDS)
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -238,8 +240,50 @@ def _container(md: ModelDeployment, source: ResolvedSource, config: OperatorConf
             },
         })
         mounts.append({"name": TMP_VOLUME, "mountPath": "/tmp"})
-    container.update(env=_merge_env(env, len(engine.env)), volumeMounts=mounts)
+    env, mounts = _with_pod_template(md, _merge_env(env, len(engine.env)), mounts)
+    container.update(env=env, volumeMounts=mounts)
     return {k: v for k, v in container.items() if v not in ([], {})}
+
+
+def _with_pod_template(
+    md: ModelDeployment, env: list[dict[str, Any]], mounts: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """spec.podTemplate's env and mounts under the container's own: an env name already set
+    (by the operator or spec.engine.env) keeps its value; a mount at a path the operator
+    mounts is refused, since the API server would refuse the pod anyway, less clearly."""
+    template = md.spec.pod_template
+    if template is None:
+        return env, mounts
+    taken = {e["name"] for e in env}
+    env = env + [e.to_wire() for e in template.spec.env if e.name not in taken]
+    paths = {m["mountPath"] for m in mounts}
+    for mount in template.spec.volume_mounts:
+        if mount.mount_path in paths:
+            raise ValueError(
+                f"spec.podTemplate.spec.volumeMounts mounts {mount.name} at {mount.mount_path}, "
+                "where the operator mounts one of its own volumes"
+            )
+    return env, mounts + [m.to_wire() for m in template.spec.volume_mounts]
+
+
+def _pod_template_spec(md: ModelDeployment, pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """spec.podTemplate's pod fields merged under the operator's: spec.nodeSelector wins on a
+    shared key, tolerations and volumes add up (the CRD refuses the operator's volume names)."""
+    template = md.spec.pod_template
+    if template is None:
+        return pod_spec
+    extra = template.spec
+    merged = dict(pod_spec)
+    merged["nodeSelector"] = {**extra.node_selector, **pod_spec.get("nodeSelector", {})}
+    merged["tolerations"] = pod_spec.get("tolerations", []) + [t.to_wire() for t in extra.tolerations]
+    merged["volumes"] = pod_spec.get("volumes", []) + [dict(v) for v in extra.volumes]
+    if extra.image_pull_secrets:
+        merged["imagePullSecrets"] = [s.to_wire() for s in extra.image_pull_secrets]
+    for key, value in (("affinity", extra.affinity), ("runtimeClassName", extra.runtime_class_name),
+                       ("priorityClassName", extra.priority_class_name)):
+        if value:
+            merged[key] = value
+    return merged
 
 
 def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig) -> dict[str, Any]:
@@ -247,7 +291,6 @@ def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig
     spec = md.spec
     source = resolve_source(spec.model.source, config)
     pod_annotations = {
-        **labels.served_name_annotations(md.served_name, spec.model.aliases),
         "kubectl.kubernetes.io/default-container": CONTAINER,
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(config.worker_port),
@@ -272,6 +315,7 @@ def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig
         "tolerations": [t.to_wire() for t in spec.tolerations],
         "volumes": volumes,
     }
+    pod_spec = _pod_template_spec(md, pod_spec)
     pod_spec = {k: v for k, v in pod_spec.items() if v not in ([], {})}
     obj = _metadata(md, "apps/v1", "Deployment")
     obj["spec"] = {
@@ -284,11 +328,22 @@ def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig
         # Loading counts as progress; only declare a stuck rollout well past the startup budget.
         "progressDeadlineSeconds": spec.engine.startup_timeout_seconds + 300,
         "template": {
-            "metadata": {"labels": labels.worker_labels(md.metadata.name), "annotations": pod_annotations},
+            "metadata": _pod_metadata(md, pod_annotations),
             "spec": pod_spec,
         },
     }
     return obj
+
+
+def _pod_metadata(md: ModelDeployment, annotations: dict[str, str]) -> dict[str, Any]:
+    """The pod template's labels and annotations: spec.podTemplate's, then the operator's on top
+    (the CRD refuses the keys the operator sets, so none is silently dropped)."""
+    template = md.spec.pod_template
+    extra = template.metadata if template is not None else None
+    return {
+        "labels": {**(extra.labels if extra else {}), **labels.worker_labels(md.metadata.name)},
+        "annotations": {**(extra.annotations if extra else {}), **annotations},
+    }
 
 
 def render_service(md: ModelDeployment, config: OperatorConfig) -> dict[str, Any]:

@@ -467,8 +467,9 @@ def test_rbac_is_least_privilege(render) -> None:
             for rule in role["rules"]:
                 assert "*" not in rule["verbs"] and "*" not in rule["resources"], role["metadata"]["name"]
                 assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"]) \
-                    or rule["resources"] == ["poddisruptionbudgets"], rule
-        # Secrets are readable only by the gateway and only in the key namespace.
+                    or rule["resources"] in (["poddisruptionbudgets"], ["secrets"]), rule
+        # Secrets are readable only by the gateway, in the key namespace and (stored Responses)
+        # its own, here the same one.
         for role in find(objects, "ClusterRole"):
             assert not any("secrets" in r["resources"] for r in role["rules"])
         secret_roles = [r for r in find(objects, "Role") if any("secrets" in x["resources"] for x in r["rules"])]
@@ -481,7 +482,12 @@ def test_key_namespace(render) -> None:
     assert one(objects, "Secret")["metadata"]["namespace"] == "keys"
     assert "--key-namespace=keys" in container(one(objects, "Deployment", "mf-modelfleet-gateway"))["args"]
     assert grants(rules_of(objects, "mf-modelfleet-gateway", "keys"), "", "secrets", {"list", "watch"})
-    assert not grants(rules_of(objects, "mf-modelfleet-gateway", "mf-system"), "", "secrets", {"list"})
+    # Its own namespace: only the stored Responses' verbs, never watch; none with storing off.
+    own = rules_of(objects, "mf-modelfleet-gateway", "mf-system")
+    assert grants(own, "", "secrets", {"create", "get", "list", "delete"}) and not grants(own, "", "secrets", {"watch"})
+    off = render({"apiKeys.namespace": "keys", "gateway.responses.ttlSeconds": 0})
+    assert not grants(rules_of(off, "mf-modelfleet-gateway", "mf-system"), "", "secrets", {"list"})
+    assert "--responses-ttl=0" in container(one(off, "Deployment", "mf-modelfleet-gateway"))["args"]
 
 
 # --- lint and NOTES ----------------------------------------------------------------------------

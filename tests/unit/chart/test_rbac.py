@@ -91,6 +91,10 @@ NEEDS = [
     # gateway/cluster_sources.py key Secrets: Informer over CoreV1Api.list_namespaced_secret in
     # --key-namespace (label modelfleet.dev/api-key=true).
     need(GW, "keys", "", "secrets", "list watch"),
+    # gateway/responses_store.py KubernetesStore -> gateway/kube.py create_secret, read_secret,
+    # delete_secret, list_secret_metadata: one Secret per stored response in its own namespace
+    # (on unless gateway.responses.ttlSeconds is 0).
+    need(GW, "release", "", "secrets", "create get list delete"),
 ]
 
 Grant = tuple[str, str, str, str, str]  # (service account, scope, group, resource, verb)

@@ -153,6 +153,26 @@ VALID = [
             "engine": {"kind": "vllm", "args": ["--gpu-memory-utilization=0.85"]},
         }
     ),
+    md(
+        {
+            "model": {"source": "hf://org/big@main", "servedName": "big"},
+            "resources": {"gpu": 2, "gpuResource": "amd.com/gpu", "extended": {"rdma/hca": 1}},
+            "engine": {"kind": "vllm"},
+            "routing": {"weight": 5},
+            "podTemplate": {
+                "metadata": {"labels": {"app.kubernetes.io/version": "v2"}, "annotations": {"a.example/b": "c"}},
+                "spec": {
+                    "affinity": {"podAntiAffinity": {}},
+                    "runtimeClassName": "nvidia",
+                    "priorityClassName": "high",
+                    "imagePullSecrets": [{"name": "regcred"}],
+                    "volumes": [{"name": "prompts", "configMap": {"name": "prompts"}}],
+                    "volumeMounts": [{"name": "prompts", "mountPath": "/etc/prompts"}],
+                    "env": [{"name": "EXTRA", "value": "1"}],
+                },
+            },
+        }
+    ),
 ]
 
 INVALID = [
@@ -192,6 +212,24 @@ INVALID = [
     (md({"model": SOURCE, "resources": {"cpu": "four"}}), "cpu", ""),
     (md({"model": SOURCE, "routing": {"strategy": "random"}}), "strategy", ""),
     (md({"model": SOURCE, "routing": {"loadFactor": 0.5}}), "loadFactor", ""),
+    (md({"model": SOURCE, "routing": {"weight": 101}}), "weight", ""),
+    (md({"model": SOURCE, "resources": {"gpuResource": "gpu"}}), "spec.resources.gpuResource", "extended resource"),
+    (md({"model": SOURCE, "resources": {"extended": {"cpu": 2}}}), "spec.resources.extended", "domain-qualified"),
+    (md({"model": SOURCE, "resources": {"gpuResource": "amd.com/gpu", "extended": {"amd.com/gpu": 1}}}),
+     "spec.resources.extended", "must not repeat spec.resources.gpuResource"),
+    (md({"model": SOURCE, "podTemplate": {"metadata": {"labels": {"modelfleet.dev/model": "x"}}}}),
+     "spec.podTemplate.metadata.labels", "the operator owns them"),
+    (md({"model": SOURCE, "podTemplate": {"metadata": {"labels": {"app.kubernetes.io/managed-by": "me"}}}}),
+     "spec.podTemplate.metadata.labels", "the operator owns them"),
+    (md({"model": SOURCE, "podTemplate": {"metadata": {"annotations": {"modelfleet.dev/served-name": "x"}}}}),
+     "spec.podTemplate.metadata.annotations", "the operator owns them"),
+    (md({"model": SOURCE, "podTemplate": {"spec": {"volumes": [{"name": "model", "emptyDir": {}}]}}}),
+     "spec.podTemplate.spec.volumes", "the operator's own volumes"),
+    (md({"model": SOURCE, "podTemplate": {"spec": {"volumeMounts": [{"name": "v", "mountPath": "/x"}]}}}),
+     "spec.podTemplate.spec.volumeMounts", "must name volumes"),
+    (md({"model": SOURCE, "podTemplate": {"spec": {"volumes": [{"name": "v", "emptyDir": {}}],
+                                                   "volumeMounts": [{"name": "v", "mountPath": "/tmp"}]}}}),
+     "spec.podTemplate.spec.volumeMounts", "/tmp"),
 ]
 
 

@@ -116,18 +116,45 @@ def test_triggers_coalesce_while_one_reconcile_waits() -> None:
     first = threading.Thread(target=run, args=(BODY, "create"))
     first.start()
     assert kube.entered.acquire(timeout=5)  # the first run is inside reconcile
-    second = threading.Thread(target=run, args=(BODY, "child"))
-    second.start()
+    # Two more triggers arrive while it runs: one waits its turn, the other has nothing to add
+    # and is skipped at once (which of the two is skipped depends on which enters first).
+    later = [threading.Thread(target=run, args=(BODY, trigger)) for trigger in ("child", "timer")]
+    for thread in later:
+        thread.start()
+
+    def coalesced() -> float:
+        return sum(_value(metrics, "modelfleet_operator_reconciles_coalesced_total", trigger=t)
+                   for t in ("child", "timer"))
+
     deadline = time.monotonic() + 5
-    while not run.slots._slots["u"].waiting and time.monotonic() < deadline:  # the second waits
+    while coalesced() < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert run(BODY, "timer") is None  # a third has nothing to add: skipped at once
+    assert coalesced() == 1
+    assert kube.calls == 1  # the waiting one has not started: the first still runs
     kube.release.set()
-    first.join(5)
-    second.join(5)
-    assert kube.calls == 2  # the first and the second; never the coalesced third
-    assert _value(metrics, "modelfleet_operator_reconciles_coalesced_total", trigger="timer") == 1
-    assert len(run.slots) == 0  # Gone forgets the object
+    for thread in (first, *later):
+        thread.join(5)
+    assert kube.calls == 2  # the first and the one that waited; never the coalesced one
+    assert coalesced() == 1
+
+
+def test_an_object_gone_mid_reconcile_is_forgotten(monkeypatch) -> None:
+    """Nothing is kept for a deleted object: the next trigger for its uid starts afresh (a
+    create's `fresh` is honoured again, as for an object never seen)."""
+    import modelfleet.operator.handlers as handlers
+    from modelfleet.operator.reconcile import Gone
+
+    seen = []
+
+    def gone(body, *a, **kw):
+        seen.append(kw["fresh"])
+        raise Gone("deleted meanwhile")
+
+    monkeypatch.setattr(handlers, "reconcile", gone)
+    run = make_runner(deps(FailingKube(Status(500)), OperatorMetrics()))
+    assert run(BODY, "create", fresh=True) is None
+    assert run(BODY, "create", fresh=True) is None
+    assert seen == [True, True]
 
 
 def test_child_event_that_changes_nothing_status_reads_is_skipped(monkeypatch) -> None:

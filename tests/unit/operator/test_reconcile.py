@@ -39,6 +39,7 @@ class FakeKube:
         self.objects: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         self.calls: list[tuple[str, str]] = []
         self.status_patches: list[dict[str, Any]] = []
+        self.other_mds: list[dict[str, Any]] = []  # the namespace's other ModelDeployments
         self.events: list[StatusEvent] = []
         self.pods: list[dict[str, Any]] = []
         self.pod_events: list[dict[str, Any]] = []
@@ -78,6 +79,8 @@ class FakeKube:
         self, kind: tuple[str, str], namespace: str, label_selector: str = "", field_selector: str = ""
     ) -> list[dict[str, Any]]:
         self.calls.append(("list", kind[1]))
+        if kind[1] == "ModelDeployment":
+            return copy.deepcopy([*([self.md] if self.md else []), *self.other_mds])
         return copy.deepcopy(self.pods if kind[1] == "Pod" else self.pod_events)
 
     def patch_status(self, meta: ObjectMeta, status: Mapping[str, Any]) -> None:
@@ -401,6 +404,7 @@ def test_steady_state_costs_few_calls() -> None:
     assert sorted(kube.calls) == sorted(
         [
             ("get", "ModelDeployment"),
+            ("list", "ModelDeployment"),
             ("list", "Pod"),
             ("patch", "Service"),
             ("patch", "Deployment"),
@@ -516,3 +520,36 @@ def test_after_a_restart_a_create_listed_before_a_child_reconcile_posts_nothing_
     kube.status_patches.clear()
     run_trigger(listed, "create", fresh=True)
     assert [e.reason for e in kube.events] == ["ScaledToZero"] and kube.status_patches == []
+
+
+def _other(name: str, created: str, spec: dict[str, Any]) -> dict[str, Any]:
+    other = body(spec)
+    other["metadata"].update(name=name, uid=f"u-{name}", creationTimestamp=created)
+    return other
+
+
+def test_a_newer_object_claiming_a_served_name_reports_the_holder_until_it_goes() -> None:
+    kube, b = FakeKube(), body({"model": {"source": "file:///m", "servedName": "chat"}})
+    b["metadata"]["creationTimestamp"] = "2025-01-01T12:00:05Z"
+    kube.other_mds = [_other("chat-v1", "2025-01-01T11:00:00Z", {"model": {"source": "file:///m",
+                                                                           "servedName": "chat"}})]
+    outcome = run(kube, b)
+    ready = outcome.status.condition("Ready")
+    assert (outcome.status.phase, ready.status, ready.reason) == ("Failed", "False", "NameConflict")
+    assert "default/chat-v1" in ready.message and "spec.routing.weight" in ready.message
+    assert [e.reason for e in kube.events] == ["NameConflict"]
+    # The holder is deleted: the next reconcile lifts the condition.
+    kube.other_mds = []
+    assert run(kube, b).status.condition("Ready").reason != "NameConflict"
+
+
+def test_weighted_objects_share_a_name_and_an_alias_clash_names_the_holder() -> None:
+    kube, b = FakeKube(), body({"model": {"source": "file:///m", "servedName": "chat"}, "routing": {"weight": 5}})
+    b["metadata"]["creationTimestamp"] = "2025-01-01T12:00:05Z"
+    kube.other_mds = [_other("chat-v1", "2025-01-01T11:00:00Z",
+                             {"model": {"source": "file:///m", "servedName": "chat"}, "routing": {"weight": 95}})]
+    assert run(kube, b).status.condition("Ready").reason != "NameConflict"
+    kube.other_mds.append(_other("old", "2024-01-01T00:00:00Z",
+                                 {"model": {"source": "file:///m", "servedName": "x", "aliases": ["chat"]}}))
+    message = run(kube, b).status.condition("Ready").message
+    assert "default/old" in message and "spec.routing.weight" not in message
