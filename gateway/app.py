@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from modelfleet.http import RequestIdMiddleware, install_error_handlers
 from modelfleet.openapi import openapi_document
 from modelfleet.protocol import model_not_found
+from modelfleet.tracing import GATEWAY_SERVICE, Tracing, from_environment
 
 from .auth import ApiKey, KeyFileWatcher, KeyStore
 from .capacity import Capacity
@@ -28,6 +29,14 @@ from .load import LoadScraper
 from .metrics import GatewayMetrics
 from .proxy import Proxy
 from .registry import Registry
+from .responses_store import (
+    DEFAULT_MAX_STORED,
+    DEFAULT_TTL,
+    Conversations,
+    KubernetesStore,
+    MemoryStore,
+    install_routes,
+)
 from .static import StaticDiscovery
 from .upstream import Upstream
 
@@ -50,6 +59,8 @@ class GatewaySettings:
     hold_timeout: float = 60.0  # static: a request waits this long for a backend that is starting
     max_inflight_per_replica: int = 256  # past this, a burst gets 503 at once (see capacity.py)
     max_connections: int = 4096
+    responses_ttl: float = DEFAULT_TTL  # seconds a stored response is kept; 0: storing off
+    responses_max: int = DEFAULT_MAX_STORED  # stored responses kept at most (oldest go first)
 
 
 def make_client(settings: GatewaySettings) -> httpx.AsyncClient:
@@ -75,6 +86,17 @@ def kubernetes_discovery(settings: GatewaySettings, registry: Registry, keys: Ke
     return KubernetesDiscovery(registry, settings.namespaces, extra_sources=sources), replicas
 
 
+def response_store(settings: GatewaySettings) -> KubernetesStore | MemoryStore | None:
+    """Secrets in the gateway's namespace when replicas share a cluster, memory for one gateway."""
+    if settings.responses_ttl <= 0:
+        return None
+    if settings.discovery == "kubernetes":
+        from .kube import own_namespace
+
+        return KubernetesStore(own_namespace(), settings.responses_ttl, settings.responses_max)
+    return MemoryStore(settings.responses_ttl, settings.responses_max)
+
+
 def settle_garbage_collector() -> None:
     """Measured under bench/gateway_overhead.py at 64 streams, Python's cyclic collector took
     about 11% of the gateway's CPU, most of it re-scanning the objects that imports and
@@ -89,8 +111,10 @@ def settle_garbage_collector() -> None:
 
 def create_app(settings: GatewaySettings, registry: Registry | None = None,
                client: httpx.AsyncClient | None = None, keys: KeyStore | None = None,
-               limiter: RateLimiter | None = None, discovery=None) -> DataPath:
-    """The gateway as one ASGI app: the proxied paths on the raw data path, the rest on FastAPI."""
+               limiter: RateLimiter | None = None, discovery=None, tracing: Tracing | None = None) -> DataPath:
+    """The gateway as one ASGI app: the proxied paths on the raw data path, the rest on FastAPI.
+    Traces go where the OTEL_* environment says (modelfleet/tracing.py) unless `tracing` is given."""
+    tracing = tracing or from_environment(GATEWAY_SERVICE)
     registry = registry or Registry()
     client = client or make_client(settings)
     keys = keys or KeyStore()
@@ -100,7 +124,7 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
     limiter = limiter or RateLimiter()
     metrics = GatewayMetrics(registry)
     upstream = Upstream(settings.connect_timeout, settings.read_timeout, settings.max_connections)
-    proxy = Proxy(registry, upstream, metrics, first_byte_timeout=settings.first_byte_timeout)
+    proxy = Proxy(registry, upstream, metrics, first_byte_timeout=settings.first_byte_timeout, tracing=tracing)
     discovery = discovery or StaticDiscovery(registry, settings.backends, client,
                                              hold_timeout=settings.hold_timeout)
     key_file = KeyFileWatcher(settings.api_keys, keys) if settings.api_keys else None
@@ -113,15 +137,18 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
             key_file.poll()
 
     scraper = LoadScraper(registry, client)
+    conversations = Conversations(response_store(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await discovery.start()
         scraper.start()
+        conversations.start()
         tasks = [asyncio.create_task(watch_key_file())] if key_file else []
         settle_garbage_collector()
         yield
         scraper.stop()
+        conversations.stop()
         for t in tasks:
             t.cancel()
         await discovery.stop()
@@ -148,6 +175,8 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
                 return card
         raise model_not_found(model_id)
 
+    install_routes(app, keys, conversations)
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -170,4 +199,5 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
         return JSONResponse(document)
 
     return DataPath(app, keys=keys, registry=registry, limiter=limiter, discovery=discovery, proxy=proxy,
-                    metrics=metrics, capacity=Capacity(settings.max_inflight_per_replica))
+                    metrics=metrics, capacity=Capacity(settings.max_inflight_per_replica), responses=conversations,
+                    tracing=tracing)

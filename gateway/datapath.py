@@ -28,7 +28,8 @@ from modelfleet.http import (
     request_id_var,
     send_error,
 )
-from modelfleet.protocol import OpenAIError, model_not_found
+from modelfleet.protocol import RERANK_PATHS, SCORE_PATHS, OpenAIError, model_not_found
+from modelfleet.tracing import Tracing
 
 from .auth import ApiKey, KeyStore
 from .capacity import Capacity
@@ -37,12 +38,13 @@ from .limits import RateLimiter
 from .metrics import GatewayMetrics
 from .proxy import Proxy, Relay
 from .registry import Registry
+from .responses_store import Conversations
 from .routing import routing_fields
 from .usage import UsageStripper, ask_for_usage
 
 log = logging.getLogger("modelfleet.gateway")
 PROXIED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/edits",
-                     "/tokenize", "/detokenize"})
+                     "/tokenize", "/detokenize", *SCORE_PATHS, *RERANK_PATHS})
 
 
 # Streams whose usage comes only when asked for (stream_options); a Responses stream always
@@ -69,6 +71,8 @@ class DataPath:
     metrics: GatewayMetrics
     capacity: Capacity = field(default_factory=Capacity)
     max_body_bytes: int = MAX_BODY_BYTES
+    tracing: Tracing | None = None  # OpenTelemetry spans (modelfleet/tracing.py); None: off, and free
+    responses: Conversations | None = None  # stored Responses (responses_store.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in PROXIED:
@@ -82,7 +86,11 @@ class DataPath:
             return
         token = request_id_var.set(rid)
         try:
-            await self.serve(scope["path"], headers, receive, send)
+            if self.tracing is None:
+                await self.serve(scope["path"], headers, receive, send)
+            else:
+                with self.tracing.server(scope["path"], headers, send) as (_, traced_send):
+                    await self.serve(scope["path"], headers, receive, traced_send)
         finally:
             request_id_var.reset(token)
 
@@ -102,7 +110,7 @@ class DataPath:
         # for a non-streamed answer (which arrives whole), or the relay of a stream.
         async with DisconnectWatch(receive) as client:
             answer = await self.route(path, body, headers, key, received)
-            if isinstance(answer, Relay):
+            if not isinstance(answer, OpenAIError):  # a Relay, or responses_store's wrapper of one
                 await self.relay(answer, client, send)
             else:
                 client.finishing()  # the error completes the response; no client left
@@ -126,6 +134,12 @@ class DataPath:
             if engine != "modelfleet":
                 check_for_engine(engine, path, body, name)
             admission = self.limiter.admit(key)
+            if self.tracing is not None:
+                self.tracing.admitted(name, key.name if key else "")
+            turn = None
+            if path == "/v1/responses" and self.responses is not None:
+                body, turn = await self.responses.begin(body, key)  # a continued conversation, expanded
+                fields = routing_fields(body)  # its whole prefix, for prefix affinity
             # A tpm limit is charged from the usage the answer reports: ask for it on streams.
             strip_usage = (key is not None and key.tpm is not None and fields.stream and not fields.usage_asked
                            and path in USAGE_STREAMS)
@@ -145,6 +159,8 @@ class DataPath:
                 relay.rewrite = UsageStripper()
             elif engine != "modelfleet" and relay.status >= 400 and not relay.streaming:
                 relay.rewrite = ErrorRewriter.for_answer(relay, name, path)
+            if turn is not None:
+                relay = await self.responses.capture(relay, turn)
         except OpenAIError as exc:
             self.refused(exc, name, key)
             return exc
@@ -160,6 +176,8 @@ class DataPath:
 
     def refused(self, exc: OpenAIError, model: str, key: ApiKey | None) -> None:
         self.metrics.requests.labels(model, str(exc.status), key.name if key else "").inc()
+        if self.tracing is not None:
+            self.tracing.refused(model, exc.status, exc.code)
         log.info("request refused", extra={"model": model, "status": exc.status,
                                            "key": key.name if key else None, "error": exc.code})
 
@@ -170,7 +188,10 @@ class DataPath:
         try:
             await self.discovery.wait_for(model)
         finally:
-            self.metrics.queue_wait.labels(model).observe(time.monotonic() - started)
+            ended = time.monotonic()
+            self.metrics.queue_wait.labels(model).observe(ended - started)
+            if self.tracing is not None:
+                self.tracing.hold(model, started, ended)
 
     @staticmethod
     async def relay(relay: Relay, client: DisconnectWatch, send: Send) -> None:

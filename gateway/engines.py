@@ -16,6 +16,8 @@ VALIDATED = {
     "/v1/responses": protocol.ResponsesRequest,
     "/tokenize": protocol.TokenizeRequest,
     "/detokenize": protocol.DetokenizeRequest,
+    **dict.fromkeys(protocol.SCORE_PATHS, protocol.ScoreRequest),
+    **dict.fromkeys(protocol.RERANK_PATHS, protocol.RerankRequest),
 }
 
 

@@ -19,9 +19,10 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from modelfleet.protocol import error_body, unavailable
+from modelfleet.tracing import Tracing, end_span, end_upstream
 
 from .balancer import STRATEGIES, RequestView
 from .metrics import GatewayMetrics
@@ -29,16 +30,23 @@ from .registry import Endpoint, Registry
 from .upstream import ReplicaLost, Upstream, UpstreamError, UpstreamResponse
 from .usage import UsageScanner
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
 log = logging.getLogger(__name__)
 PASS_HEADERS = {"content-type", "retry-after", "cache-control", "x-accel-buffering"}
 CLIENT_CLOSED = "499"  # nginx's status for a client that left before its answer was complete
-FORWARD_HEADERS = {"content-type", "accept", "x-request-id", "user-agent", "openai-organization"}
+# traceparent/tracestate: the client's W3C trace context, which a replica (vLLM too) continues;
+# replaced by the gateway's own when it traces (modelfleet/tracing.py).
+FORWARD_HEADERS = {"content-type", "accept", "x-request-id", "user-agent", "openai-organization", "traceparent",
+                   "tracestate"}
 
 
 class Proxy:
     def __init__(self, registry: Registry, upstream: Upstream, metrics: GatewayMetrics,
-                 max_attempts: int = 3, first_byte_timeout: float = 15.0) -> None:
+                 max_attempts: int = 3, first_byte_timeout: float = 15.0, tracing: Tracing | None = None) -> None:
         self.registry = registry
+        self.tracing = tracing
         self.upstream = upstream
         self.metrics = metrics
         self.max_attempts = max_attempts
@@ -70,13 +78,17 @@ class Proxy:
                 self.metrics.retries.labels(model).inc()
             endpoint.inflight += 1
             started = time.monotonic()
+            span = None if self.tracing is None else self.tracing.upstream(path, endpoint.url, strategy_name,
+                                                                            attempt + 1, send_headers)
             try:
                 upstream = await self._post(endpoint, endpoint.url + path, body, send_headers, stream)
             except asyncio.CancelledError:
                 endpoint.inflight -= 1  # the client left; aiohttp drops the connection, so the worker stops
                 self.metrics.requests.labels(model, CLIENT_CLOSED, key_name).inc()
+                end_span(span, "client_closed")
                 raise
             except UpstreamError as exc:
+                end_span(span, type(exc).__name__)
                 endpoint.inflight -= 1
                 last_error = f"replica {endpoint.url} failed: {type(exc).__name__}"
                 self.failed(endpoint)
@@ -84,6 +96,7 @@ class Proxy:
             others_left = any(e.url not in tried for e in self.registry.available(model))
             if upstream.status >= 500 and attempt + 1 < self.max_attempts and others_left:
                 upstream.close(completed=False)
+                end_upstream(span, upstream.status, str(upstream.status))
                 endpoint.inflight -= 1
                 last_error = f"replica {endpoint.url} answered {upstream.status}"
                 self.failed(endpoint)
@@ -92,9 +105,12 @@ class Proxy:
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASS_HEADERS}
             out_headers["x-modelfleet-backend"] = endpoint.url
             out_headers["x-modelfleet-route"] = f"{strategy_name};attempt={attempt + 1}"
+            if endpoint.deployment:  # which version answered, when several serve the name (spec.routing.weight)
+                out_headers["x-modelfleet-deployment"] = endpoint.deployment
+            self.metrics.routed.labels(model, endpoint.deployment).inc()
             self.metrics.first_byte.labels(model).observe(time.monotonic() - started)
             return Relay(upstream.status, out_headers, self, upstream, endpoint, model, received,
-                         UsageScanner(len(body)), on_usage, key_name)
+                         UsageScanner(len(body)), on_usage, key_name, span=span)
         raise unavailable(f"No ready replica for model `{model}` ({last_error}).", retry_after=2)
 
     async def _post(self, endpoint: Endpoint, url: str, body: bytes, headers: dict[str, str],
@@ -159,6 +175,7 @@ class Relay:
     # on the client's behalf, or rewords another engine's error. feed(b"") flushes.
     rewrite: ChunkFilter | None = None
     release: Callable[[], None] | None = None  # the capacity the request holds (see capacity.py)
+    span: Span | None = None  # the upstream call's trace span, ended here (modelfleet/tracing.py)
 
     def __post_init__(self) -> None:
         self.streaming = self.upstream.headers.get("content-type", "").startswith("text/event-stream")
@@ -218,6 +235,7 @@ class Relay:
             self.on_usage(tokens)
         outcome = self.outcome or (str(self.upstream.status) if self.completed else CLIENT_CLOSED)
         metrics.requests.labels(self.model, outcome, self.key_name).inc()
+        end_upstream(self.span, self.upstream.status, outcome)
         metrics.tokens.labels(self.model, self.key_name).inc(tokens)
         metrics.latency.labels(self.model).observe(time.monotonic() - self.received)
         if self.first and scanner.events > 1:

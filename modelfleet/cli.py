@@ -35,6 +35,9 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                        help="reuse the KV of prompt prefixes that earlier requests computed")
     group.add_argument("--prefix-cache-gib", type=float, default=1.0, metavar="GIB",
                        help="memory for cached prefix blocks")
+    group.add_argument("--kv-cache-memory", type=_positive_float, default=None, metavar="GIB",
+                       help="memory for the running sequences' KV; requests wait when it is full "
+                            "(default: 40%% of the memory free at start-up, at most 32)")
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
@@ -44,6 +47,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
            "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching"]
     if args.max_model_len:
         out += ["--max-model-len", str(args.max_model_len)]
+    if args.kv_cache_memory is not None:
+        out += ["--kv-cache-memory", str(args.kv_cache_memory)]
     return out
 
 
@@ -54,6 +59,26 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
 
 
@@ -110,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="static: how long a request waits for a backend that is still starting")
     gateway.add_argument("--max-inflight-per-replica", type=_positive, default=256, metavar="N",
                          help="requests in flight per ready replica before a burst gets 503 at once")
+    gateway.add_argument("--responses-ttl", type=_non_negative_float, default=86400.0, metavar="SECONDS",
+                         help="keep stored Responses (store: true, the default) this long; 0: storing off")
+    gateway.add_argument("--responses-max", type=_positive, default=10000, metavar="N",
+                         help="stored Responses kept at most; past it the soonest to expire go first")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=_port, default=8000)
 
@@ -157,6 +186,7 @@ def run_worker(args: argparse.Namespace) -> int:
         dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, drain_timeout=args.drain_timeout,
         enable_prefix_caching=args.enable_prefix_caching, prefix_cache_gib=args.prefix_cache_gib,
+        kv_cache_gib=args.kv_cache_memory,
     )
     try:
         serve(settings)
@@ -202,7 +232,8 @@ def run_gateway(args: argparse.Namespace) -> int:
                                         key_namespace=args.key_namespace, gateway_service=args.gateway_service,
                                         first_byte_timeout=args.first_byte_timeout,
                                         hold_timeout=args.hold_timeout,
-                                        max_inflight_per_replica=args.max_inflight_per_replica))
+                                        max_inflight_per_replica=args.max_inflight_per_replica,
+                                        responses_ttl=args.responses_ttl, responses_max=args.responses_max))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                             http=GuardedHttpToolsProtocol)  # bounds slow and huge request heads
     uvicorn.Server(config).run(sockets=[sock])

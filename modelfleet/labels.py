@@ -1,4 +1,4 @@
-"""Label and annotation keys: the operator writes them, the gateway reads them.
+"""Label and annotation keys: the operator and the gateway write them, the gateway reads them.
 
 Kept in one module so that a rename cannot leave one side behind. Labels hold what selectors
 need (label values are limited to 63 characters of [A-Za-z0-9._-]); annotations hold what a
@@ -20,10 +20,6 @@ PREFIX = GROUP
 # EndpointSlice controller from the Service to its EndpointSlices. Value: the ModelDeployment's
 # metadata.name. The Deployment's selector is this label alone.
 MODEL = f"{PREFIX}/model"
-# Annotations on the Service and the Pods: the served name and its aliases (comma-separated),
-# so a reader holding only a Service or Pod can route without fetching the ModelDeployment.
-SERVED_NAME = f"{PREFIX}/served-name"
-ALIASES = f"{PREFIX}/aliases"
 
 # Scale-from-zero demand signal: the gateway patches this annotation on the ModelDeployment
 # when it holds requests for a model with no ready replica. Value: JSON
@@ -32,6 +28,14 @@ DEMAND = f"{PREFIX}/demand"
 
 # Label on Secrets that hold API keys (docs/keys.md); value "true".
 API_KEY = f"{PREFIX}/api-key"
+
+# Labels on the Secrets that hold stored Responses (gateway/responses_store.py): the marker
+# ("true"), a digest naming the key that may read it, and its expiry in unix seconds.
+RESPONSE = f"{PREFIX}/response"
+RESPONSE_OWNER = f"{PREFIX}/response-owner"
+RESPONSE_EXPIRES = f"{PREFIX}/response-expires"
+# Annotation on the same Secrets: the response id (Secret names are a hash of it).
+RESPONSE_ID = f"{PREFIX}/response-id"
 
 # Prefix for kopf's own bookkeeping annotations (progress, last-handled configuration). A
 # subdomain of ours rather than PREFIX itself: kopf leaves every annotation under its storage
@@ -70,20 +74,6 @@ def worker_labels(md_name: str) -> dict[str, str]:
         APP_PART_OF: PART_OF,
         APP_MANAGED_BY: MANAGED_BY,
     }
-
-
-def served_name_annotations(served_name: str, aliases: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """Annotations naming the model for readers that hold only a Service or Pod."""
-    out = {SERVED_NAME: served_name}
-    if aliases:
-        out[ALIASES] = ",".join(aliases)
-    return out
-
-
-def parse_aliases(annotations: Mapping[str, str] | None) -> list[str]:
-    """Read the aliases annotation back (the gateway's side of served_name_annotations)."""
-    raw = (annotations or {}).get(ALIASES, "")
-    return [a.strip() for a in raw.split(",") if a.strip()]
 
 
 def selector_string(labels: Mapping[str, str]) -> str:

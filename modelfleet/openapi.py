@@ -20,7 +20,9 @@ from .protocol import (
     DetokenizeRequest,
     EditRequest,
     EmbeddingRequest,
+    RerankRequest,
     ResponsesRequest,
+    ScoreRequest,
     TokenizeRequest,
 )
 
@@ -68,6 +70,8 @@ POST_PATHS: dict[str, tuple[type[BaseModel], str, bool]] = {
     "/v1/completions": (CompletionRequest, "Create a text completion", True),
     "/v1/embeddings": (EmbeddingRequest, "Create embeddings", False),
     "/v1/responses": (ResponsesRequest, "Create a response (Responses API)", True),
+    "/v1/rerank": (RerankRequest, "Rerank documents against a query (embedding models and cross-encoders)", False),
+    "/v1/score": (ScoreRequest, "Score text pairs (embedding models and cross-encoders)", False),
     "/v1/edits": (EditRequest, "Create an edit (legacy Edits API, served through chat)", False),
     "/tokenize": (TokenizeRequest, "Tokenize a prompt or chat messages", False),
     "/detokenize": (DetokenizeRequest, "Turn token ids back into text", False),
@@ -144,6 +148,21 @@ def openapi_document(title: str, version: str = "0.1.0") -> dict[str, Any]:
         {"401": POST_ERRORS["401"], "404": POST_ERRORS["404"], "500": POST_ERRORS["500"]},
         operationId="getModel",
         parameters=[{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}])
+    # Stored responses live in the gateway (gateway/responses_store.py); a worker answers 404.
+    response_id = [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    stored_errors = {"401": POST_ERRORS["401"], "404": "No stored response with this id for this key",
+                     "500": POST_ERRORS["500"]}
+    paths["/v1/responses/{response_id}"] = {
+        **_get("Get a stored response (gateway)", _json({"type": "object"}, "The response object"), stored_errors,
+               operationId="getResponse", parameters=response_id),
+        "delete": {"summary": "Delete a stored response (gateway)", "operationId": "deleteResponse",
+                   "parameters": response_id,
+                   "responses": {"200": _json({"type": "object"}, "`{id, object: response, deleted: true}`"),
+                                 **_errors(stored_errors)}},
+    }
+    paths["/v1/responses/{response_id}/input_items"] = _get(
+        "The input items of a stored response (gateway)", _json({"type": "object"}, "A list of input items"),
+        stored_errors, operationId="listResponseInputItems", parameters=response_id)
     paths["/health"] = _get("Liveness", status_ok, {}, operationId="health")
     paths["/health"]["get"]["responses"]["503"] = _json(refs[Status], "The model failed")
     paths["/ready"] = _get("Readiness: at least one model can take traffic", status_ok, {}, operationId="ready")

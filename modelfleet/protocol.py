@@ -12,7 +12,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # --------------------------------------------------------------------------------------------
 # Errors
@@ -380,6 +388,9 @@ class ResponsesRequest(Lenient):
     user: str | None = None
     include: list[str] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # Kept by the gateway (gateway/responses_store.py): a worker accepts `store` and ignores it.
+    store: bool | None = None
+    previous_response_id: str | None = None
 
     def wants_logprobs(self) -> bool:
         return "message.output_text.logprobs" in (self.include or [])
@@ -433,6 +444,68 @@ class TokenizeRequest(ChatTemplateFields):
 class DetokenizeRequest(Lenient):
     model: str | None = None
     tokens: list[TokenId]
+
+
+# The paths vLLM serves score and rerank at; modelfleet's worker and gateway serve them all.
+SCORE_PATHS = ("/v1/score", "/score")
+RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank")
+# Most texts on one side of a score or rerank request, as for embeddings' inputs.
+MAX_SCORE_TEXTS = 2048
+ScoreTexts = str | list[str]
+
+
+def score_texts(texts: ScoreTexts) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+class ScoreRequest(Lenient):
+    """vLLM's /score: each of `text_1` scored against `text_2`, one to one, one to many or
+    pairwise (N:N). vLLM's other names for the two sides (queries/documents, queries/items,
+    data_1/data_2) are accepted too; only text is (vLLM's multi-modal parts are not)."""
+
+    model: str | None = None
+    text_1: ScoreTexts = Field(validation_alias=AliasChoices("text_1", "queries", "data_1"))
+    text_2: ScoreTexts = Field(validation_alias=AliasChoices("text_2", "documents", "items", "data_2"))
+    # vLLM's: False gives a cross-encoder's raw logit instead of its activation (sigmoid).
+    use_activation: bool | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _pairing(self) -> ScoreRequest:
+        n1, n2 = len(score_texts(self.text_1)), len(score_texts(self.text_2))
+        if n1 == 0:
+            raise OpenAIError("At least one text element must be given.", param="text_1", code="invalid_value")
+        if n2 == 0:
+            raise OpenAIError("At least one text_pair element must be given.", param="text_2", code="invalid_value")
+        if n1 > 1 and n1 != n2:
+            raise OpenAIError(f"Input lengths must be either 1:1, 1:N or N:N; got {n1}:{n2}.", param="text_2",
+                              code="invalid_value")
+        if max(n1, n2) > MAX_SCORE_TEXTS:
+            raise OpenAIError(f"At most {MAX_SCORE_TEXTS} texts per side.", param="text_2", code="invalid_value")
+        return self
+
+
+class RerankRequest(Lenient):
+    """The Jina/Cohere rerank request as vLLM serves it at /rerank, /v1/rerank and /v2/rerank.
+    `top_n` 0 or absent returns every document; `return_documents` (Cohere's, default true as
+    vLLM always returns them) false leaves the documents out of the results."""
+
+    model: str | None = None
+    query: str
+    documents: ScoreTexts
+    top_n: Annotated[int, Field(ge=0)] | None = None
+    return_documents: bool | None = True
+    use_activation: bool | None = None
+    user: str | None = None
+
+    @field_validator("documents")
+    @classmethod
+    def _documents(cls, value: ScoreTexts) -> ScoreTexts:
+        if isinstance(value, list) and len(value) == 0:
+            raise ValueError("documents must not be an empty list")
+        if isinstance(value, list) and len(value) > MAX_SCORE_TEXTS:
+            raise ValueError(f"at most {MAX_SCORE_TEXTS} documents per request")
+        return value
 
 
 # --------------------------------------------------------------------------------------------

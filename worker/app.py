@@ -20,12 +20,14 @@ from modelfleet.http import (
     install_error_handlers,
 )
 from modelfleet.netutil import bind_socket
+from modelfleet.tracing import WORKER_SERVICE, TracedWorker, Tracing, from_environment
 
 from .content_type import JsonOnly
 from .engine import EngineConfig, GenerationEngine
 from .loader import (
     detect,
     load_causal_lm,
+    load_cross_encoder,
     load_sentence_transformer,
     pick_device,
     pick_dtype,
@@ -52,6 +54,7 @@ class WorkerSettings:
     drain_timeout: float = 30.0
     enable_prefix_caching: bool = True
     prefix_cache_gib: float = 1.0
+    kv_cache_gib: float | None = None  # None: sized from free memory (kvcache.default_kv_cache_bytes)
 
 
 def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]:
@@ -63,8 +66,13 @@ def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     torch.set_grad_enabled(False)
-    engine = None
-    if info.sentence_transformers:
+    engine = scorer = None
+    if info.task == "score":
+        from .embedder import CrossEncoderScorer
+
+        model = load_cross_encoder(info, device)
+        tokenizer, embedder, scorer = model.tokenizer, None, CrossEncoderScorer(model)
+    elif info.sentence_transformers:
         from .embedder import SentenceEmbedder
 
         model = load_sentence_transformer(info, device)
@@ -77,18 +85,20 @@ def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]
         config = EngineConfig(max_model_len=info.max_model_len, max_num_seqs=settings.max_num_seqs,
                               max_num_batched_tokens=settings.max_num_batched_tokens,
                               enable_prefix_caching=settings.enable_prefix_caching,
-                              prefix_cache_bytes=int(settings.prefix_cache_gib * (1 << 30)))
+                              prefix_cache_bytes=int(settings.prefix_cache_gib * (1 << 30)),
+                              kv_cache_bytes=None if settings.kv_cache_gib is None
+                              else int(settings.kv_cache_gib * (1 << 30)))
         engine = GenerationEngine(model, tokenizer, config, info.eos_token_ids)
         embedder = CausalEmbedder(engine, info.max_model_len)
     service = ModelService(settings.served_names, info, tokenizer, engine, embedder, settings.max_num_seqs,
-                           str(dtype).replace("torch.", ""), device)
+                           str(dtype).replace("torch.", ""), device, scorer=scorer)
     metrics = WorkerMetrics(service.name, engine.stats if engine else None, lambda: service.draining)
     if engine:
         engine.observe = metrics.observe
     return service, metrics
 
 
-def create_app(service: ModelService, metrics: WorkerMetrics) -> JsonOnly:
+def create_app(service: ModelService, metrics: WorkerMetrics, tracing: Tracing | None = None) -> JsonOnly | TracedWorker:
     # /openapi.json is served by the router from modelfleet/openapi.py, not FastAPI's generator.
     app = FastAPI(title=f"modelfleet worker: {service.name}", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
@@ -99,7 +109,8 @@ def create_app(service: ModelService, metrics: WorkerMetrics) -> JsonOnly:
 
     app.include_router(build_router(service, metrics))
     app.add_middleware(RequestIdMiddleware)
-    return JsonOnly(JsonFastPath(app, fast_routes(service)))
+    served = JsonOnly(JsonFastPath(app, fast_routes(service)))
+    return served if tracing is None else TracedWorker(served, tracing, service.name)
 
 
 class DrainingServer(uvicorn.Server):
@@ -139,7 +150,7 @@ def serve(settings: WorkerSettings) -> None:
     service, metrics = load_service(settings)
     if service.engine:
         service.engine.start()
-    app = create_app(service, metrics)
+    app = create_app(service, metrics, from_environment(WORKER_SERVICE))
     # Keep-alive longer than the gateway's pool keeps idle connections (30 s), so the gateway
     # never sends a request on a connection this worker is closing.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,

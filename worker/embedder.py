@@ -162,6 +162,45 @@ class SentenceEmbedder:
         return list(out), tokens
 
 
+class CrossEncoderScorer:
+    """A sentence-transformers CrossEncoder (a `*ForSequenceClassification` checkpoint with one
+    label): each (query, document) pair read together gives one logit. Pairs of concurrent
+    requests share a forward pass through the same batcher as embeddings; results are logits,
+    and `activate` applies the model's activation (sigmoid unless its config names another),
+    as `CrossEncoder.predict` does, only when a request wants it (vLLM's `use_activation`)."""
+
+    def __init__(self, model: Any, max_items: int = 64) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.max_items = max_items
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        self.batcher = DynamicBatcher(self._run, max_items)
+
+    async def score(self, pairs: list[tuple[str, str]]) -> EmbedResult:
+        return await self.batcher.submit(pairs)
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.model.activation_fn(logits)
+
+    async def _run(self, pairs: list[tuple[str, str]]) -> tuple[list[torch.Tensor], list[int]]:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._forward, pairs)
+
+    def _forward(self, pairs: list[tuple[str, str]]) -> tuple[list[torch.Tensor], list[int]]:
+        """At most `max_items` pairs a forward pass: one request may bring 2048 documents, and
+        attention over a batch of 2048 pairs of 512 tokens would not fit in memory."""
+        scores: list[torch.Tensor] = []
+        tokens: list[int] = []
+        device = self.model.device
+        for start in range(0, len(pairs), self.max_items):
+            # preprocess tokenizes each pair together, truncated to the model's max_seq_length.
+            features = self.model.preprocess([list(p) for p in pairs[start : start + self.max_items]])
+            features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+            with torch.inference_mode():
+                scores += list(self.model(features)["scores"].float().cpu()[:, 0])
+            tokens += features["attention_mask"].sum(dim=1).tolist()
+        return scores, tokens
+
+
 class CausalEmbedder:
     """Pooled hidden states of a causal LM, computed on the generation engine's thread."""
 

@@ -20,7 +20,7 @@ from urllib.parse import unquote
 log = logging.getLogger(__name__)
 
 PVC_MOUNT_ROOT = os.environ.get("MODELFLEET_PVC_ROOT", "/mnt/models")
-Task = Literal["generate", "embed"]
+Task = Literal["generate", "embed", "score"]
 
 
 class ModelSourceError(Exception):
@@ -131,7 +131,7 @@ def detect(path: Path, max_model_len: int | None = None) -> ModelInfo:
     arch = archs[0] if archs else config.get("model_type", "unknown")
     is_st = (path / "modules.json").exists()
     generative = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
-    task: Task = "embed" if is_st or not generative else "generate"
+    task: Task = "score" if is_cross_encoder(config) else "embed" if is_st or not generative else "generate"
     context = config.get("max_position_embeddings") or config.get("n_positions") or 2048
     if is_st:
         st = _read_json(path / "sentence_bert_config.json")
@@ -159,6 +159,16 @@ def detect(path: Path, max_model_len: int | None = None) -> ModelInfo:
     )
 
 
+def is_cross_encoder(config: dict[str, Any]) -> bool:
+    """A sequence classifier with one label: what sentence-transformers loads as a CrossEncoder
+    and vLLM scores on its pooling runner. transformers writes `id2label` (not `num_labels`)
+    and means two labels when it is absent; sentence-transformers 5+ also writes a modules.json
+    for it, so this is decided before that file is."""
+    archs = config.get("architectures") or []
+    labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
+    return any(a.endswith("ForSequenceClassification") for a in archs) and labels == 1
+
+
 def pick_device(device: str) -> str:
     import torch
 
@@ -170,13 +180,26 @@ def pick_device(device: str) -> str:
 
 
 def pick_dtype(dtype: str, device: str):
+    """`auto`: bfloat16 or float16 on a GPU; on a CPU, bfloat16 where it has native bfloat16
+    instructions (AVX512-BF16 or AMX, as vLLM's CPU build wants), float32 elsewhere, where
+    bfloat16 is emulated and slower. Measured on the 56M bench Llama, one thread, AVX512-BF16: a
+    1-row decode step 19 ms in bfloat16 against 22 in float32, a 32-row step 56 against 72."""
     import torch
 
     if dtype == "auto":
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_causal_lm(info: ModelInfo, device: str, dtype):
@@ -189,6 +212,15 @@ def load_causal_lm(info: ModelInfo, device: str, dtype):
         info.eos_token_ids.append(tokenizer.eos_token_id)
     info.has_chat_template = info.has_chat_template or bool(getattr(tokenizer, "chat_template", None))
     return model, tokenizer
+
+
+def load_cross_encoder(info: ModelInfo, device: str):
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(str(info.path), device=device, local_files_only=True)
+    model.eval()
+    info.max_model_len = min(info.max_model_len, model.max_seq_length or info.max_model_len)
+    return model
 
 
 def load_sentence_transformer(info: ModelInfo, device: str):

@@ -3,9 +3,10 @@ Inference Extension's model-server protocol and vLLM dashboards read them unchan
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -22,6 +23,7 @@ class EngineCollector(Collector):
         self.stats = stats
         self.model = model
         self.draining = draining
+        self.started = time.time()
 
     def collect(self) -> Iterator:
         s = self.stats or EngineStats()
@@ -29,8 +31,8 @@ class EngineCollector(Collector):
         for name, doc, value in (
             ("vllm:num_requests_running", "Requests in the running batch.", s.running),
             ("vllm:num_requests_waiting", "Requests waiting to join the batch.", s.waiting),
-            ("vllm:kv_cache_usage_perc", "KV cache usage, 1 = full.", s.kv_usage),
-            ("vllm:gpu_cache_usage_perc", "KV cache usage, 1 = full (older vLLM name).", s.kv_usage),
+            ("vllm:kv_cache_usage_perc", "KV held by running sequences over the KV budget, 1 = full.", s.kv_usage),
+            ("vllm:gpu_cache_usage_perc", "KV held over the KV budget, 1 = full (older vLLM name).", s.kv_usage),
             ("modelfleet_worker_draining", "1 while the worker drains before exit.", 1.0 if self.draining() else 0.0),
         ):
             g = GaugeMetricFamily(name, doc, labels=labels)
@@ -46,6 +48,14 @@ class EngineCollector(Collector):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric([self.model], value)
             yield c
+        # vLLM's LoRA gauge (its value: when the adapter sets last changed), with no adapters:
+        # this engine serves none. The Inference Extension's endpoint picker reads it on every
+        # scrape and logs a missing family as an error (it still uses the other gauges), and
+        # skips a series whose two adapter lists are empty.
+        lora = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting LoRA adapters.",
+                                 labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        lora.add_metric(["", "", "0"], self.started)
+        yield lora
 
 
 class WorkerMetrics:
@@ -64,8 +74,6 @@ class WorkerMetrics:
             key: Histogram(f"vllm:{key}", doc, ["model_name"], buckets=LATENCY_BUCKETS, registry=self.registry)
             for key, doc in hist.items()
         }
-        self.requests = Counter("modelfleet_worker_requests", "HTTP requests by endpoint and status.",
-                                ["model_name", "endpoint", "status"], registry=self.registry)
 
     def observe(self, name: str, value: float) -> None:
         hist = self.histograms.get(name)

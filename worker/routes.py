@@ -14,6 +14,8 @@ from pydantic import ValidationError
 from modelfleet.http import ClientGone, DisconnectWatch, JsonHandler, read_body
 from modelfleet.openapi import openapi_document
 from modelfleet.protocol import (
+    RERANK_PATHS,
+    SCORE_PATHS,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -21,7 +23,9 @@ from modelfleet.protocol import (
     EditRequest,
     EmbeddingRequest,
     OpenAIError,
+    RerankRequest,
     ResponsesRequest,
+    ScoreRequest,
     TokenizeRequest,
     new_id,
     now,
@@ -29,6 +33,7 @@ from modelfleet.protocol import (
     usage,
     validation_error_to_openai,
 )
+from modelfleet.tracing import track
 
 from .formatting import Shown, chat_choice, completion_choice, logprob_items
 from .metrics import WorkerMetrics
@@ -79,7 +84,18 @@ def fast_routes(service: ModelService) -> dict[str, JsonHandler]:
         service.check_model(req.model)
         return await service.embed(req)
 
-    return {"/v1/embeddings": embeddings}
+    async def score(body: bytes, rid: str) -> dict[str, Any]:
+        req = parse_request(ScoreRequest, body)
+        service.check_model(req.model)
+        return await service.score(req)
+
+    async def rerank(body: bytes, rid: str) -> dict[str, Any]:
+        req = parse_request(RerankRequest, body)
+        service.check_model(req.model)
+        return await service.rerank(req)
+
+    # vLLM's paths for score and rerank (SCORE_PATHS, RERANK_PATHS), scored in batches as embeddings are.
+    return {"/v1/embeddings": embeddings, **dict.fromkeys(SCORE_PATHS, score), **dict.fromkeys(RERANK_PATHS, rerank)}
 
 
 def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
@@ -137,6 +153,7 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
 
     async def run_chat(request: Request, req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
         stream, plan = service.start_chat(req, rid(request))
+        track(stream.state)
         n = req.n or 1
         shown = Shown.of(req, service.text_of)
         echo = echo_prefix(req.messages) if req.echo else ""
@@ -163,6 +180,10 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
     @router.post("/v1/responses")
     async def responses(request: Request):
         req = await parse(request, ResponsesRequest)
+        if req.previous_response_id is not None:
+            raise OpenAIError("'previous_response_id' needs the gateway's response store: send this request through "
+                              "the modelfleet gateway, or send the whole conversation as `input`.",
+                              param="previous_response_id", code="unsupported_parameter")
         messages = req.messages()
         if not messages:
             raise OpenAIError("'input' must not be empty.", param="input", code="invalid_value")
@@ -176,6 +197,7 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
                 logprobs=req.wants_logprobs(), top_logprobs=req.top_logprobs if req.wants_logprobs() else None,
             )
             stream, plan = service.start_chat(chat_req, rid(request))
+            track(stream.state)
         except ValidationError as exc:  # a field the Responses model keeps untyped (parallel_tool_calls)
             raise responses_error(validation_error_to_openai(exc)) from exc
         except OpenAIError as exc:
@@ -200,6 +222,7 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
         chat_req = ChatCompletionRequest(model=req.model, messages=messages, n=req.n, temperature=req.temperature,
                                          top_p=req.top_p)
         stream, _ = service.start_chat(chat_req, rid(request))
+        track(stream.state)
         choices, prompt_tokens, completion_tokens, _ = await until_disconnect(
             request, service.collect([stream], req.n or 1), stream.cancel)
         return {
@@ -215,6 +238,8 @@ def build_router(service: ModelService, metrics: WorkerMetrics) -> APIRouter:
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
         streams = service.start_completions(req, rid(request))
+        for s in streams:
+            track(s.state)
         n = req.n or 1
         prompts = [s.state.request.prompt_ids for s in streams]
         echo_texts = [service.tokenizer.decode(p) for p in prompts] if req.echo else None

@@ -5,21 +5,53 @@ in the free rows and the prompt tokens they must compute (less a prefix found in
 cache) fit in the step's prefill token budget. The first waiting request is always admitted when
 it fits in the rows, even if its prompt alone exceeds the budget, so that a long prompt cannot
 wait forever.
+
+They must also fit in the KV budget (`KvRoom`) at their longest: in the slot cache every row takes
+as many columns as the longest row, so a request is admitted only if all running rows and its own
+can reach their longest possible length (prompt + max_tokens, at most the context) within the
+budget. The reservation is the worst case, so a running sequence never runs out of KV and nothing
+is preempted; a request that cannot fit even alone is refused (`KvRoom.never_fits`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
-def plan_admission(waiting: list[tuple[int, int]], free_rows: int, token_budget: int) -> int:
-    """`waiting` holds (tokens to prefill, n) in arrival order; returns how many to admit now."""
+
+@dataclass(frozen=True)
+class KvRoom:
+    """The KV budget in token slots, and what the running rows hold of it at their longest."""
+
+    budget: int
+    rows: int = 0
+    longest: int = 0  # the longest length any running row can reach
+
+    def admits(self, rows: int, longest: int) -> bool:
+        """Whether `rows` more rows, reaching `longest` tokens at most, fit next to the running
+        ones; each row takes `longest + 1` columns (the slot of the token being decoded)."""
+        return (self.rows + rows) * (max(self.longest, longest) + 1) <= self.budget
+
+    def never_fits(self, rows: int, longest: int) -> bool:
+        return rows * (longest + 1) > self.budget
+
+
+def plan_admission(waiting: list[tuple[int, int]], free_rows: int, token_budget: int,
+                   kv: KvRoom | None = None, longest: list[int] | None = None) -> int:
+    """`waiting` holds (tokens to prefill, n) in arrival order, `longest` (with `kv`) the length
+    each can reach; returns how many to admit now."""
     admitted = 0
     tokens = 0
     rows = 0
-    for prompt_tokens, n in waiting:
+    reach = 0
+    for i, (prompt_tokens, n) in enumerate(waiting):
         if rows + n > free_rows:
             break
         if admitted and tokens + prompt_tokens > token_budget:
             break
+        if kv is not None and longest is not None:
+            if not kv.admits(rows + n, max(reach, longest[i])):
+                break
+            reach = max(reach, longest[i])
         admitted += 1
         tokens += prompt_tokens
         rows += n

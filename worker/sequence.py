@@ -74,7 +74,9 @@ class RequestState:
         self.sink = sink
         self.cancelled = threading.Event()
         self.arrival = time.monotonic()
+        self.prefill_started: float | None = None  # arrival to here: the queue (trace spans, modelfleet/tracing.py)
         self.first_token_at: float | None = None
+        self.finished_at: float | None = None
         self.sequences: list[Sequence] = []
         self.completion_tokens = 0
         self.open_sequences = request.n

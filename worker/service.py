@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from modelfleet.protocol import (
     ChatCompletionRequest,
@@ -22,9 +23,12 @@ from modelfleet.protocol import (
     CompletionRequest,
     EmbeddingRequest,
     OpenAIError,
+    RerankRequest,
+    ScoreRequest,
     TokenizeRequest,
     model_not_found,
     now,
+    score_texts,
 )
 
 from .constraints import GrammarCompiler
@@ -42,9 +46,13 @@ from .requests import (
     sampling_params,
     truncate_prompt,
 )
-from .sequence import RequestOutput
+from .scoring import cosine_scores, pairs, rerank_response, score_response
+from .sequence import GenerationRequest, RequestOutput
 from .structured import OutputPlan, plan_output
 from .tool_calls import functions_from_tools
+
+# How an error names a model that cannot serve an API.
+TASK_KINDS = {"generate": "a generation model", "embed": "an embedding model", "score": "a cross-encoder"}
 
 
 @dataclass
@@ -57,12 +65,13 @@ class Choice:
 
 class ModelService:
     def __init__(self, names: list[str], info: ModelInfo, tokenizer: Any, engine: GenerationEngine | None,
-                 embedder: Any, max_num_seqs: int, dtype: str, device: str) -> None:
+                 embedder: Any, max_num_seqs: int, dtype: str, device: str, scorer: Any = None) -> None:
         self.names = names
         self.info = info
         self.tokenizer = tokenizer
         self.engine = engine
         self.embedder = embedder
+        self.scorer = scorer  # a cross-encoder's; an embedding model scores by cosine
         self.created = now()
         self.text_of = TokenText(tokenizer)
         vocab = engine.model_vocab if engine else len(tokenizer)
@@ -90,7 +99,8 @@ class ModelService:
 
     def capabilities(self) -> dict[str, bool]:
         generate = self.engine is not None
-        return {"chat": generate and self.info.has_chat_template, "completion": generate, "embedding": True}
+        return {"chat": generate and self.info.has_chat_template, "completion": generate,
+                "embedding": self.embedder is not None, "score": self.info.task in ("embed", "score")}
 
     def model_cards(self) -> list[dict[str, Any]]:
         return [
@@ -118,8 +128,7 @@ class ModelService:
 
     def require_generation(self, what: str) -> GenerationEngine:
         if self.engine is None:
-            raise OpenAIError(f"The model `{self.name}` is an embedding model and does not support {what}.",
-                              param="model", code="model_not_supported")
+            self.unsupported(what)
         if self.draining:
             raise OpenAIError("This server is shutting down.", status=503, type="service_unavailable",
                               headers={"retry-after": "1"})
@@ -178,7 +187,15 @@ class ModelService:
         gen = generation_request(req, prompt, params, max_tokens, self.limits, n=req.n or 1,
                                  prompt_logprobs=req.prompt_logprobs, request_id=request_id)
         gen.grammar = plan.grammar
-        return engine.submit(gen), plan
+        return self._submit(engine, gen), plan
+
+    @staticmethod
+    def _submit(engine: GenerationEngine, request: GenerationRequest) -> RequestStream:
+        """Submits `request`, or refuses it with a 400 when it could never fit in the KV budget."""
+        refusal = engine.kv_refusal(request)
+        if refusal is not None:
+            raise OpenAIError(refusal, param="max_tokens", code="kv_cache_exceeded")
+        return engine.submit(request)
 
     def start_completions(self, req: CompletionRequest, request_id: str) -> list[RequestStream]:
         engine = self.require_generation("completions")
@@ -210,7 +227,7 @@ class ModelService:
                                      request_id=request_id)
             gen.grammar = plan.grammar
             gens.append(gen)
-        return [engine.submit(g) for g in gens]
+        return [self._submit(engine, g) for g in gens]
 
     @staticmethod
     async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -264,9 +281,16 @@ class ModelService:
         out = [Choice(st, i) for (i, _), st in sorted(choices.items())]
         return out, sum(prompt_tokens.values()), sum(completion_tokens.values()), prompt_lps
 
+    def unsupported(self, what: str) -> None:
+        kind = TASK_KINDS.get(self.info.task, self.info.task)
+        raise OpenAIError(f"The model `{self.name}` is {kind} (task `{self.info.task}`) and does not support {what}.",
+                          param="model", code="model_not_supported")
+
     # -- embeddings ---------------------------------------------------------------------------
 
     async def embed(self, req: EmbeddingRequest) -> dict[str, Any]:
+        if self.embedder is None:
+            self.unsupported("embeddings")
         if self.draining:
             raise OpenAIError("This server is shutting down.", status=503, type="service_unavailable",
                               headers={"retry-after": "1"})
@@ -301,6 +325,35 @@ class ModelService:
             "model": req.model,
             "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
         }
+
+    # -- score and rerank ---------------------------------------------------------------------
+
+    async def pair_scores(self, first: list[str], second: list[str], activation: bool | None,
+                          what: str) -> tuple[list[float], int]:
+        """The score of each pair (vLLM's pairing) and the tokens read: a cross-encoder reads
+        each pair together; an embedding model embeds every text once and compares by cosine."""
+        if self.info.task not in ("embed", "score"):
+            self.unsupported(f"{what}; it needs an embedding or cross-encoder model")
+        if self.draining:
+            raise OpenAIError("This server is shutting down.", status=503, type="service_unavailable",
+                              headers={"retry-after": "1"})
+        if self.scorer is not None:
+            result = await self.scorer.score(pairs(first, second))
+            logits = torch.stack(result.vectors)
+            scores = logits if activation is False else self.scorer.activate(logits)
+            return scores.tolist(), result.tokens
+        result = await self.embedder.embed(first + second)
+        return cosine_scores(result.vectors[: len(first)], result.vectors[len(first) :]), result.tokens
+
+    async def score(self, req: ScoreRequest) -> dict[str, Any]:
+        scores, tokens = await self.pair_scores(score_texts(req.text_1), score_texts(req.text_2),
+                                                req.use_activation, "score requests")
+        return score_response(req.model or self.name, scores, tokens)
+
+    async def rerank(self, req: RerankRequest) -> dict[str, Any]:
+        documents = score_texts(req.documents)
+        scores, tokens = await self.pair_scores([req.query], documents, req.use_activation, "rerank requests")
+        return rerank_response(req.model or self.name, scores, documents, req.top_n, req.return_documents, tokens)
 
     # -- tokenizer ----------------------------------------------------------------------------
 

@@ -129,8 +129,7 @@ def compile_constraint(c: OutputConstraint, compiler: GrammarCompiler) -> Gramma
     return compiler.structural_tag(_structural_tag(c), c.param)
 
 
-def plan_output(req: SamplingFields, compiler: GrammarCompiler,
-                tool_format: ToolCallFormat | None = None) -> OutputPlan:
+def plan_output(req: SamplingFields, compiler: GrammarCompiler) -> OutputPlan:
     """The plan for a chat or completions request (completions have no tools)."""
     if getattr(req, "functions", None) and getattr(req, "function_call", None) != "none":
         raise OpenAIError("The legacy `functions` parameter is not supported; send `tools` instead.",
@@ -150,7 +149,7 @@ def plan_output(req: SamplingFields, compiler: GrammarCompiler,
                               "`tool_choice: \"none\"` or leave one of them out.", param=constraint.param,
                               code="invalid_value")
         schema = constraint.spec
-    fmt = tool_format or HermesFormat()
+    fmt = HermesFormat()
     _check_parameters(functions, compiler)
     if schema is not None:
         compiler.json_schema(schema, "response_format.json_schema.schema")

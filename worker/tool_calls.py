@@ -48,15 +48,15 @@ class ToolChoice:
     name: str | None = None  # a named function: exactly one call of it
 
 
-def functions_from_tools(tools: list[dict[str, Any]], *, flat: bool = False) -> list[Function]:
-    """Validates `tools` (chat shape, or the Responses API's flat shape when `flat`)."""
+def functions_from_tools(tools: list[dict[str, Any]]) -> list[Function]:
+    """Validates chat's `tools` (Responses requests arrive here already nested as chat's)."""
     out: list[Function] = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or tool.get("type", "function") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
             raise OpenAIError(f"Tools of type '{kind}' are not supported; only 'function'.", param=f"tools[{i}].type")
-        fn = tool if flat else tool.get("function")
-        where = f"tools[{i}]" if flat else f"tools[{i}].function"
+        fn = tool.get("function")
+        where = f"tools[{i}].function"
         if not isinstance(fn, dict):
             raise OpenAIError(f"Missing required parameter: '{where}'.", param=where)
         name = fn.get("name")

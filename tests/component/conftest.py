@@ -77,3 +77,22 @@ def worker(demo_path):
 @pytest.fixture(scope="session")
 def api(worker) -> Api:
     return Api(worker[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory):
+    """A random-weight cross-encoder as sentence-transformers loads one: a two-layer
+    BertForSequenceClassification with one label and MiniLM's tokenizer. Weights are drawn wider
+    than BERT's init so that different pairs get visibly different scores."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from modelfleet.demo import minilm_path
+
+    path = tmp_path_factory.mktemp("models") / "tiny-cross-encoder"
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512, num_labels=1, initializer_range=0.5)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -28,6 +28,14 @@ def reference(tiny, prompt: str, n: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
+async def until(check, what: str, timeout: float = 10) -> None:
+    """Wait for the engine's state (read by `check`) instead of sleeping a guessed time."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 async def generate(engine, tok, prompt, max_tokens, delay=0.0, **kw):
     await asyncio.sleep(delay)
     params = kw.pop("params", SamplingParams(temperature=0))
@@ -98,11 +106,10 @@ def test_cancel_frees_rows_for_waiting_requests(engine, tiny):
         long_streams = [engine.submit(GenerationRequest(prompt_ids=tok("x")["input_ids"],
                                                         params=SamplingParams(temperature=0), max_tokens=1900,
                                                         ignore_eos=True)) for _ in range(4)]
-        await asyncio.sleep(0.3)
-        assert engine.stats.running == 4
+        await until(lambda: engine.stats.running == 4, "the four long requests to take every row")
         waiting = asyncio.create_task(generate(engine, tok, "y", 5))
-        await asyncio.sleep(0.2)
-        assert not waiting.done()  # every row is taken
+        await until(lambda: engine.stats.waiting == 1, "the fifth request to queue")
+        assert not waiting.done() and engine.stats.running == 4  # every row is taken
         for s in long_streams:
             s.cancel()
         tokens, _ = await asyncio.wait_for(waiting, timeout=10)
@@ -174,10 +181,7 @@ def test_an_engine_that_holds_work_without_stepping_reports_why(engine):
 
     async def main():
         job = asyncio.ensure_future(engine.run_job(lambda: release.wait(30)))
-        deadline = asyncio.get_running_loop().time() + 10
-        while engine.healthy(stall_seconds=0.2) is None:
-            assert asyncio.get_running_loop().time() < deadline, "the stall was never reported"
-            await asyncio.sleep(0.05)
+        await until(lambda: engine.healthy(stall_seconds=0.2) is not None, "the stall to be reported")
         reason = engine.healthy(stall_seconds=0.2)
         release.set()
         await job

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from modelfleet.devcluster import wait_for
 from modelfleet.netutil import free_port
 
 pytestmark = pytest.mark.integration
@@ -79,7 +80,7 @@ def test_model_without_chat_template(no_template_model):
         r = httpx.post(url + "/v1/completions", json={"model": "plain", "prompt": "x", "max_tokens": 3})
         assert r.status_code == 200
         card = httpx.get(url + "/v1/models/plain").json()
-        assert card["capabilities"] == {"chat": False, "completion": True, "embedding": True}
+        assert card["capabilities"] == {"chat": False, "completion": True, "embedding": True, "score": False}
     finally:
         proc.kill()
         proc.wait()
@@ -95,12 +96,17 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         body = {"model": "tiny-chat", "prompt": "x", "max_tokens": 1500, "ignore_eos": True}
         result["r"] = httpx.post(url + "/v1/completions", json=body, timeout=120)
 
+    def running() -> bool:
+        metrics = httpx.get(url + "/metrics", timeout=5).text
+        return any(line.startswith("vllm:num_requests_running{") and not line.endswith(" 0.0")
+                   for line in metrics.splitlines())
+
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(1.0)
+    wait_for(running, 60, "the long request to be in flight", interval=0.05)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    assert httpx.get(url + "/ready").status_code == 503  # leaves the Service's endpoints
+    # leaves the Service's endpoints
+    wait_for(lambda: httpx.get(url + "/ready").status_code == 503, 10, "/ready to answer 503", interval=0.05)
     refused = httpx.post(url + "/v1/completions", json={"model": "tiny-chat", "prompt": "x", "max_tokens": 2})
     assert refused.status_code == 503 and "retry-after" in refused.headers
     t.join(timeout=120)

@@ -1,0 +1,151 @@
+"""The KV memory budget on the real demo model: requests wait for room instead of running the
+worker out of memory, keep their exact output, and the usage gauge is KV held over the budget."""
+
+import asyncio
+
+import torch
+
+from modelfleet.worker.engine import EngineConfig, GenerationEngine
+from modelfleet.worker.sampling import SamplingParams
+from modelfleet.worker.sequence import GenerationRequest
+
+PROMPTS = ["Hello there", "def foo(x):\n    return", "import os\n" * 3, "x", "The quick brown fox"]
+MAX_TOKENS = 24
+
+
+def budget_engine(tiny, budget_tokens: int) -> GenerationEngine:
+    model, tok = tiny
+    mc = model.config
+    token_bytes = 2 * mc.num_hidden_layers * mc.num_key_value_heads * (mc.hidden_size // mc.num_attention_heads)
+    token_bytes *= model.dtype.itemsize
+    config = EngineConfig(max_model_len=2048, max_num_seqs=8, kv_cache_bytes=budget_tokens * token_bytes)
+    return GenerationEngine(model, tok, config, [tok.eos_token_id])
+
+
+def reference(tiny, ids: list[int], n: int) -> list[int]:
+    model, _ = tiny
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+async def run(engine, ids: list[int], max_tokens: int):
+    req = GenerationRequest(prompt_ids=ids, params=SamplingParams(temperature=0), max_tokens=max_tokens,
+                            ignore_eos=True)
+    return [event async for event in engine.submit(req)]
+
+
+def test_requests_beyond_the_budget_wait_and_keep_their_output(tiny):
+    """A budget that holds two of these sequences at their longest: five requests all finish
+    with model.generate's tokens, never more than two run at once, and the cache's buffers
+    never take more than the budget."""
+    _, tok = tiny
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    longest = max(len(p) for p in prompts) + MAX_TOKENS
+    engine = budget_engine(tiny, 2 * (longest + 1))
+    seen = {"running": 0, "allocated": 0, "usage": 0.0}
+
+    def watch(name: str, value: float) -> None:  # called on the engine thread after each step
+        seen["running"] = max(seen["running"], len(engine.rows))
+        seen["allocated"] = max(seen["allocated"], engine.pool.allocated_tokens())
+        seen["usage"] = max(seen["usage"], engine.pool.used_tokens() / engine.kv_budget_tokens)
+
+    engine.observe = watch
+    engine.start()
+    try:
+        async def main():
+            return await asyncio.wait_for(asyncio.gather(*(run(engine, p, MAX_TOKENS) for p in prompts)), 120)
+
+        results = asyncio.run(main())
+    finally:
+        engine.stop()
+    for ids, events in zip(prompts, results, strict=True):
+        assert events[-1].error is None
+        assert [t for e in events for d in e.deltas for t in d.token_ids] == reference(tiny, ids, MAX_TOKENS)
+    assert seen["running"] == 2
+    assert seen["allocated"] <= engine.kv_budget_tokens
+    assert 0.5 < seen["usage"] <= 1.0
+    assert engine.stats.kv_usage == 0.0  # all finished: nothing held
+
+
+def test_a_request_that_can_never_fit_gets_a_clear_error_and_others_are_served(tiny):
+    _, tok = tiny
+    engine = budget_engine(tiny, 100)
+    engine.start()
+    try:
+        async def main():
+            big = run(engine, tok("Hello")["input_ids"], 500)
+            small = run(engine, tok("Hello")["input_ids"], 8)
+            return await asyncio.wait_for(asyncio.gather(big, small), 60)
+
+        big, small = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert big[-1].finished and "more than this worker's KV budget of 100 tokens" in big[-1].error
+    assert "--kv-cache-memory" in big[-1].error
+    assert small[-1].error is None and small[-1].completion_tokens == 8
+
+
+def test_usage_is_kv_held_over_the_budget_not_rows_times_context(tiny):
+    """At 4 short requests in a large budget, the gauge reads the tokens the rows hold over the
+    budget (vLLM's meaning), and the buffers hold a small part of the old rows x context."""
+    _, tok = tiny
+    engine = budget_engine(tiny, 8 * 2049)
+    held = []
+    engine.observe = lambda name, value: held.append((engine.pool.used_tokens(), engine.pool.allocated_tokens()))
+    engine.start()
+    try:
+        async def main():
+            return await asyncio.gather(*(run(engine, tok(p)["input_ids"], 16) for p in PROMPTS[:4]))
+
+        asyncio.run(main())
+    finally:
+        engine.stop()
+    used, allocated = max(held)
+    assert used <= sum(len(tok(p)["input_ids"]) + 16 for p in PROMPTS[:4])
+    assert allocated * 8 <= 8 * 2048  # at most 1/8 of what max_num_seqs x max_model_len reserved
+
+
+def test_a_bfloat16_model_on_cpu_keeps_float32_kv_and_generates_as_generate_does(tiny):
+    """bfloat16 weights, float32 KV (kvcache.kv_dtype): greedy tokens stay those of
+    model.generate on the same bfloat16 model, and the budget counts 4-byte slots."""
+    import copy
+
+    model, tok = tiny
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    engine = GenerationEngine(half, tok, EngineConfig(max_model_len=2048, max_num_seqs=4), [tok.eos_token_id])
+    assert engine.kv_dtype == torch.float32 and engine.pool.keys[0].dtype == torch.float32
+    engine.start()
+    try:
+        async def main():
+            return await asyncio.wait_for(asyncio.gather(*(run(engine, tok(p)["input_ids"], 16) for p in PROMPTS)), 120)
+
+        results = asyncio.run(main())
+    finally:
+        engine.stop()
+    for prompt, events in zip(PROMPTS, results, strict=True):
+        ids = tok(prompt)["input_ids"]
+        assert [t for e in events for d in e.deltas for t in d.token_ids] == reference((half, tok), ids, 16)
+
+
+def test_the_api_refuses_a_request_past_the_budget_with_a_400_naming_max_tokens(demo_path):
+    """Through the worker's app, a request that could never fit is the client's to fix: a 400
+    in OpenAI's format that names max_tokens and the flag, not a 500, and the worker serves on."""
+    from modelfleet.worker.app import WorkerSettings, create_app, load_service
+
+    from .conftest import Api
+
+    service, metrics = load_service(WorkerSettings(source=str(demo_path), served_names=["tiny-chat"],
+                                                   max_num_seqs=4, kv_cache_gib=0.0005))
+    service.engine.start()
+    try:
+        api = Api(create_app(service, metrics))
+        budget = service.engine.kv_budget_tokens
+        body = {"model": "tiny-chat", "prompt": "Hello", "max_tokens": budget + 10}
+        err = api.error("/v1/completions", body, param="max_tokens")
+        assert err["code"] == "kv_cache_exceeded" and "--kv-cache-memory" in err["message"]
+        chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": budget + 10}
+        assert api.error("/v1/chat/completions", chat, param="max_tokens")["code"] == "kv_cache_exceeded"
+        ok = api.ok("/v1/completions", {**body, "max_tokens": 4})
+        assert ok["usage"]["completion_tokens"] >= 1
+    finally:
+        service.engine.stop()

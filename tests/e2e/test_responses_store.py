@@ -1,0 +1,130 @@
+"""Stored Responses shared by gateway replicas on the local cluster: two gateway processes with
+Kubernetes discovery keep responses as Secrets in their namespace, so a conversation stored
+through one continues, reads and is deleted through the other, for its key only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from localkube.testing import wait_for
+
+from modelfleet.demo import ensure_demo_model
+from modelfleet.netutil import free_port
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+ADA, BOB = "sk-ada-responses-0123", "sk-bob-responses-0123"
+MODEL = "tiny-chat-responses"
+
+
+def ready(url: str) -> bool:
+    try:
+        return MODEL in httpx.get(url + "/ready", timeout=2).json().get("models", [])
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def gateways(cluster, tmp_path_factory):
+    """The operator, one tiny model, and two gateways sharing one namespace's Secrets."""
+    namespace = f"mf-e2e-resp-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("apply", "-f", str(REPO / "crds" / "modeldeployments.modelfleet.dev.yaml"))
+    cluster.kubectl("create", "namespace", namespace)
+    wait_for(lambda: cluster.get("serviceaccount", "default", namespace), 30, what="default ServiceAccount")
+    cluster.apply(*[{"apiVersion": "v1", "kind": "Secret", "metadata": {
+        "name": name, "labels": {"modelfleet.dev/api-key": "true"}}, "stringData": {"key": key}}
+        for name, key in (("ada", ADA), ("bob", BOB))], namespace=namespace)
+    logs = tmp_path_factory.mktemp("responses-e2e")
+    env = {**os.environ, **cluster.env, "POD_NAMESPACE": namespace}  # where the gateway keeps its Secrets
+    cli = [sys.executable, "-m", "modelfleet"]
+    procs = [subprocess.Popen([*cli, "operator", "-n", namespace, "--standalone", "--liveness", "",
+                               "--metrics-port", "0", "--resync-seconds", "5"],
+                              stdout=(logs / "operator.log").open("w"), stderr=subprocess.STDOUT, env=env)]
+    urls = []
+    for name in ("a", "b"):
+        port = free_port()
+        urls.append(f"http://127.0.0.1:{port}")
+        procs.append(subprocess.Popen([*cli, "gateway", "--discovery", "kubernetes", "--namespace", namespace,
+                                       "--key-namespace", namespace, "--port", str(port)],
+                                      stdout=(logs / f"gateway-{name}.log").open("w"), stderr=subprocess.STDOUT,
+                                      env=env))
+    try:
+        cluster.apply({"apiVersion": "modelfleet.dev/v1alpha1", "kind": "ModelDeployment",
+                       "metadata": {"name": "chat"},
+                       "spec": {"model": {"source": f"file://{ensure_demo_model()}", "servedName": MODEL},
+                                "resources": {"cpu": "500m", "memory": "1Gi"}, "replicas": 1}}, namespace=namespace)
+        for url in urls:
+            wait_for(lambda url=url: ready(url), 240, what=f"{url} routes to a ready replica")
+        yield cluster, namespace, urls
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        for log in logs.iterdir():
+            print(f"--- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-15:]))
+
+
+def post(url: str, key: str, **body) -> httpx.Response:
+    return httpx.post(url + "/v1/responses", headers={"authorization": f"Bearer {key}"}, timeout=120,
+                      json={"model": MODEL, "max_output_tokens": 8, **body})
+
+
+def get(url: str, path: str, key: str) -> httpx.Response:
+    return httpx.get(url + path, headers={"authorization": f"Bearer {key}"}, timeout=30)
+
+
+def test_a_conversation_stored_through_one_gateway_continues_through_another(gateways):
+    cluster, namespace, (a, b) = gateways
+    first = post(a, ADA, input="My name is Ada.")
+    assert first.status_code == 200, first.text
+    one = first.json()
+    assert one["store"] is True
+
+    secrets = cluster.list("secrets", namespace, "modelfleet.dev/response=true")
+    assert len(secrets) == 1 and secrets[0]["type"] == "modelfleet.dev/response"
+    assert secrets[0]["metadata"]["annotations"]["modelfleet.dev/response-id"] == one["id"]
+    assert "My name is Ada" not in json.dumps(secrets)  # gzipped, then base64: not readable at a glance
+
+    second = post(b, ADA, input="What is my name?", previous_response_id=one["id"])
+    assert second.status_code == 200, second.text
+    two = second.json()
+    assert two["previous_response_id"] == one["id"] and two["usage"]["input_tokens"] > one["usage"]["input_tokens"]
+    items = get(b, f"/v1/responses/{two['id']}/input_items?order=asc", ADA).json()["data"]
+    assert [i.get("role") for i in items] == ["user", "assistant", "user"]
+    assert items[1]["content"] == one["output"][0]["content"]
+
+    assert get(a, f"/v1/responses/{two['id']}", ADA).json() == two
+    assert get(b, f"/v1/responses/{one['id']}", BOB).status_code == 404  # another key's
+    assert post(a, BOB, input="x", previous_response_id=one["id"]).status_code == 404
+
+    deleted = httpx.delete(f"{b}/v1/responses/{one['id']}", headers={"authorization": f"Bearer {ADA}"})
+    assert deleted.json() == {"id": one["id"], "object": "response", "deleted": True}
+    assert get(a, f"/v1/responses/{one['id']}", ADA).status_code == 404
+    assert len(cluster.list("secrets", namespace, "modelfleet.dev/response=true")) == 1  # the second turn's
+
+
+def test_a_streamed_response_stored_through_one_gateway_is_found_by_the_other(gateways):
+    cluster, namespace, (a, b) = gateways
+    with httpx.stream("POST", a + "/v1/responses", headers={"authorization": f"Bearer {ADA}"}, timeout=120,
+                      json={"model": MODEL, "input": "Count to three.", "max_output_tokens": 8, "stream": True}) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    final = events[-1]
+    assert final["type"] in ("response.completed", "response.incomplete") and final["response"]["store"] is True
+    # Stored before the final event was sent: the other gateway finds it at once.
+    assert get(b, f"/v1/responses/{final['response']['id']}", ADA).json() == final["response"]
+    more = post(b, ADA, input="Again.", previous_response_id=final["response"]["id"])
+    assert more.status_code == 200 and more.json()["previous_response_id"] == final["response"]["id"]

@@ -1,0 +1,63 @@
+"""The slot cache's buffers stay within the KV budget while rows join, grow and leave."""
+
+import pytest
+import torch
+
+from modelfleet.worker.kvcache import SlotPool, cache_over_past
+
+
+def pool(budget: int) -> SlotPool:
+    return SlotPool(num_layers=1, kv_heads=1, head_dim=2, max_rows=8, max_columns=1000, dtype=torch.float32,
+                    device=torch.device("cpu"), initial_columns=4, budget_tokens=budget, initial_rows=1)
+
+
+def prefill(lengths: list[int]):
+    width = max(lengths)
+    cache = cache_over_past(1, len(lengths), 1, width, 2, width, torch.float32, torch.device("cpu"))
+    for i, n in enumerate(lengths):  # row i holds the values 1..n, right-aligned
+        cache.layers[0].keys[i, 0, width - n :, :] = torch.arange(1, n + 1, dtype=torch.float32)[:, None]
+    return cache
+
+
+def test_rows_join_and_grow_within_the_budget_and_keep_their_kv():
+    p = pool(budget=60)
+    p.add_rows(prefill([5, 3]), [5, 3], [0, 1])
+    for _ in range(6):
+        p.reserve(1)
+        p.advance(1)
+        assert p.allocated_tokens() <= 60
+    p.add_rows(prefill([9]), [9], [0])
+    p.reserve(1)
+    assert p.allocated_tokens() <= 60
+    assert p.keys[0][2, 0, p.starts[2] : p.cursor, 0].tolist() == list(range(1, 10))
+    assert p.keys[0][1, 0, p.starts[1] : p.starts[1] + 3, 0].tolist() == [1, 2, 3]
+    assert p.used_tokens() == 11 + 9 + 9
+
+
+def test_rows_held_for_sequences_that_left_give_way_to_longer_ones():
+    p = pool(budget=100)
+    p.add_rows(prefill([3] * 8), [3] * 8, list(range(8)))  # 8 rows of at least 4 columns
+    for row in range(7, 0, -1):
+        p.remove_row(row)
+    p.add_rows(prefill([40]), [40], [0])  # 2 rows of 41+ columns: the row capacity shrinks
+    assert p.rows == 2 and p.columns >= 41 and p.allocated_tokens() <= 100
+    assert p.keys[0][1, 0, p.starts[1] : p.cursor, 0].tolist() == list(range(1, 41))
+
+
+def test_growing_past_the_budget_is_refused_not_allocated():
+    p = pool(budget=20)
+    with pytest.raises(RuntimeError, match="budget"):
+        p.add_rows(prefill([15, 15]), [15, 15], [0, 1])
+
+
+def test_the_default_budget_is_40_percent_of_free_memory_within_the_cgroup_and_at_most_32_gib(monkeypatch):
+    from modelfleet.worker import kvcache
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(kvcache, "_cgroup_room", lambda: None)
+    assert kvcache._available_memory() > 0
+    monkeypatch.setattr(kvcache, "_cgroup_room", lambda: 1 << 30)  # a pod with 1 GiB left under its limit
+    assert kvcache._available_memory() <= 1 << 30
+    assert kvcache.default_kv_cache_bytes(cpu) <= 0.4 * (1 << 30) + 1
+    monkeypatch.setattr(kvcache, "_available_memory", lambda: 200 << 30)
+    assert kvcache.default_kv_cache_bytes(cpu) == 32 << 30
