@@ -1,8 +1,10 @@
 """Embeddings/s of all-MiniLM-L6-v2: concurrent single-sentence HTTP clients against one worker
 (which batches them dynamically), compared in the same run with the sentence-transformers
-library itself, one sentence at a time and in batches of 32.
+library itself, one sentence at a time and in batches of 32, and with vLLM's CPU build on its
+pooling runner (`--runner pooling`, as modelfleet renders vLLM for task embed; float32 like the
+worker; run right after the worker at the same concurrency; skipped without `make vllm`).
 
-    python bench/embeddings.py [--quick]
+    python bench/embeddings.py [--quick] [--skip-vllm]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from common import (  # noqa: E402
     summarize,
     write_results,
 )
+from worker_throughput import verdict  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches near "
          "the old harbour where ships unload grain and spices every morning").split()
@@ -83,6 +86,7 @@ async def http_load(url: str, concurrency: int, texts: list[str]) -> dict[str, A
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip-vllm", action="store_true", help="leave out vLLM (needs `make vllm`)")
     args = parser.parse_args()
     from modelfleet.demo import minilm_path
 
@@ -102,12 +106,23 @@ def main() -> int:
     print("modelfleet worker over HTTP (dynamic batching)", flush=True)
     logs = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     proc, url = start_worker(minilm_path(), "minilm", log=logs / "worker.log")
+    vllm = vllm_url = None
     try:
+        if not args.skip_vllm:
+            from engines import VLLM_VERSION, start_vllm
+
+            vllm, vllm_url = start_vllm(minilm_path(), 64, logs / "vllm.log", name="minilm", task="embed",
+                                        dtype="float32", omp_threads=None)
+            asyncio.run(http_load(vllm_url, 4, texts[:16]))  # warm-up
         asyncio.run(http_load(url, 4, texts[:16]))  # warm-up
         for c in levels:
             record("modelfleet", c, asyncio.run(http_load(url, c, texts)))
+            if vllm_url and c in (1, 32):
+                record("vllm pooling", c, asyncio.run(http_load(vllm_url, c, texts)))
     finally:
         stop(proc)
+        if vllm is not None:
+            stop(vllm)
     # This machine's speed drifts by 10-20% over a minute (shared cores), so the batch-32
     # baseline is measured before and after the HTTP runs and averaged.
     after = library(32, texts)
@@ -122,17 +137,25 @@ def main() -> int:
     ratios = {
         "modelfleet@32_vs_library_batch32": ratio(eps("modelfleet", 32), eps("library batch=32", 32)),
         "modelfleet@32_vs_library_one_at_a_time": ratio(eps("modelfleet", 32), eps("library batch=1", 1)),
+        "modelfleet_vs_vllm@1": ratio(eps("modelfleet", 1), eps("vllm pooling", 1)),
+        "modelfleet_vs_vllm@32": ratio(eps("modelfleet", 32), eps("vllm pooling", 32)),
     }
-    config = {"model": "all-MiniLM-L6-v2", "sentences": n, "levels": levels, "quick": args.quick,
-              "goals": {"modelfleet@32_vs_library_batch32": ">= 0.85"}}
+    goals = {"modelfleet@32_vs_library_batch32": ">= 0.85", "modelfleet_vs_vllm@1": ">= 1.0",
+             "modelfleet_vs_vllm@32": ">= 1.0"}
+    config = {"model": "all-MiniLM-L6-v2", "sentences": n, "levels": levels, "quick": args.quick, "goals": goals,
+              "vllm": None if args.skip_vllm else VLLM_VERSION}
+    config["verdicts"] = {key: verdict(value, goals.get(key, "-")) for key, value in ratios.items()}
     print()
     print_table(rows, ["system", "concurrency", "embeddings_per_s", "latency_p50_ms", "errors"])
     for key, value in ratios.items():
-        print(f"{key:40s} {value}")
+        print(f"{key:40s} {value}   goal {goals.get(key, '-'):8s} {config['verdicts'][key]}")
 
     def plot(ax) -> None:
         pts = sorted((r["concurrency"], r["embeddings_per_s"]) for r in rows if r["system"] == "modelfleet")
         ax.plot(*zip(*pts, strict=True), marker="o", label="modelfleet (HTTP, 1 sentence/request)")
+        pts = sorted((r["concurrency"], r["embeddings_per_s"]) for r in rows if r["system"] == "vllm pooling")
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="s", label="vLLM pooling runner (HTTP)")
         for name, style in (("library batch=32", "--"), ("library batch=1", ":")):
             ax.axhline(eps(name, 32 if "32" in name else 1), linestyle=style, color="gray", label=name)
         finish_axes(ax, "concurrent clients", "embeddings/s", "all-MiniLM-L6-v2 embeddings")

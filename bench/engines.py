@@ -54,14 +54,19 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900)
     raise TimeoutError(url)
 
 
-def start_vllm(model: Path, max_num_seqs: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_vllm(model: Path, max_num_seqs: int, log: Path, name: str = "bench", task: str = "generate",
+               dtype: str = "bfloat16", omp_threads: int | None = 1) -> tuple[subprocess.Popen, str]:
+    """vLLM's CPU build serving `model` on loopback, as modelfleet renders it (VllmServer);
+    `omp_threads=None` leaves vLLM's own OpenMP setting."""
     python = find_vllm_python()
     if python is None:
-        raise SystemExit("bench/engines.py needs vLLM: run `make vllm`")
+        raise SystemExit("this bench needs vLLM: run `make vllm`")
     port = free_port()
-    server = VllmServer(model=str(model), served_names=["bench"], host="127.0.0.1", port=port, dtype="bfloat16",
-                        max_model_len=2048, max_num_seqs=max_num_seqs, task="generate")
-    env = {**os.environ, **vllm_env(gpu=False), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    server = VllmServer(model=str(model), served_names=[name], host="127.0.0.1", port=port, dtype=dtype,
+                        max_model_len=2048 if task == "generate" else None, max_num_seqs=max_num_seqs, task=task)
+    env = {**os.environ, **vllm_env(gpu=False), "HF_HUB_OFFLINE": "1"}
+    if omp_threads is not None:
+        env["OMP_NUM_THREADS"] = str(omp_threads)
     proc = subprocess.Popen([python, "-P", "-m", VLLM_SERVER_MODULE, *server.args()], env=env, cwd=log.parent,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

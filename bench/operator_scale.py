@@ -34,11 +34,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "tests" / "e2e"))
-sys.path.insert(0, str(REPO / "tests" / "cluster"))
+sys.path.insert(0, str(REPO / "tests" / "cluster"))  # localkube: the local cluster's own tool
 
 from common import percentile, print_table, ratio, write_results  # noqa: E402
-from operator_harness import (  # noqa: E402
+
+from modelfleet.devcluster import (  # noqa: E402
     NS_PREFIX,
     OperatorProcess,
     create_namespace,

@@ -5,9 +5,16 @@ in the same run on the same model and prompts:
   static          padded static batching with model.generate (the practical ceiling here)
   transformers-cb transformers' own continuous batching (model.generate_batch)
   fastchat        FastChat's model_worker (bench/fastchat_baseline.py), when it can be set up
+  vllm            vLLM's CPU build (`make vllm`), started as bench/engines.py starts it, at 1 and
+                  32 clients right after the worker at the same concurrency
 
 and a shared-prefix workload: 32 clients whose prompts share a ~1,500-token system prompt and
-differ in a short question, time to first token with the engine's prefix cache on and off.
+differ in a short question, time to first token with the engine's prefix cache on and off, and
+over HTTP against vLLM with its prefix cache; and the KV memory in use at 32 short requests
+against what the slot cache used to reserve (max_num_seqs x max_model_len).
+
+Both engines run one OpenMP thread (the other core is the client's) in the dtype the worker picks
+by default (bfloat16 on this CPU, which has AVX512-BF16; vLLM is started in bfloat16).
 
 The model is a random-weight Llama of about 56M parameters (hidden 512, 8 layers, vocab 32000),
 big enough that compute, not Python, dominates a decode step. Every request generates exactly
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -51,7 +59,8 @@ def prompts(n: int) -> list[str]:
 # -- HTTP load against a worker ------------------------------------------------------------------
 
 async def http_load(url: str, concurrency: int, per_client: int, max_tokens: int, stream: bool,
-                    stagger: float) -> dict[str, Any]:
+                    stagger: float, prompt_ids: list[list[int]] | None = None) -> dict[str, Any]:
+    """`prompt_ids`, when given, are the prompts (as token ids) in order, instead of PROMPT."""
     import aiohttp
 
     counter = iter(range(10**9))
@@ -59,7 +68,9 @@ async def http_load(url: str, concurrency: int, per_client: int, max_tokens: int
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=1800)) as session:
 
         async def send() -> Sample:
-            body = {"model": "bench", "prompt": PROMPT.format(i=next(counter)), "max_tokens": max_tokens,
+            i = next(counter)
+            prompt = prompt_ids[i % len(prompt_ids)] if prompt_ids else PROMPT.format(i=i)
+            body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens,
                     "ignore_eos": True, "temperature": 1.0, "stream": stream}
             s = Sample(tokens=0, started=time.perf_counter(), ended=0.0)
             try:
@@ -92,9 +103,13 @@ def load_model(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from modelfleet.worker.loader import pick_dtype
+
     torch.set_grad_enabled(False)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    # the dtype the worker picks by default, so that the in-process baselines match it
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype("auto", "cpu"),
+                                                 attn_implementation="sdpa").eval()
     return model, tok
 
 
@@ -240,6 +255,69 @@ def run_shared_prefix(model, tok, quick: bool, record) -> dict[str, float | None
 PREFIX_GOALS = {"ttft_p50_prefix_off_vs_on_warm@32": ">= 5", "ttft_p50_prefix_off_vs_on_cold@32": "-"}
 
 
+def http_shared_prefix(url: str, tok, max_tokens: int) -> dict[str, Any]:
+    """The warm shared-prefix burst over HTTP (streamed completions of token-id prompts): one
+    request caches the system prompt, then 32 clients send it with their own question."""
+    system = system_prompt_ids(tok)
+    asyncio.run(http_load(url, 1, 1, 1, True, 0, prompt_ids=[system + tok(" Question: ready?")["input_ids"]]))
+    questions = [system + tok(f" Question {i}: when does the ship of convoy {i} sail?")["input_ids"]
+                 for i in range(32)]
+    return asyncio.run(http_load(url, 32, 1, max_tokens, True, 0, prompt_ids=questions))
+
+
+def kv_in_use(model, tok, clients: int, max_tokens: int, max_num_seqs: int = 64) -> dict[str, Any]:
+    """Peak KV of `clients` short requests on the engine in-process: the tokens its rows hold
+    (what `vllm:kv_cache_usage_perc` counts) and the token slots its buffers take, against the
+    max_num_seqs x max_model_len slots the slot cache used to size its gauge by."""
+    from modelfleet.worker.engine import EngineConfig, GenerationEngine
+    from modelfleet.worker.sampling import SamplingParams
+    from modelfleet.worker.sequence import GenerationRequest
+
+    max_model_len = model.config.max_position_embeddings
+    engine = GenerationEngine(model, tok, EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs),
+                              [tok.eos_token_id])
+    peak = {"used": 0, "allocated": 0, "usage": 0.0}
+
+    def watch(name: str, value: float) -> None:  # on the engine thread, after each step
+        peak["used"] = max(peak["used"], engine.pool.used_tokens())
+        peak["allocated"] = max(peak["allocated"], engine.pool.allocated_tokens())
+        peak["usage"] = max(peak["usage"], engine.pool.used_tokens() / engine.kv_budget_tokens)
+
+    engine.observe = watch
+    engine.start()
+
+    async def burst() -> None:
+        async def one(i: int) -> None:
+            req = GenerationRequest(prompt_ids=tok(PROMPT.format(i=i))["input_ids"],
+                                    params=SamplingParams(temperature=1.0), max_tokens=max_tokens, ignore_eos=True)
+            async for _ in engine.submit(req):
+                pass
+
+        await asyncio.gather(*(one(i) for i in range(clients)))
+
+    try:
+        asyncio.run(burst())
+    finally:
+        engine.stop()
+    reserved = max_num_seqs * max_model_len
+    return {"clients": clients, "max_tokens": max_tokens, "old_slot_reservation_tokens": reserved,
+            "peak_used_tokens": peak["used"], "peak_allocated_tokens": peak["allocated"],
+            "peak_kv_cache_usage_perc": round(peak["usage"], 5), "budget_tokens": engine.kv_budget_tokens,
+            "token_bytes": engine.kv_token_bytes,
+            "used_vs_reservation": round(peak["used"] / reserved, 4),
+            "allocated_vs_reservation": round(peak["allocated"] / reserved, 4)}
+
+
+def verdict(value: float | None, goal: str) -> str:
+    """'met', or by how much the goal is missed (goals read '>= x' or '<= x')."""
+    if value is None or goal[:2] not in (">=", "<="):
+        return ""
+    target = float(goal[2:])
+    if (value >= target) if goal.startswith(">=") else (value <= target):
+        return "met"
+    return f"short by {abs(target - value) / target:.0%}"
+
+
 def main_shared_prefix(quick: bool) -> int:
     from modelfleet.demo import BENCH_SPEC, ensure_demo_model
 
@@ -284,6 +362,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced run, a few minutes per workload on 2 cores")
     parser.add_argument("--skip-fastchat", action="store_true")
+    parser.add_argument("--skip-vllm", action="store_true", help="leave out vLLM (needs `make vllm`)")
     parser.add_argument("--workload", choices=["all", "throughput", "shared-prefix"], default="all")
     args = parser.parse_args()
 
@@ -291,11 +370,15 @@ def main() -> int:
 
     if args.workload == "shared-prefix":
         return main_shared_prefix(args.quick)
+    # one OpenMP thread for every engine, vLLM's as bench/engines.py runs it: the other core
+    # is the clients'. Set before torch starts, for the in-process baselines too.
+    os.environ["OMP_NUM_THREADS"] = "1"
     levels = [1, 8, 32] if args.quick else [1, 8, 32, 64]
     max_tokens = 32 if args.quick else 64
     per_client = 1 if args.quick else 2
     config = {"model": BENCH_SPEC.key(), "levels": levels, "max_tokens": max_tokens, "per_client": per_client,
-              "sampling": "temperature=1.0, EOS ignored", "quick": args.quick}
+              "sampling": "temperature=1.0, EOS ignored", "quick": args.quick, "omp_threads": 1,
+              "dtype": "worker default (bfloat16 here), vLLM bfloat16"}
     print(f"building/loading the bench model ({BENCH_SPEC.name})", flush=True)
     model_dir = ensure_demo_model(BENCH_SPEC)
     logs = Path(tempfile.mkdtemp(prefix="bench-worker-"))
@@ -318,12 +401,22 @@ def main() -> int:
           "(--max-num-seqs 1)", flush=True)
     proc, url = start_worker(model_dir, "bench", "--max-num-seqs", "64", log=logs / "worker.log")
     serial, serial_url = start_worker(model_dir, "bench", "--max-num-seqs", "1", log=logs / "serial.log")
+    vllm = vllm_url = None
     try:
-        asyncio.run(http_load(url, 2, 1, 4, False, 0))  # warm-up
+        if not args.skip_vllm:
+            from engines import VLLM_VERSION, start_vllm
+
+            vllm, vllm_url = start_vllm(model_dir, 64, logs / "vllm.log")
+            config["vllm"] = VLLM_VERSION
+            asyncio.run(http_load(vllm_url, 32, 1, 8, False, 0))  # warm-up, at full width
+        asyncio.run(http_load(url, 32, 1, 8, False, 0))  # warm-up: the KV cache grows to 32 rows
         asyncio.run(http_load(serial_url, 1, 1, 4, False, 0))
         for c in levels:
             record("modelfleet", "plain", "burst", c, asyncio.run(http_load(url, c, per_client * (4 if c == 1 else 1),
                                                                             max_tokens, False, 0)))
+            if vllm_url and c in (1, 32):
+                record("vllm", "plain", "burst", c, asyncio.run(
+                    http_load(vllm_url, c, per_client * (4 if c == 1 else 1), max_tokens, False, 0)))
             if c in (1, 32):
                 record("one-at-a-time", "plain", "burst", c, asyncio.run(
                     http_load(serial_url, c, 4 if c == 1 else 1, max_tokens, False, 0)))
@@ -331,9 +424,16 @@ def main() -> int:
             if c > 1:
                 record("modelfleet", "stream", "staggered", c,
                        asyncio.run(http_load(url, c, per_client, max_tokens, True, stagger=2.0)))
+        if vllm_url and args.workload == "all":
+            print("shared prefix over HTTP, both engines with their prefix cache", flush=True)
+            tok_only = load_model(model_dir)[1]
+            for system, target in (("modelfleet", url), ("vllm", vllm_url)):
+                record(system, "prefix-on", "warm-http", 32, http_shared_prefix(target, tok_only, 16 if args.quick else 32))
     finally:
         stop(proc)
         stop(serial)
+        if vllm is not None:
+            stop(vllm)
 
     print("in-process baselines: static batching and transformers' continuous batching", flush=True)
     static_one.append(static_batching(model, tok, 1, max_tokens, 4))
@@ -351,6 +451,9 @@ def main() -> int:
             record("transformers-cb", "plain", "burst", c, transformers_cb(model, tok, c, max_tokens, per_client))
         except Exception as exc:  # noqa: BLE001 - a baseline failing is reported, not fatal
             print(f"  transformers-cb failed at c={c}: {exc}", flush=True)
+    print("KV memory in use at 32 short requests", flush=True)
+    config["kv_in_use"] = kv = kv_in_use(model, tok, 32, max_tokens)
+    print(f"  {kv}", flush=True)
     prefix_ratios = {}
     if args.workload == "all":
         print("shared prefix: the engine's prefix cache off and on", flush=True)
@@ -374,10 +477,10 @@ def main() -> int:
             print(f"  FastChat baseline unavailable: {exc}", flush=True)
             config["fastchat_error"] = str(exc)[:500]
 
-    def tps(system: str, c: int, mode: str = "plain", arrival: str = "burst") -> float | None:
+    def tps(system: str, c: int, mode: str = "plain", arrival: str = "burst", key: str = "tokens_per_s"):
         for r in rows:
             if (r["system"], r["concurrency"], r["mode"], r["arrival"]) == (system, c, mode, arrival):
-                return r["tokens_per_s"]
+                return r[key]
         return None
 
     ratios = {
@@ -387,16 +490,27 @@ def main() -> int:
         "modelfleet_vs_fastchat@32": ratio(tps("modelfleet", 32, "stream"), tps("fastchat", 32, "stream")),
         "token_cost_vs_generate@1": ratio(tps("static", 1), tps("modelfleet", 1)),
         **prefix_ratios,
+        "modelfleet_vs_vllm@1": ratio(tps("modelfleet", 1), tps("vllm", 1)),
+        "modelfleet_vs_vllm@32": ratio(tps("modelfleet", 32), tps("vllm", 32)),
+        # vLLM's TTFT over ours: >= 0.9 means ours is at most 1/0.9 of vLLM's
+        "ttft_p50_shared_prefix_vllm_over_modelfleet@32": ratio(
+            tps("vllm", 32, "prefix-on", "warm-http", "ttft_p50_ms"),
+            tps("modelfleet", 32, "prefix-on", "warm-http", "ttft_p50_ms")),
+        "kv_in_use_vs_slot_reservation@32": kv["used_vs_reservation"],
+        "kv_allocated_vs_slot_reservation@32": kv["allocated_vs_reservation"],
     }
     goals = {**PREFIX_GOALS, "modelfleet_vs_one_at_a_time@32": ">= 10", "modelfleet_vs_static@32": ">= 0.85",
              "modelfleet_vs_transformers_cb@32": ">= 1.8", "modelfleet_vs_fastchat@32": ">= 8",
-             "token_cost_vs_generate@1": "<= 1.1"}
+             "token_cost_vs_generate@1": "<= 1.1", "modelfleet_vs_vllm@1": ">= 0.9", "modelfleet_vs_vllm@32": ">= 1.0",
+             "ttft_p50_shared_prefix_vllm_over_modelfleet@32": ">= 0.9",
+             "kv_in_use_vs_slot_reservation@32": "<= 0.125", "kv_allocated_vs_slot_reservation@32": "<= 0.125"}
     config["goals"] = goals
     print()
     print_table(rows, COLUMNS)
     print()
+    config["verdicts"] = {key: verdict(value, goals[key]) for key, value in ratios.items()}
     for key, value in ratios.items():
-        print(f"{key:36s} {value if value is not None else '-':>8}   goal {goals[key]}")
+        print(f"{key:46s} {value if value is not None else '-':>8}   goal {goals[key]:8s} {config['verdicts'][key]}")
 
     def plot(ax) -> None:
         for system in dict.fromkeys(r["system"] for r in rows):
