@@ -13,7 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from modelfleet.api import Condition, ModelDeployment, ModelDeploymentStatus, NameClaim, Phase
+from modelfleet.api import (
+    AutoscalerStatus,
+    Condition,
+    ModelDeployment,
+    ModelDeploymentStatus,
+    NameClaim,
+    Phase,
+)
 
 # Waiting reasons that no amount of waiting fixes: the user must change something.
 IMAGE_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
@@ -327,6 +334,7 @@ def compute_status(
     now: str,
     apply_error: str | None = None,
     conflict: str | None = None,
+    autoscaler: AutoscalerStatus | None = None,
 ) -> ModelDeploymentStatus:
     """The whole status from cluster facts; `md.status` supplies the previous conditions.
 
@@ -335,7 +343,8 @@ def compute_status(
     `conflict` (name_conflict) says another ModelDeployment holds this one's name: its pods may
     run, but no request reaches them, so it is not Ready and the phase is Failed until the
     user renames it, weights both, or the holder goes.
-    The autoscaler's part of status is carried over unchanged: autoscale.py owns it.
+    `autoscaler` is the autoscaler's memory, placed as given: reconcile.py decides it (the new
+    decision, or the stored one when that decision was not applied), nothing here reads it.
     """
     has_deployment = deployment is not None
     c = _counts(deployment)
@@ -367,7 +376,7 @@ def compute_status(
         selector=selector,
         served_name=md.served_name,
         conditions=conditions,
-        autoscaler=previous.autoscaler,
+        autoscaler=autoscaler,
     )
 
 

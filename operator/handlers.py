@@ -4,6 +4,15 @@ Create, update (spec, labels or annotations such as the gateway's demand signal)
 after a restart, the periodic resync (resync.py), and changes of a worker Deployment all run one level-based
 reconcile, so it does not matter which of them fires or how often. Handlers are registered
 on a registry passed in (no module-level state), so tests and embedders build their own.
+
+What kopf does and what is added here (docs/operator.md, "kopf and the operator"): kopf runs
+the handlers of one object one at a time, but it keys that on (resource, uid), so a
+ModelDeployment's own handlers, its Deployment's events (another resource, another uid) and
+the resync loop reach reconcile() side by side; and it calls a handler for every event,
+however many wait. make_runner serialises the three per ModelDeployment and lets one waiting
+run stand for all the triggers behind it. ModelDeployments use on.create/update/resume, whose
+diff ignores status, so the echo of our own status write triggers nothing, and whose errors
+kopf retries; worker Deployments use on.event, which keeps no kopf state on them.
 """
 
 from __future__ import annotations
@@ -89,7 +98,8 @@ class _Slot:
 
 
 class _Slots:
-    """One slot per ModelDeployment: a timer, an update and child events may fire together."""
+    """One slot per ModelDeployment: an update (kopf's worker for the ModelDeployment), a child
+    event (kopf's worker for its Deployment) and the resync loop may fire together."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
@@ -130,9 +140,6 @@ class _Slots:
             slot = self._slots.get(uid)
             if slot is not None and not slot.waiting:
                 del self._slots[uid]
-
-    def __len__(self) -> int:
-        return len(self._slots)
 
 
 def make_runner(

@@ -204,14 +204,11 @@ def _check_served(dynamic, kind: tuple[str, str]) -> None:  # pragma: no cover -
 
 def _kube_client():  # pragma: no cover - needs a cluster or kubeconfig
     """A DynamicClient from the in-cluster account, else the kubeconfig (KUBECONFIG)."""
-    from kubernetes import client, config
     from kubernetes.dynamic import DynamicClient
 
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return DynamicClient(client.ApiClient())
+    from modelfleet.kubeconfig import api_client
+
+    return DynamicClient(api_client())
 
 
 def run(argv: Sequence[str]) -> int:

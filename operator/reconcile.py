@@ -242,9 +242,10 @@ def report_apply_failed(
     selector = labels.selector_string(labels.selector_labels(name))
     deployment = kube.get(DEPLOYMENT, ns, name)
     pods = kube.list(POD, ns, label_selector=selector) if deployment is not None else []
-    # The autoscaler's memory stays as stored (compute_status carries it): its new decision
-    # was not applied, and the retry decides again.
-    status = compute_status(md, desired, deployment, pods, [], selector, format_time(now), apply_error=message)
+    # The autoscaler's memory stays as stored: its new decision was not applied, and the
+    # retry decides again.
+    status = compute_status(md, desired, deployment, pods, [], selector, format_time(now),
+                            apply_error=message, autoscaler=md.status.autoscaler)
     if status.to_wire() != md.status.to_wire():
         kube.patch_status(md.metadata, _status_patch(md.status, status))
     for event in transition_events(md.status, status):
@@ -358,8 +359,8 @@ def reconcile(
     events: list[dict[str, Any]] = []
     if any(not is_ready(p) for p in pods):
         events = kube.list(EVENT, ns, field_selector="involvedObject.kind=Pod,type=Warning")
-    status = compute_status(md, desired, deployment, pods, events, selector, format_time(now), conflict=conflict)
-    status = status.model_copy(update={"autoscaler": autoscaler})
+    status = compute_status(md, desired, deployment, pods, events, selector, format_time(now),
+                            conflict=conflict, autoscaler=autoscaler)
     written = status.to_wire() != md.status.to_wire()
     if written:
         kube.patch_status(md.metadata, _status_patch(md.status, status))

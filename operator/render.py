@@ -12,6 +12,8 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
+import kopf
+
 from modelfleet import labels
 from modelfleet.api import DEFAULT_GPU_RESOURCE, ModelDeployment
 from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, split_hf_source, vllm_env
@@ -82,29 +84,26 @@ def resolve_source(source: str, config: OperatorConfig) -> ResolvedSource:
     raise ValueError(f"spec.model.source {source!r} has no known scheme (file://, hf://, pvc://)")
 
 
-def owner_reference(md: ModelDeployment) -> dict[str, Any]:
-    """Makes the ModelDeployment the controller of a child, so deleting it deletes the child."""
-    return {
-        "apiVersion": md.api_version,
-        "kind": md.kind,
-        "name": md.metadata.name,
-        "uid": md.metadata.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def _metadata(md: ModelDeployment, api_version: str, kind: str) -> dict[str, Any]:
-    return {
+    """A child's identity, owned by the ModelDeployment so that deleting it deletes the child.
+
+    The owner reference is kopf's (`controller` and `blockOwnerDeletion` true), given the owner
+    explicitly so that nothing is read from the handler's context and rendering stays pure.
+    Not `kopf.adopt`: it would also copy the ModelDeployment's labels onto every child.
+    """
+    obj: dict[str, Any] = {
         "apiVersion": api_version,
         "kind": kind,
         "metadata": {
             "name": md.metadata.name,
             "namespace": md.metadata.namespace,
             "labels": labels.worker_labels(md.metadata.name),
-            "ownerReferences": [owner_reference(md)],
         },
     }
+    owner = {"apiVersion": md.api_version, "kind": md.kind,
+             "metadata": {"name": md.metadata.name, "uid": md.metadata.uid}}
+    kopf.append_owner_reference(obj, owner=kopf.Body(owner))
+    return obj
 
 
 def worker_args(md: ModelDeployment, model_path: str, config: OperatorConfig) -> list[str]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from modelfleet.api import ModelDeployment, ModelDeploymentStatus
+from modelfleet.api import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus
 from modelfleet.operator.conditions import compute_status, last_line, transition_events
 
 T0 = "2025-01-01T00:00:00Z"
@@ -366,10 +366,14 @@ def test_last_transition_time_kept_while_status_unchanged() -> None:
     assert up.condition("Ready").last_transition_time == T1  # type: ignore[union-attr]
 
 
-def test_autoscaler_memory_is_carried_over() -> None:
+def test_autoscaler_memory_is_placed_as_given_never_carried_over() -> None:
+    """reconcile.py is the one writer of status.autoscaler: compute_status only places it."""
     md = make_md(status={"autoscaler": {"desiredReplicas": 2, "lastActiveTime": T0}})
     status = status_of(md, 2, deployment(2, 2), [READY_POD, READY_POD])
-    assert status.autoscaler is not None and status.autoscaler.last_active_time == T0
+    assert status.autoscaler is None
+    given = AutoscalerStatus(desired_replicas=3, last_active_time=T1)
+    placed = compute_status(md, 2, deployment(2, 2), [READY_POD], [], SELECTOR, T1, autoscaler=given)
+    assert placed.autoscaler == given
 
 
 def test_events_on_transitions_only() -> None:

@@ -303,6 +303,25 @@ def test_a_refused_spec_change_keeps_counting_the_replicas_that_serve() -> None:
     assert kube.events[-1].type == "Warning" and kube.events[-1].reason == "ApplyFailed"
 
 
+def test_a_refused_apply_keeps_the_autoscalers_memory_as_stored() -> None:
+    """The decision that was not applied is not remembered: the retry decides again from the
+    memory the last applied decision left."""
+    auto = {"autoscaling": {"minReplicas": 0, "maxReplicas": 3, "scaleDownDelaySeconds": 60}}
+    kube, b = FakeKube(), body(auto)
+    run(kube, b)
+    stored = copy.deepcopy(b["status"]["autoscaler"])
+    assert stored["desiredReplicas"] == 0
+    b["metadata"]["annotations"][labels.DEMAND] = labels.Demand(NOW, 2).encode()  # would scale to 1
+    kube.reject["Deployment"] = ApiError(500, SSA_DUPLICATE_ENV)
+    with pytest.raises(ApplyFailed):
+        run(kube, b, now=NOW + timedelta(seconds=1))
+    assert b["status"]["autoscaler"] == stored
+    assert next(c for c in b["status"]["conditions"] if c["type"] == "Ready")["reason"] == "ApplyFailed"
+    del kube.reject["Deployment"]
+    run(kube, b, now=NOW + timedelta(seconds=2))
+    assert b["status"]["autoscaler"]["desiredReplicas"] == 1 and kube.deployment()["spec"]["replicas"] == 1
+
+
 def test_a_refused_service_names_the_service() -> None:
     kube, b = FakeKube(), body()
     kube.reject["Service"] = ApiError(500, "boom")
