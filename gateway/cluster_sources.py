@@ -1,5 +1,6 @@
 """Gateway state that lives in the cluster besides models: API-key Secrets, and how many gateway
-replicas share the rate limits (the ready endpoints of the gateway's own Service)."""
+replicas share the rate limits (the ready endpoints of the gateway's own Service). Each is a
+keyed store (informer.py) whose change callback derives what the gateway reads."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from modelfleet import labels
 
 from .auth import KeyStore, keys_from_secrets
 from .discovery import ready_urls
-from .kube import Informer
+from .informer import Informer, Key, Store
 
 
 class SecretKeys:
@@ -19,22 +20,16 @@ class SecretKeys:
     def __init__(self, store: KeyStore, namespace: str) -> None:
         self.store = store
         self.namespace = namespace
-        self.secrets: dict[str, dict[str, Any]] = {}
+        self.secrets = Store(self._on_change)
 
-    def on_event(self, kind: str, obj: dict[str, Any]) -> None:
-        if kind == "SYNC":
-            self.secrets = {s["metadata"]["name"]: s for s in obj.get("items", [])}
-        elif kind == "DELETED":
-            self.secrets.pop(obj["metadata"]["name"], None)
-        else:
-            self.secrets[obj["metadata"]["name"]] = obj
+    def _on_change(self, keys: set[Key]) -> None:
         self.store.replace("secrets", keys_from_secrets(self.secrets.values()))
 
     def informer(self, api_client: Any, loop: asyncio.AbstractEventLoop) -> Informer:
         from kubernetes import client
 
-        return Informer(f"secrets/{self.namespace}", client.CoreV1Api(api_client).list_namespaced_secret,
-                        self.on_event, loop, namespace=self.namespace, label_selector=f"{labels.API_KEY}=true")
+        return Informer(f"secrets/{self.namespace}", self.secrets, client.CoreV1Api(api_client).list_namespaced_secret,
+                        loop, namespace=self.namespace, label_selector=f"{labels.API_KEY}=true")
 
 
 class GatewayPeers:
@@ -43,22 +38,23 @@ class GatewayPeers:
     def __init__(self, namespace: str, service: str) -> None:
         self.namespace = namespace
         self.service = service
-        self.slices: dict[str, int] = {}
+        self.slices = Store(self._on_change)
+        self.ready: dict[Key, int] = {}  # slice -> its ready endpoints
 
     def count(self) -> int:
-        return max(1, sum(self.slices.values()))
+        return max(1, sum(self.ready.values()))
 
-    def on_event(self, kind: str, obj: dict[str, Any]) -> None:
-        if kind == "SYNC":
-            self.slices = {s["metadata"]["name"]: len(ready_urls(s)) for s in obj.get("items", [])}
-        elif kind == "DELETED":
-            self.slices.pop(obj["metadata"]["name"], None)
-        else:
-            self.slices[obj["metadata"]["name"]] = len(ready_urls(obj))
+    def _on_change(self, keys: set[Key]) -> None:
+        for key in keys:
+            obj = self.slices.objects.get(key)
+            if obj is None:
+                self.ready.pop(key, None)
+            else:
+                self.ready[key] = len(ready_urls(obj))
 
     def informer(self, api_client: Any, loop: asyncio.AbstractEventLoop) -> Informer:
         from kubernetes import client
 
-        return Informer(f"peers/{self.service}", client.DiscoveryV1Api(api_client).list_namespaced_endpoint_slice,
-                        self.on_event, loop, namespace=self.namespace,
-                        label_selector=f"kubernetes.io/service-name={self.service}")
+        return Informer(f"peers/{self.service}", self.slices,
+                        client.DiscoveryV1Api(api_client).list_namespaced_endpoint_slice, loop,
+                        namespace=self.namespace, label_selector=f"kubernetes.io/service-name={self.service}")

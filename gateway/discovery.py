@@ -20,6 +20,7 @@ from modelfleet import labels
 from modelfleet.api import ModelDeployment, NameClaim, settle_names
 from modelfleet.protocol import unavailable
 
+from .informer import Informer, Key, Store, wait_synced
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -121,64 +122,49 @@ class KubernetesDiscovery:
         self.namespaces = namespaces or []
         self.api_client = api_client
         self.extra_sources = extra_sources or []  # other watched state: API-key Secrets, gateway peers
-        self.entries: dict[tuple[str, str], ModelEntry] = {}
-        self.slices: dict[tuple[str, str], tuple[tuple[str, str], list[str]]] = {}
-        self.informers: list = []
+        self.models = Store(self._on_models)  # ModelDeployments
+        self.slices = Store(self._on_slices)  # their EndpointSlices
+        self.entries: dict[Key, ModelEntry] = {}
+        self.slice_urls: dict[Key, tuple[Key, list[str]]] = {}  # slice -> (its ModelDeployment, ready URLs)
+        self.informers: list[Informer] = []
         self.synced = False
         # Served name -> the ModelDeployments serving it, oldest first (several when weighted).
         self.serving: dict[str, list[ModelEntry]] = {}
-        self._refused: set[tuple[str, str]] = set()  # name clashes already logged
+        self._refused: set[Key] = set()  # name clashes already logged
 
-    # -- events (on the event loop) -------------------------------------------------------------
+    # -- store changes (on the event loop) ------------------------------------------------------
 
-    def on_model(self, kind: str, obj: dict[str, Any]) -> None:
-        if kind == "SYNC":
-            self.entries = {}
-            for item in obj.get("items", []):
-                self._put_model(item)
-        elif kind == "DELETED":
-            meta = obj.get("metadata", {})
-            self.entries.pop((meta.get("namespace", "default"), meta.get("name")), None)
-        else:
-            self._put_model(obj)
+    def _on_models(self, keys: set[Key]) -> None:
+        for key in keys:
+            obj = self.models.objects.get(key)
+            entry = model_entry(obj) if obj is not None else None
+            if obj is None:
+                self.entries.pop(key, None)
+            elif entry is not None:  # one that cannot be parsed keeps what it had
+                old = self.entries.get(key)
+                if old is not None:  # keep the demand clock across updates
+                    entry.last_demand = old.last_demand
+                self.entries[key] = entry
         self._rebuild()
 
-    def _put_model(self, obj: dict[str, Any]) -> None:
-        entry = model_entry(obj)
-        if entry is None:
-            return
-        key = (entry.namespace, entry.name)
-        old = self.entries.get(key)
-        if old is not None:  # keep the demand clock across updates
-            entry.last_demand = old.last_demand
-        self.entries[key] = entry
-
-    def on_slice(self, kind: str, obj: dict[str, Any]) -> None:
-        if kind == "SYNC":
-            self.slices = {}
-            for item in obj.get("items", []):
-                self._put_slice(item)
-        elif kind == "DELETED":
-            meta = obj.get("metadata", {})
-            self.slices.pop((meta.get("namespace", "default"), meta.get("name")), None)
-        else:
-            self._put_slice(obj)
-        self._rebuild()
-
-    def _put_slice(self, obj: dict[str, Any]) -> None:
-        owner = slice_owner(obj)
-        meta = obj.get("metadata", {})
-        if owner is not None:
-            self.slices[(meta.get("namespace", "default"), meta.get("name"))] = (owner, ready_urls(obj))
+    def _on_slices(self, keys: set[Key]) -> None:
+        for key in keys:
+            obj = self.slices.objects.get(key)
+            owner = slice_owner(obj) if obj is not None else None
+            if owner is None:
+                self.slice_urls.pop(key, None)
+                continue
+            self.slice_urls[key] = (owner, ready_urls(obj))
             for url in failing_urls(obj):
                 endpoint = self.registry.endpoints.get(url)
                 if endpoint is not None:
                     endpoint.mark_lost()
+        self._rebuild()
 
     def _rebuild(self) -> None:
-        """Level-based: derive the registry's model set from the two caches, whole."""
+        """Level-based: derive the registry's model set from the two stores, whole."""
         urls: dict[tuple[str, str], list[str]] = {}
-        for owner, slice_urls in self.slices.values():
+        for owner, slice_urls in self.slice_urls.values():
             urls.setdefault(owner, []).extend(slice_urls)
         served = self._settle()
         for model, members in served.items():
@@ -223,26 +209,25 @@ class KubernetesDiscovery:
     async def start(self) -> None:
         from kubernetes import client
 
+        from modelfleet import kubeconfig
         from modelfleet.api import GROUP, PLURAL, VERSION
 
-        from .kube import Informer, load_config, wait_synced
-
-        self.api_client = self.api_client or load_config()
+        self.api_client = self.api_client or kubeconfig.api_client()
         loop = asyncio.get_running_loop()
         custom = client.CustomObjectsApi(self.api_client)
         discovery_api = client.DiscoveryV1Api(self.api_client)
         selector = labels.MODEL
         if self.namespaces:
             for ns in self.namespaces:
-                self.informers.append(Informer(f"md/{ns}", custom.list_namespaced_custom_object, self.on_model, loop,
+                self.informers.append(Informer(f"md/{ns}", self.models, custom.list_namespaced_custom_object, loop,
                                                group=GROUP, version=VERSION, namespace=ns, plural=PLURAL))
-                self.informers.append(Informer(f"slices/{ns}", discovery_api.list_namespaced_endpoint_slice,
-                                               self.on_slice, loop, namespace=ns, label_selector=selector))
+                self.informers.append(Informer(f"slices/{ns}", self.slices, discovery_api.list_namespaced_endpoint_slice,
+                                               loop, namespace=ns, label_selector=selector))
         else:
-            self.informers.append(Informer("md", custom.list_cluster_custom_object, self.on_model, loop,
+            self.informers.append(Informer("md", self.models, custom.list_cluster_custom_object, loop,
                                            group=GROUP, version=VERSION, plural=PLURAL))
-            self.informers.append(Informer("slices", discovery_api.list_endpoint_slice_for_all_namespaces,
-                                           self.on_slice, loop, label_selector=selector))
+            self.informers.append(Informer("slices", self.slices, discovery_api.list_endpoint_slice_for_all_namespaces,
+                                           loop, label_selector=selector))
         self.informers += [source.informer(self.api_client, loop) for source in self.extra_sources]
         for informer in self.informers:
             informer.start()

@@ -159,9 +159,9 @@ class KubernetesStore:
     @property
     def api_client(self) -> Any:
         if self._api_client is None:
-            from .kube import load_config
+            from modelfleet.kubeconfig import api_client
 
-            self._api_client = load_config()
+            self._api_client = api_client()
         return self._api_client
 
     @staticmethod

@@ -41,7 +41,7 @@ def test_requests_waiting_on_a_replica_that_starts_failing_are_told():
         registry.set_endpoints("tiny-chat", ["http://10.0.0.2:8000", "http://10.0.0.3:8000"], ready=True)
         failing, draining = (registry.endpoints[u].lost_signal() for u in ("http://10.0.0.2:8000",
                                                                              "http://10.0.0.3:8000"))
-        KubernetesDiscovery(registry).on_slice("MODIFIED", SLICE)
+        KubernetesDiscovery(registry).slices.apply("MODIFIED", SLICE)
         return failing.done(), draining.done()
 
     assert asyncio.run(main()) == (True, False)

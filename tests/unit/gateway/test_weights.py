@@ -87,8 +87,8 @@ def endpoint_slice(owner: str, ip: str) -> dict:
 def discovery(*objects: dict) -> tuple[KubernetesDiscovery, Registry]:
     registry = Registry()
     d = KubernetesDiscovery(registry)
-    d.on_model("SYNC", {"items": list(objects)})
-    d.on_slice("SYNC", {"items": [endpoint_slice("v1", "10.0.0.1"), endpoint_slice("v2", "10.0.0.2")]})
+    d.models.apply("SYNC", {"items": list(objects)})
+    d.slices.apply("SYNC", {"items": [endpoint_slice("v1", "10.0.0.1"), endpoint_slice("v2", "10.0.0.2")]})
     return d, registry
 
 
@@ -107,5 +107,5 @@ def test_an_unweighted_clash_routes_to_the_older_only() -> None:
     assert [e.deployment for e in registry.for_model("chat")] == ["ns/v1"]
     assert d.entry_for("chat").name == "v1"
     # Weighting the newer one as well lets it in, without a restart.
-    d.on_model("MODIFIED", model_deployment("v2", "2025-01-02T00:00:00Z", weight=50))
+    d.models.apply("MODIFIED", model_deployment("v2", "2025-01-02T00:00:00Z", weight=50))
     assert sorted(e.deployment for e in registry.for_model("chat")) == ["ns/v1", "ns/v2"]
