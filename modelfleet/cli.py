@@ -62,24 +62,22 @@ def _positive(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _float(text: str, allow_zero: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    if not (0 <= value if allow_zero else 0 < value) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number {'>=' if allow_zero else '>'} 0, got {text}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _float(text, allow_zero=False)
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
+    return _float(text, allow_zero=True)
 
 
 def _port(text: str) -> int:

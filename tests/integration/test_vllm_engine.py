@@ -137,3 +137,20 @@ def test_json_schema_output_is_valid_json_of_the_schema(client):
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
     data = json.loads(r.choices[0].message.content)
     assert isinstance(data["ok"], bool) and data["color"] in ("red", "green", "blue") and set(data) == {"ok", "color"}
+
+
+def test_stored_responses_continue_on_a_vllm_replica_which_stays_stateless(client):
+    """The gateway keeps `store`d responses (docs/api.md), so a conversation continues through
+    vLLM replicas exactly as through modelfleet's: the second turn names the first, and both can
+    be read back and deleted through the gateway."""
+    first = client.responses.create(model=CHAT, input="Say hello", max_output_tokens=8)
+    assert first.status in ("completed", "incomplete") and first.store is not False
+    second = client.responses.create(model=CHAT, input="Again", max_output_tokens=8,
+                                     previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens > first.usage.input_tokens  # the first turn was sent again
+    assert client.responses.retrieve(second.id).id == second.id
+    client.responses.delete(first.id)
+    with pytest.raises(Exception) as gone:
+        client.responses.retrieve(first.id)
+    assert getattr(gone.value, "status_code", None) == 404
