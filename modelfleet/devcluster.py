@@ -3,6 +3,9 @@ host, ModelDeployment manifests, namespaces, and waits that explain themselves w
 out. Shared by the end-to-end tests (tests/e2e/operator_harness.py adds what only tests need)
 and bench/operator_scale.py, so that neither imports the other.
 
+`wait_for` is also the one polling wait of the tiers that watch processes from outside
+(tests/integration, tests/e2e, bench): in-process tests wait on events instead.
+
 Needs a source checkout (it applies crds/ and operator/peering.yaml from it) and kubectl on
 PATH with KUBECONFIG set, as `source .cluster/env` leaves them.
 """
@@ -15,10 +18,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+import httpx
 
 from modelfleet.netutil import free_port
 
@@ -152,17 +158,28 @@ def model_deployment(name: str, source: str, **spec: Any) -> dict:
             "spec": body}
 
 
-def wait_for(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.5,
+# What a poll takes for "not yet" rather than a failure: a server that is not listening yet, or
+# too slow to answer this time.
+NOT_YET = (ConnectionError, TimeoutError, urllib.error.URLError, httpx.HTTPError)
+
+
+def wait_for(fn: Callable[[], T | None], timeout: float = 120, what: str = "condition", interval: float = 0.5,
              explain: Callable[[], str] | None = None) -> T:
-    """Poll `fn` until truthy; on timeout fail with `what`, the last value and `explain()`."""
+    """Poll `fn` until it returns something truthy, and return that. An error in NOT_YET counts
+    as not yet; any other fails at once. On timeout, fail with `what`, the last value (or
+    error) and `explain()`."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
-        last = fn()
-        if last:
-            return last
+        try:
+            last = fn()
+        except NOT_YET as exc:
+            last = exc
+        else:
+            if last:
+                return last
         if time.monotonic() >= deadline:
             break
         time.sleep(interval)
     detail = f"\n\n{explain()}" if explain else ""
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r}){detail}")
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r}){detail}")

@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO / "tests" / "cluster") not in sys.path:
     sys.path.insert(0, str(REPO / "tests" / "cluster"))  # the harness package, localkube
 
-from localkube.testing import LocalCluster, read_env, wait_for  # noqa: E402
+from localkube.testing import LocalCluster, read_env  # noqa: E402
+
+from modelfleet.devcluster import wait_for  # noqa: E402
 
 __all__ = ["LocalCluster", "cluster", "namespace", "wait_for"]
 

@@ -21,9 +21,10 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from localkube.testing import LocalCluster, wait_for
+from localkube.testing import LocalCluster
 
 from modelfleet.demo import ensure_demo_model, minilm_path
+from modelfleet.devcluster import wait_for
 
 pytestmark = pytest.mark.e2e
 

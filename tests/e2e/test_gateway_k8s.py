@@ -17,9 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from localkube.testing import wait_for
 
 from modelfleet.demo import ensure_demo_model
+from modelfleet.devcluster import wait_for
 from modelfleet.netutil import free_port
 
 pytestmark = pytest.mark.e2e

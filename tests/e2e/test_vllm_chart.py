@@ -19,9 +19,10 @@ from pathlib import Path
 
 import openai
 import pytest
-from localkube.testing import LocalCluster, wait_for
+from localkube.testing import LocalCluster
 
 from modelfleet.demo import VLLM_DEMO_SPEC, ensure_demo_model, minilm_path
+from modelfleet.devcluster import wait_for
 from modelfleet.engines import find_vllm_python
 
 pytestmark = pytest.mark.e2e

@@ -5,13 +5,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from modelfleet.demo import ensure_demo_model, minilm_path
+from modelfleet.devcluster import wait_for
 from modelfleet.netutil import free_port
 
 CHAT = "tiny-chat"
@@ -20,18 +20,13 @@ EMBED = "all-MiniLM-L6-v2"
 
 
 def wait_ready(url: str, models: set[str], proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            r = httpx.get(url + "/ready", timeout=2)
-            if r.status_code == 200 and models <= set(r.json().get("models", [])):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
+        r = httpx.get(url + "/ready", timeout=2)
+        return r.status_code == 200 and models <= set(r.json().get("models", []))
+
+    wait_for(ready, timeout, f"{url} to be ready with {sorted(models)}", interval=0.3)
 
 
 def start(args: list[str], ready_models: set[str], log: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:

@@ -33,6 +33,7 @@ import httpx
 import pytest
 
 from modelfleet.demo import ensure_demo_model
+from modelfleet.devcluster import wait_for as wait_until
 from modelfleet.netutil import free_port
 
 pytestmark = pytest.mark.integration
@@ -86,18 +87,6 @@ def needles() -> dict[str, str]:
             out[f"{name}: sha256"] = hashlib.sha256(key.encode()).hexdigest()
     return out
 
-
-
-def wait_until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(what)
 
 
 def descendants(pid: int) -> list[int]:
