@@ -148,8 +148,9 @@ class DataPath:
             await self.wait_for_replica(model)
             release = self.capacity.acquire(model, key.name if key else "", len(self.registry.available(model)))
             try:
+                prefix = self.registry.pool(model).prefix(fields)
                 relay = await self.proxy.forward(path, body, headers, model, admission.charge,
-                                                 key.name if key else "", fields.prefix, stream=fields.stream,
+                                                 key.name if key else "", prefix, stream=fields.stream,
                                                  received=received)
             except BaseException:
                 release()

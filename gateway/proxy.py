@@ -13,7 +13,6 @@ answer only starts once it is complete, so it has no such deadline, only the rea
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -21,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from modelfleet.protocol import error_body, unavailable
+from modelfleet.protocol import error_body, sse, unavailable
 from modelfleet.tracing import Tracing, end_span, end_upstream
 
-from .balancer import STRATEGIES, RequestView
 from .metrics import GatewayMetrics
+from .pool import Lease
 from .registry import Endpoint, Registry
 from .upstream import ReplicaLost, Upstream, UpstreamError, UpstreamResponse
 from .usage import UsageScanner
@@ -60,44 +59,43 @@ class Proxy:
         the response reports once it has been relayed. `received` is when the gateway got the
         request, for time to first token."""
         received = received or time.monotonic()
-        routing = self.registry.meta.get(model, {})
-        strategy_name = routing.get("strategy", "least-load")
-        strategy = STRATEGIES.get(strategy_name, STRATEGIES["least-load"])
-        view = RequestView(prefix=prefix, prefix_length=routing.get("prefix_length", 256),
-                           load_factor=routing.get("load_factor", 1.25))
+        pool = self.registry.pool(model)
+        strategy_name = pool.route.strategy
         tried: set[str] = set()
         send_headers = {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
         last_error = "no replica of the model is ready"
         for attempt in range(self.max_attempts):
-            candidates = [e for e in self.registry.available(model) if e.url not in tried]
-            if not candidates:
+            lease = pool.acquire(prefix, self.rng, exclude=tried)
+            if lease is None:
                 break
-            endpoint = strategy(candidates, view, self.rng)
+            endpoint = lease.endpoint
             tried.add(endpoint.url)
             if attempt:
                 self.metrics.retries.labels(model).inc()
-            endpoint.inflight += 1
             started = time.monotonic()
             span = None if self.tracing is None else self.tracing.upstream(path, endpoint.url, strategy_name,
                                                                             attempt + 1, send_headers)
             try:
                 upstream = await self._post(endpoint, endpoint.url + path, body, send_headers, stream)
             except asyncio.CancelledError:
-                endpoint.inflight -= 1  # the client left; aiohttp drops the connection, so the worker stops
+                lease.release()  # the client left; aiohttp drops the connection, so the worker stops
                 self.metrics.requests.labels(model, CLIENT_CLOSED, key_name).inc()
                 end_span(span, "client_closed")
                 raise
             except UpstreamError as exc:
                 end_span(span, type(exc).__name__)
-                endpoint.inflight -= 1
+                lease.release()
                 last_error = f"replica {endpoint.url} failed: {type(exc).__name__}"
                 self.failed(endpoint)
                 continue
-            others_left = any(e.url not in tried for e in self.registry.available(model))
+            except BaseException:
+                lease.release()
+                raise
+            others_left = bool(pool.available(exclude=tried))
             if upstream.status >= 500 and attempt + 1 < self.max_attempts and others_left:
                 upstream.close(completed=False)
                 end_upstream(span, upstream.status, str(upstream.status))
-                endpoint.inflight -= 1
+                lease.release()
                 last_error = f"replica {endpoint.url} answered {upstream.status}"
                 self.failed(endpoint)
                 continue
@@ -109,7 +107,7 @@ class Proxy:
                 out_headers["x-modelfleet-deployment"] = endpoint.deployment
             self.metrics.routed.labels(model, endpoint.deployment).inc()
             self.metrics.first_byte.labels(model).observe(time.monotonic() - started)
-            return Relay(upstream.status, out_headers, self, upstream, endpoint, model, received,
+            return Relay(upstream.status, out_headers, self, upstream, lease, model, received,
                          UsageScanner(len(body)), on_usage, key_name, span=span)
         raise unavailable(f"No ready replica for model `{model}` ({last_error}).", retry_after=2)
 
@@ -159,7 +157,7 @@ class Relay:
     headers: dict[str, str]
     proxy: Proxy
     upstream: UpstreamResponse
-    endpoint: Endpoint
+    lease: Lease  # the replica answering, counted on it until close
     model: str
     received: float
     scanner: UsageScanner
@@ -179,6 +177,7 @@ class Relay:
 
     def __post_init__(self) -> None:
         self.streaming = self.upstream.headers.get("content-type", "").startswith("text/event-stream")
+        self.endpoint = self.lease.endpoint
 
     async def read(self) -> bytes:
         """The next bytes to relay; b"" once the answer has ended."""
@@ -219,14 +218,14 @@ class Relay:
         if not self.streaming:
             return b""
         message = "The model replica failed while streaming; please retry the request."
-        return b"data: " + json.dumps(error_body(message, type="server_error", code="upstream_error")).encode() + b"\n\n"
+        return sse(error_body(message, type="server_error", code="upstream_error"))
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         metrics, scanner = self.proxy.metrics, self.scanner
-        self.endpoint.inflight -= 1
+        self.lease.release()
         if self.release is not None:
             self.release()
         self.upstream.close(self.completed)

@@ -278,7 +278,7 @@ class Routing(_Model):
     """`spec.routing`: how the gateway picks a replica for this model (the gateway reads it)."""
 
     strategy: Strategy = "least-load"
-    prefix_length: int = Field(default=256, ge=1, le=65536)
+    prefix_length: int = Field(default=256, ge=1, le=65536)  # honoured whole by the gateway (gateway/pool.py)
     load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
     max_queue: int = Field(default=100, ge=0, le=100000)
     hold_timeout_seconds: int = Field(default=60, ge=0, le=600)

@@ -41,7 +41,7 @@ def test_prefixes_spread_over_replicas():
 def test_an_overloaded_home_replica_hands_over():
     eps = endpoints(3)
     rng = random.Random(0)
-    view = RequestView(prefix="hot prefix", load_factor=1.25)
+    view = RequestView(prefix="hot prefix")
     home = prefix_affinity(eps, view, rng)
     home.inflight = 20
     assert prefix_affinity(eps, view, rng) is not home
@@ -69,6 +69,6 @@ def test_worker_queue_parsing_and_routing_fields():
     vllm = text + 'vllm:num_requests_waiting_by_reason{model_name="m",reason="capacity"} 7.0\n'
     assert parse_queue(vllm) == 5
     chat = routing_fields(b'{"model": "m", "messages": [{"role": "system", "content": "Be brief."}]}')
-    assert chat == RoutingFields("m", "system:Be brief.", stream=False)
-    assert routing_fields(b'{"model": "m", "prompt": "Once upon", "stream": true}') == RoutingFields(
-        "m", "Once upon", stream=True)
+    assert chat == RoutingFields("m", stream=False) and chat.prefix(256) == "system:Be brief."
+    story = routing_fields(b'{"model": "m", "prompt": "Once upon", "stream": true}')
+    assert story == RoutingFields("m", stream=True) and story.prefix(4) == "Once"
