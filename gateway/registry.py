@@ -12,7 +12,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelfleet.openai_types import ModelCard
 from modelfleet.protocol import unavailable
+
+from .pool import Pool
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Registry:
         self.endpoints: dict[str, Endpoint] = {}  # by url
         self.aliases: dict[str, str] = {}  # served name or alias -> model
         self.meta: dict[str, dict[str, Any]] = {}  # model -> what discovery knows (routing, context, engine)
+        self.pools: dict[str, Pool] = {}  # model -> its endpoints, route settings and hash ring (pool.py)
         self.outliers = outliers or OutlierPolicy()
         self.waiting: dict[str, int] = {}  # model -> requests held for a ready replica
         self._changed: asyncio.Event | None = None
@@ -122,6 +126,7 @@ class Registry:
                 endpoint.ready = ready
             if groups is not None and url in groups:
                 endpoint.deployment, endpoint.weight = groups[url]
+        self.pools.setdefault(model, Pool(model)).update([self.endpoints[u] for u in dict.fromkeys(urls)])
         for alias in [a for a, m in self.aliases.items() if m == model]:
             del self.aliases[alias]
         for name in names or [model]:
@@ -131,6 +136,8 @@ class Registry:
     def remove_model(self, model: str) -> None:
         for url in [u for u, e in self.endpoints.items() if e.model == model]:
             del self.endpoints[url]
+        if (pool := self.pools.pop(model, None)) is not None:
+            pool.update([])  # a request still holding it finds no replica
         for alias in [a for a, m in self.aliases.items() if m == model]:
             del self.aliases[alias]
         self.meta.pop(model, None)
@@ -138,12 +145,19 @@ class Registry:
     def resolve(self, name: str) -> str | None:
         return self.aliases.get(name)
 
+    def pool(self, model: str) -> Pool:
+        """`model`'s pool, its route settings following discovery's latest report (`meta`)."""
+        pool = self.pools.get(model) or Pool(model)  # removed meanwhile: an empty one
+        pool.follow(self.meta.get(model))
+        return pool
+
     def for_model(self, model: str) -> list[Endpoint]:
-        return [e for e in self.endpoints.values() if e.model == model]
+        pool = self.pools.get(model)
+        return list(pool.endpoints) if pool is not None else []
 
     def available(self, model: str) -> list[Endpoint]:
-        now = time.monotonic()
-        return [e for e in self.for_model(model) if e.available(now)]
+        pool = self.pools.get(model)
+        return pool.available() if pool is not None else []
 
     def models(self) -> list[str]:
         return sorted({e.model for e in self.endpoints.values()} | set(self.aliases.values()))
@@ -156,12 +170,10 @@ class Registry:
                 seen.setdefault(card["id"], card)
         for name, model in self.aliases.items():
             meta = self.meta.get(model, {})
-            card = {"id": name, "object": "model", "created": meta.get("created", 0), "owned_by": "modelfleet",
-                    "root": model, "parent": None if name == model else model,
-                    "ready": any(e.available() for e in self.for_model(model))}
-            if meta.get("max_model_len"):
-                card["max_model_len"] = meta["max_model_len"]
-            seen.setdefault(name, card)
+            known = {"max_model_len": meta["max_model_len"]} if meta.get("max_model_len") else {}
+            card = ModelCard.of(name, model, created=meta.get("created", 0),
+                                ready=any(e.available() for e in self.for_model(model)), **known)
+            seen.setdefault(name, card.dump())
         return [seen[k] for k in sorted(seen)]
 
     def record_success(self, endpoint: Endpoint) -> None:
@@ -177,12 +189,6 @@ class Registry:
         return False
 
 
-CARD_FIELDS = ("id", "created", "max_model_len", "task", "capabilities", "permission")
-
-
 def model_card(card: dict[str, Any], model: str) -> dict[str, Any]:
-    """Pure: a backend's model object as the gateway lists it, whichever engine sent it. vLLM's
-    name the server's model path as `root` and vllm as the owner; clients see one shape."""
-    out = {k: card[k] for k in CARD_FIELDS if k in card}
-    out.update(object="model", owned_by="modelfleet", root=model, parent=None if card["id"] == model else model)
-    return out
+    """Pure: a backend's model object as the gateway lists it, whichever engine sent it."""
+    return ModelCard.from_backend(card, model).dump()

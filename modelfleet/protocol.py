@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from .openai_types import ErrorDetail, ErrorResponse
+
 # --------------------------------------------------------------------------------------------
 # Errors
 
@@ -54,7 +56,7 @@ class OpenAIError(Exception):
 def error_body(
     message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return ErrorResponse(error=ErrorDetail(message=message, type=type, param=param, code=code)).dump()
 
 
 def model_not_found(model: str) -> OpenAIError:
@@ -521,6 +523,7 @@ def now() -> int:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """`openai_types.Usage.of(...).dump()` as a plain dict, for stream chunks (see openai_types)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,

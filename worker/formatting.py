@@ -1,4 +1,5 @@
-"""Pure builders of OpenAI response bodies and stream chunks from engine output."""
+"""Pure: engine output as the pieces of OpenAI bodies: choices, logprobs in each API's shape,
+tool-call stream deltas. The bodies themselves are typed in modelfleet.openai_types."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelfleet.openai_types import ChatChoice, CompletionChoice
 from modelfleet.protocol import SamplingFields
 
 from .sequence import TokenLogprob
@@ -166,22 +168,19 @@ def chat_message(text: str, finish_reason: str | None, tool_format: ToolCallForm
 
 
 def chat_choice(state: ChoiceState, tool_format: ToolCallFormat | None, shown: Shown, *, logprobs: bool,
-                echo: str = "") -> dict[str, Any]:
+                echo: str = "") -> ChatChoice:
     """One choice of a non-streamed chat response; `echo` (vLLM's) starts the content."""
     message, finish = chat_message(state.text, state.finish_reason, tool_format)
     if echo:
         message["content"] = echo + (message["content"] or "")
-    choice: dict[str, Any] = {"index": state.index, "message": message,
-                              "logprobs": chat_logprobs(state.logprobs, shown.token_name) if logprobs else None,
-                              "finish_reason": finish}
-    if shown.token_ids:
-        choice["token_ids"] = state.token_ids
-    return choice
+    ids = {"token_ids": state.token_ids} if shown.token_ids else {}
+    return ChatChoice(index=state.index, message=message, finish_reason=finish,
+                      logprobs=chat_logprobs(state.logprobs, shown.token_name) if logprobs else None, **ids)
 
 
 def completion_choice(index: int, state: ChoiceState, shown: Shown, *, prompt_ids: list[int],
                       prompt_lps: list[TokenLogprob | None] | None, echo_text: str | None, logprobs: int | None,
-                      scoring_only: bool) -> dict[str, Any]:
+                      scoring_only: bool) -> CompletionChoice:
     """One choice of a non-streamed completion: with `echo_text` the prompt (and its logprobs)
     come first; `scoring_only` (max_tokens=0) shows the prompt alone."""
     text = "" if scoring_only else state.text
@@ -189,15 +188,12 @@ def completion_choice(index: int, state: ChoiceState, shown: Shown, *, prompt_id
     if echo_text is not None:
         entries = prompt_entries(prompt_ids, prompt_lps) + entries
         text = echo_text + text
-    choice: dict[str, Any] = {
-        "index": index, "text": text,
-        "logprobs": completion_logprobs(entries, shown.token_name, 0, logprobs) if logprobs is not None else None,
-        "finish_reason": "length" if scoring_only else state.finish_reason,
-    }
-    choice.update(shown.prompt_fields(prompt_ids, prompt_lps))
-    if shown.token_ids:
-        choice["token_ids"] = [] if scoring_only else state.token_ids
-    return choice
+    ids = {"token_ids": [] if scoring_only else state.token_ids} if shown.token_ids else {}
+    return CompletionChoice(
+        index=index, text=text,
+        logprobs=completion_logprobs(entries, shown.token_name, 0, logprobs) if logprobs is not None else None,
+        finish_reason="length" if scoring_only else state.finish_reason,
+        **shown.prompt_fields(prompt_ids, prompt_lps), **ids)
 
 
 def finish_with_calls(finish_reason: str | None, has_calls: bool) -> str | None:

@@ -12,7 +12,16 @@ from typing import Any
 
 import torch
 
-from modelfleet.protocol import new_id, now, usage
+from modelfleet.openai_types import (
+    PoolingUsage,
+    Rerank,
+    RerankDocument,
+    RerankResult,
+    ScoreData,
+    ScoreList,
+    Usage,
+)
+from modelfleet.protocol import new_id, now
 
 
 def pairs(first: list[str], second: list[str]) -> list[tuple[str, str]]:
@@ -41,29 +50,20 @@ def rank(scores: list[float], documents: list[str], top_n: int | None,
         order = order[:top_n]
     results = []
     for i in order:
-        result: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+        result = RerankResult(index=i, relevance_score=scores[i])
         if return_documents is not False:
-            result["document"] = {"text": documents[i]}
-        results.append(result)
+            result.document = RerankDocument(text=documents[i])
+        results.append(result.dump())
     return results
 
 
 def rerank_response(model: str, scores: list[float], documents: list[str], top_n: int | None,
                     return_documents: bool | None, tokens: int) -> dict[str, Any]:
-    return {
-        "id": new_id("rerank"),
-        "model": model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        "results": rank(scores, documents, top_n, return_documents),
-    }
+    return Rerank(id=new_id("rerank"), model=model, usage=PoolingUsage(prompt_tokens=tokens, total_tokens=tokens),
+                  results=rank(scores, documents, top_n, return_documents)).dump()
 
 
 def score_response(model: str, scores: list[float], tokens: int) -> dict[str, Any]:
-    return {
-        "id": new_id("score"),
-        "object": "list",
-        "created": now(),
-        "model": model,
-        "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
-        "usage": usage(tokens, 0),
-    }
+    return ScoreList(id=new_id("score"), created=now(), model=model,
+                     data=[ScoreData(index=i, score=s) for i, s in enumerate(scores)],
+                     usage=Usage.of(tokens, 0)).dump()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelfleet.openai_types import Embedding, EmbeddingList, ModelCard, ModelPermission, PoolingUsage
 from modelfleet.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -102,22 +103,11 @@ class ModelService:
         return {"chat": generate and self.info.has_chat_template, "completion": generate,
                 "embedding": self.embedder is not None, "score": self.info.task in ("embed", "score")}
 
-    def model_cards(self) -> list[dict[str, Any]]:
+    def model_cards(self) -> list[ModelCard]:
         return [
-            {
-                "id": name,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "modelfleet",
-                "root": self.name,
-                "parent": None if name == self.name else self.name,
-                "max_model_len": self.info.max_model_len,
-                "task": self.info.task,
-                "capabilities": self.capabilities(),
-                "permission": [{"id": f"modelperm-{name}", "object": "model_permission", "created": self.created,
-                                "allow_sampling": True, "allow_logprobs": True, "allow_view": True,
-                                "is_blocking": False, "organization": "*", "group": None}],
-            }
+            ModelCard.of(name, self.name, created=self.created, max_model_len=self.info.max_model_len,
+                         task=self.info.task, capabilities=self.capabilities(),
+                         permission=[ModelPermission(id=f"modelperm-{name}", created=self.created)])
             for name in self.names
         ]
 
@@ -311,20 +301,18 @@ class ModelService:
             raise OpenAIError(f"This model gives {dim}-dimensional embeddings; `dimensions` must be at most {dim}.",
                               param="dimensions")
         result = await self.embedder.embed(items)
-        data = []
+        data: list[Embedding] = []
         for i, vector in enumerate(result.vectors):
             vec = shape_vector(vector, req.dimensions, self.embedder.normalized)
             if req.encoding_format == "base64":
                 payload: Any = base64.b64encode(vec.numpy().astype(np.float32).tobytes()).decode()
             else:
                 payload = vec.tolist()
-            data.append({"object": "embedding", "index": i, "embedding": payload})
-        return {
-            "object": "list",
-            "data": data,
-            "model": req.model,
-            "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
-        }
+            # Built unvalidated: the floats come from torch, and checking each again cost 56 us a
+            # 384-float vector here, against 30 us unvalidated (and ~600 us to encode it as JSON).
+            data.append(Embedding.model_construct(index=i, embedding=payload))
+        return EmbeddingList(data=data, model=req.model,
+                             usage=PoolingUsage(prompt_tokens=result.tokens, total_tokens=result.tokens)).dump()
 
     # -- score and rerank ---------------------------------------------------------------------
 

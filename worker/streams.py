@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from modelfleet.openai_types import FunctionCallItem, OutputMessage, OutputText, Response, ResponseUsage
 from modelfleet.protocol import SSE_DONE, error_body, new_id, now, sse, sse_event, usage
 
 from .engine import RequestStream
@@ -30,7 +31,10 @@ log = logging.getLogger(__name__)
 
 class Chunks:
     """Frames one choice per chunk. With include_usage every chunk carries `usage: null`
-    (OpenAI's shape), or with vLLM's continuous_usage_stats the usage so far."""
+    (OpenAI's shape), or with vLLM's continuous_usage_stats the usage so far. Chunks are dicts
+    framed by `sse`, not typed models: this runs once per token, and a typed chunk costs twice
+    as much to build and dump (openai_types' docstring); `ChatCompletionChunk` and
+    `CompletionChunk` are their schema, checked against this framing in the unit tests."""
 
     def __init__(self, base: dict[str, Any], shown: Shown) -> None:
         self.base = base
@@ -171,38 +175,26 @@ def response_object(rid: str, model: str, created: int, text: str | None, status
                     completion_tokens: int, message_id: str, incomplete: bool = False,
                     calls: list[ToolCall] | None = None, logprobs: list[dict[str, Any]] | None = None,
                     cached_tokens: int = 0) -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text or "", "annotations": [], "logprobs": logprobs or []}]
-    output = [] if status == "in_progress" else [
-        {"type": "message", "id": message_id, "status": "completed", "role": "assistant", "content": content}
-    ]
-    if calls and status != "in_progress":
+    """The Responses API's response object; an `in_progress` one has no output and no usage yet."""
+    done = status != "in_progress"
+    content = [OutputText(text=text or "", logprobs=logprobs or [])]
+    output: list[OutputMessage | FunctionCallItem] = [OutputMessage(id=message_id, content=content)] if done else []
+    if calls and done:
         output = output if text else []
-        output += [function_call_item(c) for c in calls]
-    return {
-        "id": rid,
-        "object": "response",
-        "created_at": created,
-        "status": status,
-        "model": model,
-        "output": output,
-        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-        "error": None,
-        "parallel_tool_calls": False,
-        "tool_choice": "none",
-        "tools": [],
-        "usage": None if status == "in_progress" else {
-            "input_tokens": prompt_tokens,
-            "input_tokens_details": {"cached_tokens": cached_tokens},
-            "output_tokens": completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }
+        output += [function_call(c) for c in calls]
+    return Response(id=rid, created_at=created, status=status, model=model, output=output,
+                    incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
+                    usage=ResponseUsage.of(prompt_tokens, completion_tokens, cached_tokens) if done else None,
+                    ).dump()
+
+
+def function_call(call: ToolCall, status: str = "completed") -> FunctionCallItem:
+    return FunctionCallItem(id="fc_" + call.id.removeprefix("call_"), call_id=call.id, name=call.name,
+                            arguments=call.arguments, status=status)
 
 
 def function_call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
-    return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
-            "name": call.name, "arguments": call.arguments, "status": status}
+    return function_call(call, status).dump()
 
 
 def responses_format(text: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from modelfleet.http import ClientGone
-from modelfleet.worker.routes import until_disconnect
+from modelfleet.worker.api_common import until_disconnect
 
 CHAT = "tiny-chat"
 MSG = [{"role": "user", "content": "Hello"}]
