@@ -218,7 +218,10 @@ def test_a_vllm_model_scaled_to_zero_holds_its_first_request_until_a_replica_sta
                          default_headers={"Host": release.host})
     r = slow.chat.completions.create(model="vllm-lazy", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert r.choices and r.usage.completion_tokens > 0
-    assert (release.md("vllm-lazy").get("status") or {}).get("readyReplicas") == 1
+    # The operator reports the replica in status at its next reconcile, which may come after
+    # the gateway (watching the EndpointSlice) has already routed to it.
+    wait_for(lambda: (release.md("vllm-lazy").get("status") or {}).get("readyReplicas") == 1, 60,
+             what="status.readyReplicas 1 after the held request was served")
 
 
 def test_a_vllm_that_cannot_start_says_why_in_its_status(release: Release, tmp_path_factory) -> None:
