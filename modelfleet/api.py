@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 
 from .engines import EngineKind
+from .sources import CLIMB_RE as CLIMB_RE  # re-exported: the CRD's rules are checked against it
+from .sources import SOURCE_RE, ModelSourceError, parse_model_source
 
 GROUP = "modelfleet.dev"
 VERSION = "v1alpha1"
@@ -35,13 +37,7 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 # A served model name, as clients send it in `"model": ...`: OpenAI-style ("gpt-4o-mini"),
 # Hugging Face-style ("org/name") and Ollama-style ("llama3:8b") names all fit.
 MODEL_NAME_RE = r"^[A-Za-z0-9]([A-Za-z0-9._:/-]{0,126}[A-Za-z0-9])?$"
-# file:///abs/path, hf://org/name[@revision] (org optional), pvc://claim[/sub/path].
-SOURCE_RE = (
-    r"^(file:///.*|hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9._/-]+)?"
-    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?)$"
-)
-# A '..' path segment (also percent-encoded), which would climb out of a volume or a cache.
-CLIMB_RE = r"(^[a-z]+://|/|@)([.]|%2[eE]){2}(/|$)"
+# spec.model.source's CEL rules (SOURCE_RE, CLIMB_RE) live with the parser, modelfleet.sources.
 # A Kubernetes quantity ("4", "500m", "16Gi", "1e3"), as the API server's own pattern.
 QUANTITY_RE = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 # Options the operator sets itself from spec.model, for either engine; user args must not
@@ -118,7 +114,14 @@ class ModelSource(_Model):
     @field_validator("source")
     @classmethod
     def _source_scheme(cls, v: str) -> str:
-        if not re.match(SOURCE_RE, v) or re.search(CLIMB_RE, v):
+        # The CRD's pattern (a plain path is the worker's, not a cluster's) and the parser the
+        # operator and the worker use, which refuses what the CRD's CLIMB_RE rule does.
+        try:
+            parse_model_source(v)
+            valid = re.match(SOURCE_RE, v) is not None
+        except ModelSourceError:
+            valid = False
+        if not valid:
             raise ValueError(
                 "spec.model.source must be file:///abs/path, hf://org/name[@revision] or pvc://claim/path, "
                 "with no '..' segments"

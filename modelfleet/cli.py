@@ -10,7 +10,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class CommandError(Exception):
@@ -24,32 +26,92 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+@dataclass(frozen=True)
+class WorkerSettings:
+    """`modelfleet worker`'s settings, and the one home of its command line: `to_args` writes it
+    (for the operator's pods and `modelfleet serve`'s children), the `worker` parser below reads
+    it back (`worker_settings`), with these defaults. Here rather than in worker/app.py so that
+    the operator can write it without importing the model stack."""
+
+    source: str
+    served_names: list[str]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    drain_timeout: float = 30.0
+    enable_prefix_caching: bool = True
+    prefix_cache_gib: float = 1.0
+    kv_cache_gib: float | None = None  # None: sized from free memory (kvcache.default_kv_cache_bytes)
+
+    def to_args(self) -> list[str]:
+        """The `modelfleet worker` arguments for these settings. Where the worker runs, device,
+        dtype and the drain timeout are always written; the engine's tuning only when it differs
+        from the default, so that a pod's command line shows what its spec asked for."""
+        args = ["--model", self.source, *[a for name in self.served_names for a in ("--served-name", name)],
+                "--host", self.host, "--port", str(self.port), "--device", self.device, "--dtype", self.dtype,
+                "--drain-timeout", _number(self.drain_timeout)]
+        if self.max_model_len is not None:
+            args += ["--max-model-len", str(self.max_model_len)]
+        if self.max_num_seqs != _DEFAULTS.max_num_seqs:
+            args += ["--max-num-seqs", str(self.max_num_seqs)]
+        if self.max_num_batched_tokens != _DEFAULTS.max_num_batched_tokens:
+            args += ["--max-num-batched-tokens", str(self.max_num_batched_tokens)]
+        if self.enable_prefix_caching != _DEFAULTS.enable_prefix_caching:
+            args.append("--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching")
+        if self.prefix_cache_gib != _DEFAULTS.prefix_cache_gib:
+            args += ["--prefix-cache-gib", _number(self.prefix_cache_gib)]
+        if self.kv_cache_gib is not None:
+            args += ["--kv-cache-memory", _number(self.kv_cache_gib)]
+        return args
+
+
+_DEFAULTS = WorkerSettings(source="", served_names=[])
+
+
+def _number(value: float) -> str:
+    """30 and 30.0 as "30" (a grace period in a pod spec is whole seconds), 0.5 as "0.5"."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def _engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine options")
-    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    group.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    group.add_argument("--max-model-len", type=_positive, default=None, help="context length (default: model's)")
-    group.add_argument("--max-num-seqs", type=_positive, default=64, help="sequences in the running batch")
-    group.add_argument("--max-num-batched-tokens", type=_positive, default=4096, help="prefill tokens per step")
-    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default=_DEFAULTS.device)
+    group.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=_DEFAULTS.dtype)
+    group.add_argument("--max-model-len", type=_positive, default=_DEFAULTS.max_model_len,
+                       help="context length (default: model's)")
+    group.add_argument("--max-num-seqs", type=_positive, default=_DEFAULTS.max_num_seqs,
+                       help="sequences in the running batch")
+    group.add_argument("--max-num-batched-tokens", type=_positive, default=_DEFAULTS.max_num_batched_tokens,
+                       help="prefill tokens per step")
+    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=_DEFAULTS.enable_prefix_caching,
                        help="reuse the KV of prompt prefixes that earlier requests computed")
-    group.add_argument("--prefix-cache-gib", type=float, default=1.0, metavar="GIB",
+    group.add_argument("--prefix-cache-gib", type=float, default=_DEFAULTS.prefix_cache_gib, metavar="GIB",
                        help="memory for cached prefix blocks")
-    group.add_argument("--kv-cache-memory", type=_positive_float, default=None, metavar="GIB",
+    group.add_argument("--kv-cache-memory", type=_positive_float, default=_DEFAULTS.kv_cache_gib, metavar="GIB",
                        help="memory for the running sequences' KV; requests wait when it is full "
                             "(default: 40%% of the memory free at start-up, at most 32)")
 
 
-def engine_argv(args: argparse.Namespace) -> list[str]:
-    """The engine options as worker arguments, for `serve` to pass on."""
-    out = ["--device", args.device, "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--prefix-cache-gib", str(args.prefix_cache_gib),
-           "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching"]
-    if args.max_model_len:
-        out += ["--max-model-len", str(args.max_model_len)]
-    if args.kv_cache_memory is not None:
-        out += ["--kv-cache-memory", str(args.kv_cache_memory)]
-    return out
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options (`worker`'s and `serve`'s) as WorkerSettings fields."""
+    return {"device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len,
+            "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+            "enable_prefix_caching": args.enable_prefix_caching, "prefix_cache_gib": args.prefix_cache_gib,
+            "kv_cache_gib": args.kv_cache_memory}
+
+
+def worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    """Parsed `modelfleet worker` arguments -> its settings (the inverse of WorkerSettings.to_args)."""
+    names = [n for raw in args.served_name for n in raw.split(",") if n]
+    if not names:
+        names = [os.path.basename(args.model.rstrip("/")) or "model"]
+    return WorkerSettings(source=args.model, served_names=names, host=args.host, port=args.port,
+                          drain_timeout=args.drain_timeout, **engine_settings(args))
 
 
 def _positive(text: str) -> int:
@@ -111,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--model", required=True, metavar="SOURCE")
     worker.add_argument("--served-name", action="append", default=[], metavar="NAME",
                         help="name clients use (repeat or comma-separate for aliases)")
-    worker.add_argument("--host", default="127.0.0.1")
-    worker.add_argument("--port", type=_port, default=8000)
-    worker.add_argument("--drain-timeout", type=float, default=30.0,
+    worker.add_argument("--host", default=_DEFAULTS.host)
+    worker.add_argument("--port", type=_port, default=_DEFAULTS.port)
+    worker.add_argument("--drain-timeout", type=float, default=_DEFAULTS.drain_timeout,
                         help="seconds to finish in-flight requests after SIGTERM")
     _engine_options(worker)
 
@@ -173,21 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     from modelfleet.netutil import PortInUseError
-    from modelfleet.worker.app import WorkerSettings, serve
+    from modelfleet.worker.app import serve
     from modelfleet.worker.loader import ModelSourceError
 
-    names = [n for raw in args.served_name for n in raw.split(",") if n]
-    if not names:
-        names = [os.path.basename(args.model.rstrip("/")) or "model"]
-    settings = WorkerSettings(
-        source=args.model, served_names=names, host=args.host, port=args.port, device=args.device,
-        dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, drain_timeout=args.drain_timeout,
-        enable_prefix_caching=args.enable_prefix_caching, prefix_cache_gib=args.prefix_cache_gib,
-        kv_cache_gib=args.kv_cache_memory,
-    )
     try:
-        serve(settings)
+        serve(worker_settings(args))
     except (ModelSourceError, PortInUseError) as exc:
         raise CommandError(str(exc)) from None
     return 0

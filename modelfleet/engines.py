@@ -123,9 +123,11 @@ def find_vllm_python() -> str | None:
 
 
 def split_hf_source(source: str) -> tuple[str, str | None]:
-    """`hf://org/name[@revision]` -> ("org/name", revision or None)."""
-    repo, _, revision = source[len("hf://") :].partition("@")
-    return repo, revision or None
+    """`hf://org/name[@revision]` -> ("org/name", revision or None), by modelfleet.sources."""
+    from .sources import parse_model_source
+
+    parsed = parse_model_source(source)
+    return parsed.repo, parsed.revision
 
 
 def detect_task(model_dir: str) -> Literal["generate", "embed"]:

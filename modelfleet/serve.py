@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from .cli import CommandError, engine_argv
+from .cli import CommandError, WorkerSettings, engine_settings
 from .netutil import PortInUseError, bind_socket, free_port
 
 
@@ -62,13 +62,16 @@ def parse_models(specs: list[str]) -> list[tuple[str, str]]:
 def worker_command(name: str, source: str, port: int, args: argparse.Namespace) -> list[str]:
     """One replica's command line: modelfleet's worker, or vLLM's OpenAI server."""
     if args.engine != "vllm":
-        return [sys.executable, "-m", "modelfleet", "--log-level", args.log_level, "worker", "--model", source,
-                "--served-name", name, "--host", "127.0.0.1", "--port", str(port), *engine_argv(args)]
-    from .engines import VLLM_SERVER_MODULE, VllmServer, detect_task, find_vllm_python, split_hf_source
+        settings = WorkerSettings(source=source, served_names=[name], host="127.0.0.1", port=port,
+                                  **engine_settings(args))
+        return [sys.executable, "-m", "modelfleet", "--log-level", args.log_level, "worker", *settings.to_args()]
+    from .engines import VLLM_SERVER_MODULE, VllmServer, detect_task, find_vllm_python
+    from .sources import parse_model_source
 
     python = find_vllm_python()
     assert python is not None  # checked before anything started
-    model, revision = split_hf_source(source) if source.startswith("hf://") else (local_path(source), None)
+    parsed = parse_model_source(source)  # check_sources parsed it already
+    model, revision = (parsed.repo, parsed.revision) if parsed.scheme == "hf" else (parsed.path or source, None)
     server = VllmServer(model=model, revision=revision, served_names=[name], host="127.0.0.1", port=port,
                         dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         task=detect_task(model) if revision is None and os.path.isdir(model) else "auto",
@@ -76,10 +79,6 @@ def worker_command(name: str, source: str, port: int, args: argparse.Namespace) 
                         extra_args=list(args.vllm_arg))
     # -P: never import from the current directory (a checkout's operator/ would shadow the stdlib's).
     return [python, "-P", "-m", VLLM_SERVER_MODULE, *server.args()]
-
-
-def local_path(source: str) -> str:
-    return source[len("file://"):] if source.startswith("file://") else source
 
 
 def start_workers(models: list[tuple[str, str]], replicas: int, args: argparse.Namespace) -> list[WorkerProcess]:
@@ -130,13 +129,13 @@ def stop_workers(workers: list[WorkerProcess], grace: float = 10.0) -> None:
 
 
 def check_sources(models: list[tuple[str, str]]) -> None:
-    from .worker.loader import ModelSourceError, resolve_source
+    from .sources import ModelSourceError, parse_model_source
+    from .worker.loader import local_model_dir
 
     for name, source in models:
-        if source.startswith("hf://"):
-            continue  # resolved (downloaded) by the worker itself
         try:
-            resolve_source(source)
+            if parse_model_source(source).scheme != "hf":  # hf://: downloaded by the worker itself
+                local_model_dir(source)
         except ModelSourceError as exc:
             raise CommandError(f"model {name}: {exc}") from None
 

@@ -8,7 +8,6 @@ filled in by the API server) are left alone. No I/O here; `kube.py` applies the 
 from __future__ import annotations
 
 import math
-import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,9 @@ import kopf
 
 from modelfleet import labels
 from modelfleet.api import DEFAULT_GPU_RESOURCE, ModelDeployment
-from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, split_hf_source, vllm_env
+from modelfleet.cli import WorkerSettings
+from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, vllm_env
+from modelfleet.sources import ModelSourceError, parse_model_source
 
 from .config import OperatorConfig
 
@@ -41,8 +42,8 @@ READINESS_FAILURES = 2
 
 
 @dataclass(frozen=True)
-class ResolvedSource:
-    """Where the worker finds the model, and what must be mounted for that."""
+class WorkerModel:
+    """Where the worker finds the model (its --model), and what must be mounted for that."""
 
     path: str
     volume: dict[str, Any] | None = None
@@ -50,38 +51,32 @@ class ResolvedSource:
     needs_hf_cache: bool = False
 
 
-def resolve_source(source: str, config: OperatorConfig) -> ResolvedSource:
-    """Map spec.model.source to the worker's --model value and its volume.
+def worker_model_arg(source: str, config: OperatorConfig) -> WorkerModel:
+    """Map spec.model.source (parsed by modelfleet.sources) to the worker's --model value and its volume.
 
     pvc://claim/sub/path -> the claim mounted read-only under pvc_mount_root, and the local path
     to sub/path inside it. hf:// is passed through (the worker downloads into an emptyDir).
-    file:// is passed through, or mounted from the node when host_path_models is on.
+    file:// becomes its normalized path, mounted from the node when host_path_models is on.
     """
-    if source.startswith("pvc://"):
-        claim, _, sub = source[len("pvc://") :].partition("/")
-        mount_path = posixpath.join(config.pvc_mount_root, claim)
-        path = posixpath.normpath(posixpath.join(mount_path, sub)) if sub else mount_path
-        if not (path + "/").startswith(mount_path + "/"):
-            raise ValueError(f"spec.model.source {source!r} leaves its volume")
-        return ResolvedSource(
-            path=path,
-            volume={"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
+    parsed = parse_model_source(source)
+    if parsed.scheme == "pvc":
+        mount_path = parsed.mount_path(config.pvc_mount_root)
+        return WorkerModel(
+            path=parsed.claim_path(config.pvc_mount_root),
+            volume={"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": parsed.claim, "readOnly": True}},
             mount={"name": MODEL_VOLUME, "mountPath": mount_path, "readOnly": True},
         )
-    if source.startswith("hf://"):
-        return ResolvedSource(path=source, needs_hf_cache=True)
-    if source.startswith("file://"):
-        if ".." in source[len("file://") :].split("/"):
-            raise ValueError(f"spec.model.source {source!r} climbs out of its directory with '..'")
-        path = posixpath.normpath(source[len("file://") :])
+    if parsed.scheme == "hf":
+        return WorkerModel(path=source, needs_hf_cache=True)
+    if parsed.scheme == "file":
         if not config.host_path_models:
-            return ResolvedSource(path=path)
-        return ResolvedSource(
-            path=path,
-            volume={"name": MODEL_VOLUME, "hostPath": {"path": path, "type": "Directory"}},
-            mount={"name": MODEL_VOLUME, "mountPath": path, "readOnly": True},
+            return WorkerModel(path=parsed.path)
+        return WorkerModel(
+            path=parsed.path,
+            volume={"name": MODEL_VOLUME, "hostPath": {"path": parsed.path, "type": "Directory"}},
+            mount={"name": MODEL_VOLUME, "mountPath": parsed.path, "readOnly": True},
         )
-    raise ValueError(f"spec.model.source {source!r} has no known scheme (file://, hf://, pvc://)")
+    raise ModelSourceError(f"spec.model.source {source!r} has no known scheme (file://, hf://, pvc://)")
 
 
 def _metadata(md: ModelDeployment, api_version: str, kind: str) -> dict[str, Any]:
@@ -107,34 +102,32 @@ def _metadata(md: ModelDeployment, api_version: str, kind: str) -> dict[str, Any
 
 
 def worker_args(md: ModelDeployment, model_path: str, config: OperatorConfig) -> list[str]:
-    """The `modelfleet worker` command line (docs/cli.md); user args come last."""
+    """The `modelfleet worker` command line (docs/cli.md), written by WorkerSettings.to_args;
+    user args come last."""
     spec = md.spec
-    args = [
-        "modelfleet", "worker",
-        "--model", model_path,
-        "--served-name", md.served_name,
+    settings = WorkerSettings(
+        source=model_path,
         # Aliases too: the gateway forwards the request bytes unchanged, "model" included.
-        *[a for alias in spec.model.aliases for a in ("--served-name", alias)],
-        "--host", "0.0.0.0",
-        "--port", str(config.worker_port),
+        served_names=[md.served_name, *spec.model.aliases],
+        host="0.0.0.0",
+        port=config.worker_port,
         # Explicit on CPU too: a node with GPUs may expose them to pods that did not ask.
-        "--device", "cuda" if spec.resources.gpu > 0 else "cpu",
-        "--dtype", spec.engine.dtype,
+        device="cuda" if spec.resources.gpu > 0 else "cpu",
+        dtype=spec.engine.dtype,
         # Finish in-flight requests for as long as Kubernetes lets the pod live after SIGTERM.
-        "--drain-timeout", str(spec.termination_grace_period_seconds),
-    ]  # fmt: skip
-    if spec.engine.max_model_len is not None:
-        args += ["--max-model-len", str(spec.engine.max_model_len)]
-    if spec.engine.max_num_seqs is not None:
-        args += ["--max-num-seqs", str(spec.engine.max_num_seqs)]
-    return args + list(spec.engine.args)
+        drain_timeout=spec.termination_grace_period_seconds,
+        max_model_len=spec.engine.max_model_len,
+        **({} if spec.engine.max_num_seqs is None else {"max_num_seqs": spec.engine.max_num_seqs}),
+    )
+    return ["modelfleet", "worker", *settings.to_args(), *spec.engine.args]
 
 
 def vllm_server(md: ModelDeployment, model_path: str, config: OperatorConfig) -> VllmServer:
     """vLLM's OpenAI server for this ModelDeployment: the same spec fields as the own worker's
     flags, and the GPUs of a replica as its tensor-parallel size."""
     spec = md.spec
-    model, revision = split_hf_source(model_path) if model_path.startswith("hf://") else (model_path, None)
+    parsed = parse_model_source(model_path)
+    model, revision = (parsed.repo, parsed.revision) if parsed.scheme == "hf" else (model_path, None)
     return VllmServer(
         model=model, revision=revision,
         served_names=[md.served_name, *spec.model.aliases],
@@ -187,7 +180,7 @@ def _http_probe(path: str, period: int, failures: int, timeout: int) -> dict[str
     }
 
 
-def _container(md: ModelDeployment, source: ResolvedSource, config: OperatorConfig) -> dict[str, Any]:
+def _container(md: ModelDeployment, source: WorkerModel, config: OperatorConfig) -> dict[str, Any]:
     engine = md.spec.engine
     env = [e.to_wire() for e in engine.env]
     mounts = [source.mount] if source.mount else []
@@ -288,7 +281,7 @@ def _pod_template_spec(md: ModelDeployment, pod_spec: dict[str, Any]) -> dict[st
 def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig) -> dict[str, Any]:
     """The Deployment of worker pods, sized to `replicas` (spec.replicas or the autoscaler's)."""
     spec = md.spec
-    source = resolve_source(spec.model.source, config)
+    source = worker_model_arg(spec.model.source, config)
     pod_annotations = {
         "kubectl.kubernetes.io/default-container": CONTAINER,
         "prometheus.io/scrape": "true",

@@ -6,12 +6,12 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from modelfleet.cli import WorkerSettings  # the worker's settings and command line: one home
 from modelfleet.http import (
     ClientGone,
     GuardedHttpToolsProtocol,
@@ -29,9 +29,9 @@ from .loader import (
     load_causal_lm,
     load_cross_encoder,
     load_sentence_transformer,
+    local_model_dir,
     pick_device,
     pick_dtype,
-    resolve_source,
 )
 from .metrics import WorkerMetrics
 from .routes import build_router, fast_routes
@@ -40,28 +40,11 @@ from .service import ModelService
 log = logging.getLogger("modelfleet.worker")
 
 
-@dataclass(frozen=True)
-class WorkerSettings:
-    source: str
-    served_names: list[str]
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
-    drain_timeout: float = 30.0
-    enable_prefix_caching: bool = True
-    prefix_cache_gib: float = 1.0
-    kv_cache_gib: float | None = None  # None: sized from free memory (kvcache.default_kv_cache_bytes)
-
-
 def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]:
     """Everything slow happens here, before the port opens: a worker that is up can serve."""
     import torch
 
-    path = resolve_source(settings.source)
+    path = local_model_dir(settings.source)
     info = detect(path, settings.max_model_len)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)

@@ -2,7 +2,7 @@
 
 SOURCE is a local directory (`/abs/path` or `file:///abs/path`), `hf://org/name[@revision]`
 (downloaded with huggingface_hub when the hub is reachable), or `pvc://claim/sub/path`, which
-inside a cluster the operator mounts at `/mnt/models/<claim>` (see `modelfleet.api`).
+inside a cluster the operator mounts at `/mnt/models/<claim>`; `modelfleet.sources` parses them.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import posixpath
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote
+
+from modelfleet.sources import HF_FORM, ModelSource, ModelSourceError, parse_model_source
 
 log = logging.getLogger(__name__)
 
@@ -23,43 +22,16 @@ PVC_MOUNT_ROOT = os.environ.get("MODELFLEET_PVC_ROOT", "/mnt/models")
 Task = Literal["generate", "embed", "score"]
 
 
-class ModelSourceError(Exception):
-    """A source that cannot be resolved or loaded; the CLI prints it as one line."""
-
-
-# A claim name (a DNS label, as the CRD's pattern has it) and a hub repo id's segments.
-CLAIM_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-HF_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-HF_REVISION_RE = re.compile(r"[A-Za-z0-9._/-]+")
-
-
-def _no_parent_segments(source: str, path: str) -> None:
-    """Refuses `..` segments, percent-encoded ones too: a URL source names its directory
-    directly, so a source cannot climb out of its volume (pvc://), the hub cache (hf://) or
-    the directory its author meant (file://)."""
-    if any(unquote(segment) == ".." for segment in path.split("/")):
-        raise ModelSourceError(f"model source {source!r} has a '..' path segment; name the directory itself")
-
-
-def resolve_source(source: str) -> Path:
+def local_model_dir(source: str) -> Path:
     """Turns SOURCE into a local directory that exists, downloading `hf://` sources.
 
-    A plain path is the user's own (relative ones included); URL sources are checked so that
-    they stay where they point: file:// absolute, pvc:// inside its claim's mount."""
-    if source.startswith("file://"):
-        raw = source[len("file://") :]
-        if not raw.startswith("/"):
-            raise ModelSourceError(f"file:// sources take an absolute path (file:///abs/path), got {source!r}")
-        _no_parent_segments(source, raw)
-        path = Path(raw)
-    elif source.startswith("hf://"):
-        return _download_hf(source[len("hf://") :])
-    elif source.startswith("pvc://"):
-        path = _pvc_path(source)
-    elif "://" in source:
-        raise ModelSourceError(f"unsupported model source scheme in {source!r}: use a path, file://, hf:// or pvc://")
-    else:
-        path = Path(source)
+    A plain path is the user's own (relative ones included); URL sources are checked by the
+    parser (modelfleet.sources) so that they stay where they point: file:// absolute, pvc://
+    inside its claim's mount under PVC_MOUNT_ROOT."""
+    parsed = parse_model_source(source)
+    if parsed.scheme == "hf":
+        return _download_hf(parsed)
+    path = Path(parsed.claim_path(PVC_MOUNT_ROOT) if parsed.scheme == "pvc" else parsed.path)
     if not path.is_absolute():
         path = path.resolve()
     if not path.is_dir():
@@ -69,37 +41,16 @@ def resolve_source(source: str) -> Path:
     return path
 
 
-def _pvc_path(source: str) -> Path:
-    """pvc://claim/sub/path -> PVC_MOUNT_ROOT/claim/sub/path, never outside the claim's mount."""
-    claim, _, sub = source[len("pvc://") :].partition("/")
-    if not CLAIM_RE.fullmatch(claim):
-        raise ModelSourceError(f"pvc:// sources look like pvc://claim/sub/path with a lowercase claim name, "
-                               f"got {source!r}")
-    _no_parent_segments(source, sub)
-    mount = posixpath.join(PVC_MOUNT_ROOT, claim)
-    path = posixpath.normpath(posixpath.join(mount, sub))
-    if path != mount and not path.startswith(mount + "/"):  # belt and braces: normpath cannot climb now
-        raise ModelSourceError(f"model source {source!r} leaves its volume")
-    return Path(path)
 
-
-def _download_hf(spec: str) -> Path:
-    repo, _, revision = spec.partition("@")
-    if repo.count("/") != 1:
-        raise ModelSourceError(f"hf:// sources look like hf://org/name[@revision], got hf://{spec}")
-    # The hub client joins repo and revision into cache paths (refs/<revision>): only names.
-    if not all(HF_SEGMENT_RE.fullmatch(part) and ".." not in part for part in repo.split("/")):
-        raise ModelSourceError(f"hf:// repo must be org/name of letters, digits and . _ -, got hf://{spec}")
-    if revision:
-        _no_parent_segments(f"hf://{spec}", revision)
-        if not HF_REVISION_RE.fullmatch(revision) or revision.startswith("/"):
-            raise ModelSourceError(f"hf:// revision must be a branch, tag or commit, got hf://{spec}")
+def _download_hf(source: ModelSource) -> Path:
+    if "/" not in source.repo:
+        raise ModelSourceError(f"{HF_FORM}, got {source.text}")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=repo, revision=revision or None))
+        return Path(snapshot_download(repo_id=source.repo, revision=source.revision))
     except Exception as exc:  # the hub's errors are many; the user needs one line
-        raise ModelSourceError(f"could not download {repo} from the Hugging Face hub: {exc}") from exc
+        raise ModelSourceError(f"could not download {source.repo} from the Hugging Face hub: {exc}") from exc
 
 
 @dataclass

@@ -9,18 +9,18 @@ import textwrap
 import pytest
 
 from modelfleet.demo import minilm_path
-from modelfleet.worker.loader import ModelSourceError, detect, resolve_source
+from modelfleet.worker.loader import ModelSourceError, detect, local_model_dir
 
 
 def test_local_paths_and_file_urls(demo_path):
-    assert resolve_source(str(demo_path)) == demo_path
-    assert resolve_source(f"file://{demo_path}") == demo_path
+    assert local_model_dir(str(demo_path)) == demo_path
+    assert local_model_dir(f"file://{demo_path}") == demo_path
 
 
 @pytest.mark.parametrize("source", ["/no/such/dir", "s3://bucket/model", "hf://just-a-name"])
 def test_bad_sources_say_why(source):
     with pytest.raises(ModelSourceError):
-        resolve_source(source)
+        local_model_dir(source)
 
 
 def test_pvc_sources_map_to_the_mount_root(tmp_path, demo_path, monkeypatch):
@@ -28,7 +28,7 @@ def test_pvc_sources_map_to_the_mount_root(tmp_path, demo_path, monkeypatch):
 
     shutil.copytree(demo_path, tmp_path / "claim" / "sub")
     monkeypatch.setattr(loader, "PVC_MOUNT_ROOT", str(tmp_path))
-    assert resolve_source("pvc://claim/sub") == tmp_path / "claim" / "sub"
+    assert local_model_dir("pvc://claim/sub") == tmp_path / "claim" / "sub"
 
 
 def test_hf_sources_resolve_through_the_hub_cache(tmp_path, demo_path):
@@ -39,9 +39,9 @@ def test_hf_sources_resolve_through_the_hub_cache(tmp_path, demo_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     script = textwrap.dedent(f"""
-        from modelfleet.worker.loader import resolve_source
-        print(resolve_source("hf://acme/tiny"))
-        print(resolve_source("hf://acme/tiny@{commit}"))
+        from modelfleet.worker.loader import local_model_dir
+        print(local_model_dir("hf://acme/tiny"))
+        print(local_model_dir("hf://acme/tiny@{commit}"))
     """)
     env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)

@@ -1,8 +1,9 @@
 """Model sources cannot climb out of where they point: every layer a source passes, checked.
 
 A source travels: the CRD's CEL rule (crds/, at the API server) -> modelfleet.api's validator
-(objects that reached the operator under an older CRD) -> operator/render.py resolve_source (the
-worker's --model and its volume) -> worker/loader.py resolve_source (the directory it loads).
+(objects that reached the operator under an older CRD) -> operator/render.py worker_model_arg
+(the worker's --model and its volume) -> worker/loader.py local_model_dir (the directory it loads).
+All but the CRD read the source with one parser, modelfleet.sources.parse_model_source.
 Each attempt below must be refused by the first layer that can tell, and the chain as a whole
 must never let one reach the filesystem.
 
@@ -21,10 +22,10 @@ from pydantic import ValidationError
 
 from modelfleet.api import ModelSource
 from modelfleet.operator.config import OperatorConfig
-from modelfleet.operator.render import resolve_source as render_source
+from modelfleet.operator.render import worker_model_arg as render_source
+from modelfleet.sources import ModelSourceError, parse_model_source
 from modelfleet.worker import loader
-from modelfleet.worker.loader import ModelSourceError
-from modelfleet.worker.loader import resolve_source as worker_source
+from modelfleet.worker.loader import local_model_dir as worker_source
 
 celpy = pytest.importorskip("celpy")
 
@@ -104,19 +105,22 @@ def test_the_crd_and_the_typed_api_agree(source: str) -> None:
 
 # --- operator/render.py -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("source", sorted(s for s in ESCAPES if s.startswith("pvc://claim/")))
-def test_render_keeps_pvc_sources_inside_their_claim(source: str) -> None:
-    """What reaches the operator: '..' that climbs out is refused; anything else (a literal
-    '%2e%2e' is a file name to a filesystem, which decodes nothing) stays under the mount."""
-    claim = source[len("pvc://"):].split("/")[0]
-    mount = f"{CONFIG.pvc_mount_root}/{claim}"
-    try:
-        resolved = render_source(source, CONFIG)
-    except ValueError as exc:
-        assert "leaves its volume" in str(exc)
-        return
-    assert resolved.path.startswith(mount + "/") and ".." not in resolved.path.split("/")
-    assert resolved.mount["mountPath"] == mount and resolved.mount["readOnly"] is True
+@pytest.mark.parametrize("source", ESCAPES)
+def test_render_refuses_with_the_workers_message(source: str, tmp_path: Path, monkeypatch) -> None:
+    """One parser: what reaches the operator is refused with the very line the worker would
+    print ('%2e%2e' too: refused, not left for a filesystem to take as a name)."""
+    with pytest.raises(ModelSourceError) as rendered:
+        render_source(source, CONFIG)
+    monkeypatch.setattr(loader, "PVC_MOUNT_ROOT", str(tmp_path))
+    with pytest.raises(ModelSourceError) as worker:
+        worker_source(source)
+    assert str(rendered.value) == str(worker.value)
+
+
+def test_render_keeps_pvc_sources_inside_their_claim() -> None:
+    resolved = render_source("pvc://claim/./org//a..b/", CONFIG)
+    assert resolved.path == f"{CONFIG.pvc_mount_root}/claim/org/a..b"
+    assert resolved.mount == {"name": "model", "mountPath": f"{CONFIG.pvc_mount_root}/claim", "readOnly": True}
 
 
 def test_render_refuses_file_sources_that_climb() -> None:
@@ -176,3 +180,57 @@ def test_no_escape_passes_the_whole_chain(source: str, tmp_path: Path, monkeypat
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelSourceError, match=r"'\.\.' path segment"):
         worker_source(resolved.path)
+
+
+# --- modelfleet.sources: the one parser ---------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("source", "fields"),
+    [
+        ("hf://org/name@v1.2", {"scheme": "hf", "repo": "org/name", "revision": "v1.2"}),
+        ("hf://gpt2", {"scheme": "hf", "repo": "gpt2", "revision": None}),  # the CRD allows it; vLLM takes it
+        ("hf://org/name@refs/pr/1", {"scheme": "hf", "repo": "org/name", "revision": "refs/pr/1"}),
+        ("file:///models/./tiny//", {"scheme": "file", "path": "/models/tiny"}),
+        ("pvc://claim", {"scheme": "pvc", "claim": "claim", "sub_path": ""}),
+        ("pvc://claim/", {"scheme": "pvc", "claim": "claim", "sub_path": ""}),
+        ("pvc://claim/a/./b/", {"scheme": "pvc", "claim": "claim", "sub_path": "a/b"}),
+        ("relative/dir", {"scheme": "path", "path": "relative/dir"}),
+    ],
+)
+def test_the_parser_reads_each_scheme(source: str, fields: dict) -> None:
+    parsed = parse_model_source(source)
+    assert parsed.text == source
+    assert {k: getattr(parsed, k) for k in fields} == fields
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("s3://bucket/model", "unsupported model source scheme in 's3://bucket/model': use a path, file://, hf:// or pvc://"),
+        ("file://models/x", "file:// sources take an absolute path (file:///abs/path), got 'file://models/x'"),
+        ("pvc://Claim/x", "pvc:// sources look like pvc://claim/sub/path with a lowercase claim name, got 'pvc://Claim/x'"),
+        ("hf://a/b/c", "hf:// sources look like hf://org/name[@revision], got hf://a/b/c"),
+        ("hf://org/na me", "hf:// repo must be org/name of letters, digits and . _ -, got hf://org/na me"),
+        ("hf://org/name@/main", "hf:// revision must be a branch, tag or commit, got hf://org/name@/main"),
+        ("pvc://c/a/../b", "model source 'pvc://c/a/../b' has a '..' path segment; name the directory itself"),
+    ],
+)
+def test_the_parser_says_what_is_wrong(source: str, message: str) -> None:
+    with pytest.raises(ModelSourceError) as info:
+        parse_model_source(source)
+    assert str(info.value) == message
+
+
+def test_pvc_paths_stay_under_the_mount_root() -> None:
+    parsed = parse_model_source("pvc://claim/sub/dir")
+    assert parsed.mount_path("/mnt/models") == "/mnt/models/claim"
+    assert parsed.claim_path("/mnt/models") == "/mnt/models/claim/sub/dir"
+    assert parse_model_source("pvc://claim").claim_path("/m") == "/m/claim"
+
+
+def test_the_typed_api_and_the_parser_agree_on_what_the_crd_pattern_accepts() -> None:
+    """What passes the CRD's pattern also parses: the operator never meets a source the
+    validator let through and the parser refuses (hf://...@/x now fails at the validator)."""
+    for source in ["hf://org/name@main", "hf://gpt2", "file:///m", "pvc://c", "pvc://c/a/b"]:
+        assert api_allows(source) and parse_model_source(source)
+    assert not api_allows("hf://org/name@/main")

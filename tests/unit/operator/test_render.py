@@ -20,7 +20,7 @@ from modelfleet.operator.render import (
     render_deployment,
     render_pdb,
     render_service,
-    resolve_source,
+    worker_model_arg,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -218,8 +218,8 @@ def test_file_source_mounted_from_the_node_when_configured() -> None:
 
 
 def test_pvc_sub_path_cannot_escape_its_volume() -> None:
-    with pytest.raises(ValueError, match="leaves its volume"):
-        resolve_source("pvc://models/../../etc", CONFIG)
+    with pytest.raises(ValueError, match="'..' path segment"):
+        worker_model_arg("pvc://models/../../etc", CONFIG)
 
 
 @pytest.mark.parametrize(("replicas", "has_pdb"), [(0, False), (1, False), (2, True), (5, True)])
