@@ -132,3 +132,51 @@ def test_top_p_threshold_matches_the_sorted_definition(scale):
         kept = ordered[before < top_p[row]]
         expected = 0.0 if top_p[row] >= 1 else float(kept[-1])
         assert float(got[row]) == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
+def test_draw_over_many_blocks_matches_the_full_inverse_cdf():
+    """The two-level draw picks the token that a float64 cumulative sum over the whole row (the
+    method before it) picks for the same uniform, so seeded outputs stay as they were, up to
+    rounding at the edges of a token's interval."""
+    from modelfleet.worker.sampling import DRAW_BLOCK
+
+    vocab = 3 * DRAW_BLOCK + 17  # padded to whole blocks
+    probs = torch.softmax(torch.randn((1, vocab), generator=torch.Generator().manual_seed(2)) * 2, dim=-1)
+    for seed in range(300):
+        u = torch.rand((), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        expected = int(torch.searchsorted(torch.cumsum(probs[0].double(), 0), u * probs[0].double().sum(),
+                                          side="right"))
+        assert int(draw(probs, [torch.Generator().manual_seed(seed)])[0]) == expected
+
+
+def test_draw_never_picks_a_filtered_token():
+    weights = torch.zeros((1, 1000))
+    weights[0, [0, 255, 256, 999]] = torch.tensor([0.5, 2.0, 1.0, 0.5])  # unnormalised, across blocks
+    g = torch.Generator().manual_seed(0)
+    counts: dict[int, int] = {}
+    for _ in range(4000):
+        token = int(draw(weights, [g])[0])
+        counts[token] = counts.get(token, 0) + 1
+    assert set(counts) == {0, 255, 256, 999}
+    assert counts[255] / 4000 == pytest.approx(0.5, abs=0.03)
+
+
+def test_filters_apply_only_to_the_rows_that_ask():
+    logits = logits_for(3, seed=4)
+    params = [SamplingParams(top_p=0.5), SamplingParams(), SamplingParams(top_k=3, min_p=0.0)]
+    kept = torch.isfinite(filter_logits(logits, BatchParams.build(params, V))).sum(dim=-1).tolist()
+    alone = torch.isfinite(filter_logits(logits[:1], BatchParams.build(params[:1], V))).sum().item()
+    assert kept[0] == alone < V
+    assert kept[1:] == [V, 3]
+
+
+def test_logprobs_are_reported_for_the_rows_that_ask_only():
+    logits = logits_for(3)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, want_logprobs=True, top_logprobs=2),
+              SamplingParams(temperature=0)]
+    out = run(params, logits)
+    lp = torch.log_softmax(logits[1], -1)
+    assert out.logprobs[0] is None and out.logprobs[2] is None
+    assert out.logprobs[1] == pytest.approx(float(lp[out.tokens[1]]), abs=1e-5)
+    assert [t for t, _ in out.top_logprobs[1]] == lp.topk(2).indices.tolist()
+    assert out.tokens[0] == int(logits[0].argmax()) and out.tokens[2] == int(logits[2].argmax())
