@@ -11,12 +11,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from modelfleet.http import RequestIdMiddleware, install_error_handlers
+from modelfleet.http import MAX_BODY_BYTES, RequestIdMiddleware, install_error_handlers
 from modelfleet.openapi import openapi_document
 from modelfleet.protocol import model_not_found
 from modelfleet.tracing import GATEWAY_SERVICE, Tracing, from_environment
@@ -38,7 +37,7 @@ from .responses_store import (
     install_routes,
 )
 from .static import StaticDiscovery
-from .upstream import Upstream
+from .upstream import Probes, Upstream
 
 log = logging.getLogger("modelfleet.gateway")
 
@@ -57,17 +56,12 @@ class GatewaySettings:
     read_timeout: float = 600.0
     first_byte_timeout: float = 15.0  # streams only; see proxy.py
     hold_timeout: float = 60.0  # static: a request waits this long for a backend that is starting
+    probe_interval: float = 1.0  # static: seconds between readiness probes of each backend
     max_inflight_per_replica: int = 256  # past this, a burst gets 503 at once (see capacity.py)
     max_connections: int = 4096
+    max_body_bytes: int = MAX_BODY_BYTES  # a larger request body gets 413
     responses_ttl: float = DEFAULT_TTL  # seconds a stored response is kept; 0: storing off
     responses_max: int = DEFAULT_MAX_STORED  # stored responses kept at most (oldest go first)
-
-
-def make_client(settings: GatewaySettings) -> httpx.AsyncClient:
-    """Explicit timeouts: a stream needs a long read timeout, a dead pod a short connect one."""
-    timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout, write=30.0, pool=30.0)
-    limits = httpx.Limits(max_connections=settings.max_connections, max_keepalive_connections=512)
-    return httpx.AsyncClient(timeout=timeout, limits=limits)
 
 
 def kubernetes_discovery(settings: GatewaySettings, registry: Registry, keys: KeyStore):
@@ -110,13 +104,14 @@ def settle_garbage_collector() -> None:
 
 
 def create_app(settings: GatewaySettings, registry: Registry | None = None,
-               client: httpx.AsyncClient | None = None, keys: KeyStore | None = None,
+               probes: Probes | None = None, keys: KeyStore | None = None,
                limiter: RateLimiter | None = None, discovery=None, tracing: Tracing | None = None) -> DataPath:
     """The gateway as one ASGI app: the proxied paths on the raw data path, the rest on FastAPI.
-    Traces go where the OTEL_* environment says (modelfleet/tracing.py) unless `tracing` is given."""
+    Traces go where the OTEL_* environment says (modelfleet/tracing.py) unless `tracing` is given.
+    `probes` is the control calls' client (readiness, model cards, load scrapes; upstream.py)."""
     tracing = tracing or from_environment(GATEWAY_SERVICE)
     registry = registry or Registry()
-    client = client or make_client(settings)
+    probes = probes or Probes()
     keys = keys or KeyStore()
     if discovery is None and settings.discovery == "kubernetes":
         discovery, replicas = kubernetes_discovery(settings, registry, keys)
@@ -125,7 +120,7 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
     metrics = GatewayMetrics(registry)
     upstream = Upstream(settings.connect_timeout, settings.read_timeout, settings.max_connections)
     proxy = Proxy(registry, upstream, metrics, first_byte_timeout=settings.first_byte_timeout, tracing=tracing)
-    discovery = discovery or StaticDiscovery(registry, settings.backends, client,
+    discovery = discovery or StaticDiscovery(registry, settings.backends, probes, interval=settings.probe_interval,
                                              hold_timeout=settings.hold_timeout)
     key_file = KeyFileWatcher(settings.api_keys, keys) if settings.api_keys else None
     if key_file:
@@ -136,7 +131,7 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
             await asyncio.sleep(1.0)
             key_file.poll()
 
-    scraper = LoadScraper(registry, client)
+    scraper = LoadScraper(registry, probes)
     conversations = Conversations(response_store(settings))
 
     @asynccontextmanager
@@ -153,7 +148,7 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
             t.cancel()
         await discovery.stop()
         await upstream.close()
-        await client.aclose()
+        await probes.close()
 
     # The document is ours (modelfleet/openapi.py): FastAPI's would list only the routes below.
     app = FastAPI(title="modelfleet gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -200,4 +195,4 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
 
     return DataPath(app, keys=keys, registry=registry, limiter=limiter, discovery=discovery, proxy=proxy,
                     metrics=metrics, capacity=Capacity(settings.max_inflight_per_replica), responses=conversations,
-                    tracing=tracing)
+                    tracing=tracing, max_body_bytes=settings.max_body_bytes)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -21,11 +21,9 @@ from modelfleet.http import (
     MAX_BODY_BYTES,
     ClientGone,
     DisconnectWatch,
-    incoming_request_id,
+    RawPostPaths,
     internal_error,
-    method_not_allowed,
     read_body,
-    request_id_var,
     send_error,
 )
 from modelfleet.protocol import RERANK_PATHS, SCORE_PATHS, OpenAIError, model_not_found
@@ -59,8 +57,11 @@ class ReplicaWait(Protocol):
 
 
 @dataclass
-class DataPath:
-    """Routes POSTs on the proxied paths itself and hands every other request to `app`."""
+class DataPath(RawPostPaths):
+    """Routes POSTs on the proxied paths itself and hands every other request to `app`; the
+    request id and 405 come from modelfleet.http's RawPostPaths, as on the worker's fast path."""
+
+    paths: ClassVar[frozenset[str]] = PROXIED
 
     app: ASGIApp
     keys: KeyStore
@@ -74,25 +75,14 @@ class DataPath:
     tracing: Tracing | None = None  # OpenTelemetry spans (modelfleet/tracing.py); None: off, and free
     responses: Conversations | None = None  # stored Responses (responses_store.py)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in PROXIED:
-            await self.app(scope, receive, send)
-            return
+    async def respond(self, scope: Scope, receive: Receive, send: Send, rid: str) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        rid = incoming_request_id(headers)
         headers["x-request-id"] = rid
-        if scope["method"] != "POST":
-            await send_error(send, method_not_allowed(scope), rid)
-            return
-        token = request_id_var.set(rid)
-        try:
-            if self.tracing is None:
-                await self.serve(scope["path"], headers, receive, send)
-            else:
-                with self.tracing.server(scope["path"], headers, send) as (_, traced_send):
-                    await self.serve(scope["path"], headers, receive, traced_send)
-        finally:
-            request_id_var.reset(token)
+        if self.tracing is None:
+            await self.serve(scope["path"], headers, receive, send)
+        else:
+            with self.tracing.server(scope["path"], headers, send) as (_, traced_send):
+                await self.serve(scope["path"], headers, receive, traced_send)
 
     async def serve(self, path: str, headers: dict[str, str], receive: Receive, send: Send) -> None:
         received = time.monotonic()

@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import httpx
-
 from modelfleet.engines import inflight_from_metrics
 
 from .registry import Endpoint, Registry
+from .upstream import Probes, UpstreamError
 
 log = logging.getLogger(__name__)
+
+
 class LoadScraper:
-    def __init__(self, registry: Registry, client: httpx.AsyncClient, interval: float = 1.0) -> None:
+    def __init__(self, registry: Registry, client: Probes, interval: float = 1.0) -> None:
         self.registry = registry
         self.client = client
         self.interval = interval
@@ -24,8 +25,8 @@ class LoadScraper:
         mine = endpoint.inflight
         try:
             r = await self.client.get(endpoint.url + "/metrics", timeout=1.0)
-            queue = inflight_from_metrics(r.text) if r.status_code == 200 else None
-        except httpx.HTTPError:
+            queue = inflight_from_metrics(r.text) if r.status == 200 else None
+        except UpstreamError:
             queue = None
         # What the worker holds beyond this gateway's own requests: other gateway replicas' load.
         endpoint.reported_waiting = max(0, queue - mine) if queue is not None else 0

@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import httpx
-
 from .registry import Registry, model_card
+from .upstream import Probes, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ class StaticDiscovery:
     """Probes each backend: modelfleet workers on `/ready` (503 while loading or draining);
     a backend without `/ready` is vLLM's OpenAI server, ready when its `/health` answers."""
 
-    def __init__(self, registry: Registry, backends: dict[str, list[str]], client: httpx.AsyncClient,
+    def __init__(self, registry: Registry, backends: dict[str, list[str]], client: Probes,
                  interval: float = 1.0, hold_timeout: float = 60.0, max_queue: int = 100) -> None:
         self.registry = registry
         self.client = client
@@ -51,17 +50,17 @@ class StaticDiscovery:
         vllm = self.registry.engine(endpoint.model) == "vllm"
         try:
             r = await self.client.get(endpoint.url + ("/health" if vllm else "/ready"), timeout=2.0)
-            if r.status_code == 404 and not vllm:
+            if r.status == 404 and not vllm:
                 self.registry.meta.setdefault(endpoint.model, {})["engine"] = "vllm"
                 log.info("backend %s for %s is vLLM's server", endpoint.url, endpoint.model)
                 r = await self.client.get(endpoint.url + "/health", timeout=2.0)
-            ready = r.status_code == 200
+            ready = r.status == 200
             if ready and not endpoint.cards:
                 cards = await self.client.get(endpoint.url + "/v1/models", timeout=2.0)
                 endpoint.cards = [model_card(c, endpoint.model) for c in cards.json().get("data", [])]
                 for card in endpoint.cards:
                     self.registry.aliases.setdefault(card["id"], endpoint.model)
-        except (httpx.HTTPError, ValueError):
+        except (*UpstreamError, ValueError):
             ready = False
             endpoint.mark_lost()  # no answer at all: wedged or gone, unlike a draining 503
         if ready != endpoint.ready:

@@ -1,4 +1,5 @@
-"""HTTP plumbing shared by the worker and the gateway: request ids and OpenAI-shaped errors.
+"""HTTP plumbing shared by the worker and the gateway: request ids, OpenAI-shaped errors, and the
+raw-ASGI toolkit for hot paths (RawPostPaths: 405, 413, request ids, one disconnect watch).
 
 Every response carries `x-request-id` (the client's, echoed, or a new one), and every error,
 including FastAPI's own 404/405 and validation errors, leaves in the `{"error": {...}}` shape
@@ -13,7 +14,7 @@ import contextvars
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -174,7 +175,43 @@ def internal_error() -> OpenAIError:
 JsonHandler = Callable[[bytes, str], Awaitable[dict[str, Any]]]
 
 
-class JsonFastPath:
+class RawPostPaths:
+    """The raw-ASGI skeleton: POST-only `paths` served ahead of `app` (which gets every other
+    request), with the contract the FastAPI routes keep through RequestIdMiddleware and
+    install_error_handlers. For each request on `paths` it takes the request id (the client's,
+    or a new one) and holds it in `request_id_var` for the logs while `respond` runs, and
+    answers any other method 405 in the API's format with `allow: POST`.
+
+    `respond(scope, receive, send, rid)` does the rest with this module's parts: `read_body`
+    (413 past its limit, ClientGone if the client left first), `send_error`/`internal_error`
+    for errors in the API's format, and `DisconnectWatch` while it waits. Subclasses: the
+    worker's JsonFastPath (one JSON answer per request) and the gateway's DataPath
+    (gateway/datapath.py: relays a stream, counts refusals in its metrics, traces); how they
+    answer differs, so their error handling stays with them.
+    """
+
+    app: ASGIApp
+    paths: Collection[str]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        rid = scope_request_id(scope)
+        if scope["method"] != "POST":
+            await send_error(send, method_not_allowed(scope), rid)
+            return
+        token = request_id_var.set(rid)
+        try:
+            await self.respond(scope, receive, send, rid)
+        finally:
+            request_id_var.reset(token)
+
+    async def respond(self, scope: Scope, receive: Receive, send: Send, rid: str) -> None:
+        raise NotImplementedError
+
+
+class JsonFastPath(RawPostPaths):
     """Serves hot POST endpoints that answer one JSON body as raw ASGI, ahead of `app`.
 
     Same contract as the FastAPI routes (request ids, OpenAI-shaped errors, 405 and 413), minus
@@ -185,21 +222,12 @@ class JsonFastPath:
 
     def __init__(self, app: ASGIApp, routes: Mapping[str, JsonHandler]) -> None:
         self.app = app
-        self.routes = dict(routes)
+        self.routes = self.paths = dict(routes)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.routes.get(scope["path"]) if scope["type"] == "http" else None
-        if handler is None:
-            await self.app(scope, receive, send)
-            return
-        rid = scope_request_id(scope)
-        if scope["method"] != "POST":
-            await send_error(send, method_not_allowed(scope), rid)
-            return
-        token = request_id_var.set(rid)
+    async def respond(self, scope: Scope, receive: Receive, send: Send, rid: str) -> None:
         try:
             body = await read_body(receive)
-            result = await handler(body, rid)
+            result = await self.routes[scope["path"]](body, rid)
         except ClientGone:
             return
         except OpenAIError as exc:
@@ -209,8 +237,6 @@ class JsonFastPath:
             log.exception("unhandled error on %s", scope["path"])
             await send_error(send, internal_error(), rid)
             return
-        finally:
-            request_id_var.reset(token)
         await send_json(send, result, rid)
 
 

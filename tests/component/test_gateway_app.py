@@ -305,11 +305,11 @@ def test_proxied_paths_answer_wrong_methods_and_huge_bodies_in_the_api_format():
     async def test():
         fleet = Fleet()
         replica = fleet.replica()
-        async with fleet.gateway() as gw:
+        async with fleet.gateway(max_body_bytes=1024) as gw:
             r = await gw.client.get("/v1/chat/completions")
             assert r.status_code == 405 and r.headers["allow"] == "POST" and r.headers["x-request-id"]
             assert r.json()["error"]["code"] == "method_not_allowed"
-            r = await gw.client.post("/v1/embeddings", content=b"x" * (64 * 1024 * 1024 + 1),
+            r = await gw.client.post("/v1/embeddings", content=b"x" * 1025,
                                      headers={"content-type": "application/json", "x-request-id": "big-1"})
             assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
             assert r.headers["x-request-id"] == "big-1"
@@ -397,16 +397,16 @@ def test_a_stream_on_a_stalled_replica_moves_to_another_after_the_first_byte_dea
 def test_a_non_streamed_request_moves_off_a_replica_once_its_health_checks_fail():
     """A non-streamed answer comes whole at the end, so no first-byte deadline can tell a
     stalled replica from a long generation; a replica whose health checks stop answering too is
-    wedged, and the request it holds moves to a healthy one at the next probe (every second),
+    wedged, and the request it holds moves to a healthy one at the next probe (here every 0.2 s),
     long before the read timeout."""
     async def test():
         fleet = Fleet(plan=["wedge"])
         fleet.replica(), fleet.replica()
-        async with fleet.gateway() as gw:
+        async with fleet.gateway(probe_interval=0.2) as gw:
             started = time.monotonic()
             r = await gw.chat()
             assert r.status_code == 200 and r.headers["x-modelfleet-route"] == "least-load;attempt=2"
-            assert time.monotonic() - started < 5  # a probe interval, not the read timeout (600 s)
+            assert time.monotonic() - started < 5  # a probe's 2 s timeout, not the read timeout (600 s)
             wedged = next(x for x in fleet.replicas if x.url != r.headers["x-modelfleet-backend"])
             assert wedged.wedged
             await fleet.until(lambda: wedged.cancelled == 1, "the wedged request's connection to be dropped")

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from modelfleet.gateway.app import GatewaySettings, create_app
-from modelfleet.gateway.upstream import UpstreamResponse
+from modelfleet.gateway.upstream import ProbeAnswer, UpstreamResponse
 from modelfleet.tracing import GATEWAY_SERVICE, WORKER_SERVICE, Tracing
 from modelfleet.worker.app import create_app as create_worker_app
 from modelfleet.worker.metrics import WorkerMetrics
@@ -59,6 +59,20 @@ class AsgiResponse(UpstreamResponse):
         asyncio.get_running_loop().create_task(self.raw.aclose())
 
 
+class AsgiProbes:
+    """The gateway's probe client (gateway/upstream.py Probes) on httpx.ASGITransport, likewise."""
+
+    def __init__(self, app) -> None:
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), timeout=5)
+
+    async def get(self, url: str, timeout: float) -> ProbeAnswer:
+        r = await self.client.get(url, timeout=timeout)
+        return ProbeAnswer(r.status_code, r.content)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
 def provider(service: str, exporter: InMemorySpanExporter) -> Tracing:
     sdk = TracerProvider(resource=Resource.create({"service.name": service}))
     sdk.add_span_processor(SimpleSpanProcessor(exporter))
@@ -85,8 +99,7 @@ async def through_gateway(worker_app, test, tracing: Tracing | None, ready: asyn
             return
         await worker_app(scope, receive, send)
 
-    probes = httpx.AsyncClient(transport=httpx.ASGITransport(app=probed), timeout=5)
-    gateway = create_app(GatewaySettings(backends={"tiny-chat": [WORKER]}, hold_timeout=30), client=probes,
+    gateway = create_app(GatewaySettings(backends={"tiny-chat": [WORKER]}, hold_timeout=30), probes=AsgiProbes(probed),
                          tracing=tracing)
     upstream = gateway.proxy.upstream = AsgiUpstream(worker_app)
     try:
