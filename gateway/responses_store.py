@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 
 from modelfleet import labels
-from modelfleet.protocol import OpenAIError, load_json
+from modelfleet.protocol import OpenAIError, SseEvents, load_json
 
 from .auth import ApiKey, KeyStore
 
@@ -373,20 +373,16 @@ class EventCapture(Replay):
     def __init__(self, relay, turn: Turn, conversations: Conversations) -> None:
         super().__init__(relay, b"")
         self.turn, self.conversations = turn, conversations
+        self.events = SseEvents()
 
     async def read(self) -> bytes:
         while True:
             chunk = await self.relay.read()
             if not chunk:
-                rest, self.body = self.body, b""
-                return rest
-            data = self.body + chunk
-            cut = data.rfind(b"\n\n") + 2
-            if cut < 2:
-                self.body = data
-                continue
-            self.body = data[cut:]
-            return b"".join([await self.event(e) for e in data[:cut].split(b"\n\n")[:-1]])
+                return self.events.flush()
+            events = self.events.feed(chunk)
+            if events:
+                return b"".join([await self.event(e) for e in events])
 
     async def event(self, event: bytes) -> bytes:
         if not RESPONSE_KEY.search(event):

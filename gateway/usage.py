@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 
+from modelfleet.protocol import SseEvents
+
 TOTAL = re.compile(rb'"total_tokens":\s*(\d+)')
 KEY = b'"total_tokens"'
 EDGE = 64  # enough to hold a usage field split across two chunks
@@ -61,20 +63,13 @@ class UsageStripper:
     other chunk. Works on whole events, so it holds back an event cut across two chunks."""
 
     def __init__(self) -> None:
-        self.pending = b""
+        self.events = SseEvents()
 
     def feed(self, chunk: bytes) -> bytes:
         """The relayable part of what has arrived; b"" (end of stream) flushes the rest."""
         if not chunk:
-            rest, self.pending = self.pending, b""
-            return rest
-        data = self.pending + chunk
-        cut = data.rfind(b"\n\n") + 2
-        if cut < 2:
-            self.pending = data
-            return b""
-        self.pending = data[cut:]
-        return b"".join(_strip_event(e) for e in data[:cut].split(b"\n\n")[:-1])
+            return self.events.flush()
+        return b"".join(_strip_event(e) for e in self.events.feed(chunk))
 
 
 def _strip_event(event: bytes) -> bytes:

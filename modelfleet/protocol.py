@@ -542,6 +542,29 @@ def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
+class SseEvents:
+    """Whole server-sent events out of a byte stream that may cut one anywhere: `feed` returns
+    the events completed so far (without their blank-line terminator) and keeps the rest;
+    `flush` returns what is left at the end. For relays that rewrite events (the gateway's usage
+    stripper and stored Responses)."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self.pending + chunk
+        cut = data.rfind(b"\n\n") + 2
+        if cut < 2:
+            self.pending = data
+            return []
+        self.pending = data[cut:]
+        return data[:cut].split(b"\n\n")[:-1]
+
+    def flush(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return rest
+
+
 def sse_event(event: str, payload: dict[str, Any]) -> bytes:
     """A named event, as the Responses API streams them."""
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
