@@ -10,7 +10,6 @@ and schemas, and every error must be OpenAI's `{"error": {...}}`.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from modelfleet.devcluster import wait_for
+from modelfleet.netutil import free_port
 from modelfleet.openapi import POST_PATHS
 
 CHAT = "tiny-chat"
@@ -159,12 +160,6 @@ def test_worker_survives_the_fuzzer(worker_app, worker_schema, path, method):
 
 # -- the gateway in front of it --------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ThreadServer:
     """An ASGI app under uvicorn on a loopback port, on a thread of this process."""
 
@@ -178,10 +173,7 @@ class ThreadServer:
 
     def __enter__(self) -> ThreadServer:
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
+        wait_for(lambda: self.server.started, 30, what="server started", interval=0.05)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -196,10 +188,8 @@ def gateway_url(worker_app) -> Iterator[str]:
     with ThreadServer(worker_app, lifespan="off") as worker:
         gateway_app = create_app(GatewaySettings(backends={CHAT: [worker.url]}, hold_timeout=5.0))
         with ThreadServer(gateway_app, lifespan="on") as gateway:
-            deadline = time.monotonic() + 30
-            while httpx.get(gateway.url + "/ready").status_code != 200:
-                assert time.monotonic() < deadline, "gateway not ready"
-                time.sleep(0.1)
+            wait_for(lambda: httpx.get(gateway.url + "/ready").status_code == 200, 30, what="gateway ready",
+                     interval=0.1)
             yield gateway.url
 
 
