@@ -97,7 +97,7 @@ class DynamicBatcher:
                 count += len(items)
             flat = [item for items, _ in jobs for item in items]
             try:
-                vectors, tokens = await self.run_batch(flat)
+                vectors, tokens = await self._forward(flat)
             except Exception as exc:  # noqa: BLE001 - each waiting request gets the error
                 for _, future in jobs:
                     if not future.done():
@@ -111,6 +111,18 @@ class DynamicBatcher:
                 if not future.done():
                     future.set_result(EmbedResult(vectors[at : at + n], sum(tokens[at : at + n])))
                 at += n
+
+
+    async def _forward(self, flat: list[EmbedInput]) -> tuple[list[torch.Tensor], list[int]]:
+        """At most `max_items` a forward pass: one request may bring 2,048 inputs, and attention
+        over a batch of 2,048 texts of 512 tokens would not fit in memory."""
+        vectors: list[torch.Tensor] = []
+        tokens: list[int] = []
+        for start in range(0, len(flat), self.max_items):
+            part_vectors, part_tokens = await self.run_batch(flat[start : start + self.max_items])
+            vectors += part_vectors
+            tokens += part_tokens
+        return vectors, tokens
 
 
 def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +184,6 @@ class CrossEncoderScorer:
     def __init__(self, model: Any, max_items: int = 64) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
-        self.max_items = max_items
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
         self.batcher = DynamicBatcher(self._run, max_items)
 
@@ -186,19 +197,13 @@ class CrossEncoderScorer:
         return await asyncio.get_running_loop().run_in_executor(self.executor, self._forward, pairs)
 
     def _forward(self, pairs: list[tuple[str, str]]) -> tuple[list[torch.Tensor], list[int]]:
-        """At most `max_items` pairs a forward pass: one request may bring 2048 documents, and
-        attention over a batch of 2048 pairs of 512 tokens would not fit in memory."""
-        scores: list[torch.Tensor] = []
-        tokens: list[int] = []
-        device = self.model.device
-        for start in range(0, len(pairs), self.max_items):
-            # preprocess tokenizes each pair together, truncated to the model's max_seq_length.
-            features = self.model.preprocess([list(p) for p in pairs[start : start + self.max_items]])
-            features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-            with torch.inference_mode():
-                scores += list(self.model(features)["scores"].float().cpu()[:, 0])
-            tokens += features["attention_mask"].sum(dim=1).tolist()
-        return scores, tokens
+        """One forward pass (the batcher keeps it to `max_items` pairs)."""
+        # preprocess tokenizes each pair together, truncated to the model's max_seq_length.
+        features = self.model.preprocess([list(p) for p in pairs])
+        features = {k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+        with torch.inference_mode():
+            scores = list(self.model(features)["scores"].float().cpu()[:, 0])
+        return scores, features["attention_mask"].sum(dim=1).tolist()
 
 
 class CausalEmbedder:

@@ -113,3 +113,17 @@ def test_a_batch_never_exceeds_max_items(max_items):
     sizes = asyncio.run(scenario())
     assert sum(sizes) == 11
     assert max(sizes) <= max_items
+
+
+def test_one_request_larger_than_a_batch_runs_in_several_forward_passes_in_order():
+    """A single request of 150 inputs (the API allows 2,048) never becomes one forward pass past
+    max_items, and its vectors come back in its own order."""
+    async def scenario():
+        recorder = Recorder(cost=0.0)
+        batcher = DynamicBatcher(recorder, max_items=64)
+        result = await batcher.submit(["x" * (1 + i % 7) for i in range(150)])
+        return recorder.sizes, [v.item() for v in result.vectors], result.tokens
+
+    sizes, values, tokens = asyncio.run(scenario())
+    assert sizes == [64, 64, 22]
+    assert values == [float(1 + i % 7) for i in range(150)] and tokens == 150
