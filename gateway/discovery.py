@@ -20,6 +20,7 @@ from modelfleet import labels
 from modelfleet.api import ModelDeployment, NameClaim, settle_names
 from modelfleet.protocol import unavailable
 
+from .balancer import RouteSettings
 from .informer import Informer, Key, Store, wait_synced
 from .registry import Registry
 
@@ -35,9 +36,7 @@ class ModelEntry:
     name: str
     served: str
     aliases: list[str]
-    strategy: str
-    prefix_length: int
-    load_factor: float
+    route: RouteSettings  # spec.routing as the balancer uses it, typed once here
     max_queue: int
     hold_timeout: float
     scale_from_zero: bool
@@ -64,8 +63,7 @@ def model_entry(obj: dict[str, Any]) -> ModelEntry | None:
     ready = md.status.condition("Ready")
     return ModelEntry(
         namespace=md.metadata.namespace, name=md.metadata.name, served=md.served_name,
-        aliases=list(md.spec.model.aliases), strategy=md.spec.routing.strategy,
-        prefix_length=md.spec.routing.prefix_length, load_factor=md.spec.routing.load_factor,
+        aliases=list(md.spec.model.aliases), route=RouteSettings.of(md.spec.routing),
         max_queue=md.spec.routing.max_queue, hold_timeout=float(md.spec.routing.hold_timeout_seconds),
         scale_from_zero=autoscaling is not None and autoscaling.min_replicas == 0,
         max_model_len=md.spec.engine.max_model_len, created=stamp, engine=md.spec.engine.kind,
@@ -174,8 +172,8 @@ class KubernetesDiscovery:
             self.registry.set_endpoints(model, sorted(groups), names, ready=True, groups=groups)
             first = members[0]  # the oldest: its routing settings and card apply to the name
             self.registry.meta[model] = {"created": first.created, "max_model_len": first.max_model_len,
-                                         "strategy": first.strategy, "prefix_length": first.prefix_length,
-                                         "load_factor": first.load_factor, "engine": first.engine}
+                                         "engine": first.engine}
+            self.registry.set_route(model, first.route)
         self.serving = served
         for model in set(self.registry.models()) - set(served):
             self.registry.remove_model(model)

@@ -1,7 +1,7 @@
 """One model's replicas as the proxy uses them: its route settings, its hash ring, and `acquire`.
 
-The settings are `spec.routing`, typed (balancer.RouteSettings) and built once each time
-discovery reports the spec, not per request. The ring is rebuilt when the model's endpoint set
+The settings are `spec.routing`, typed (balancer.RouteSettings) once when discovery reads the
+spec (discovery.model_entry), not per request. The ring is rebuilt when the model's endpoint set
 changes (Registry.set_endpoints), as KubeAI does, so a request only walks it. `acquire` picks a
 replica and counts the request on it; the lease it returns takes the count off again, once,
 however often it is released: the one place an endpoint's in-flight count changes.
@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Container, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-from modelfleet.api import Routing
+from collections.abc import Container, Sequence
+from typing import TYPE_CHECKING
 
 from .balancer import DEFAULT_ROUTE, STRATEGIES, RequestView, Ring, RouteSettings, Strategy
 
 if TYPE_CHECKING:
     from .registry import Endpoint
     from .routing import RoutingFields
-
-ROUTE_KEYS = ("strategy", "prefix_length", "load_factor")  # what Registry.meta carries of spec.routing
-
 
 class Lease:
     """One request counted on one endpoint until `release`, which is idempotent."""
@@ -41,13 +36,6 @@ class Lease:
             self.endpoint.inflight -= 1
 
 
-def route_settings(meta: Mapping[str, Any] | None) -> RouteSettings:
-    """Pure: the route settings in what discovery reported for a model (Registry.meta), checked
-    by the spec's own model; none reported (static discovery) gives the spec's defaults."""
-    given = {k: meta[k] for k in ROUTE_KEYS if k in meta} if meta else {}
-    return RouteSettings.of(Routing.model_validate(given)) if given else DEFAULT_ROUTE
-
-
 class Pool:
     def __init__(self, model: str) -> None:
         self.model = model
@@ -55,7 +43,6 @@ class Pool:
         self.ring = Ring(())
         self.route = DEFAULT_ROUTE
         self.strategy: Strategy = STRATEGIES[DEFAULT_ROUTE.strategy]
-        self._reported: object = None  # the Registry.meta entry `route` was built from
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
         """The model's endpoints changed (Registry.set_endpoints): a new ring if the set did."""
@@ -64,13 +51,9 @@ class Pool:
         if sorted(urls) != sorted(e.url for e in self.endpoints):
             self.ring = Ring(self.endpoints)
 
-    def follow(self, meta: Mapping[str, Any] | None) -> None:
-        """Takes the route settings from discovery's report. Discovery replaces a model's entry
-        whenever it reads the spec again, so they are built once per report."""
-        if meta is not self._reported:
-            self._reported = meta
-            self.route = route_settings(meta)
-            self.strategy = STRATEGIES.get(self.route.strategy, STRATEGIES[DEFAULT_ROUTE.strategy])
+    def set_route(self, route: RouteSettings) -> None:
+        self.route = route
+        self.strategy = STRATEGIES[route.strategy]
 
     def prefix(self, fields: RoutingFields) -> str:
         """The start of the prompt, as long as spec.routing.prefixLength, when the strategy uses

@@ -15,6 +15,7 @@ from typing import Any
 from modelfleet.openai_types import ModelCard
 from modelfleet.protocol import unavailable
 
+from .balancer import RouteSettings
 from .pool import Pool
 
 
@@ -145,11 +146,13 @@ class Registry:
     def resolve(self, name: str) -> str | None:
         return self.aliases.get(name)
 
+    def set_route(self, model: str, route: RouteSettings) -> None:
+        """`model`'s spec.routing, as discovery read it; a model never given one (static
+        discovery) routes with the spec's defaults."""
+        self.pools.setdefault(model, Pool(model)).set_route(route)
+
     def pool(self, model: str) -> Pool:
-        """`model`'s pool, its route settings following discovery's latest report (`meta`)."""
-        pool = self.pools.get(model) or Pool(model)  # removed meanwhile: an empty one
-        pool.follow(self.meta.get(model))
-        return pool
+        return self.pools.get(model) or Pool(model)  # removed meanwhile: an empty one
 
     def for_model(self, model: str) -> list[Endpoint]:
         pool = self.pools.get(model)

@@ -17,6 +17,11 @@ from modelfleet.gateway.routing import routing_fields
 URLS = [f"http://10.0.0.{i}:8000" for i in range(5)]
 
 
+def route(**spec) -> RouteSettings:
+    """spec.routing as discovery types it (discovery.model_entry)."""
+    return RouteSettings.of(Routing.model_validate(spec))
+
+
 def registry(urls: list[str] = URLS) -> Registry:
     reg = Registry()
     reg.set_endpoints("m", urls, ready=True)
@@ -29,19 +34,19 @@ def test_route_settings_default_to_the_specs_own_defaults() -> None:
     reg = registry()
     assert reg.pool("m").route == DEFAULT_ROUTE  # static discovery: nothing reported
     reg.meta["m"] = {"engine": "vllm"}
+    reg.set_route("m", route())  # a spec that sets nothing
     assert reg.pool("m").route == DEFAULT_ROUTE
 
 
 def test_route_settings_follow_each_report_and_are_checked_by_the_spec() -> None:
     reg = registry()
-    reg.meta["m"] = {"strategy": "prefix-affinity", "prefix_length": 8192, "load_factor": 2.0, "created": 1}
+    reg.set_route("m", route(strategy="prefix-affinity", prefix_length=8192, load_factor=2.0))
     pool = reg.pool("m")
     assert pool.route == RouteSettings("prefix-affinity", 8192, 2.0)
-    reg.meta["m"] = {"strategy": "least-load"}  # discovery read the spec again
+    reg.set_route("m", route(strategy="least-load"))  # discovery read the spec again
     assert reg.pool("m") is pool and pool.route.strategy == "least-load" and pool.route.prefix_length == 256
-    reg.meta["m"] = {"strategy": "round-robin"}
     with pytest.raises(ValidationError):
-        reg.pool("m")
+        reg.set_route("m", route(strategy="round-robin"))
 
 
 def test_a_prefix_is_honoured_up_to_the_crds_maximum() -> None:
@@ -49,14 +54,14 @@ def test_a_prefix_is_honoured_up_to_the_crds_maximum() -> None:
     length of 8,192 (they were cut at 4,096 before), and the CRD's maximum is honoured whole."""
     shared = "x" * 5000
     reg = registry()
-    reg.meta["m"] = {"strategy": "prefix-affinity", "prefix_length": 8192}
+    reg.set_route("m", route(strategy="prefix-affinity", prefix_length=8192))
     pool = reg.pool("m")
     a, b = (routing_fields(json.dumps({"model": "m", "messages": [{"role": "user", "content": shared + tail}]})
                            .encode()) for tail in ("a", "b"))
     assert pool.prefix(a) != pool.prefix(b) and len(pool.prefix(a)) == len("user:") + 5001
     long = routing_fields(json.dumps({"model": "m", "prompt": "y" * 70000}).encode())
     assert len(long.prefix(65536)) == 65536  # spec.routing.prefixLength's maximum
-    reg.meta["m"] = {"strategy": "least-load"}
+    reg.set_route("m", route(strategy="least-load"))
     assert reg.pool("m").prefix(a) == ""  # not scanned when the strategy does not use it
 
 

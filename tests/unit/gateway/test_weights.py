@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from modelfleet import labels
-from modelfleet.gateway.balancer import STRATEGIES, RequestView, choose_deployment
+from modelfleet.gateway.balancer import STRATEGIES, RequestView, RouteSettings, choose_deployment
 from modelfleet.gateway.discovery import KubernetesDiscovery
 from modelfleet.gateway.registry import Endpoint, Registry
 
@@ -109,3 +109,15 @@ def test_an_unweighted_clash_routes_to_the_older_only() -> None:
     # Weighting the newer one as well lets it in, without a restart.
     d.models.apply("MODIFIED", model_deployment("v2", "2025-01-02T00:00:00Z", weight=50))
     assert sorted(e.deployment for e in registry.for_model("chat")) == ["ns/v1", "ns/v2"]
+
+
+def test_the_holders_spec_routing_reaches_the_pool_typed_and_follows_edits() -> None:
+    """spec.routing (strategy, prefixLength, loadFactor) of the ModelDeployment holding a name is
+    what its pool routes with, and an edit of the spec takes effect without a restart."""
+    md = model_deployment("v1", "2025-01-01T00:00:00Z")
+    md["spec"]["routing"] = {"strategy": "prefix-affinity", "prefixLength": 8192, "loadFactor": 2.0}
+    d, registry = discovery(md)
+    assert registry.pool("chat").route == RouteSettings("prefix-affinity", 8192, 2.0)
+    md["spec"]["routing"] = {"strategy": "least-load"}
+    d.models.apply("MODIFIED", md)
+    assert registry.pool("chat").route == RouteSettings("least-load", 256, 1.25)
