@@ -122,14 +122,6 @@ def find_vllm_python() -> str | None:
     return str(python) if (env / ".modelfleet-vllm-complete").exists() and python.exists() else None
 
 
-def split_hf_source(source: str) -> tuple[str, str | None]:
-    """`hf://org/name[@revision]` -> ("org/name", revision or None), by modelfleet.sources."""
-    from .sources import parse_model_source
-
-    parsed = parse_model_source(source)
-    return parsed.repo, parsed.revision
-
-
 def detect_task(model_dir: str) -> Literal["generate", "embed"]:
     """A local model's task from its files: a causal or seq2seq LM generates; anything else
     (a sentence-transformers or BERT-style encoder) embeds, on vLLM's pooling runner."""

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from modelfleet.engines import VLLM_VERSION, VllmServer, detect_task, split_hf_source
+from modelfleet.engines import VLLM_VERSION, VllmServer, detect_task
+from modelfleet.sources import parse_model_source
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,8 +31,10 @@ def test_user_args_come_last_and_embedding_models_get_the_pooling_runner():
 
 
 def test_sources_and_tasks():
-    assert split_hf_source("hf://org/name@rev") == ("org/name", "rev")
-    assert split_hf_source("hf://name") == ("name", None)
+    hf = parse_model_source("hf://org/name@rev")
+    assert (hf.repo, hf.revision) == ("org/name", "rev")
+    hf = parse_model_source("hf://name")
+    assert (hf.repo, hf.revision) == ("name", None)
     from modelfleet.demo import minilm_path
 
     assert detect_task(str(minilm_path())) == "embed"
