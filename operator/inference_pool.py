@@ -18,7 +18,7 @@ from modelfleet import labels
 from modelfleet.api import ModelDeployment
 
 from .config import OperatorConfig
-from .render import _metadata
+from .render import child_metadata
 
 GROUP = "inference.networking.k8s.io"
 API_VERSION = f"{GROUP}/v1"
@@ -36,7 +36,7 @@ def render_inference_pool(md: ModelDeployment, config: OperatorConfig) -> dict[s
     epp = config.endpoint_picker
     if epp is None:
         return None
-    obj = _metadata(md, API_VERSION, KIND)
+    obj = child_metadata(md, API_VERSION, KIND)
     obj["spec"] = {
         "selector": {"matchLabels": labels.selector_labels(md.metadata.name)},
         "targetPorts": [{"number": config.worker_port}],

@@ -79,7 +79,7 @@ def worker_model_arg(source: str, config: OperatorConfig) -> WorkerModel:
     raise ModelSourceError(f"spec.model.source {source!r} has no known scheme (file://, hf://, pvc://)")
 
 
-def _metadata(md: ModelDeployment, api_version: str, kind: str) -> dict[str, Any]:
+def child_metadata(md: ModelDeployment, api_version: str, kind: str) -> dict[str, Any]:
     """A child's identity, owned by the ModelDeployment so that deleting it deletes the child.
 
     The owner reference is kopf's (`controller` and `blockOwnerDeletion` true), given the owner
@@ -309,7 +309,7 @@ def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig
     }
     pod_spec = _pod_template_spec(md, pod_spec)
     pod_spec = {k: v for k, v in pod_spec.items() if v not in ([], {})}
-    obj = _metadata(md, "apps/v1", "Deployment")
+    obj = child_metadata(md, "apps/v1", "Deployment")
     obj["spec"] = {
         "replicas": replicas,
         "selector": {"matchLabels": labels.selector_labels(md.metadata.name)},
@@ -340,7 +340,7 @@ def _pod_metadata(md: ModelDeployment, annotations: dict[str, str]) -> dict[str,
 
 def render_service(md: ModelDeployment, config: OperatorConfig) -> dict[str, Any]:
     """The Service whose EndpointSlices (ready pods only) the gateway watches."""
-    obj = _metadata(md, "v1", "Service")
+    obj = child_metadata(md, "v1", "Service")
     obj["spec"] = {
         "type": "ClusterIP",
         "selector": labels.selector_labels(md.metadata.name),
@@ -359,7 +359,7 @@ def render_pdb(md: ModelDeployment, replicas: int) -> dict[str, Any] | None:
     """
     if replicas < 2:
         return None
-    obj = _metadata(md, "policy/v1", "PodDisruptionBudget")
+    obj = child_metadata(md, "policy/v1", "PodDisruptionBudget")
     obj["spec"] = {
         "maxUnavailable": 1,
         "selector": {"matchLabels": labels.selector_labels(md.metadata.name)},
