@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
 
 Json = dict[str, Any]
 
@@ -38,6 +39,15 @@ class Body(BaseModel):
 
     def dump(self) -> Json:
         return self.model_dump(exclude_unset=True)
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """The answer's JSON schema (serialization mode, as modelfleet/openapi.py asks for it)
+        states the rule above: every field not in `omitted` is required, defaults or not."""
+        schema = handler(core_schema)
+        if handler.mode == "serialization":
+            handler.resolve_ref_schema(schema)["required"] = [f for f in cls.model_fields if f not in cls.omitted]
+        return schema
 
 
 # -- usage ------------------------------------------------------------------------------------
@@ -84,7 +94,8 @@ class ModelPermission(Body):
 
 class ModelCard(Body):
     """One entry of /v1/models, as the worker serves it and the gateway lists it. `root` is the
-    served model, `parent` the model an alias points at (None for the model itself)."""
+    served model, `parent` the model an alias points at (None for the model itself); a LoRA
+    adapter's card has its path as `root` and its base model's served name as `parent` (vLLM's)."""
 
     omitted = frozenset({"max_model_len", "task", "capabilities", "permission", "ready"})
     id: str
@@ -106,6 +117,11 @@ class ModelCard(Body):
     def of(cls, name: str, model: str, **fields: Any) -> ModelCard:
         """The card of `name`, served as (or as an alias of) `model`."""
         return cls(id=name, root=model, parent=None if name == model else model, **fields)
+
+    @classmethod
+    def of_adapter(cls, name: str, path: str, base: str, **fields: Any) -> ModelCard:
+        """The card of LoRA adapter `name`, loaded from `path` onto the served model `base`."""
+        return cls(id=name, root=path, parent=base, **fields)
 
     @classmethod
     def from_backend(cls, card: Json, model: str) -> ModelCard:
@@ -349,8 +365,11 @@ class ResponseUsage(Body):
 
 
 class Response(Body):
-    """A Responses API response object, as answered whole and as carried by its stream's events."""
+    """A Responses API response object, as answered whole and as carried by its stream's events.
+    `previous_response_id` and `store` are the gateway's (gateway/responses_store.py `mark`): a
+    stateless worker leaves them out."""
 
+    omitted = frozenset({"previous_response_id", "store"})
     id: str
     object: Literal["response"] = "response"
     created_at: int
@@ -363,6 +382,8 @@ class Response(Body):
     tool_choice: str = "none"
     tools: list[Json] = []
     usage: ResponseUsage | None = None
+    previous_response_id: str | None = None
+    store: bool | None = None
 
 
 # -- errors -----------------------------------------------------------------------------------

@@ -1,19 +1,33 @@
 """The OpenAPI 3.1 document of the HTTP API, served at `/openapi.json` by the gateway and by the
 worker, which offer the same paths.
 
-Request bodies are the protocol models' own JSON schemas, so the document cannot drift from what
-the servers validate. FastAPI's generated document did not fit: the OpenAI paths are raw ASGI
-(gateway/datapath.py, modelfleet.http.JsonFastPath) or read the raw body themselves, so FastAPI
-never sees their models, and it would advertise the 422 that this API never sends.
+Every body in it is a typed model's own JSON schema: requests from `modelfleet.protocol` (as they
+validate), answers and errors from `modelfleet.openai_types` (as they serialise), so the document
+states no shape of its own and cannot drift from what the servers validate and send. FastAPI's
+generated document did not fit: the OpenAI paths are raw ASGI (gateway/datapath.py,
+modelfleet.http.JsonFastPath) or read the raw body themselves, so FastAPI never sees their models,
+and it would advertise the 422 that this API never sends.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
+from .openai_types import (
+    ChatCompletion,
+    Completion,
+    Edit,
+    EmbeddingList,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Rerank,
+    ScoreList,
+)
+from .openai_types import Response as ResponseObject
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -26,55 +40,34 @@ from .protocol import (
     TokenizeRequest,
 )
 
-# The error shape of modelfleet.protocol.error_body, written as a type so the document can state it.
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    model_config = ConfigDict(title="ErrorResponse")
-
-    error: ErrorDetail
-
-
-class ModelCard(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    object: str
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: str
-    data: list[ModelCard]
-
 
 class Status(BaseModel):
-    """What /health and /ready answer, 200 or 503: a probe's answer, not an API error."""
+    """What /health and /ready answer, 200 or 503: a probe's answer, not an API error (the worker
+    and the gateway build it as a dict; it is stated here only)."""
 
     model_config = ConfigDict(extra="allow")
 
     status: str
 
 
-# path -> (request model, summary, whether `stream: true` answers server-sent events)
-POST_PATHS: dict[str, tuple[type[BaseModel], str, bool]] = {
-    "/v1/chat/completions": (ChatCompletionRequest, "Create a chat completion", True),
-    "/v1/completions": (CompletionRequest, "Create a text completion", True),
-    "/v1/embeddings": (EmbeddingRequest, "Create embeddings", False),
-    "/v1/responses": (ResponsesRequest, "Create a response (Responses API)", True),
-    "/v1/rerank": (RerankRequest, "Rerank documents against a query (embedding models and cross-encoders)", False),
-    "/v1/score": (ScoreRequest, "Score text pairs (embedding models and cross-encoders)", False),
-    "/v1/edits": (EditRequest, "Create an edit (legacy Edits API, served through chat)", False),
-    "/tokenize": (TokenizeRequest, "Tokenize a prompt or chat messages", False),
-    "/detokenize": (DetokenizeRequest, "Turn token ids back into text", False),
+class Post(NamedTuple):
+    request: type[BaseModel]
+    answer: type[BaseModel] | None  # None: vLLM's tokenizer answers, typed nowhere yet
+    summary: str
+    streams: bool  # whether `stream: true` answers server-sent events
+
+
+POST_PATHS: dict[str, Post] = {
+    "/v1/chat/completions": Post(ChatCompletionRequest, ChatCompletion, "Create a chat completion", True),
+    "/v1/completions": Post(CompletionRequest, Completion, "Create a text completion", True),
+    "/v1/embeddings": Post(EmbeddingRequest, EmbeddingList, "Create embeddings", False),
+    "/v1/responses": Post(ResponsesRequest, ResponseObject, "Create a response (Responses API)", True),
+    "/v1/rerank": Post(RerankRequest, Rerank,
+                       "Rerank documents against a query (embedding models and cross-encoders)", False),
+    "/v1/score": Post(ScoreRequest, ScoreList, "Score text pairs (embedding models and cross-encoders)", False),
+    "/v1/edits": Post(EditRequest, Edit, "Create an edit (legacy Edits API, served through chat)", False),
+    "/tokenize": Post(TokenizeRequest, None, "Tokenize a prompt or chat messages", False),
+    "/detokenize": Post(DetokenizeRequest, None, "Turn token ids back into text", False),
 }
 
 # Statuses a POST can answer besides 200, with what they mean here (docs/api.md).
@@ -111,15 +104,17 @@ def _errors(statuses: dict[str, str]) -> dict[str, Any]:
     return {status: _json(_ref("ErrorResponse"), text) for status, text in statuses.items()}
 
 
-def _post(model: type[BaseModel], summary: str, streams: bool, body_ref: dict[str, str]) -> dict[str, Any]:
-    ok = _json({"type": "object"}, "The answer" + (", or with `stream: true` server-sent events "
-                                                    "ending with `data: [DONE]`" if streams else ""))
-    if streams:
+def _post(post: Post, refs: dict[type[BaseModel], dict[str, str]]) -> dict[str, Any]:
+    answer = refs[post.answer] if post.answer is not None else {"type": "object"}
+    ok = _json(answer, "The answer" + (", or with `stream: true` server-sent events "
+                                       "ending with `data: [DONE]`" if post.streams else ""))
+    if post.streams:
         ok["content"]["text/event-stream"] = {"schema": SSE_EVENT}
+    name = post.request.__name__
     return {"post": {
-        "summary": summary,
-        "operationId": model.__name__[0].lower() + model.__name__[1:],
-        "requestBody": {"required": True, "content": {"application/json": {"schema": body_ref}}},
+        "summary": post.summary,
+        "operationId": name[0].lower() + name[1:],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": refs[post.request]}}},
         "responses": {"200": ok, **_errors(POST_ERRORS)},
     }}
 
@@ -129,8 +124,13 @@ def _get(summary: str, ok: dict[str, Any], errors: dict[str, str], **extra: Any)
 
 
 def _schemas() -> tuple[dict[type[BaseModel], dict[str, str]], dict[str, Any]]:
-    models = [m for m, _, _ in POST_PATHS.values()] + [ErrorResponse, ModelList, Status]
-    refs, defs = models_json_schema([(m, "validation") for m in models],
+    """Requests as they validate, answers as they serialise (where every field that is always
+    sent is required: modelfleet.openai_types.Body). A model in both, such as `ChatMessage`, gets
+    pydantic's `-Input`/`-Output` names."""
+    requests = [post.request for post in POST_PATHS.values()]
+    answers = [post.answer for post in POST_PATHS.values() if post.answer is not None]
+    answers += [ErrorResponse, ModelCard, ModelList, Status]
+    refs, defs = models_json_schema([(m, "validation") for m in requests] + [(m, "serialization") for m in answers],
                                     ref_template="#/components/schemas/{model}")
     return {m: ref for (m, _), ref in refs.items()}, defs["$defs"]
 
@@ -139,12 +139,11 @@ def openapi_document(title: str, version: str = "0.1.0") -> dict[str, Any]:
     """The document for every path the gateway and the worker serve."""
     refs, schemas = _schemas()
     status_ok = _json(refs[Status], "The status")
-    paths: dict[str, Any] = {path: _post(model, summary, streams, refs[model])
-                             for path, (model, summary, streams) in POST_PATHS.items()}
+    paths: dict[str, Any] = {path: _post(post, refs) for path, post in POST_PATHS.items()}
     paths["/v1/models"] = _get("List the models", _json(refs[ModelList], "The models this key may use"),
                                {"401": POST_ERRORS["401"], "500": POST_ERRORS["500"]}, operationId="listModels")
     paths["/v1/models/{model}"] = _get(
-        "Describe one model", _json(_ref("ModelCard"), "The model"),
+        "Describe one model", _json(refs[ModelCard], "The model"),
         {"401": POST_ERRORS["401"], "404": POST_ERRORS["404"], "500": POST_ERRORS["500"]},
         operationId="getModel",
         parameters=[{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}])

@@ -211,15 +211,19 @@ def test_gateway_survives_the_fuzzer(gateway_client, gateway_url, gateway_schema
 
 # -- the document itself ------------------------------------------------------------------------
 
-def test_both_documents_list_every_path_with_its_request_model(worker_schema, gateway_schema):
+def test_both_documents_list_every_path_with_its_request_and_answer_models(worker_schema, gateway_schema):
     for schema in (worker_schema, gateway_schema):
         raw = schema.raw_schema
         assert raw["openapi"].startswith("3.")
         assert {path for path, _ in OPERATIONS} <= set(raw["paths"])
-        for path, (model, _, _) in POST_PATHS.items():
-            body = raw["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
-            assert body == {"$ref": f"#/components/schemas/{model.__name__}"}
-            assert "422" not in raw["paths"][path]["post"]["responses"]
+        for path, post in POST_PATHS.items():
+            operation = raw["paths"][path]["post"]
+            body = operation["requestBody"]["content"]["application/json"]["schema"]
+            assert body == {"$ref": f"#/components/schemas/{post.request.__name__}"}
+            if post.answer is not None:
+                answer = operation["responses"]["200"]["content"]["application/json"]["schema"]
+                assert answer == {"$ref": f"#/components/schemas/{post.answer.__name__}"}
+            assert "422" not in operation["responses"]
 
 
 # -- what the fuzzer found, kept as plain cases ----------------------------------------------------
