@@ -17,32 +17,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelfleet.devcluster import wait_for
 from modelfleet.netutil import free_port
 
 RESULTS = Path(__file__).parent / "results"
 
 
 
-def start_worker(model: Path | str, name: str, *extra: str, log: Path) -> tuple[subprocess.Popen, str]:
-    """A real `modelfleet worker` process on loopback, ready to serve."""
+def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 60, log: Path | None = None,
+              interval: float = 0.2) -> None:
+    """Until GET `url` answers 200 (modelfleet.devcluster.wait_for polls). RuntimeError at once
+    if `proc` exits, with the tail of its `log`; TimeoutError after `timeout` seconds."""
     import httpx
 
+    def up() -> bool:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log is not None else ""
+            raise RuntimeError(f"{url}: the process exited with {proc.returncode}\n{tail}")
+        return httpx.get(url, timeout=2).status_code == 200
+
+    try:
+        wait_for(up, timeout, f"{url} to answer 200", interval=interval)
+    except AssertionError as exc:
+        raise TimeoutError(str(exc)) from None
+
+
+def start_worker(model: Path | str, name: str, *extra: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """A real `modelfleet worker` process on loopback, ready to serve."""
     port = free_port()
     cmd = [sys.executable, "-m", "modelfleet", "worker", "--model", str(model), "--served-name", name,
            "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    stop(proc)
-    raise TimeoutError("worker did not become ready")
+    try:
+        wait_http(url + "/ready", proc, timeout=300, log=log)
+    except TimeoutError:
+        stop(proc)
+        raise
+    return proc, url
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -23,35 +23,27 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import finish_axes, free_port, print_table, ratio, start_worker, stop, write_results  # noqa: E402
+from common import (  # noqa: E402
+    finish_axes,
+    free_port,
+    print_table,
+    ratio,
+    start_worker,
+    stop,
+    wait_http,
+    write_results,
+)
 from worker_throughput import http_load  # noqa: E402
 
 from modelfleet.demo import BENCH_SPEC, ensure_demo_model  # noqa: E402
 from modelfleet.engines import VLLM_SERVER_MODULE, VLLM_VERSION, VllmServer, find_vllm_python, vllm_env  # noqa: E402
 
 ENGINES = ("modelfleet", "vllm")
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url} exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def start_vllm(model: Path, max_num_seqs: int, log: Path, name: str = "bench", task: str = "generate",
@@ -71,7 +63,7 @@ def start_vllm(model: Path, max_num_seqs: int, log: Path, name: str = "bench", t
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     print(f"starting vLLM {VLLM_VERSION} (the first start compiles: a minute or two) ...", flush=True)
-    wait_http(url + "/health", proc, log)
+    wait_http(url + "/health", proc, timeout=900, log=log, interval=0.5)
     return proc, url
 
 
@@ -81,7 +73,7 @@ def start_gateway(backend: str, log: Path) -> tuple[subprocess.Popen, str]:
                              "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True, cwd=log.parent)
     url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/ready", proc, log, timeout=120)
+    wait_http(url + "/ready", proc, timeout=120, log=log)
     return proc, url
 
 

@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 import peers  # noqa: E402
-from common import finish_axes, free_port, percentile, print_table, ratio, write_results  # noqa: E402
+from common import finish_axes, free_port, percentile, print_table, ratio, wait_http, write_results  # noqa: E402
 
 EVENTS = 200
 ROUNDS = 3
@@ -206,22 +206,6 @@ async def open_streams(url: str, streams: int, seconds: float, gateway_pid: int)
     return result
 
 
-def wait_ready(url: str, path: str = "/ready", timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}")
-        try:
-            if httpx.get(url + path, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
-
-
 def start_peers(backend: str, logs: Path) -> tuple[list[tuple[str, str]], list[subprocess.Popen]]:
     """vllm-router and LiteLLM in front of the same backend, each skipped (saying why) if it
     cannot be installed or does not become ready."""
@@ -241,7 +225,7 @@ def start_peers(backend: str, logs: Path) -> tuple[list[tuple[str, str]], list[s
         log = logs / f"{peer.name}.log"
         proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=logs)
         try:
-            wait_ready(f"http://127.0.0.1:{port}", path, timeout=120, proc=proc)
+            wait_http(f"http://127.0.0.1:{port}{path}", proc, timeout=120)
         except (RuntimeError, TimeoutError) as exc:
             print(f"SKIPPING {peer.name}: not ready ({exc}); log: {log}", flush=True)
             proc.kill()
@@ -290,7 +274,7 @@ def main() -> int:
     try:
         for name, url in paths:
             if name not in dict(peer_paths):  # start_peers waited on each peer's own health path
-                wait_ready(url)
+                wait_http(url + "/ready")
             asyncio.run(load(url, 4, 2, 0))  # warm-up
         for c in levels:
             # The paths alternate, so that drift in this shared machine's speed falls on

@@ -13,8 +13,8 @@ memory samples show whether it grows with time. Goal (issue 6): p95 under 2 s, f
 
     python bench/operator_scale.py [--quick] [--objects N]
 
-Needs the local cluster (tests/cluster; started here if it is not running, and stopped at the
-end only then, unless MODELFLEET_KEEP_CLUSTER is set). Uses its own namespaces (prefix
+Needs the local cluster (`make cluster-up`; started here if it is not running, and stopped at
+the end only then, unless MODELFLEET_KEEP_CLUSTER is set), found through .cluster/env. Uses its own namespaces (prefix
 mf-e2e-op-bench-), deleted at the end; the CRD is applied, never deleted.
 """
 
@@ -34,7 +34,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "tests" / "cluster"))  # localkube: the local cluster's own tool
 
 from common import percentile, print_table, ratio, write_results  # noqa: E402
 
@@ -46,6 +45,7 @@ from modelfleet.devcluster import (  # noqa: E402
     delete_namespace,
     install_crds,
     model_deployment,
+    use_cluster_env,
 )
 
 GOAL_P95_S = 2.0
@@ -55,15 +55,12 @@ GOAL_P95_S = 2.0
 
 def ensure_cluster() -> bool:
     """Use the running local cluster, or start it; True if started here."""
-    from localkube.testing import read_env
-
     started = False
     if subprocess.run(["make", "-s", "cluster-status"], cwd=REPO, capture_output=True).returncode != 0:
         print("starting the local cluster (make cluster-up) ...", flush=True)
         subprocess.run(["make", "-s", "cluster-up"], cwd=REPO, check=True)
         started = True
-    env = read_env(REPO / ".cluster" / "env")
-    os.environ.update({k: env[k] for k in ("KUBECONFIG", "PATH")})
+    use_cluster_env()
     return started
 
 

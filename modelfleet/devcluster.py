@@ -7,7 +7,7 @@ and bench/operator_scale.py, so that neither imports the other.
 (tests/integration, tests/e2e, bench): in-process tests wait on events instead.
 
 Needs a source checkout (it applies crds/ and operator/peering.yaml from it) and kubectl on
-PATH with KUBECONFIG set, as `source .cluster/env` leaves them.
+PATH with KUBECONFIG set, as `source .cluster/env` leaves them (or `use_cluster_env()` does).
 """
 
 from __future__ import annotations
@@ -34,6 +34,37 @@ REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "crds" / "modeldeployments.modelfleet.dev.yaml"
 PEERING = REPO / "operator" / "peering.yaml"
 NS_PREFIX = "mf-e2e-op-"
+CLUSTER_ENV = REPO / ".cluster" / "env"  # written by `make cluster-up`
+
+
+def use_cluster_env(env_file: Path = CLUSTER_ENV) -> str:
+    """Point this process and its children (kubectl, the kubernetes client) at the local
+    cluster, and return the kubeconfig's path: KUBECONFIG and PATH from `env_file`, evaluated
+    by bash as a user's `source .cluster/env` is (it extends $PATH), or, with no such file, the
+    KUBECONFIG this process already has."""
+    if env_file.exists():
+        out = subprocess.run(["bash", "-c", 'source "$1" && env -0', "bash", str(env_file)],
+                             capture_output=True, check=True).stdout
+        env = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
+        os.environ.update({k: env[k] for k in ("KUBECONFIG", "PATH") if k in env})
+    if not os.environ.get("KUBECONFIG"):
+        raise RuntimeError(f"no cluster: {env_file} is missing and KUBECONFIG is not set (make cluster-up)")
+    return os.environ["KUBECONFIG"]
+
+
+def stop_group(proc: subprocess.Popen | None, sig: int = signal.SIGINT, timeout: float = 30) -> None:
+    """Stop a process started with `start_new_session=True` and everything it spawned: `sig` to
+    its process group (SIGINT: Ctrl-C, as a user stops `serve` or the gateway; SIGTERM: kopf's
+    graceful stop), then SIGKILL after `timeout` seconds. Children such as `serve`'s workers
+    share the group, so none outlives a test."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def kubectl(*args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -123,13 +154,7 @@ class OperatorProcess:
 
     def stop(self, timeout: float = 15) -> None:
         """SIGTERM (kopf's graceful stop, which also leaves the peering), then SIGKILL."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        stop_group(self.proc, signal.SIGTERM, timeout)
 
     def reconciles(self) -> float:
         """modelfleet_operator_reconciles_total summed over labels (0 if the endpoint is down)."""

@@ -28,6 +28,7 @@ from modelfleet.devcluster import (  # noqa: F401 - re-exported for the tests
     install_crds,
     kubectl,
     model_deployment,
+    stop_group,
     wait_for,
 )
 from modelfleet.netutil import free_port  # noqa: F401 - re-exported for the tests
@@ -127,14 +128,7 @@ class GatewayProcess:
         return total
 
     def stop(self, timeout: float = 15) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGINT)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_group(self.proc, signal.SIGINT, timeout)
 
     def tail(self, lines: int = 40) -> str:
         try:

@@ -1,6 +1,5 @@
 """A real `modelfleet serve` (gateway + one worker per model) on loopback, shared by the tier."""
 
-import os
 import shutil
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import httpx
 import pytest
 
 from modelfleet.demo import ensure_demo_model, minilm_path
-from modelfleet.devcluster import wait_for
+from modelfleet.devcluster import stop_group, wait_for
 from modelfleet.netutil import free_port
 
 CHAT = "tiny-chat"
@@ -44,13 +43,16 @@ def start(args: list[str], ready_models: set[str], log: Path, timeout: float = 1
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    """Ctrl-C to a started command and its workers, SIGKILL if they have not gone in 30 s."""
+    stop_group(proc, signal.SIGINT, timeout=30)
+
+
+def tokens_charged(url: str, key: str) -> float:
+    """The tokens the gateway at `url` has charged to `key`, from its metrics."""
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("modelfleet_gateway_tokens_total{") and f'key="{key}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 @pytest.fixture(scope="session")

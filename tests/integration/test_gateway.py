@@ -18,6 +18,8 @@ from modelfleet.demo import ensure_demo_model
 from modelfleet.devcluster import wait_for as wait_until
 from modelfleet.netutil import free_port
 
+from .conftest import tokens_charged
+
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "modelfleet"]
 KEYS = """
@@ -107,13 +109,6 @@ def test_tpm_limit_counts_real_usage(keyed):
     assert limited.headers["x-ratelimit-remaining-tokens"] == "0"
 
 
-def tokens_charged(url: str, key: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith("modelfleet_gateway_tokens_total{") and f'key="{key}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_a_token_limited_key_is_charged_exactly_on_a_stream_that_did_not_ask_for_usage(keyed):
     """The gateway asks the replica for the stream's usage on the key's behalf, charges it, and
     hands the client the stream it asked for: no usage chunk, no usage fields."""
@@ -177,7 +172,7 @@ class FakeReplica:
         while (await reader.readline()) not in (b"\r\n", b""):
             pass
         if line.startswith(b"GET") and self.on_post == "wedge" and self.posted:
-            await asyncio.sleep(3600)
+            await asyncio.sleep(3600)  # the wedge under test: a health check that never answers
         if line.startswith(b"GET"):
             body = b'{"status":"ready","object":"list","data":[]}'
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
@@ -190,7 +185,7 @@ class FakeReplica:
         if self.on_post == "drop":
             writer.close()
             return
-        await asyncio.sleep(3600)
+        await asyncio.sleep(3600)  # the stall under test: a POST that is never answered
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.server.close)
@@ -265,7 +260,7 @@ def test_a_stalled_replica_does_not_delay_the_others(worker, tmp_path):
         threads = [threading.Thread(target=call) for _ in range(10)]
         for t in threads:
             t.start()
-            time.sleep(0.05)
+            time.sleep(0.05)  # staggered arrivals, so least-load sees the stalled replica's held requests
         for t in threads:
             t.join()
         served = [t for t, c in zip(times, codes, strict=False) if c == 200]

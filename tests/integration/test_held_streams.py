@@ -10,12 +10,12 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
 from aiohttp import web
 
+from modelfleet.devcluster import wait_for
 from modelfleet.netutil import free_port
 
 pytestmark = pytest.mark.integration
@@ -64,7 +64,7 @@ class PacedBackend:
         for i in range(EVENTS):
             chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": f"w{i} "}}]}
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            await asyncio.sleep(HOLD_SECONDS / EVENTS)
+            await asyncio.sleep(HOLD_SECONDS / EVENTS)  # the pacing is the test: streams held for seconds
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -84,7 +84,7 @@ async def hold_streams(url: str, pid: int) -> tuple[list[int], list[float]]:
     async def sample() -> None:
         while True:
             samples.append(rss_mb(pid))
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # a sampling period, not a wait: memory is read all through the hold
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=120)) as session:
@@ -111,14 +111,8 @@ def test_hundreds_of_held_streams_all_finish_and_gateway_memory_stays_flat(tmp_p
                                stdout=(tmp_path / "gw.log").open("w"), stderr=subprocess.STDOUT, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_for(lambda: httpx.get(url + "/ready", timeout=1).status_code == 200, 60, "gateway ready",
+                 interval=0.2, explain=lambda: (tmp_path / "gw.log").read_text()[-3000:])
         before = rss_mb(gateway.pid)
         events, samples = asyncio.run(hold_streams(url, gateway.pid))
     finally:

@@ -7,9 +7,7 @@ a generous bound: the point is a server that stays responsive, not a benchmark).
 from __future__ import annotations
 
 import json
-import os
 import select
-import signal
 import socket
 import statistics
 import threading
@@ -21,7 +19,10 @@ import httpx
 import pytest
 
 from modelfleet.demo import ensure_demo_model
+from modelfleet.devcluster import wait_for
 from modelfleet.http import HEAD_TIMEOUT, MAX_BODY_BYTES, MAX_HEAD_BYTES
+
+from .conftest import stop
 
 pytestmark = pytest.mark.integration
 
@@ -51,16 +52,6 @@ def normal_latency(url: str, client: httpx.Client) -> float:
     r = client.post(url + "/v1/chat/completions", json=NORMAL)
     assert r.status_code == 200, r.text
     return time.monotonic() - started
-
-
-def stop(proc) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except Exception:  # noqa: BLE001 - a server that will not stop is killed
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +101,7 @@ class Meanwhile:
                     self.latencies.append(normal_latency(self.server.url, client))
                 except (AssertionError, httpx.HTTPError) as exc:
                     self.failures.append(repr(exc))
-                time.sleep(0.05)
+                time.sleep(0.05)  # the pace of the background traffic, not a wait on state
 
     def __enter__(self) -> Meanwhile:
         self.thread.start()
@@ -162,8 +153,8 @@ def test_a_megabytes_prompt_is_a_400_and_does_not_stall_others(fleet):
     keeps answering others meanwhile (no normal request slower than the bound)."""
     gateway = fleet["gateway"]
     body = json.dumps({"model": CHAT, "prompt": "a" * 2_000_000, "max_tokens": 1}).encode()
-    with Meanwhile(gateway, statistic=max):
-        time.sleep(0.3)
+    with Meanwhile(gateway, statistic=max) as meanwhile:
+        wait_for(lambda: meanwhile.latencies or meanwhile.failures, 30, "a first normal request", interval=0.05)
         assert_error(post(gateway, "/v1/completions", body, timeout=120), 400, param="prompt")
 
 
@@ -310,7 +301,7 @@ def test_slow_loris_clients_are_cut_off_and_others_go_on(fleet, name):
                         except OSError:
                             answers[i] = b""
                 position += 1
-                time.sleep(0.5)
+                time.sleep(0.5)  # the slow client's pace (a byte per half second) is what the test sends
         elapsed = time.monotonic() - started
     finally:
         for sock in socks:
@@ -343,12 +334,10 @@ def test_a_client_that_never_reads_its_stream_costs_bounded_memory(fleet, target
     try:
         sock.sendall(request)
         with Meanwhile(target, least=10):
-            time.sleep(6)
+            time.sleep(6)  # the client holds its unread stream this long: the stall is what is measured
         growth = {s.name: s.rss_mb() - before[s.name] for s in fleet.values()}
         assert all(g < 300 for g in growth.values()), growth
     finally:
         sock.close()
-    deadline = time.monotonic() + 30
-    while running(worker) > 0:
-        assert time.monotonic() < deadline, "the worker still generates for a client that has gone"
-        time.sleep(0.2)
+    wait_for(lambda: running(worker) == 0, 30, "the worker to stop generating for a client that has gone",
+             interval=0.2)

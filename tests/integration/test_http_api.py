@@ -4,10 +4,11 @@ headers, tokenizer endpoints, metrics, and cancellation when a client goes away.
 import json
 import re
 import threading
-import time
 
 import httpx
 import pytest
+
+from modelfleet.devcluster import wait_for
 
 pytestmark = pytest.mark.integration
 CHAT, EMBED = "tiny-chat", "all-MiniLM-L6-v2"
@@ -192,15 +193,10 @@ def test_client_disconnect_cancels_generation(server, stream):
     else:
         client = threading.Thread(target=leave_after, args=(url, body, 2.0))
         client.start()
-        deadline = time.monotonic() + 10
-        while not running(worker) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: running(worker), 10, "the request to be running", interval=0.05)
         assert running(worker) == 1
         client.join()
-    deadline = time.monotonic() + 10
-    while running(worker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert running(worker) == 0
+    wait_for(lambda: running(worker) == 0, 10, "the batch to be empty after the client left", interval=0.1)
     assert worker_metric(worker, "vllm:generation_tokens_total") - generated < 1900
     assert worker_metric(server, "modelfleet_gateway_backend_inflight", worker) == 0  # the gateway's books too
 

@@ -29,16 +29,17 @@ def start_worker(model, name: str, *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([*CLI, "worker", "--model", str(model), "--served-name", name, "--port", str(port),
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("worker did not become ready")
+        return httpx.get(url + "/ready", timeout=1).status_code == 200
+
+    try:
+        wait_for(ready, 120, f"worker {name} to be ready", interval=0.2)
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -124,18 +125,12 @@ def test_replicas_share_the_load(tmp_path):
                              "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            r = None
-            try:
-                r = httpx.get(url + "/metrics", timeout=1)
-            except httpx.HTTPError:
-                pass
-            if r is not None and r.text.count('modelfleet_gateway_backend_available{') == 2 and \
-                    ' 0.0' not in [line[-4:] for line in r.text.splitlines()
-                                   if line.startswith("modelfleet_gateway_backend_available{")]:
-                break
-            time.sleep(0.3)
+        def both_available() -> bool:
+            lines = [line for line in httpx.get(url + "/metrics", timeout=1).text.splitlines()
+                     if line.startswith("modelfleet_gateway_backend_available{")]
+            return len(lines) == 2 and all(not line.endswith(" 0.0") for line in lines)
+
+        wait_for(both_available, 120, "both backends available", interval=0.3)
         body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 20}
         backends = []
 
@@ -165,28 +160,25 @@ def test_no_worker_outlives_serve(tmp_path, how):
     proc = subprocess.Popen([*CLI, "serve", "--model", f"tiny-chat={ensure_demo_model()}", "--port", str(port)],
                             stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    backend = None
-    while time.monotonic() < deadline and backend is None:
-        try:
-            r = httpx.post(url + "/v1/completions", json={"model": "tiny-chat", "prompt": "x", "max_tokens": 1})
-            backend = r.headers.get("x-modelfleet-backend") if r.status_code == 200 else None
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    assert backend, (tmp_path / "serve.log").read_text()
+
+    def served_by() -> str | None:
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny-chat", "prompt": "x", "max_tokens": 1})
+        return r.headers.get("x-modelfleet-backend") if r.status_code == 200 else None
+
+    backend = wait_for(served_by, 120, "a completion through serve", interval=0.3,
+                       explain=lambda: (tmp_path / "serve.log").read_text())
     proc.send_signal(how)
     proc.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def gone() -> bool:
+        # Another transport error (reset, timeout) while the worker goes down counts as not yet.
         try:
             httpx.get(backend + "/health", timeout=1)
         except httpx.ConnectError:
-            return
-        except httpx.TransportError:
-            pass  # reset or timed out while the worker is going down: look again
-        time.sleep(0.3)
-    raise AssertionError(f"worker {backend} still answers after serve got {how!r}")
+            return True
+        return False
+
+    wait_for(gone, 30, f"worker {backend} to stop answering after serve got {how!r}", interval=0.3)
 
 
 def test_requests_wait_for_a_backend_that_is_still_starting_then_503_after_the_bound(tmp_path):
@@ -203,13 +195,8 @@ def test_requests_wait_for_a_backend_that_is_still_starting_then_503_after_the_b
     url = f"http://127.0.0.1:{port}"
     worker = None
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_for(lambda: httpx.get(url + "/health", timeout=1).status_code == 200, 60, "gateway health",
+                 interval=0.1)
         body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
         answers: list[httpx.Response] = []
         threads = [threading.Thread(target=lambda: answers.append(

@@ -19,6 +19,8 @@ import pytest
 from modelfleet.demo import ensure_demo_model, minilm_path
 from modelfleet.engines import find_vllm_python
 
+from .conftest import tokens_charged
+
 pytestmark = pytest.mark.integration
 CHAT, EMBED, CE = "tiny-chat", "all-MiniLM-L6-v2", "tiny-ce"
 KEYS = f"""
@@ -76,13 +78,6 @@ def keyed(tmp_path_factory, launch, minilm, cross_encoder):
 
 def post(url: str, path: str, body: dict, key: str | None = "open") -> httpx.Response:
     return httpx.post(url + path, json=body, headers=auth(key) if key else {}, timeout=60)
-
-
-def tokens_charged(url: str, key: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith("modelfleet_gateway_tokens_total{") and f'key="{key}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_rerank_with_minilm_puts_the_answer_first_on_every_path(keyed):

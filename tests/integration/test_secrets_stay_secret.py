@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -35,6 +34,8 @@ import pytest
 from modelfleet.demo import ensure_demo_model
 from modelfleet.devcluster import wait_for as wait_until
 from modelfleet.netutil import free_port
+
+from .conftest import stop
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "modelfleet"]
@@ -146,16 +147,6 @@ def served(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen, Path, Path
         yield url, proc, log, keys
     finally:
         stop(proc)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def bearer(key: str) -> dict[str, str]:
