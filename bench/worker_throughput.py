@@ -20,15 +20,22 @@ The model is a random-weight Llama of about 56M parameters (hidden 512, 8 layers
 big enough that compute, not Python, dominates a decode step. Every request generates exactly
 max_tokens (EOS ignored) with the OpenAI SDK's default sampling (temperature 1, no top-p).
 
-    python bench/worker_throughput.py [--quick] [--workload all|throughput|shared-prefix]
+    python bench/worker_throughput.py [--quick] [--workload all|throughput|shared-prefix|vs-vllm|long-prompt]
+
+`--workload vs-vllm` runs only the two engines, alternating at 1 and 32 clients for `--rounds`
+rounds (the comparison to rerun after an engine change); `--workload long-prompt` measures how
+long 8 running streams stall when a 1,500-token prompt joins them, with chunked prefill
+(`--max-num-batched-tokens` 256) and without (one step takes the whole prompt).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -352,6 +359,133 @@ def main_shared_prefix(quick: bool) -> int:
     return 0
 
 
+def main_vs_vllm(quick: bool, rounds: int) -> int:
+    """modelfleet's worker and vLLM's CPU build, both up, alternating at 1 and 32 clients."""
+    from engines import VLLM_VERSION, start_vllm
+
+    from modelfleet.demo import BENCH_SPEC, ensure_demo_model
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    max_tokens = 32 if quick else 64
+    model_dir = ensure_demo_model(BENCH_SPEC)
+    logs = Path(tempfile.mkdtemp(prefix="bench-vs-vllm-"))
+    rows: list[dict[str, Any]] = []
+    proc, url = start_worker(model_dir, "bench", "--max-num-seqs", "64", log=logs / "worker.log")
+    vllm = None
+    try:
+        vllm, vllm_url = start_vllm(model_dir, 64, logs / "vllm.log")
+        for target in (url, vllm_url):
+            asyncio.run(http_load(target, 32, 1, 8, False, 0))  # warm-up, at full width
+        for r in range(rounds):
+            for c in (1, 32):
+                for system, target in (("modelfleet", url), ("vllm", vllm_url)):
+                    result = asyncio.run(http_load(target, c, 4 if c == 1 else 1, max_tokens, False, 0))
+                    rows.append({"system": system, "mode": "plain", "arrival": f"round-{r}", "concurrency": c,
+                                 **result})
+                    print(f"  round {r} {system:10s} c={c:<3d} {result['tokens_per_s']:8.1f} tok/s", flush=True)
+    finally:
+        stop(proc)
+        if vllm is not None:
+            stop(vllm)
+
+    def median_tps(system: str, c: int) -> float:
+        return statistics.median(r["tokens_per_s"] for r in rows if (r["system"], r["concurrency"]) == (system, c))
+
+    ratios = {f"modelfleet_vs_vllm@{c}": ratio(median_tps("modelfleet", c), median_tps("vllm", c)) for c in (1, 32)}
+    goals = {"modelfleet_vs_vllm@1": ">= 0.9", "modelfleet_vs_vllm@32": ">= 1.0"}
+    print()
+    print_table(rows, COLUMNS)
+    for key, value in ratios.items():
+        print(f"{key:30s} {value:>8}   goal {goals[key]:8s} {verdict(value, goals[key])} (medians over {rounds} rounds)")
+    config = {"model": BENCH_SPEC.key(), "vllm": VLLM_VERSION, "max_tokens": max_tokens, "rounds": rounds,
+              "omp_threads": 1, "goals": goals}
+
+    def plot(ax) -> None:
+        for system in ("modelfleet", "vllm"):
+            for r in range(rounds):
+                pts = [(x["concurrency"], x["tokens_per_s"]) for x in rows
+                       if x["system"] == system and x["arrival"] == f"round-{r}"]
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{system} round {r}")
+        finish_axes(ax, "concurrent clients", "generated tokens/s", f"modelfleet vs vLLM, {BENCH_SPEC.name}")
+
+    path = write_results("worker_vs_vllm", config, rows, ratios, plot)
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def long_prompt_stall(model, tok, budget: int, streams: int, prompt_tokens: int) -> dict[str, Any]:
+    """`streams` streams decode; once each has a few tokens, a `prompt_tokens` prompt arrives.
+    Returns the streams' longest inter-token gap while it was admitted, and the long prompt's TTFT."""
+    from modelfleet.worker.engine import EngineConfig, GenerationEngine
+    from modelfleet.worker.sampling import SamplingParams
+    from modelfleet.worker.sequence import GenerationRequest
+
+    engine = GenerationEngine(model, tok, EngineConfig(max_model_len=model.config.max_position_embeddings,
+                                                       max_num_seqs=streams + 1, max_num_batched_tokens=budget,
+                                                       enable_prefix_caching=False), [tok.eos_token_id])
+    engine.start()
+    long_ids = system_prompt_ids(tok)[:prompt_tokens]
+
+    async def send(ids: list[int], tokens: int, ready: asyncio.Event | None = None) -> Sample:
+        req = GenerationRequest(prompt_ids=ids, params=SamplingParams(temperature=1.0), max_tokens=tokens,
+                                ignore_eos=True)
+        s = Sample(tokens=0, started=time.perf_counter(), ended=0.0)
+        async for event in engine.submit(req):
+            for d in event.deltas:
+                now = time.perf_counter()
+                s.first_token = s.first_token or now
+                s.token_times.append(now)
+                s.tokens += len(d.token_ids)
+                if ready is not None and s.tokens >= 4:
+                    ready.set()
+        s.ended = time.perf_counter()
+        return s
+
+    async def scenario() -> tuple[list[Sample], Sample]:
+        ready = [asyncio.Event() for _ in range(streams)]
+        running = [asyncio.create_task(send(tok(PROMPT.format(i=i))["input_ids"], 64, ready[i]))
+                   for i in range(streams)]
+        for event in ready:
+            await event.wait()
+        joined = await send(long_ids, 1)
+        return list(await asyncio.gather(*running)), joined
+
+    try:
+        running, joined = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    pairs = [(a, b) for s in running for a, b in itertools.pairwise(s.token_times)]
+    # while the long prompt was admitted (its prefill, up to its first token), and after it joined:
+    # then every row of the slot cache is as wide as the long prompt, chunked or not
+    during = [b - a for a, b in pairs if b > joined.started and a < joined.first_token]
+    after = [b - a for a, b in pairs if a >= joined.first_token]
+    chunks = sum(1 for r in engine.step_log if r.chunked)
+    return {"budget": budget, "streams": streams, "prompt_tokens": len(long_ids),
+            "max_gap_ms": round(max(during) * 1000, 1), "gap_p50_after_ms": round(statistics.median(after) * 1000, 1),
+            "long_prompt_ttft_ms": round((joined.first_token - joined.started) * 1000, 1), "chunked_steps": chunks}
+
+
+def main_long_prompt() -> int:
+    from modelfleet.demo import BENCH_SPEC, ensure_demo_model
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    model, tok = load_model(ensure_demo_model(BENCH_SPEC))
+    long_prompt_stall(model, tok, 256, 8, 300)  # warm-up: the first run pays the process's first allocations
+    rows = []
+    for budget in (256, 4096, 256, 4096):  # interleaved: this machine drifts
+        row = long_prompt_stall(model, tok, budget, 8, SYSTEM_TOKENS)
+        rows.append(row)
+        print(f"  {row}", flush=True)
+    by = {b: [r for r in rows if r["budget"] == b] for b in (256, 4096)}
+    ratios = {"max_stall_unchunked_over_chunked": ratio(min(r["max_gap_ms"] for r in by[4096]),
+                                                        max(r["max_gap_ms"] for r in by[256]))}
+    print(ratios)
+    path = write_results("worker_long_prompt", {"model": BENCH_SPEC.key(), "omp_threads": 1}, rows, ratios,
+                         lambda ax: ax.bar([f"budget {r['budget']}" for r in rows], [r["max_gap_ms"] for r in rows]))
+    print(f"\nwrote {path}")
+    return 0
+
+
 COLUMNS = ["system", "mode", "arrival", "concurrency", "tokens_per_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms",
            "itl_p95_ms", "errors"]
 
@@ -363,8 +497,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="reduced run, a few minutes per workload on 2 cores")
     parser.add_argument("--skip-fastchat", action="store_true")
     parser.add_argument("--skip-vllm", action="store_true", help="leave out vLLM (needs `make vllm`)")
-    parser.add_argument("--workload", choices=["all", "throughput", "shared-prefix"], default="all")
+    parser.add_argument("--workload", choices=["all", "throughput", "shared-prefix", "vs-vllm", "long-prompt"],
+                        default="all")
+    parser.add_argument("--rounds", type=int, default=2, help="vs-vllm: rounds of both engines at 1 and 32")
     args = parser.parse_args()
+    if args.workload == "vs-vllm":
+        return main_vs_vllm(args.quick, args.rounds)
+    if args.workload == "long-prompt":
+        return main_long_prompt()
 
     from modelfleet.demo import BENCH_SPEC, ensure_demo_model
 

@@ -7,6 +7,7 @@ directory or a port in use.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -41,11 +42,14 @@ class WorkerSettings:
     dtype: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
+    max_num_batched_tokens: int = 2048  # vLLM's default for its CPU build's server; see worker/chunked.py
     drain_timeout: float = 30.0
     enable_prefix_caching: bool = True
     prefix_cache_gib: float = 1.0
     kv_cache_gib: float | None = None  # None: sized from free memory (kvcache.default_kv_cache_bytes)
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path) of LoRA adapters loaded at start
+    max_loras: int = 4  # LoRA adapters held at once
+    max_lora_rank: int = 16
 
     def to_args(self) -> list[str]:
         """The `modelfleet worker` arguments for these settings. Where the worker runs, device,
@@ -66,6 +70,13 @@ class WorkerSettings:
             args += ["--prefix-cache-gib", _number(self.prefix_cache_gib)]
         if self.kv_cache_gib is not None:
             args += ["--kv-cache-memory", _number(self.kv_cache_gib)]
+        for name, path in self.lora_modules:  # vLLM's old form, or its JSON one where that would not parse
+            spec = f"{name}={path}" if "," not in path else json.dumps({"name": name, "path": path})
+            args += ["--lora-modules", spec]
+        if self.max_loras != _DEFAULTS.max_loras:
+            args += ["--max-loras", str(self.max_loras)]
+        if self.max_lora_rank != _DEFAULTS.max_lora_rank:
+            args += ["--max-lora-rank", str(self.max_lora_rank)]
         return args
 
 
@@ -86,7 +97,8 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs", type=_positive, default=_DEFAULTS.max_num_seqs,
                        help="sequences in the running batch")
     group.add_argument("--max-num-batched-tokens", type=_positive, default=_DEFAULTS.max_num_batched_tokens,
-                       help="prefill tokens per step")
+                       help="tokens one engine step computes: a decode token per running sequence, then "
+                       "prompt tokens; longer prompts are prefilled in chunks (vLLM's meaning)")
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=_DEFAULTS.enable_prefix_caching,
                        help="reuse the KV of prompt prefixes that earlier requests computed")
@@ -95,6 +107,14 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-cache-memory", type=_positive_float, default=_DEFAULTS.kv_cache_gib, metavar="GIB",
                        help="memory for the running sequences' KV; requests wait when it is full "
                             "(default: 40%% of the memory free at start-up, at most 32)")
+    group.add_argument("--lora-modules", nargs="+", action="extend", type=_lora_module, default=[],
+                       metavar="NAME=PATH", help="LoRA adapters to serve from the start, each under its own "
+                       "model name (vLLM's: NAME=PATH or JSON {\"name\": ..., \"path\": ...}; repeatable); "
+                       "more load at runtime through POST /v1/load_lora_adapter")
+    group.add_argument("--max-loras", type=_positive, default=_DEFAULTS.max_loras,
+                       help="LoRA adapters held at once")
+    group.add_argument("--max-lora-rank", type=_positive, default=_DEFAULTS.max_lora_rank,
+                       help="the largest LoRA rank an adapter may have")
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,7 +122,8 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len,
             "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
             "enable_prefix_caching": args.enable_prefix_caching, "prefix_cache_gib": args.prefix_cache_gib,
-            "kv_cache_gib": args.kv_cache_memory}
+            "kv_cache_gib": args.kv_cache_memory, "lora_modules": tuple(args.lora_modules),
+            "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank}
 
 
 def worker_settings(args: argparse.Namespace) -> WorkerSettings:
@@ -112,6 +133,22 @@ def worker_settings(args: argparse.Namespace) -> WorkerSettings:
         names = [os.path.basename(args.model.rstrip("/")) or "model"]
     return WorkerSettings(source=args.model, served_names=names, host=args.host, port=args.port,
                           drain_timeout=args.drain_timeout, **engine_settings(args))
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """One --lora-modules value as (name, path): vLLM's NAME=PATH, or its JSON object form."""
+    if "=" in text and "," not in text and not text.lstrip().startswith("{"):
+        name, _, path = text.partition("=")
+    else:
+        try:
+            item = json.loads(text)
+            name, path = item["name"], item["path"]
+        except (ValueError, TypeError, KeyError):
+            raise argparse.ArgumentTypeError(
+                f'expected NAME=PATH or {{"name": ..., "path": ...}}, got {text!r}') from None
+    if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected a non-empty name and path, got {text!r}")
+    return name, path
 
 
 def _positive(text: str) -> int:
@@ -202,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=_port, default=8000)
 
+    fetch = sub.add_parser("fetch", help="copy a model's files into a directory, printing progress "
+                                         "(the operator's weight-cache fill Job runs it)")
+    fetch.add_argument("source", metavar="SOURCE", help="hf://[org/]name[@revision], file:///abs/path or a path")
+    fetch.add_argument("dest", metavar="DEST", help="directory to fill (made if missing)")
+
     sub.add_parser("operator", help="the ModelDeployment operator (kopf options follow)", add_help=False)
     return parser
 
@@ -225,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .serve import run_serve
 
             return run_serve(args)
+        if args.command == "fetch":
+            return run_fetch(args)
     except CommandError as exc:
         print(f"modelfleet {args.command}: error: {exc}", file=sys.stderr)
         return 1
@@ -242,6 +286,20 @@ def run_worker(args: argparse.Namespace) -> int:
         serve(worker_settings(args))
     except (ModelSourceError, PortInUseError) as exc:
         raise CommandError(str(exc)) from None
+    return 0
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    """`modelfleet fetch`: any failure is one line (the fill pod's last, which its termination
+    message and so the ModelDeployment's status show)."""
+    from modelfleet.worker.fetch import fetch
+
+    try:
+        fetch(args.source, args.dest)
+    except Exception as exc:  # noqa: BLE001 - hub, network and disk errors alike, as one line
+        # Hub errors spread over lines ("404 Client Error." then "Repository Not Found for ...").
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise CommandError(f"cannot fetch {args.source}: {type(exc).__name__}: {text[:400]}") from None
     return 0
 
 

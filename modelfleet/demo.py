@@ -204,3 +204,35 @@ def ensure_demo_model(spec: DemoSpec = DemoSpec(), root: Path | None = None) -> 
         if (target / "config.json").exists():  # another process built it at the same time
             return target
         raise
+
+
+def make_demo_adapter(base_dir: Path, out_dir: Path, *, rank: int = 8, seed: int = 0) -> Path:
+    """Writes a random peft LoRA adapter for the generated model at `base_dir` to `out_dir`.
+
+    peft initialises B to zero (so a fresh adapter is the identity); here B is random too, scaled
+    so the adapter visibly changes greedy output, which is what tests of adapter routing need.
+    Writes `adapter_config.json` and `adapter_model.safetensors`, the layout vLLM and peft load.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(peft_model.named_parameters()):
+            if "lora_A" in name or "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5 / rank**0.5)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out_dir)
+    adapter_config = out_dir / "adapter_config.json"
+    saved = json.loads(adapter_config.read_text())
+    saved["base_model_name_or_path"] = str(base_dir)
+    adapter_config.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return out_dir

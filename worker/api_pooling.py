@@ -22,17 +22,17 @@ from .service import ModelService
 def pooling_routes(service: ModelService) -> dict[str, JsonHandler]:
     async def embeddings(body: bytes, rid: str) -> dict[str, Any]:
         req = parse_request(EmbeddingRequest, body)
-        service.check_model(req.model)
+        service.check_model(req.model, adapters=False)
         return await service.embed(req)
 
     async def score(body: bytes, rid: str) -> dict[str, Any]:
         req = parse_request(ScoreRequest, body)
-        service.check_model(req.model)
+        service.check_model(req.model, adapters=False)
         return await service.score(req)
 
     async def rerank(body: bytes, rid: str) -> dict[str, Any]:
         req = parse_request(RerankRequest, body)
-        service.check_model(req.model)
+        service.check_model(req.model, adapters=False)
         return await service.rerank(req)
 
     # vLLM's paths for score and rerank (SCORE_PATHS, RERANK_PATHS), scored in batches as embeddings are.

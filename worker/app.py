@@ -20,11 +20,14 @@ from modelfleet.http import (
     install_error_handlers,
 )
 from modelfleet.netutil import bind_socket
+from modelfleet.protocol import OpenAIError
 from modelfleet.tracing import WORKER_SERVICE, TracedWorker, Tracing, from_environment
 
+from .adapters import LoraAdapters
 from .content_type import JsonOnly
 from .engine import EngineConfig, GenerationEngine
 from .loader import (
+    ModelSourceError,
     detect,
     load_causal_lm,
     load_cross_encoder,
@@ -75,6 +78,14 @@ def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]
         embedder = CausalEmbedder(engine, info.max_model_len)
     service = ModelService(settings.served_names, info, tokenizer, engine, embedder, settings.max_num_seqs,
                            str(dtype).replace("torch.", ""), device, scorer=scorer)
+    if engine:
+        service.lora = LoraAdapters(engine, settings.served_names, settings.max_loras, settings.max_lora_rank)
+        try:
+            service.lora.load_static(list(settings.lora_modules))
+        except OpenAIError as exc:
+            raise ModelSourceError(exc.message) from None
+    elif settings.lora_modules:  # `modelfleet serve` hands its options to every model's workers
+        log.warning("--lora-modules ignored: %s is not a generation model", service.name)
     metrics = WorkerMetrics(service.name, engine.stats if engine else None, lambda: service.draining)
     if engine:
         engine.observe = metrics.observe

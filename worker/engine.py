@@ -2,7 +2,9 @@
 
 Every iteration admits waiting requests (one batched prefill), runs one decode step for every
 running sequence, samples each row with its own parameters, and retires finished rows, so
-requests join and leave the batch at every step. The HTTP side talks to it through `submit`,
+requests join and leave the batch at every step. A step computes at most `max_num_batched_tokens`
+tokens, decodes first: a prompt longer than what is left is prefilled a chunk per step beside the
+decodes (chunked.py). The HTTP side talks to it through `submit`,
 which returns an async stream of `RequestOutput` events.
 
 With prefix caching, a request whose prompt starts with full blocks another prompt already
@@ -23,12 +25,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from .chunked import ChunkedPrefill, StepRecord, chunk_end, prefill_budget
 from .constraints import Constraint, MaskBatch
 from .kvcache import SLOT_ATTENTION, SlotPool, cache_over_past, default_kv_cache_bytes, kv_dtype
 from .prefix_cache import PrefixCache, PrefixMatch
@@ -43,7 +47,7 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     max_model_len: int
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
+    max_num_batched_tokens: int = 2048  # per step: decodes, then prompt tokens (chunks past it)
     enable_prefix_caching: bool = True
     prefix_cache_block_size: int = 16
     prefix_cache_bytes: int = 1 << 30  # the KV copies of cached prompt blocks, at most
@@ -161,10 +165,20 @@ class GenerationEngine:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.admitting: list[RequestState] = []  # popped from `waiting`, not yet in `rows`
+        self.partial: ChunkedPrefill | None = None  # a prompt prefilled in chunks (chunked.py)
+        self.step_log: deque[StepRecord] = deque(maxlen=4096)  # the latest steps' composition
+        self.step_tokens = 0  # prompt tokens computed in the current step
+        self.step_chunked = False  # and whether a chunk of a longer prompt was among them
+        # vLLM refuses a budget under max_num_seqs (decodes alone could fill it); here it is raised
+        self.token_budget = max(config.max_num_batched_tokens, config.max_num_seqs)
+        if self.token_budget > config.max_num_batched_tokens:
+            log.warning("max_num_batched_tokens raised to max_num_seqs (%d), so that prompts are never starved "
+                        "by decodes", self.token_budget)
         self.last_progress = time.monotonic()  # the engine thread's heartbeat (see `healthy`)
         self.idle = True  # waiting for work, which is not stalling
         self.fatal: str | None = None  # why the engine thread stopped, if it did on its own
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.lora = None  # adapters.LoraAdapters: LoRA adapters, which set it themselves
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -243,7 +257,7 @@ class GenerationEngine:
         while True:
             with self.wakeup:
                 self.idle = True
-                while not (self.stopping or self.inbox or self.jobs or self.waiting or self.rows):
+                while not (self.stopping or self.inbox or self.jobs or self.waiting or self.rows or self.partial):
                     self.wakeup.wait()
                 self.idle = False
                 self.last_progress = time.monotonic()
@@ -256,9 +270,12 @@ class GenerationEngine:
             try:
                 self._run_jobs(jobs)
                 self._drop_cancelled()
+                decoding, self.step_tokens, self.step_chunked = len(self.rows), 0, False
                 self._admit()
                 if self.rows:
                     self._decode_step()
+                if decoding or self.step_tokens:
+                    self.step_log.append(StepRecord(decoding, self.step_tokens, self.step_chunked))
             except Exception as exc:  # a bug must fail the requests in flight, not hang them
                 log.exception("engine step failed")
                 self._fail_all(f"internal engine error: {exc}")
@@ -285,7 +302,7 @@ class GenerationEngine:
     def _publish(self) -> None:
         """Hands this step's events to the event loops in one call per loop."""
         self.stats.waiting = len(self.waiting) + len(self.inbox)
-        self.stats.running = len({id(s.owner) for s in self.rows})
+        self.stats.running = len({id(s.owner) for s in self.rows}) + (self.partial is not None)
         self.stats.kv_usage = self.pool.used_tokens() / max(1, self.kv_budget_tokens)
         if not self.outbox:
             return
@@ -305,6 +322,9 @@ class GenerationEngine:
         after a failed step the pool's rows and `self.rows` need not agree any more."""
         owners = {id(s.owner): s.owner for s in self.rows}
         owners.update({id(s): s for s in [*self.waiting, *self.admitting]})
+        if self.partial is not None:
+            owners[id(self.partial.state)] = self.partial.state
+            self.partial = None
         for state in owners.values():
             self._emit(state, RequestOutput([], len(state.request.prompt_ids), state.completion_tokens,
                                             finished=True, error=message))
@@ -316,6 +336,8 @@ class GenerationEngine:
 
     def _drop_cancelled(self) -> None:
         self.waiting = deque(s for s in self.waiting if not s.cancelled.is_set())
+        if self.partial is not None and self.partial.state.cancelled.is_set():
+            self.partial, self.admitting = None, []
         for row in range(len(self.rows) - 1, -1, -1):
             if self.rows[row].owner.cancelled.is_set():
                 self._remove_row(row)
@@ -346,7 +368,17 @@ class GenerationEngine:
                 self._emit(state, RequestOutput([], len(state.request.prompt_ids), 0, finished=True, error=message))
 
     def _admit(self) -> None:
+        """Admits waiting requests within this step's token budget (vLLM's: decodes first, then
+        prefill): the prompt being prefilled in chunks first; then whole prompts that fit in the
+        rest, batched; a first prompt over the rest starts in chunks (chunked.py)."""
         self._refuse_oversized()
+        budget = prefill_budget(self.token_budget, len(self.rows))
+        if self.partial is not None:
+            budget -= self._continue_chunked(budget)
+            if self.partial is not None:
+                return  # one prompt in chunks at a time, and nothing overtakes it
+        if budget <= 0:
+            return
         free = self.config.max_num_seqs - len(self.rows)
         candidates, rows = [], 0
         for state in self.waiting:
@@ -362,11 +394,18 @@ class GenerationEngine:
             count = plan_admission(
                 [(tokens, s.request.n) for tokens, s in zip(uncached, candidates, strict=True)],
                 free_rows=free,
-                token_budget=self.config.max_num_batched_tokens,
+                token_budget=budget,
                 kv=room,
                 longest=[self._longest(s.request) for s in candidates],
             )
             if count == 0:
+                return
+            hit = [bool(m.tokens) for m in matches]
+            while count > 1 and self._prefill_cost(uncached[:count], hit[:count]) > budget:
+                count -= 1  # rows grouped on a cached prefix compute their group's longest tail
+            if uncached[0] > budget:  # admitted alone (plan_admission's rule), over the step's rest
+                self._start_chunked(self.waiting.popleft(), matches[0])
+                self._continue_chunked(budget)
                 return
             self.admitting = [self.waiting.popleft() for _ in range(count)]
             # Rows with a cached prefix prefill together on top of it; the rest as before.
@@ -384,12 +423,21 @@ class GenerationEngine:
                 for m in matches:
                     self.prefix_cache.release(m)
 
+    def _prefill_cost(self, tails: list[int], hit: list[bool]) -> int:
+        """Prompt tokens the prefills of these admitted requests compute (padding aside): each
+        miss its prompt, each row of a prefix-hit group (plan_prefill_groups) its group's longest
+        uncached tail."""
+        hit_tails = [t for t, h in zip(tails, hit, strict=True) if h]
+        groups = plan_prefill_groups(hit_tails, slack=self.config.prefix_cache_block_size)
+        return (sum(t for t, h in zip(tails, hit, strict=True) if not h)
+                + sum(len(g) * max(hit_tails[i] for i in g) for g in groups))
+
     def _match(self, state: RequestState) -> PrefixMatch:
         """The pinned cached prefix of a waiting request; none for prompt logprobs, which need
         the logits of every prompt position."""
         if self.prefix_cache is None or state.request.prompt_logprobs is not None:
             return PrefixMatch()
-        return self.prefix_cache.match(state.request.prompt_ids)
+        return self.prefix_cache.match(state.request.prompt_ids, state.request.adapter)
 
     def _prefill(self, batch: list[RequestState], matches: list[PrefixMatch]) -> None:
         """One left-padded prefill of `batch`. With cached prefixes, the first `past` columns
@@ -403,6 +451,7 @@ class GenerationEngine:
         computed = max(1, max(n - m.tokens for n, m in zip(lengths, matches, strict=True)))
         past = width - computed
         reused = [max(0, n - computed) for n in lengths]
+        self.step_tokens += sum(n - r for n, r in zip(lengths, reused, strict=True))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -416,7 +465,7 @@ class GenerationEngine:
             cache = self._cache_over_prefixes(matches, reused, past, width)
         else:
             cache = DynamicCache(config=self.model.config)
-        out = self.model(
+        out = self._forward(s.request for s in batch)(
             input_ids=ids[:, past:].to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions[:, past:].to(self.device),
@@ -424,7 +473,13 @@ class GenerationEngine:
             logits_to_keep=0 if want_prompt_logprobs else 1,
             **{self.cache_kwarg: cache},
         )
-        logits = out.logits.float()
+        self._join(batch, cache, out.logits.float(), lengths, reused, width, started)
+
+    def _join(self, batch: list[RequestState], cache, logits: torch.Tensor, lengths: list[int], reused: list[int],
+              width: int, started: float) -> None:
+        """Puts prefilled requests into the running batch: caches their prompt blocks, copies their
+        KV into the slot cache, answers prompt logprobs, and samples each choice's first token.
+        `cache` and `logits` are a left-padded prefill's, `width` columns wide."""
         if self.prefix_cache is not None:
             self._store_prefixes(batch, cache, lengths, reused, width)
         sources = [i for i, s in enumerate(batch) for _ in range(s.request.n)]
@@ -447,6 +502,56 @@ class GenerationEngine:
         self._sample_and_advance(last[torch.tensor(sources)], new_rows)
         self.observe("prefill_seconds", time.monotonic() - started)
 
+    def _start_chunked(self, state: RequestState, match: PrefixMatch) -> None:
+        """Begins prefilling `state` in chunks, in a prompt-wide buffer that starts with its cached
+        prefix (at most all but the last token: its logits are needed)."""
+        state.prefill_started = time.monotonic()
+        total = len(state.request.prompt_ids)
+        reused = min(match.tokens, total - 1)
+        if reused:
+            cache = self._cache_over_prefixes([match], [reused], reused, total)
+        else:
+            first = self.pool.keys[0]
+            cache = cache_over_past(self.pool.num_layers, 1, first.shape[1], total, first.shape[3], 0, self.dtype,
+                                    self.device)
+        self.partial = ChunkedPrefill(state, cache, done=reused, reused=reused)
+        self.admitting = [state]  # what other readers (adapters.py, _fail_all) look at besides `rows`
+
+    def _continue_chunked(self, budget: int) -> int:
+        """Computes the next chunk, at most `budget` tokens, of the prompt in `self.partial`; after
+        the last one the request joins the batch. Returns the tokens computed."""
+        part = self.partial
+        req = part.state.request
+        end = chunk_end(part.done, part.total, budget, self.config.prefix_cache_block_size)
+        if end <= part.done:
+            return 0
+        started = time.monotonic()
+        want_prompt_logprobs = req.prompt_logprobs is not None
+        out = self._forward([req])(
+            input_ids=torch.tensor([req.prompt_ids[part.done : end]], dtype=torch.long, device=self.device),
+            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+            position_ids=torch.arange(part.done, end, device=self.device)[None],
+            use_cache=True,
+            logits_to_keep=0 if want_prompt_logprobs else 1,
+            **{self.cache_kwarg: part.cache},
+        )
+        computed, part.done = end - part.done, end
+        self.step_tokens += computed
+        self.step_chunked = True
+        if want_prompt_logprobs:
+            part.logits.append(out.logits[0].float())
+        if end < part.total:
+            if self.prefix_cache is not None:  # the blocks done so far, kept even if it is cancelled
+                layers = part.cache.layers
+                self.prefix_cache.store(req.prompt_ids[:end], [layer.keys[0, :, :end] for layer in layers],
+                                        [layer.values[0, :, :end] for layer in layers], req.adapter)
+            return computed
+        self.partial = None
+        logits = torch.cat(part.logits)[None] if want_prompt_logprobs else out.logits.float()
+        self._join([part.state], part.cache, logits, [part.total], [part.reused], part.total, started)
+        self.admitting = []
+        return computed
+
     def _cache_over_prefixes(self, matches: list[PrefixMatch], reused: list[int], past: int, width: int):
         """A prefill cache whose first `past` columns hold each row's reused prefix, right-aligned
         there so that the row's tokens stay contiguous and end at `width`, as in a full prefill."""
@@ -466,7 +571,7 @@ class GenerationEngine:
                 self.stats.prefix_cache_hits += reused[i]
             start = width - lengths[i]
             self.prefix_cache.store(state.request.prompt_ids, [layer.keys[i, :, start:] for layer in cache.layers],
-                                    [layer.values[i, :, start:] for layer in cache.layers])
+                                    [layer.values[i, :, start:] for layer in cache.layers], state.request.adapter)
 
     def _prompt_logprobs(self, logits: torch.Tensor, request: GenerationRequest, offset: int):
         """Logprob of each prompt token given the tokens before it (the first has none)."""
@@ -493,7 +598,7 @@ class GenerationEngine:
         ids = torch.tensor([[seq.last_token] for seq in self.rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[self.pool.row_length(r)] for r in range(rows)], device=self.device)
         mask = self.pool.decode_mask(self.kv_dtype)
-        out = self.model(
+        out = self._forward(seq.owner.request for seq in self.rows)(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
@@ -505,6 +610,11 @@ class GenerationEngine:
         self._sample_and_advance(out.logits[:, -1, :].float(), list(range(rows)))
         self.stats.steps += 1
         self.observe("decode_step_seconds", time.monotonic() - started)
+
+    def _forward(self, requests: Iterable[GenerationRequest]) -> Callable[..., Any]:
+        """The model to run a batch whose rows belong to `requests`, in row order: with each
+        row's LoRA adapter when any is loaded (adapters.py), else the model itself."""
+        return self.model if self.lora is None else self.lora.forward([r.adapter for r in requests])
 
     def _sample_and_advance(self, logits: torch.Tensor, rows: list[int]) -> None:
         """Samples one token for each of `rows` (aligned with `logits`), records it, emits

@@ -43,10 +43,12 @@ class PrefixMatch:
         return len(self.blocks) * self.block_size
 
 
-def block_keys(token_ids: Sequence[int], block_size: int) -> Iterator[tuple[int, int, tuple[int, ...]]]:
+def block_keys(token_ids: Sequence[int], block_size: int,
+               salt: str | None = None) -> Iterator[tuple[int, int, tuple[int, ...]]]:
     """(key, parent key, tokens) of each full block of `token_ids`, in order (lazily: a lookup
-    that misses early hashes no further)."""
-    parent = 0
+    that misses early hashes no further). `salt` (a LoRA adapter's key) starts the chain
+    elsewhere: KV computed under an adapter differs from the base model's for the same tokens."""
+    parent = 0 if salt is None else hash(("adapter", salt))
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         tokens = tuple(token_ids[start : start + block_size])
         key = hash((parent, tokens))
@@ -92,10 +94,10 @@ class PrefixCache:
     def cached_blocks(self) -> int:
         return len(self.by_key)
 
-    def match(self, token_ids: Sequence[int]) -> PrefixMatch:
+    def match(self, token_ids: Sequence[int], salt: str | None = None) -> PrefixMatch:
         """Pins and returns the longest cached chain of full blocks that `token_ids` starts with."""
         found = PrefixMatch(block_size=self.block_size)
-        for key, parent, tokens in block_keys(token_ids, self.block_size):
+        for key, parent, tokens in block_keys(token_ids, self.block_size, salt):
             block = self._lookup(key, parent, tokens)
             if block is None:
                 break
@@ -143,14 +145,15 @@ class PrefixCache:
                         if reused[i]:
                             buf[i, :, start:past] = part[:, : reused[i]]
 
-    def store(self, token_ids: Sequence[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> int:
+    def store(self, token_ids: Sequence[int], keys: list[torch.Tensor], values: list[torch.Tensor],
+              salt: str | None = None) -> int:
         """Caches the full blocks of `token_ids` that are not cached yet; `keys[layer]` and
         `values[layer]` are [kv_heads, len(token_ids), head_dim]. Stops at the first block with no
         room (every block pinned). Returns how many blocks were added."""
         chain = PrefixMatch(block_size=self.block_size)
         added = 0
         try:
-            for j, (key, parent, tokens) in enumerate(block_keys(token_ids, self.block_size)):
+            for j, (key, parent, tokens) in enumerate(block_keys(token_ids, self.block_size, salt)):
                 block = self._lookup(key, parent, tokens)
                 if block is None:
                     block = self._take()

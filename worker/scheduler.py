@@ -4,7 +4,7 @@ Requests are admitted in arrival order (no overtaking, so no starvation) while t
 in the free rows and the prompt tokens they must compute (less a prefix found in the prefix
 cache) fit in the step's prefill token budget. The first waiting request is always admitted when
 it fits in the rows, even if its prompt alone exceeds the budget, so that a long prompt cannot
-wait forever.
+wait forever: the engine then prefills it in chunks, one per step (chunked.py).
 
 They must also fit in the KV budget (`KvRoom`) at their longest: in the slot cache every row takes
 as many columns as the longest row, so a request is admitted only if all running rows and its own

@@ -64,6 +64,7 @@ class GenerationRequest:
     grammar: Any = None  # constraints.Grammar: each choice decodes under its own matcher
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    adapter: str | None = None  # the LoRA adapter's peft key (worker/adapters.py); None: the base model
 
 
 class RequestState:

@@ -32,6 +32,7 @@ from modelfleet.protocol import (
     score_texts,
 )
 
+from .adapters import LoraAdapters
 from .constraints import GrammarCompiler
 from .embedder import shape_vector
 from .engine import GenerationEngine, RequestStream
@@ -87,6 +88,7 @@ class ModelService:
         # A step that holds work this long without finishing means a wedged engine (a decode
         # step of the largest batch on a CPU takes well under a second).
         self.engine_stall_seconds = 60.0
+        self.lora: LoraAdapters | None = None  # a generation model's LoRA adapters (adapters.py)
 
     # -- identity -----------------------------------------------------------------------------
 
@@ -94,9 +96,27 @@ class ModelService:
     def name(self) -> str:
         return self.names[0]
 
-    def check_model(self, requested: str | None) -> None:
-        if requested is not None and requested not in self.names:
+    def check_model(self, requested: str | None, adapters: bool = True) -> None:
+        """Refuses a model this worker does not serve; with `adapters`, a LoRA adapter's name
+        is one it serves (generation runs with it), else it gets a clear 400."""
+        if requested is None or requested in self.names:
+            return
+        if self.lora is None or self.lora.resolve(requested) is None:
             raise model_not_found(requested)
+        if not adapters:
+            raise OpenAIError(f"The model `{requested}` is a LoRA adapter of `{self.name}`; LoRA adapters serve "
+                              f"chat, completions and responses only. Use `{self.name}` for this endpoint.",
+                              param="model", code="model_not_supported")
+
+    def adapter_of(self, requested: str | None) -> str | None:
+        """The peft key of the LoRA adapter `requested` names, None for the base model; read
+        right before submitting, so an adapter unloaded since `check_model` is a 404 too."""
+        if requested is None or requested in self.names:
+            return None
+        adapter = self.lora.resolve(requested) if self.lora is not None else None
+        if adapter is None:
+            raise model_not_found(requested)
+        return adapter.key
 
     def capabilities(self) -> dict[str, bool]:
         generate = self.engine is not None
@@ -109,6 +129,11 @@ class ModelService:
                          task=self.info.task, capabilities=self.capabilities(),
                          permission=[ModelPermission(id=f"modelperm-{name}", created=self.created)])
             for name in self.names
+        ] + [
+            ModelCard.of_adapter(a.name, a.path, self.name, created=a.created, max_model_len=self.info.max_model_len,
+                                 task=self.info.task, capabilities={**self.capabilities(), "embedding": False, "score": False},
+                                 permission=[ModelPermission(id=f"modelperm-{a.name}", created=a.created)])
+            for a in (self.lora.by_name.values() if self.lora is not None else ())
         ]
 
     def failure(self) -> str | None:
@@ -177,6 +202,7 @@ class ModelService:
         gen = generation_request(req, prompt, params, max_tokens, self.limits, n=req.n or 1,
                                  prompt_logprobs=req.prompt_logprobs, request_id=request_id)
         gen.grammar = plan.grammar
+        gen.adapter = self.adapter_of(req.model)
         return self._submit(engine, gen), plan
 
     @staticmethod
@@ -216,6 +242,7 @@ class ModelService:
                                      n_param="best_of" if best_of > n else "n", prompt_logprobs=prompt_lp,
                                      request_id=request_id)
             gen.grammar = plan.grammar
+            gen.adapter = self.adapter_of(req.model)
             gens.append(gen)
         return [self._submit(engine, g) for g in gens]
 

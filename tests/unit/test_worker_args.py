@@ -18,6 +18,7 @@ CHANGED = WorkerSettings(
     source="hf://org/name@v1", served_names=["chat", "alias-1", "org/alias"], host="0.0.0.0", port=9001,
     device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=8, max_num_batched_tokens=512,
     drain_timeout=12.5, enable_prefix_caching=False, prefix_cache_gib=0.25, kv_cache_gib=3.0,
+    lora_modules=(("sql", "/adapters/sql"), ("odd", "/adapters/a,b")), max_loras=2, max_lora_rank=64,
 )
 
 

@@ -1,0 +1,191 @@
+"""Where the milliseconds of one engine step go: a decode step at 1 and at 32 sequences, and a
+prefill, on the bench model (worker_throughput.py's 56M Llama), in-process, one OpenMP thread.
+
+The engine's own loop is driven step by step from this thread (its thread is never started), so
+that wall-clock timers around the parts of a step (model forward, sampling, the rest) and
+torch's profiler (operator self-times) see exactly one step at a time. Writes a markdown summary.
+
+    OMP_NUM_THREADS=1 python bench/profile_engine.py [--out bench/profiles/engine-step.md] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+PROMPT = "Request {i}: write a long story about the sea, the ships and the people who sail them."
+
+
+class Timers:
+    """Wall time per label, per engine step."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = defaultdict(float)
+
+    def wrap(self, label: str, fn):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total[label] += time.perf_counter() - started
+        return timed
+
+
+class TimedModel:
+    """The model, its calls timed; every other attribute is the model's."""
+
+    def __init__(self, model, timers: Timers) -> None:
+        self.__dict__["_model"], self.__dict__["_call"] = model, timers.wrap("model forward", model)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
+def build(model, tok, max_num_seqs: int, budget: int):
+    from modelfleet.worker import engine as engine_module
+    from modelfleet.worker.engine import EngineConfig, GenerationEngine
+
+    engine = GenerationEngine(model, tok, EngineConfig(max_model_len=2048, max_num_seqs=max_num_seqs,
+                                                       max_num_batched_tokens=budget,
+                                                       enable_prefix_caching=False), [tok.eos_token_id])
+    timers = Timers()
+    engine.model = TimedModel(model, timers)
+    engine_module.sample = timers.wrap("sample()", engine_module.sample)
+    return engine, timers
+
+
+def submit(engine, loop, ids: list[int], max_tokens: int) -> None:
+    from modelfleet.worker.sampling import SamplingParams
+    from modelfleet.worker.sequence import GenerationRequest, RequestState
+
+    req = GenerationRequest(prompt_ids=ids, params=SamplingParams(temperature=1.0), max_tokens=max_tokens,
+                            ignore_eos=True)
+    engine.waiting.append(RequestState(req, (loop, asyncio.Queue())))
+
+
+def step(engine) -> None:
+    engine._admit()
+    if engine.rows:
+        engine._decode_step()
+    engine.outbox.clear()
+
+
+def op_table(prof, limit: int = 14) -> str:
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    lines = ["| operator | calls | self CPU ms | share |", "| --- | ---: | ---: | ---: |"]
+    for e in events[:limit]:
+        lines.append(f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1000:.1f} | {e.self_cpu_time_total / total:.0%} |")
+    return "\n".join(lines)
+
+
+def profile_decode(model, tok, loop, rows: int, steps: int) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    engine, timers = build(model, tok, max(rows, 1), 4096)
+    for i in range(rows):
+        submit(engine, loop, tok(PROMPT.format(i=i))["input_ids"], steps * 3 + 20)
+    step(engine)  # the prefill, and the first decode
+    for _ in range(5):
+        step(engine)
+    timers.total.clear()
+    walls = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step(engine)
+        walls.append(time.perf_counter() - started)
+    wall = sum(walls)
+    forward = timers.total["model forward"]
+    sampling = timers.total["sample()"]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(engine)
+    del torch
+    rest = wall - forward - sampling
+    per = 1000 / steps
+    out = [f"### Decode step, {rows} sequence{'s' if rows > 1 else ''} (columns ~{engine.pool.cursor})", "",
+           f"Median step {statistics.median(walls) * 1000:.1f} ms ({rows / statistics.median(walls):.0f} tokens/s); "
+           f"mean {wall * per:.1f} ms, of which model forward {forward * per:.1f} ms ({forward / wall:.0%}), "
+           f"sample() {sampling * per:.1f} ms ({sampling / wall:.0%}), the engine's own Python and tensor "
+           f"bookkeeping (inputs, mask, penalties bookkeeping, detokenising, events) {rest * per:.1f} ms "
+           f"({rest / wall:.0%}).", "",
+           f"torch.profiler over {steps} further steps (self CPU time, all operators):", "", op_table(prof), ""]
+    return "\n".join(out)
+
+
+def profile_prefill(model, tok, loop, label: str, prompts: list[list[int]]) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    engine, timers = build(model, tok, len(prompts), 1 << 20)
+    for ids in prompts:  # warm-up: the slot cache grows to its size
+        submit(engine, loop, ids, 1)
+    step(engine)
+    timers.total.clear()
+    for ids in prompts:
+        submit(engine, loop, ids, 1)
+    started = time.perf_counter()
+    step(engine)
+    wall = time.perf_counter() - started
+    forward = timers.total["model forward"]
+    for ids in prompts:
+        submit(engine, loop, ids, 1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(engine)
+    tokens = sum(len(p) for p in prompts)
+    out = [f"### Prefill, {label}", "",
+           f"{wall * 1000:.0f} ms for {tokens} prompt tokens ({tokens / wall:.0f} tokens/s): model forward "
+           f"{forward * 1000:.0f} ms ({forward / wall:.0%}), the rest (copy into the slot cache, first sample) "
+           f"{(wall - forward) * 1000:.0f} ms.", "", "torch.profiler, the same prefill again:", "", op_table(prof, 10), ""]
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "profiles" / "engine-step.md"))
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+
+    from worker_throughput import load_model
+
+    from modelfleet.demo import BENCH_SPEC, ensure_demo_model
+
+    model, tok = load_model(ensure_demo_model(BENCH_SPEC))
+    import torch
+
+    loop = asyncio.new_event_loop()
+    sections = [
+        "# Where an engine step's time goes", "",
+        f"`OMP_NUM_THREADS=1 python bench/profile_engine.py --steps {args.steps}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"{BENCH_SPEC.name}: hidden 512, 8 layers, vocab 32,000; weights {model.dtype}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread). Prompts of ~20 tokens, sampling at temperature 1 (the bench's). "
+        "This machine is shared: absolute times drift 10-20%, shares less.", ""]
+    for rows in (1, 32):
+        print(f"decode, {rows} rows", flush=True)
+        sections.append(profile_decode(model, tok, loop, rows, args.steps))
+    long_ids = (tok(" ".join(PROMPT.format(i=i) for i in range(40)))["input_ids"])[:1024]
+    print("prefill", flush=True)
+    sections.append(profile_prefill(model, tok, loop, "one prompt of 1,024 tokens", [long_ids]))
+    sections.append(profile_prefill(model, tok, loop, "32 prompts of ~20 tokens (one batch)",
+                                    [tok(PROMPT.format(i=i))["input_ids"] for i in range(32)]))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(sections))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
