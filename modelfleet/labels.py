@@ -37,6 +37,18 @@ RESPONSE_EXPIRES = f"{PREFIX}/response-expires"
 # Annotation on the same Secrets: the response id (Secret names are a hash of it).
 RESPONSE_ID = f"{PREFIX}/response-id"
 
+# The weight cache (operator/cache.py, docs/operator.md "Weight cache"). CACHE: label on the
+# claims the operator makes and on their fill Jobs; value: the cache's digest, which also names
+# them. CACHE_SOURCE: annotation on both, the spec.model.source they hold. CACHE_FILLED: prefix
+# of the annotation a filled claim carries per model directory (the directory's name follows),
+# value JSON {"bytes": <int>, "time": "<RFC 3339 UTC>"}, so a claim shared by several sources
+# records each. CACHE_KEEP: label ("true") on a claim that outlives its last user.
+CACHE = f"{PREFIX}/cache"
+CACHE_SOURCE = f"{PREFIX}/cache-source"
+CACHE_FILLED = f"filled.{PREFIX}/"
+CACHE_KEEP = f"{PREFIX}/cache-keep"
+COMPONENT_CACHE = "cache"
+
 # Prefix for kopf's own bookkeeping annotations (progress, last-handled configuration). A
 # subdomain of ours rather than PREFIX itself: kopf leaves every annotation under its storage
 # prefix out of the diff it reacts to, and DEMAND must stay in it so a demand signal triggers

@@ -299,12 +299,13 @@ NAME_CONFLICT = "NameConflict"
 def name_conflict(md: ModelDeployment, holder: NameClaim) -> str:
     """What a ModelDeployment refused a name (modelfleet.api.settle_names) says: who holds it and
     the two ways out."""
-    names = sorted(holder.names & frozenset((md.served_name, *md.spec.model.aliases)))
+    adapters = [a.name for a in md.spec.adapters]
+    names = sorted(holder.names & frozenset((md.served_name, *md.spec.model.aliases, *adapters)))
     way = ("set spec.routing.weight on both to split its traffic between them, or "
            if holder.served == md.served_name else "")
     return (f"the model name {', '.join(names)} is already served by ModelDeployment {holder.namespace}/"
             f"{holder.name}, which the gateway keeps routing to; {way}choose another spec.model.servedName "
-            "or spec.model.aliases")
+            f"or spec.model.aliases{' or spec.adapters name' if adapters else ''}")
 
 
 def make_condition(

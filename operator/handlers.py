@@ -30,6 +30,7 @@ import kopf
 from modelfleet import labels
 from modelfleet.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
+from .adapters import AdapterSync
 from .conditions import deployment_facts
 from .config import OperatorConfig
 from .kube import KubeApi
@@ -55,6 +56,7 @@ class Deps:
     probe: LoadProbe
     metrics: OperatorMetrics
     clock: Callable[[], datetime]
+    adapters: AdapterSync | None = None  # loads spec.adapters into pods (adapters.py); None: off
 
 
 def classify(exc: BaseException) -> BaseException:
@@ -187,7 +189,8 @@ def make_runner(
             with deps.metrics.timed(trigger):
                 try:
                     outcome = reconcile(body, deps.kube, deps.config, deps.probe, deps.clock(),
-                                        child=deployment, applied=slot.applied, fresh=fresh)
+                                        child=deployment, applied=slot.applied, fresh=fresh,
+                                        adapters=deps.adapters)
                 except Gone:
                     slots.forget(uid)
                     return None  # deleted meanwhile: ownerReferences clean up the children
@@ -285,6 +288,22 @@ def register(registry: kopf.OperatorRegistry, deps: Deps, peering: Peering | Non
         owner = owner_stub(body)
         if owner is not None:
             run(owner, "child", deployment=None if type == "DELETED" else body)
+
+    # A weight cache's fill Job changed (started, finished, failed): reconcile the
+    # ModelDeployment that started it now, so its replicas start as soon as the cache is
+    # filled; the other users of a shared cache see it within a resync (cache.py).
+    @kopf.on.event(
+        "batch",
+        "v1",
+        "jobs",
+        registry=registry,
+        id="cache-fill",
+        labels={labels.APP_MANAGED_BY: labels.MANAGED_BY, labels.CACHE: kopf.PRESENT},
+    )
+    def on_fill(body: kopf.Body, **_: Any) -> None:
+        owner = owner_stub(body)
+        if owner is not None:
+            run(owner, "cache")
 
     @kopf.on.probe(registry=registry, id="reconciles")
     def probe_reconciles(**_: Any) -> float:

@@ -36,6 +36,8 @@ SERVICE = ("v1", "Service")
 PDB = ("policy/v1", "PodDisruptionBudget")
 POD = ("v1", "Pod")
 EVENT = ("v1", "Event")
+PVC = ("v1", "PersistentVolumeClaim")  # the weight cache (cache.py)
+JOB = ("batch/v1", "Job")  # its fill
 MODEL_DEPLOYMENT = (API_VERSION, KIND)
 
 MAX_EVENT_MESSAGE = 1024  # as kopf cuts them, and events.k8s.io/v1 caps a note
@@ -48,8 +50,12 @@ class KubeApi(Protocol):
     """What reconcile() needs from the cluster; kube.Kube implements it, tests fake it."""
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
-    def delete(self, kind: tuple[str, str], namespace: str, name: str) -> bool: ...
+    def delete(self, kind: tuple[str, str], namespace: str, name: str, propagation: str | None = None) -> bool: ...
     def get(self, kind: tuple[str, str], namespace: str, name: str) -> dict[str, Any] | None: ...
+    def patch(
+        self, kind: tuple[str, str], namespace: str, name: str, body: Mapping[str, Any], strategic: bool = False
+    ) -> dict[str, Any]: ...
+    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str: ...
     def list(
         self, kind: tuple[str, str], namespace: str, label_selector: str = "", field_selector: str = ""
     ) -> list[dict[str, Any]]: ...
@@ -140,10 +146,12 @@ class Kube:
         )
         return result.to_dict()
 
-    def delete(self, kind: tuple[str, str], namespace: str, name: str) -> bool:
-        """Delete if present; False when it was already gone."""
+    def delete(self, kind: tuple[str, str], namespace: str, name: str, propagation: str | None = None) -> bool:
+        """Delete if present; False when it was already gone. `propagation` (Background,
+        Foreground): what happens to its dependents, since a Job's default orphans its pods."""
+        body = {"propagationPolicy": propagation} if propagation else None
         try:
-            self._dyn.delete(self._resource(kind), name=name, namespace=namespace)
+            self._dyn.delete(self._resource(kind), name=name, namespace=namespace, body=body)
         except Exception as exc:
             if _status_code(exc) == 404:
                 return False
@@ -157,6 +165,24 @@ class Kube:
             if _status_code(exc) == 404:
                 return None
             raise
+
+    def patch(
+        self, kind: tuple[str, str], namespace: str, name: str, body: Mapping[str, Any], strategic: bool = False
+    ) -> dict[str, Any]:
+        """A merge patch, or a strategic merge patch (built-in kinds only), which merges lists
+        such as ownerReferences by their key instead of replacing them."""
+        content_type = "application/strategic-merge-patch+json" if strategic else "application/merge-patch+json"
+        result = self._dyn.patch(self._resource(kind), body=dict(body), name=name, namespace=namespace,
+                                 content_type=content_type)  # fmt: skip
+        return result.to_dict()
+
+    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str:
+        """The last lines of a container's log (pods/log), through the typed client: the dynamic
+        one decodes every answer as JSON."""
+        from kubernetes.client import CoreV1Api
+
+        return str(CoreV1Api(self._dyn.client).read_namespaced_pod_log(
+            name, namespace, container=container, tail_lines=tail_lines))
 
     def list(
         self, kind: tuple[str, str], namespace: str, label_selector: str = "", field_selector: str = ""

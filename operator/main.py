@@ -21,6 +21,7 @@ import kopf
 
 from modelfleet import labels
 
+from .adapters import AdapterSync
 from .config import EndpointPicker, OperatorConfig
 from .handlers import Deps, register
 from .inference_pool import INFERENCE_POOL
@@ -259,7 +260,8 @@ def run(argv: Sequence[str]) -> int:
         else no_probe
     )
     deps = Deps(
-        kube=kube, config=config, probe=probe, metrics=metrics, clock=lambda: datetime.now(UTC)
+        kube=kube, config=config, probe=probe, metrics=metrics, clock=lambda: datetime.now(UTC),
+        adapters=AdapterSync(),
     )
     namespaces = tuple(args.namespace)
     priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)

@@ -28,7 +28,9 @@ from modelfleet.api import (
     settle_names,
 )
 
+from .adapters import AdapterSync, ready_pod_count, with_adapters
 from .autoscale import Observation, decide, format_time
+from .cache import serving_model, sync_cache, with_cache
 from .conditions import (
     NAME_CONFLICT,
     StatusEvent,
@@ -291,6 +293,7 @@ def reconcile(
     child: Mapping[str, Any] | None = None,
     applied: Applied | None = None,
     fresh: bool = False,
+    adapters: AdapterSync | None = None,
 ) -> Outcome:
     """Bring one ModelDeployment's children and status in line with its spec and the cluster.
 
@@ -307,6 +310,8 @@ def reconcile(
 
     `fresh` says `body` is already what is stored (the first try of a create, before any
     status): the re-read is skipped, so the Deployment exists one call sooner.
+
+    `adapters` loads spec.adapters into the ready pods (operator/adapters.py) when LoRA is on.
     """
     meta = body.get("metadata") or {}
     stored = body if fresh else kube.get(MODEL_DEPLOYMENT, str(meta.get("namespace", "")), str(meta.get("name", "")))
@@ -334,12 +339,24 @@ def reconcile(
     desired, autoscaler, scale_reason, previous = desired_replicas(md, deployment, pods or [], probe, now)
     if scale_reason:
         log.info("%s/%s: %s", ns, name, scale_reason)
-    if child is not None and not autoscaled and applied == _applied(md, child):
+    # The weight cache (cache.py): until it is filled the Deployment runs no replica, and once
+    # it is, the replicas load the cached directory instead of the source.
+    try:
+        cache = sync_cache(md, kube, config, format_time(now))
+    except Exception as exc:
+        if getattr(exc, "status", None) not in (400, 422):
+            raise
+        message = f"the API server rejected the weight cache's claim or fill Job: {_api_message(exc)}"
+        report_invalid(body, message, kube, now)
+        raise InvalidSpec(message) from exc
+    replicas = desired if cache is None or cache.ready else 0
+    if (child is not None and not autoscaled and applied == _applied(md, child)
+            and (cache is None or int((child.get("spec") or {}).get("replicas") or 0) == replicas)):
         deployment = dict(child)
         conflict = _previous_conflict(md)
     else:
         try:
-            deployment = _apply_children(md, desired, kube, config)
+            deployment = _apply_children(serving_model(md, cache.ref) if cache else md, replicas, kube, config)
         except InvalidSpec as exc:
             report_invalid(body, str(exc), kube, now)
             raise
@@ -352,7 +369,7 @@ def reconcile(
         # A Deployment at zero that had no pods when last seen has none to list: this saves a
         # call per create and per resync of every scaled-to-zero model.
         had_pods = md.status.replicas > 0 or int(((deployment.get("status") or {}).get("replicas")) or 0) > 0
-        pods = kube.list(POD, ns, label_selector=selector) if desired > 0 or had_pods else []
+        pods = kube.list(POD, ns, label_selector=selector) if replicas > 0 or had_pods else []
 
     # Pod warnings (volume mounts) explain pods stuck before their container starts; only
     # worth a list call while some pod is not ready.
@@ -361,6 +378,9 @@ def reconcile(
         events = kube.list(EVENT, ns, field_selector="involvedObject.kind=Pod,type=Warning")
     status = compute_status(md, desired, deployment, pods, events, selector, format_time(now),
                             conflict=conflict, autoscaler=autoscaler)
+    if adapters is not None and md.spec.lora_enabled:
+        status = with_adapters(status, md, adapters.converge(md, pods, config), ready_pod_count(pods), format_time(now))
+    status = with_cache(status, cache, md.status, format_time(now), md.metadata.generation)
     written = status.to_wire() != md.status.to_wire()
     if written:
         kube.patch_status(md.metadata, _status_patch(md.status, status))

@@ -16,9 +16,10 @@ import kopf
 from modelfleet import labels
 from modelfleet.api import DEFAULT_GPU_RESOURCE, ModelDeployment
 from modelfleet.cli import WorkerSettings
-from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, vllm_env
+from modelfleet.engines import LORA_RUNTIME_ENV, VLLM_SERVER_MODULE, VllmServer, vllm_env, vllm_tracing
 from modelfleet.sources import ModelSourceError, parse_model_source
 
+from .adapters import adapter_volumes, lora_slots
 from .config import OperatorConfig
 
 CONTAINER = "worker"
@@ -118,6 +119,8 @@ def worker_args(md: ModelDeployment, model_path: str, config: OperatorConfig) ->
         drain_timeout=spec.termination_grace_period_seconds,
         max_model_len=spec.engine.max_model_len,
         **({} if spec.engine.max_num_seqs is None else {"max_num_seqs": spec.engine.max_num_seqs}),
+        # LoRA's slots only: the adapters themselves are loaded at runtime (operator/adapters.py).
+        **({} if (slots := lora_slots(md)) is None else {"max_loras": slots[0], "max_lora_rank": slots[1]}),
     )
     return ["modelfleet", "worker", *settings.to_args(), *spec.engine.args]
 
@@ -128,6 +131,7 @@ def vllm_server(md: ModelDeployment, model_path: str, config: OperatorConfig) ->
     spec = md.spec
     parsed = parse_model_source(model_path)
     model, revision = (parsed.repo, parsed.revision) if parsed.scheme == "hf" else (model_path, None)
+    max_loras, max_lora_rank = lora_slots(md) or (None, 16)
     return VllmServer(
         model=model, revision=revision,
         served_names=[md.served_name, *spec.model.aliases],
@@ -138,8 +142,16 @@ def vllm_server(md: ModelDeployment, model_path: str, config: OperatorConfig) ->
         tensor_parallel_size=max(1, spec.resources.gpu),
         task=spec.model.task,
         drain_seconds=spec.termination_grace_period_seconds,
+        max_loras=max_loras, max_lora_rank=max_lora_rank,
+        otlp_traces_endpoint=vllm_tracing(replica_environ(md, config))[0],
         extra_args=list(spec.engine.args),
     )  # fmt: skip
+
+
+def replica_environ(md: ModelDeployment, config: OperatorConfig) -> dict[str, str]:
+    """The plain values of a replica's environment that the operator sets: its --worker-env,
+    then spec.engine.env, which wins (values from Secrets or fields are not known here)."""
+    return dict(config.worker_env) | {e.name: e.value for e in md.spec.engine.env if e.value is not None}
 
 
 def _merge_env(env: list[dict[str, Any]], user_count: int) -> list[dict[str, Any]]:
@@ -184,7 +196,9 @@ def _container(md: ModelDeployment, source: WorkerModel, config: OperatorConfig)
     engine = md.spec.engine
     env = [e.to_wire() for e in engine.env]
     mounts = [source.mount] if source.mount else []
-    if source.needs_hf_cache:
+    mounts += adapter_volumes(md, config, [m["mountPath"] for m in mounts])[1]
+    # With LoRA on, hf:// adapters download into the same writable cache as hf:// models.
+    if source.needs_hf_cache or md.spec.lora_enabled:
         env.append({"name": "HF_HOME", "value": config.hf_cache_dir})
         mounts.append({"name": CACHE_VOLUME, "mountPath": config.hf_cache_dir})
     token = md.spec.model.token_secret_ref
@@ -208,6 +222,10 @@ def _container(md: ModelDeployment, source: WorkerModel, config: OperatorConfig)
     if engine.kind == "vllm":
         gpu = md.spec.resources.gpu > 0
         env += [{"name": k, "value": v} for k, v in vllm_env(gpu, config.vllm_cpu_kv_cache_gib).items()]
+        if md.spec.lora_enabled:  # the operator loads spec.adapters through the runtime API
+            env += [{"name": k, "value": v} for k, v in LORA_RUNTIME_ENV.items()]
+        # With tracing on, what vLLM's --otlp-traces-endpoint needs besides (engines.vllm_tracing).
+        env += [{"name": k, "value": v} for k, v in vllm_tracing(replica_environ(md, config))[1].items()]
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
         container.update({
             "image": engine.image or config.vllm_image,
@@ -289,7 +307,8 @@ def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig
         "prometheus.io/path": "/metrics",
     }
     volumes = [source.volume] if source.volume else []
-    if source.needs_hf_cache:
+    volumes += adapter_volumes(md, config, [source.mount["mountPath"]] if source.mount else [])[0]
+    if source.needs_hf_cache or spec.lora_enabled:
         volumes.append({"name": CACHE_VOLUME, "emptyDir": {}})
     if spec.engine.kind == "vllm":
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": config.vllm_shm_size}})

@@ -3,9 +3,10 @@
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
-from modelfleet.engines import VLLM_VERSION, VllmServer, detect_task
+from modelfleet.engines import VLLM_VERSION, VllmServer, detect_task, vllm_tracing
 from modelfleet.sources import parse_model_source
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,3 +39,31 @@ def test_sources_and_tasks():
     from modelfleet.demo import minilm_path
 
     assert detect_task(str(minilm_path())) == "embed"
+
+
+BASE = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"}
+
+
+@pytest.mark.parametrize(("environ", "endpoint", "env"), [
+    ({}, None, {}),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": " "}, None, {}),
+    ({**BASE, "OTEL_SDK_DISABLED": "true"}, None, {}),  # how one image without OpenTelemetry opts out
+    ({**BASE, "OTEL_TRACES_EXPORTER": "none"}, None, {}),
+    # vLLM takes the flag as the exporter's full URL, and exports over gRPC unless told otherwise
+    (BASE, "http://collector:4318/v1/traces",
+     {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf", "OTEL_SERVICE_NAME": "vllm"}),
+    ({**BASE, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:4318/custom", "OTEL_SERVICE_NAME": "chat-a"},
+     "http://traces:4318/custom", {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"},
+     "http://collector:4317", {"OTEL_SERVICE_NAME": "vllm"}),
+])
+def test_vllm_traces_where_the_otel_environment_says(environ, endpoint, env):
+    assert vllm_tracing(environ) == (endpoint, env)
+
+
+def test_the_traces_endpoint_reaches_vllms_command_line_only_when_set():
+    traced = VllmServer(model="/m", served_names=["a"], port=9, otlp_traces_endpoint="http://c:4318/v1/traces",
+                        extra_args=["--max-num-seqs", "4"]).args()
+    assert traced[traced.index("--otlp-traces-endpoint") + 1] == "http://c:4318/v1/traces"
+    assert traced[-2:] == ["--max-num-seqs", "4"]
+    assert "--otlp-traces-endpoint" not in VllmServer(model="/m", served_names=["a"], port=9).args()

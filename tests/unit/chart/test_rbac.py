@@ -65,6 +65,15 @@ NEEDS = [
     need(OP, "watched", "", "services", "create patch"),
     # operator/reconcile.py kube.apply(pdb) and kube.delete(PDB, ...) below two replicas.
     need(OP, "watched", "policy", "poddisruptionbudgets", "create patch delete"),
+    # operator/cache.py sync_cache (the weight cache): kube.get(PVC), kube.apply(render_claim)
+    # (server-side apply: create and patch), kube.patch(PVC) (join as an owner, keep, record the
+    # fill), release(): kube.delete(PVC) when it was the last owner.
+    need(OP, "watched", "", "persistentvolumeclaims", "get create patch delete"),
+    # operator/cache.py: kube.get(JOB), kube.apply(render_fill_job), kube.delete(JOB) once filled
+    # or released; handlers.py kopf.on.event("batch", "v1", "jobs") -> list and watch.
+    need(OP, "watched", "batch", "jobs", "get list watch create patch delete"),
+    # operator/cache.py _progress -> operator/kube.py Kube.pod_log: read_namespaced_pod_log.
+    need(OP, "watched", "", "pods/log", "get"),
     # operator/reconcile.py kube.list(POD, ns, label_selector=...) (status and autoscaling).
     need(OP, "watched", "", "pods", "list"),
     # operator/reconcile.py kube.list(EVENT, ns, field_selector=...) (pods' warnings);
@@ -170,7 +179,8 @@ def test_the_table_names_only_resources_the_code_mentions() -> None:
     code += (REPO / "modelfleet" / "api.py").read_text()
     words = {"modeldeployments": "PLURAL", "modeldeployments/status": 'subresources["status"]',
              "deployments": "deployments", "services": "Service", "poddisruptionbudgets": "PodDisruptionBudget",
-             "pods": '"Pod"', "events": '"Event"', "endpointslices": "endpoint_slice", "secrets": "_secret"}
+             "pods": '"Pod"', "events": '"Event"', "endpointslices": "endpoint_slice", "secrets": "_secret",
+             "persistentvolumeclaims": '"PersistentVolumeClaim"', "jobs": '"jobs"', "pods/log": "read_namespaced_pod_log"}
     for n in NEEDS:
         if n.resource not in kopf_own:
             assert words[n.resource] in code, n.resource

@@ -173,6 +173,9 @@ VALID = [
             },
         }
     ),
+    md({"model": {"source": "hf://org/cached@v1", "cache": {"size": "20Gi", "storageClassName": "fast",
+                                                            "accessMode": "ReadWriteMany", "keep": True}}}),
+    md({"model": {"source": "file:///models/tiny-chat", "cache": {"claimName": "weights"}}}),
 ]
 
 INVALID = [
@@ -230,6 +233,16 @@ INVALID = [
     (md({"model": SOURCE, "podTemplate": {"spec": {"volumes": [{"name": "v", "emptyDir": {}}],
                                                    "volumeMounts": [{"name": "v", "mountPath": "/tmp"}]}}}),
      "spec.podTemplate.spec.volumeMounts", "/tmp"),
+    # spec.model.cache (the weight cache): a size or an existing claim, one of them; not for pvc://.
+    (md({"model": {"source": "hf://org/m", "cache": {"size": "1Gi", "claimName": "c"}}}), "spec.model.cache",
+     "not both"),
+    (md({"model": {"source": "hf://org/m", "cache": {"storageClassName": "fast"}}}), "spec.model.cache",
+     "not both"),
+    (md({"model": {"source": "hf://org/m", "cache": {"claimName": "c", "storageClassName": "fast"}}}),
+     "spec.model.cache", "are its own"),
+    (md({"model": {"source": "pvc://models/m", "cache": {"size": "1Gi"}}}), "spec.model.cache", "a pvc:// source"),
+    (md({"model": {"source": "hf://org/m", "cache": {"size": "lots"}}}), "size", ""),
+    (md({"model": {"source": "hf://org/m", "cache": {"size": "1Gi", "accessMode": "Shared"}}}), "accessMode", ""),
 ]
 
 

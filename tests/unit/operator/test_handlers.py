@@ -196,7 +196,7 @@ def test_a_child_event_hands_reconcile_its_deployment_and_what_was_last_applied(
     seen = []
 
     def fake_reconcile(body, *a, **kw):
-        seen.append(kw)
+        seen.append({k: kw[k] for k in ("child", "applied", "fresh")})
         child = kw["child"] or {"metadata": {"generation": 1}}
         return Outcome(0, ModelDeploymentStatus(), False, deployment_facts=deployment_facts(child), applied=(1, 1))
 
@@ -231,7 +231,7 @@ def test_register_uses_the_registry_given() -> None:
     register(registry, deps(FailingKube(Status(500)), OperatorMetrics()))
     changing = {h.id for h in registry._changing.get_all_handlers()}
     assert {"reconcile-create", "reconcile-update", "reconcile-resume"} <= changing
-    assert {h.id for h in registry._watching.get_all_handlers()} == {"child"}
+    assert {h.id for h in registry._watching.get_all_handlers()} == {"child", "cache-fill"}  # Deployments, fill Jobs
     assert {h.id for h in registry._indexing.get_all_handlers()} == {"modeldeployments"}
     assert {"start-resync", "stop-resync"} <= {h.id for h in registry._activities.get_all_handlers()}
     # No timers, daemons or deletion handlers: kopf adds its finalizer for those, and deleting a

@@ -1,0 +1,107 @@
+"""A vLLM replica traces as the operator renders it: vLLM's OpenAI server (the CPU build from
+`make vllm`) started with the command line and environment that `vllm_tracing` gives for an
+OTLP endpoint, exporting to a loopback OTLP/HTTP receiver, continues the caller's trace.
+
+vLLM takes one to two minutes to start here. Without the vLLM environment this skips, unless
+MODELFLEET_REQUIRE_VLLM is set, when it fails.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import threading
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from modelfleet.demo import VLLM_DEMO_SPEC, ensure_demo_model
+from modelfleet.devcluster import stop_group, wait_for
+from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, find_vllm_python, vllm_env, vllm_tracing
+from modelfleet.netutil import free_port
+
+pytestmark = pytest.mark.integration
+TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+if find_vllm_python() is None:
+    if os.environ.get("MODELFLEET_REQUIRE_VLLM"):
+        raise RuntimeError("MODELFLEET_REQUIRE_VLLM is set but vLLM is not installed: run `make vllm`")
+    pytest.skip("vLLM is not installed (make vllm)", allow_module_level=True)
+
+
+class Receiver(http.server.BaseHTTPRequestHandler):
+    """An OpenTelemetry collector's OTLP/HTTP receiver: POST /v1/traces, protobuf."""
+
+    received: list[ExportTraceServiceRequest] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["content-length"]))
+        if self.path == "/v1/traces" and self.headers["content-type"] == "application/x-protobuf":
+            self.received.append(ExportTraceServiceRequest.FromString(body))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Receiver.received = []
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def spans(name: str) -> list[tuple[str, object]]:
+    """(service.name, span) of every span called `name` received so far."""
+    out = []
+    for request in list(Receiver.received):
+        for resource_spans in request.resource_spans:
+            service = next((a.value.string_value for a in resource_spans.resource.attributes
+                            if a.key == "service.name"), "")
+            out += [(service, s) for scope in resource_spans.scope_spans for s in scope.spans if s.name == name]
+    return out
+
+
+def test_a_vllm_replica_continues_the_callers_trace(receiver, tmp_path):
+    endpoint, tracing_env = vllm_tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver})
+    port = free_port()
+    server = VllmServer(model=str(ensure_demo_model(VLLM_DEMO_SPEC)), served_names=["tiny"], host="127.0.0.1",
+                        port=port, max_num_seqs=4, otlp_traces_endpoint=endpoint)
+    env = {**os.environ, **vllm_env(gpu=False, kv_cache_gib=1), "OTEL_EXPORTER_OTLP_ENDPOINT": receiver,
+           **tracing_env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "vllm.log"
+    # -P and a cwd of its own: never import from a checkout (its operator/ would shadow the stdlib's).
+    proc = subprocess.Popen([find_vllm_python(), "-P", "-m", VLLM_SERVER_MODULE, *server.args()], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"vLLM exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                return httpx.get(url + "/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, 600, "vLLM to start", interval=1.0)
+        r = httpx.post(url + "/v1/chat/completions", timeout=120,
+                       headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        # vLLM's batch processor exports every few seconds.
+        ((service, span),) = wait_for(lambda: spans("llm_request"), 60, "vLLM's request span")
+        assert service == "vllm"
+        assert span.trace_id.hex() == TRACE_ID and span.parent_span_id.hex() == PARENT_ID
+        attributes = {a.key: a.value for a in span.attributes}
+        assert attributes["gen_ai.usage.completion_tokens"].int_value == r.json()["usage"]["completion_tokens"]
+    finally:
+        stop_group(proc, signal.SIGTERM, timeout=60)
