@@ -57,6 +57,7 @@ class GatewaySettings:
     first_byte_timeout: float = 15.0  # streams only; see proxy.py
     hold_timeout: float = 60.0  # static: a request waits this long for a backend that is starting
     probe_interval: float = 1.0  # static: seconds between readiness probes of each backend
+    probe_timeout: float = 2.0  # static: a probe's wait for each step of its answer (see static.py)
     max_inflight_per_replica: int = 256  # past this, a burst gets 503 at once (see capacity.py)
     max_connections: int = 4096
     max_body_bytes: int = MAX_BODY_BYTES  # a larger request body gets 413
@@ -121,7 +122,7 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None,
     upstream = Upstream(settings.connect_timeout, settings.read_timeout, settings.max_connections)
     proxy = Proxy(registry, upstream, metrics, first_byte_timeout=settings.first_byte_timeout, tracing=tracing)
     discovery = discovery or StaticDiscovery(registry, settings.backends, probes, interval=settings.probe_interval,
-                                             hold_timeout=settings.hold_timeout)
+                                             hold_timeout=settings.hold_timeout, probe_timeout=settings.probe_timeout)
     key_file = KeyFileWatcher(settings.api_keys, keys) if settings.api_keys else None
     if key_file:
         key_file.load()  # a broken file at start-up is the command's error, not a silent open gateway

@@ -53,7 +53,7 @@ USAGE_STREAMS = frozenset({"/v1/chat/completions", "/v1/completions"})
 class ReplicaWait(Protocol):
     """What the data path needs of discovery (static or Kubernetes)."""
 
-    async def wait_for(self, model: str) -> None: ...
+    async def wait_for(self, model: str, adapter: str | None = None) -> None: ...
 
 
 @dataclass
@@ -135,13 +135,14 @@ class DataPath(RawPostPaths):
                            and path in USAGE_STREAMS)
             if strip_usage:
                 body = ask_for_usage(body)
-            await self.wait_for_replica(model)
+            adapter = self.registry.adapter(name)
+            await self.wait_for_replica(model, adapter)
             release = self.capacity.acquire(model, key.name if key else "", len(self.registry.available(model)))
             try:
                 prefix = self.registry.pool(model).prefix(fields)
                 relay = await self.proxy.forward(path, body, headers, model, admission.charge,
                                                  key.name if key else "", prefix, stream=fields.stream,
-                                                 received=received)
+                                                 received=received, adapter=adapter)
             except BaseException:
                 release()
                 raise
@@ -172,12 +173,12 @@ class DataPath(RawPostPaths):
         log.info("request refused", extra={"model": model, "status": exc.status,
                                            "key": key.name if key else None, "error": exc.code})
 
-    async def wait_for_replica(self, model: str) -> None:
-        if self.registry.available(model):
+    async def wait_for_replica(self, model: str, adapter: str | None = None) -> None:
+        if self.registry.available(model, adapter):
             return  # the common case costs no timing
         started = time.monotonic()
         try:
-            await self.discovery.wait_for(model)
+            await self.discovery.wait_for(model, adapter)
         finally:
             ended = time.monotonic()
             self.metrics.queue_wait.labels(model).observe(ended - started)

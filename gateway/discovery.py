@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,6 +44,7 @@ class ModelEntry:
     created: int
     engine: str = "modelfleet"
     weight: int | None = None  # spec.routing.weight: its share when several serve the name
+    adapters: list[str] = field(default_factory=list)  # spec.adapters' names (LoRA)
     stopped: bool = False  # spec.replicas 0 and no autoscaling: nothing will start
     failure: str | None = None  # status says its replicas cannot start, and why
     last_demand: float = 0.0
@@ -67,7 +68,7 @@ def model_entry(obj: dict[str, Any]) -> ModelEntry | None:
         max_queue=md.spec.routing.max_queue, hold_timeout=float(md.spec.routing.hold_timeout_seconds),
         scale_from_zero=autoscaling is not None and autoscaling.min_replicas == 0,
         max_model_len=md.spec.engine.max_model_len, created=stamp, engine=md.spec.engine.kind,
-        weight=md.spec.routing.weight,
+        weight=md.spec.routing.weight, adapters=[a.name for a in md.spec.adapters],
         stopped=autoscaling is None and md.spec.replicas == 0,
         failure=(ready.message if ready is not None and ready.message else "its replicas failed") if failed else None,
     )
@@ -170,6 +171,7 @@ class KubernetesDiscovery:
                       for url in urls.get((e.namespace, e.name), [])}
             names = list(dict.fromkeys(n for e in members for n in (e.served, *e.aliases)))
             self.registry.set_endpoints(model, sorted(groups), names, ready=True, groups=groups)
+            self.registry.set_adapters(model, list(dict.fromkeys(a for e in members for a in e.adapters)))
             first = members[0]  # the oldest: its routing settings and card apply to the name
             self.registry.meta[model] = {"created": first.created, "max_model_len": first.max_model_len,
                                          "engine": first.engine}
@@ -183,7 +185,7 @@ class KubernetesDiscovery:
         """Served name -> its ModelDeployments, settled as the operator does (modelfleet.api.
         settle_names): the oldest keeps a name; a newer one shares it only when both set
         spec.routing.weight, and is otherwise left out (its status says NameConflict)."""
-        claims = [NameClaim(e.namespace, e.name, e.served, tuple(e.aliases), e.weight, e.created)
+        claims = [NameClaim(e.namespace, e.name, e.served, tuple(e.aliases), e.weight, e.created, tuple(e.adapters))
                   for e in self.entries.values()]
         settled = settle_names(claims)
         served: dict[str, list[ModelEntry]] = {}
@@ -241,12 +243,13 @@ class KubernetesDiscovery:
     def ready(self) -> bool:
         return all(i.synced.is_set() for i in self.informers)
 
-    async def wait_for(self, model: str) -> None:
+    async def wait_for(self, model: str, adapter: str | None = None) -> None:
         """Holds a request while its model's replicas start, or scale up from zero (then the
         demand annotation asks the operator for one), up to spec.routing.holdTimeoutSeconds;
         503 at once when nothing will start: a model scaled to zero by hand, or one whose
-        replicas are failing (with the reason from its status)."""
-        if self.registry.available(model):
+        replicas are failing (with the reason from its status). A LoRA adapter's request is
+        held the same way until a replica holds the adapter (the operator is loading it)."""
+        if self.registry.available(model, adapter):
             return
         entry = self.entry_for(model)
         if entry is None:
@@ -264,7 +267,7 @@ class KubernetesDiscovery:
                 await self._signal_demand(e, model)
 
         await self.registry.hold(model, entry.hold_timeout, entry.max_queue, on_wait if waking else None,
-                                 tick=DEMAND_INTERVAL)
+                                 tick=DEMAND_INTERVAL, adapter=adapter)
 
     async def _signal_demand(self, entry: ModelEntry, model: str) -> None:
         now = time.monotonic()

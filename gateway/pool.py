@@ -60,14 +60,17 @@ class Pool:
         it; nothing otherwise, so other requests are not scanned for it."""
         return fields.prefix(self.route.prefix_length) if self.route.strategy == "prefix-affinity" else ""
 
-    def available(self, exclude: Container[str] = ()) -> list[Endpoint]:
+    def available(self, exclude: Container[str] = (), adapter: str | None = None) -> list[Endpoint]:
+        """The replicas that can take a request now; for a LoRA adapter, only those holding it."""
         now = time.monotonic()
-        return [e for e in self.endpoints if e.available(now) and e.url not in exclude]
+        return [e for e in self.endpoints if e.available(now) and e.url not in exclude
+                and (adapter is None or adapter in e.adapters)]
 
-    def acquire(self, prefix: str, rng: random.Random, exclude: Container[str] = ()) -> Lease | None:
+    def acquire(self, prefix: str, rng: random.Random, exclude: Container[str] = (),
+                adapter: str | None = None) -> Lease | None:
         """A lease on the endpoint the strategy picks among the available ones not in `exclude`
-        (already tried), or None when there is none."""
-        candidates = self.available(exclude)
+        (already tried) and holding `adapter` (if given), or None when there is none."""
+        candidates = self.available(exclude, adapter)
         if not candidates:
             return None
         return Lease(self.strategy(candidates, RequestView(prefix, self.route, self.ring), rng))

@@ -54,10 +54,11 @@ class Proxy:
 
     async def forward(self, path: str, body: bytes, headers: dict[str, str], model: str,
                       on_usage: Callable[[int], None] | None = None, key_name: str = "",
-                      prefix: str = "", stream: bool = False, received: float | None = None) -> Relay:
-        """Sends `body` to one endpoint of the (resolved) `model`; `on_usage` gets the tokens
-        the response reports once it has been relayed. `received` is when the gateway got the
-        request, for time to first token."""
+                      prefix: str = "", stream: bool = False, received: float | None = None,
+                      adapter: str | None = None) -> Relay:
+        """Sends `body` to one endpoint of the (resolved) `model`, one holding `adapter` when the
+        request names a LoRA adapter; `on_usage` gets the tokens the response reports once it
+        has been relayed. `received` is when the gateway got the request, for time to first token."""
         received = received or time.monotonic()
         pool = self.registry.pool(model)
         strategy_name = pool.route.strategy
@@ -65,7 +66,7 @@ class Proxy:
         send_headers = {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
         last_error = "no replica of the model is ready"
         for attempt in range(self.max_attempts):
-            lease = pool.acquire(prefix, self.rng, exclude=tried)
+            lease = pool.acquire(prefix, self.rng, exclude=tried, adapter=adapter)
             if lease is None:
                 break
             endpoint = lease.endpoint
@@ -91,7 +92,7 @@ class Proxy:
             except BaseException:
                 lease.release()
                 raise
-            others_left = bool(pool.available(exclude=tried))
+            others_left = bool(pool.available(exclude=tried, adapter=adapter))
             if upstream.status >= 500 and attempt + 1 < self.max_attempts and others_left:
                 upstream.close(completed=False)
                 end_upstream(span, upstream.status, str(upstream.status))
@@ -204,7 +205,7 @@ class Relay:
             return b""
         scanner = self.scanner
         scanner.feed(chunk)
-        self.last = time.monotonic()
+        self.last = self.endpoint.last_read = time.monotonic()
         if not self.first and self.streaming and scanner.events:
             self.first = self.last
             self.proxy.metrics.first_token.labels(self.model).observe(self.first - self.received)

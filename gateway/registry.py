@@ -33,6 +33,12 @@ class Endpoint:
     # when several serve one name (balancer.by_weight); empty and None under static discovery.
     deployment: str = ""
     weight: int | None = None
+    # The LoRA adapters this replica holds (its /v1/models, read by load.LoadScraper): an
+    # adapter's requests go only to replicas that hold it.
+    adapters: frozenset[str] = frozenset()
+    # When the replica last sent bytes of an answer (Relay._read; time.monotonic()): a replica
+    # streaming to us is alive whatever its health check's timeout says (static.py).
+    last_read: float = 0.0
     # Resolved when discovery finds the replica failing (see Proxy._post); made on demand.
     _lost: asyncio.Future | None = field(default=None, repr=False, compare=False)
 
@@ -70,6 +76,7 @@ class Registry:
         self.pools: dict[str, Pool] = {}  # model -> its endpoints, route settings and hash ring (pool.py)
         self.outliers = outliers or OutlierPolicy()
         self.waiting: dict[str, int] = {}  # model -> requests held for a ready replica
+        self.adapters: dict[str, str] = {}  # adapter name (spec.adapters) -> the model it runs on
         self._changed: asyncio.Event | None = None
 
     # -- holding a request until its model has a ready replica ---------------------------------
@@ -81,24 +88,26 @@ class Registry:
             self._changed = None
 
     async def hold(self, model: str, timeout: float, max_queue: int,
-                   on_wait: Callable[[], Awaitable[None]] | None = None, tick: float = 5.0) -> None:
-        """Waits until `model` has an available endpoint: at most `timeout` seconds and
-        `max_queue` requests at once, then 503 with Retry-After. `on_wait` runs at least every
-        `tick` seconds while waiting (the scale-from-zero demand signal)."""
-        if self.available(model):
+                   on_wait: Callable[[], Awaitable[None]] | None = None, tick: float = 5.0,
+                   adapter: str | None = None) -> None:
+        """Waits until `model` has an available endpoint (holding `adapter`, if given): at most
+        `timeout` seconds and `max_queue` requests at once, then 503 with Retry-After. `on_wait`
+        runs at least every `tick` seconds while waiting (the scale-from-zero demand signal)."""
+        if self.available(model, adapter):
             return
         if self.waiting.get(model, 0) >= max_queue:
             raise unavailable(f"Too many requests are waiting for model `{model}` to start.", retry_after=10)
         self.waiting[model] = self.waiting.get(model, 0) + 1
         deadline = time.monotonic() + timeout
         try:
-            while not self.available(model):
+            while not self.available(model, adapter):
                 if on_wait is not None:
                     await on_wait()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise unavailable(f"Model `{model}` has no ready replica after waiting {timeout:.0f}s.",
-                                      retry_after=10)
+                    what = f"Model `{model}` has no ready replica" if adapter is None else (
+                        f"No ready replica of model `{model}` holds adapter `{adapter}`")
+                    raise unavailable(f"{what} after waiting {timeout:.0f}s.", retry_after=10)
                 if self._changed is None:
                     self._changed = asyncio.Event()
                 try:
@@ -134,6 +143,21 @@ class Registry:
             self.aliases[name] = model
         self.aliases.setdefault(model, model)
 
+    def set_adapters(self, model: str, names: list[str]) -> None:
+        """The LoRA adapters spec.adapters gives `model`: each a model name of its own, routed to
+        `model`'s replicas that hold it. Call after set_endpoints, which resets the names."""
+        for name in [a for a, m in self.adapters.items() if m == model and a not in names]:
+            del self.adapters[name]
+            if self.aliases.get(name) == model:
+                del self.aliases[name]
+        for name in names:
+            self.adapters[name] = model
+            self.aliases[name] = model
+
+    def adapter(self, name: str) -> str | None:
+        """`name` itself when clients ask for a LoRA adapter by it, else None."""
+        return name if name in self.adapters else None
+
     def remove_model(self, model: str) -> None:
         for url in [u for u, e in self.endpoints.items() if e.model == model]:
             del self.endpoints[url]
@@ -141,6 +165,8 @@ class Registry:
             pool.update([])  # a request still holding it finds no replica
         for alias in [a for a, m in self.aliases.items() if m == model]:
             del self.aliases[alias]
+        for name in [a for a, m in self.adapters.items() if m == model]:
+            del self.adapters[name]
         self.meta.pop(model, None)
 
     def resolve(self, name: str) -> str | None:
@@ -158,9 +184,9 @@ class Registry:
         pool = self.pools.get(model)
         return list(pool.endpoints) if pool is not None else []
 
-    def available(self, model: str) -> list[Endpoint]:
+    def available(self, model: str, adapter: str | None = None) -> list[Endpoint]:
         pool = self.pools.get(model)
-        return pool.available() if pool is not None else []
+        return pool.available(adapter=adapter) if pool is not None else []
 
     def models(self) -> list[str]:
         return sorted({e.model for e in self.endpoints.values()} | set(self.aliases.values()))
@@ -174,8 +200,9 @@ class Registry:
         for name, model in self.aliases.items():
             meta = self.meta.get(model, {})
             known = {"max_model_len": meta["max_model_len"]} if meta.get("max_model_len") else {}
+            # An adapter is listed with its base as parent, ready once a replica holds it.
             card = ModelCard.of(name, model, created=meta.get("created", 0),
-                                ready=any(e.available() for e in self.for_model(model)), **known)
+                                ready=bool(self.available(model, self.adapter(name))), **known)
             seen.setdefault(name, card.dump())
         return [seen[k] for k in sorted(seen)]
 

@@ -104,8 +104,10 @@ class Replica:
 
     ok: the answer (streamed if asked; the usage chunk and `usage: null` only when asked, as
     the worker does, with events cut across writes); 503: the worker's refusal; stall: never
-    answers; trickle: a stream's first event, then nothing; drop: closes the connection;
-    wedge: never answers, and from then on its health checks fail (a wedged process)."""
+    answers; trickle: a stream's first event, then nothing; drip: a stream's events one by one
+    until `undrip` is set; drop: closes the connection; wedge: never answers, and from then on
+    its health checks fail (a wedged process). `ready_hangs` makes /ready never answer (its
+    answer lost on the way), `ready_status` answer with that status; `ready_calls` counts them."""
 
     def __init__(self, fleet: Fleet, model: str, action: str) -> None:
         self.fleet, self.model, self.action = fleet, model, action
@@ -113,6 +115,10 @@ class Replica:
         self.headers: list[dict[str, str]] = []
         self.cancelled = 0  # POSTs whose connection the gateway dropped while they were open
         self.wedged = False
+        self.ready_hangs = False
+        self.ready_status = 200
+        self.ready_calls = 0
+        self.undrip = asyncio.Event()
         app = web.Application()
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/v1/models", self.models)
@@ -130,6 +136,12 @@ class Replica:
         return len(self.bodies)
 
     async def ready(self, request: web.Request) -> web.StreamResponse:
+        self.ready_calls += 1
+        self.fleet.changed()
+        if self.ready_hangs:
+            await asyncio.Event().wait()
+        if self.ready_status != 200:
+            return web.json_response({"status": "broken"}, status=self.ready_status)
         if self.wedged:
             request.transport.close()  # the health check gets no answer at all
             await asyncio.Event().wait()
@@ -159,7 +171,7 @@ class Replica:
             if action in ("drop", "stall", "wedge"):
                 await asyncio.Event().wait()
             if body.get("stream"):
-                return await self.stream(request, body, trickle=action == "trickle")
+                return await self.stream(request, body, trickle=action == "trickle", drip=action == "drip")
             return web.json_response({"id": "cmpl-1", "object": "chat.completion", "created": 1, "model": self.model,
                                       "choices": [{"index": 0, "finish_reason": "stop",
                                                    "message": {"role": "assistant", "content": "hello"}}],
@@ -169,7 +181,7 @@ class Replica:
             self.fleet.changed()
             raise
 
-    async def stream(self, request: web.Request, body: dict, trickle: bool) -> web.StreamResponse:
+    async def stream(self, request: web.Request, body: dict, trickle: bool, drip: bool = False) -> web.StreamResponse:
         asked = (body.get("stream_options") or {}).get("include_usage") is True
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "x-internal": "replica-only"})
         await response.prepare(request)
@@ -181,6 +193,9 @@ class Replica:
         if trickle:
             await response.write(events[0])
             await asyncio.Event().wait()
+        while drip and not self.undrip.is_set():  # a long generation, one token at a time
+            await response.write(events[0])
+            await asyncio.sleep(0.05)
         raw = b"".join(events) + SSE_DONE
         for start in range(0, len(raw), 37):  # events cut across writes, as a network may
             await response.write(raw[start:start + 37])
@@ -410,6 +425,83 @@ def test_a_non_streamed_request_moves_off_a_replica_once_its_health_checks_fail(
             wedged = next(x for x in fleet.replicas if x.url != r.headers["x-modelfleet-backend"])
             assert wedged.wedged
             await fleet.until(lambda: wedged.cancelled == 1, "the wedged request's connection to be dropped")
+
+    run(test)
+
+
+def test_a_health_check_that_times_out_while_its_replica_streams_to_us_leaves_it_in_service():
+    """Under a few thousand held streams a probe's answer can be late for reasons of load alone:
+    a replica streaming answers to the gateway is serving, so a timeout of its health check
+    neither takes it (here the model's last replica) out nor moves the requests it holds."""
+    async def test():
+        fleet = Fleet(plan=["drip"])
+        replica = fleet.replica()
+        async with fleet.gateway(probe_interval=0.2, probe_timeout=1.0) as gw:
+            streaming = LeavingClient(gw, chat(stream=True))
+            task = streaming.start()
+            await fleet.until(lambda: b"t0" in streaming.body_received(), "the stream to start")
+            replica.ready_hangs = True
+            hung_from = replica.ready_calls
+            # A probe begins only once the one before has ended: two more, and the first timed out.
+            await fleet.until(lambda: replica.ready_calls >= hung_from + 2, "a health check to time out", timeout=5)
+            assert await gw.metric("modelfleet_gateway_backend_available", model="m", backend=replica.url) == 1
+            assert (await gw.client.get("/ready")).status_code == 200
+            assert (await gw.chat()).status_code == 200  # a non-streamed request still goes to it
+            replica.undrip.set()
+            await task
+            assert events(streaming.body_received().decode())[-1] == "[DONE]"
+
+    run(test)
+
+
+def test_a_health_check_timeout_counts_only_when_the_gateways_own_loop_did_not_lag():
+    """The same replica, whose health check never answers: while the gateway's event loop is
+    stalled (a saturated gateway, here CPU-bound callbacks of 0.5 s every 0.2 s) the timeout is
+    not held against it; once the loop runs freely, the next timeout takes it out."""
+    async def test():
+        fleet = Fleet()
+        replica = fleet.replica()
+        async with fleet.gateway(probe_interval=0.2, probe_timeout=1.0) as gw:
+            busy = True
+
+            async def saturate() -> None:
+                while busy:
+                    time.sleep(0.5)  # the subject is the loop itself: CPU-bound work that holds it
+                    await asyncio.sleep(0.2)
+
+            replica.ready_hangs = True
+            hung_from = replica.ready_calls
+            stalls = asyncio.create_task(saturate())
+            await fleet.until(lambda: replica.ready_calls >= hung_from + 2, "a lagged health check to time out",
+                              timeout=8)
+            busy = False
+            await stalls
+            assert await gw.metric("modelfleet_gateway_backend_available", model="m", backend=replica.url) == 1
+            # The probe that reaches the replica second from now started on a free loop.
+            freed_from = replica.ready_calls
+            await fleet.until(lambda: replica.ready_calls >= freed_from + 3, "a health check on a free loop",
+                              timeout=8)
+            assert await gw.metric("modelfleet_gateway_backend_available", model="m", backend=replica.url) == 0
+            assert (await gw.client.get("/ready")).status_code == 503
+
+    run(test)
+
+
+def test_a_health_check_error_takes_a_streaming_replica_out_at_once():
+    """Only a timeout is excused: an error status is the replica's own verdict."""
+    async def test():
+        fleet = Fleet(plan=["drip"])
+        replica = fleet.replica()
+        async with fleet.gateway(probe_interval=0.2, probe_timeout=1.0) as gw:
+            streaming = LeavingClient(gw, chat(stream=True))
+            task = streaming.start()
+            await fleet.until(lambda: b"t0" in streaming.body_received(), "the stream to start")
+            replica.ready_status = 500
+            failed_from = replica.ready_calls
+            await fleet.until(lambda: replica.ready_calls >= failed_from + 2, "a health check to fail")
+            assert await gw.metric("modelfleet_gateway_backend_available", model="m", backend=replica.url) == 0
+            replica.undrip.set()
+            await task
 
     run(test)
 
