@@ -65,7 +65,7 @@ def worker_command(name: str, source: str, port: int, args: argparse.Namespace) 
         settings = WorkerSettings(source=source, served_names=[name], host="127.0.0.1", port=port,
                                   **engine_settings(args))
         return [sys.executable, "-m", "modelfleet", "--log-level", args.log_level, "worker", *settings.to_args()]
-    from .engines import VLLM_SERVER_MODULE, VllmServer, detect_task, find_vllm_python
+    from .engines import VLLM_SERVER_MODULE, VllmServer, detect_task, find_vllm_python, vllm_tracing
     from .sources import parse_model_source
 
     python = find_vllm_python()
@@ -76,13 +76,15 @@ def worker_command(name: str, source: str, port: int, args: argparse.Namespace) 
                         dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         task=detect_task(model) if revision is None and os.path.isdir(model) else "auto",
                         drain_seconds=DRAIN_SECONDS,
-                        extra_args=list(args.vllm_arg))
+                        max_loras=args.max_loras if args.lora_modules else None, max_lora_rank=args.max_lora_rank,
+                        otlp_traces_endpoint=vllm_tracing(os.environ)[0],
+                        extra_args=[*(f"--lora-modules={n}={p}" for n, p in args.lora_modules), *args.vllm_arg])
     # -P: never import from the current directory (a checkout's operator/ would shadow the stdlib's).
     return [python, "-P", "-m", VLLM_SERVER_MODULE, *server.args()]
 
 
 def start_workers(models: list[tuple[str, str]], replicas: int, args: argparse.Namespace) -> list[WorkerProcess]:
-    from .engines import vllm_env
+    from .engines import vllm_env, vllm_tracing
 
     workers = []
     for name, source in models:
@@ -93,7 +95,7 @@ def start_workers(models: list[tuple[str, str]], replicas: int, args: argparse.N
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(1, len(models)))))
             if args.engine == "vllm":
-                env = {**vllm_env(gpu=args.device == "cuda"), **env}
+                env = {**vllm_env(gpu=args.device == "cuda"), **vllm_tracing(env)[1], **env}
                 if not source.startswith("hf://"):
                     env["HF_HUB_OFFLINE"] = "1"  # a local model: nothing to ask the hub
             proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
@@ -184,6 +186,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if find_vllm_python() is None:
             raise CommandError(MISSING_VLLM)
     models = parse_models(args.model) if args.model else default_models(args.engine)
+    if args.lora_modules and len(models) > 1:
+        # An adapter fits one base model; the worker command line has no way to say which.
+        raise CommandError("--lora-modules needs exactly one --model (an adapter is made for one base model)")
     check_sources(models)
     workers = start_workers(models, args.replicas, args)
     backends: dict[str, list[str]] = {}

@@ -1,4 +1,4 @@
-"""Model sources, parsed once: `hf://org/name[@revision]`, `file:///abs/path`, `pvc://claim/sub/path`
+"""Model sources, parsed once: `hf://[org/]name[@revision]`, `file:///abs/path`, `pvc://claim/sub/path`
 or a plain local path.
 
 Pure (no I/O), so that every layer a source passes reads it the same way and refuses the same
@@ -31,8 +31,9 @@ CLIMB_RE = r"(^[a-z]+://|/|@)([.]|%2[eE]){2}(/|$)"
 CLAIM_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 HF_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 HF_REVISION_RE = re.compile(r"[A-Za-z0-9._/-]+")
-# The form the own worker downloads (the hub's legacy org-less ids are left to vLLM).
-HF_FORM = "hf:// sources look like hf://org/name[@revision]"
+# A hub repo id, with or without its org: the hub still serves its legacy org-less ids (gpt2,
+# bert-base-uncased, redirected to their org), as the CRD's pattern, vLLM and the own worker take them.
+HF_FORM = "hf:// sources look like hf://[org/]name[@revision]"
 
 
 class ModelSourceError(ValueError):
@@ -103,7 +104,7 @@ def _parse_hf(source: str) -> ModelSource:
         raise ModelSourceError(f"{HF_FORM}, got {source}")
     # The hub client joins repo and revision into cache paths (refs/<revision>): only names.
     if not all(HF_SEGMENT_RE.fullmatch(part) and ".." not in part for part in repo.split("/")):
-        raise ModelSourceError(f"hf:// repo must be org/name of letters, digits and . _ -, got {source}")
+        raise ModelSourceError(f"hf:// repo must be [org/]name of letters, digits and . _ -, got {source}")
     if revision:
         _no_parent_segments(source, revision)
         if not HF_REVISION_RE.fullmatch(revision) or revision.startswith("/"):

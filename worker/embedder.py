@@ -10,9 +10,10 @@ and normalising makes cosine similarity a dot product, as with OpenAI's embeddin
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +27,20 @@ EmbedInput = str | list[int]
 class EmbedResult:
     vectors: list[torch.Tensor]
     tokens: int
+
+
+@dataclass
+class LoopQueue:
+    """The requests one event loop has submitted, and how its last batch went."""
+
+    pending: list[tuple[list[EmbedInput], asyncio.Future]] = field(default_factory=list)
+    draining: asyncio.Task | None = None
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    last_size: int = 0
+    last_finished: float = 0.0
+
+    def pending_items(self) -> int:
+        return sum(len(items) for items, _ in self.pending)
 
 
 class DynamicBatcher:
@@ -44,7 +59,9 @@ class DynamicBatcher:
     costs about the same per item as one of 32, and one of 8 about 15% more.
 
     Written by hand: the few batching libraries on PyPI add a server of their own, where this
-    needs a few dozen lines on the event loop the worker already runs.
+    needs a few dozen lines on the event loop the worker already runs. Each event loop that
+    submits gets a queue of its own (LoopQueue), so a caller that starts a loop per call (a
+    sync wrapper around asyncio.run, a test) is served rather than left waiting on another loop.
     """
 
     def __init__(self, run_batch: Callable[[list[EmbedInput]], Awaitable[tuple[list[torch.Tensor], list[int]]]],
@@ -55,44 +72,49 @@ class DynamicBatcher:
         self.linger = linger
         self.quiet = quiet
         self.half_min = half_min
-        self.pending: list[tuple[list[EmbedInput], asyncio.Future]] = []
-        self.draining: asyncio.Task | None = None
-        self.arrived = asyncio.Event()
-        self.last_size = 0
-        self.last_finished = 0.0
+        # Per event loop: asyncio's futures, tasks and events belong to the loop that made them,
+        # and a caller may run a loop per call (asyncio.run in a sync wrapper, or tests).
+        self.queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopQueue] = weakref.WeakKeyDictionary()
+
+    def queue(self) -> LoopQueue:
+        """The running loop's queue, made on its first request."""
+        loop = asyncio.get_running_loop()
+        queue = self.queues.get(loop)
+        if queue is None:
+            queue = self.queues[loop] = LoopQueue()
+        return queue
 
     async def submit(self, items: list[EmbedInput]) -> EmbedResult:
+        queue = self.queue()
         future = asyncio.get_running_loop().create_future()
-        self.pending.append((items, future))
-        self.arrived.set()
-        if self.draining is None or self.draining.done():
-            self.draining = asyncio.create_task(self._drain())
+        queue.pending.append((items, future))
+        queue.arrived.set()
+        if queue.draining is None or queue.draining.done():
+            queue.draining = asyncio.create_task(self._drain(queue))
         return await future
 
-    def pending_items(self) -> int:
-        return sum(len(items) for items, _ in self.pending)
-
-    async def _await_arrivals(self) -> None:
+    async def _await_arrivals(self, queue: LoopQueue) -> None:
         loop = asyncio.get_running_loop()
-        if loop.time() - self.last_finished > self.linger:
+        if loop.time() - queue.last_finished > self.linger:
             return  # idle before this request: nobody else is about to arrive
-        expected = min(self.last_size, self.max_items)
+        expected = min(queue.last_size, self.max_items)
         if expected >= 2 * self.half_min:
             expected //= 2
-        deadline = self.last_finished + self.linger
-        while self.pending_items() < expected and (left := deadline - loop.time()) > 0:
-            self.arrived.clear()
+        deadline = queue.last_finished + self.linger
+        while queue.pending_items() < expected and (left := deadline - loop.time()) > 0:
+            queue.arrived.clear()
             try:
-                await asyncio.wait_for(self.arrived.wait(), min(self.quiet, left))
+                await asyncio.wait_for(queue.arrived.wait(), min(self.quiet, left))
             except TimeoutError:
                 return
 
-    async def _drain(self) -> None:
-        while self.pending:
-            await self._await_arrivals()
+    async def _drain(self, queue: LoopQueue) -> None:
+        pending = queue.pending
+        while pending:
+            await self._await_arrivals(queue)
             jobs, count = [], 0
-            while self.pending and (not jobs or count + len(self.pending[0][0]) <= self.max_items):
-                items, future = self.pending.pop(0)
+            while pending and (not jobs or count + len(pending[0][0]) <= self.max_items):
+                items, future = pending.pop(0)
                 jobs.append((items, future))
                 count += len(items)
             flat = [item for items, _ in jobs for item in items]
@@ -104,7 +126,7 @@ class DynamicBatcher:
                         future.set_exception(exc)
                 continue
             finally:
-                self.last_size, self.last_finished = count, asyncio.get_running_loop().time()
+                queue.last_size, queue.last_finished = count, asyncio.get_running_loop().time()
             at = 0
             for items, future in jobs:
                 n = len(items)

@@ -1,6 +1,6 @@
 """Model sources -> a local directory -> a loaded model with what the server needs to know of it.
 
-SOURCE is a local directory (`/abs/path` or `file:///abs/path`), `hf://org/name[@revision]`
+SOURCE is a local directory (`/abs/path` or `file:///abs/path`), `hf://[org/]name[@revision]`
 (downloaded with huggingface_hub when the hub is reachable), or `pvc://claim/sub/path`, which
 inside a cluster the operator mounts at `/mnt/models/<claim>`; `modelfleet.sources` parses them.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from modelfleet.sources import HF_FORM, ModelSource, ModelSourceError, parse_model_source
+from modelfleet.sources import ModelSource, ModelSourceError, parse_model_source
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def local_model_dir(source: str) -> Path:
 
 
 def _download_hf(source: ModelSource) -> Path:
-    if "/" not in source.repo:
-        raise ModelSourceError(f"{HF_FORM}, got {source.text}")
+    """The repo id as written, org-less ones too (`hf://gpt2`): the hub resolves them, and the
+    parser has already refused anything that is not a repo id."""
     try:
         from huggingface_hub import snapshot_download
 

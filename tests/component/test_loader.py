@@ -17,7 +17,7 @@ def test_local_paths_and_file_urls(demo_path):
     assert local_model_dir(f"file://{demo_path}") == demo_path
 
 
-@pytest.mark.parametrize("source", ["/no/such/dir", "s3://bucket/model", "hf://just-a-name"])
+@pytest.mark.parametrize("source", ["/no/such/dir", "s3://bucket/model", "hf://a/b/c"])
 def test_bad_sources_say_why(source):
     with pytest.raises(ModelSourceError):
         local_model_dir(source)
@@ -47,6 +47,20 @@ def test_hf_sources_resolve_through_the_hub_cache(tmp_path, demo_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(repo / "snapshots" / commit)] * 2
+
+
+def test_org_less_hf_sources_resolve_through_the_hub_cache(tmp_path, demo_path):
+    """`hf://gpt2`: a hub id without its org, cached as the hub leaves it (models--gpt2), offline."""
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--gpt2"
+    shutil.copytree(demo_path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = "from modelfleet.worker.loader import local_model_dir; print(local_model_dir('hf://gpt2'))"
+    env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(repo / "snapshots" / commit)]
 
 
 def test_detects_tasks_context_and_template(demo_path, tmp_path):

@@ -146,6 +146,25 @@ def test_the_worker_refuses_with_a_clear_reason(source: str, tmp_path: Path, mon
         or "absolute path" in message, message
 
 
+@pytest.mark.parametrize(("source", "repo_id", "revision"), [
+    ("hf://gpt2", "gpt2", None),  # the hub's legacy org-less ids: the CRD allows them, vLLM takes them
+    ("hf://bert-base-uncased@main", "bert-base-uncased", "main"),
+    ("hf://org/name@v1", "org/name", "v1"),
+])
+def test_the_worker_downloads_hub_ids_with_or_without_an_org(source, repo_id, revision, tmp_path, monkeypatch) -> None:
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot_download(**kwargs):
+        asked.append(kwargs)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert worker_source(source) == tmp_path
+    assert asked == [{"repo_id": repo_id, "revision": revision}]
+
+
 def test_the_worker_still_resolves_sources_that_stay_put(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(loader, "PVC_MOUNT_ROOT", str(tmp_path))
     model = tmp_path / "claim" / "org" / "a..b"  # '..' inside a name is not a segment
@@ -209,8 +228,8 @@ def test_the_parser_reads_each_scheme(source: str, fields: dict) -> None:
         ("s3://bucket/model", "unsupported model source scheme in 's3://bucket/model': use a path, file://, hf:// or pvc://"),
         ("file://models/x", "file:// sources take an absolute path (file:///abs/path), got 'file://models/x'"),
         ("pvc://Claim/x", "pvc:// sources look like pvc://claim/sub/path with a lowercase claim name, got 'pvc://Claim/x'"),
-        ("hf://a/b/c", "hf:// sources look like hf://org/name[@revision], got hf://a/b/c"),
-        ("hf://org/na me", "hf:// repo must be org/name of letters, digits and . _ -, got hf://org/na me"),
+        ("hf://a/b/c", "hf:// sources look like hf://[org/]name[@revision], got hf://a/b/c"),
+        ("hf://org/na me", "hf:// repo must be [org/]name of letters, digits and . _ -, got hf://org/na me"),
         ("hf://org/name@/main", "hf:// revision must be a branch, tag or commit, got hf://org/name@/main"),
         ("pvc://c/a/../b", "model source 'pvc://c/a/../b' has a '..' path segment; name the directory itself"),
     ],

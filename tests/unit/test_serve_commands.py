@@ -1,0 +1,35 @@
+"""`modelfleet serve`: what its vLLM and own-engine replicas are told (adapters, tracing)."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelfleet import engines
+from modelfleet.cli import build_parser
+from modelfleet.serve import worker_command
+
+
+def serve_args(*extra: str):
+    return build_parser().parse_args(["serve", "--lora-modules", "sql=/adapters/sql", *extra])
+
+
+def test_the_own_worker_gets_the_adapters() -> None:
+    command = worker_command("demo", "/models/demo", 9001, serve_args())
+    assert command[command.index("--lora-modules") + 1] == "sql=/adapters/sql"
+
+
+def test_vllm_gets_lora_enabled_and_the_adapters(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engines, "find_vllm_python", lambda: "/vllm/bin/python")
+    command = worker_command("demo", "/models/demo", 9001, serve_args("--engine", "vllm", "--max-loras", "2"))
+    assert "--enable-lora" in command
+    assert command[command.index("--max-loras") + 1] == "2"
+    assert "--lora-modules=sql=/adapters/sql" in command
+
+
+def test_vllm_traces_when_serve_traces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM records spans only with --otlp-traces-endpoint; serve's replicas get it from the
+    OTEL_* environment serve itself traces by."""
+    monkeypatch.setattr(engines, "find_vllm_python", lambda: "/vllm/bin/python")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    command = worker_command("demo", "/models/demo", 9001, serve_args("--engine", "vllm"))
+    assert command[command.index("--otlp-traces-endpoint") + 1] == "http://127.0.0.1:4318/v1/traces"
