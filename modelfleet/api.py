@@ -91,6 +91,20 @@ Strategy = Literal["least-load", "prefix-affinity"]
 ModelTask = Literal["auto", "generate", "embed"]
 
 
+def cluster_source(source: str, field: str) -> str:
+    """SOURCE if a cluster can serve it, else a ValueError naming FIELD: the CRD's pattern (a plain
+    path is the worker's, not a cluster's) and the parser the operator and the worker use, which
+    refuses what the CRD's CLIMB_RE rule does."""
+    try:
+        parse_model_source(source)
+        valid = re.match(SOURCE_RE, source) is not None
+    except ModelSourceError:
+        valid = False
+    if not valid:
+        raise ValueError(f"{field} must be file:///abs/path, hf://[org/]name[@revision] or pvc://claim/path, "
+                         "with no '..' segments")
+    return source
+
 class _Model(BaseModel):
     """Base: camelCase on the wire, snake_case in Python, unknown fields ignored.
 
@@ -163,19 +177,7 @@ class ModelSource(_Model):
     @field_validator("source")
     @classmethod
     def _source_scheme(cls, v: str) -> str:
-        # The CRD's pattern (a plain path is the worker's, not a cluster's) and the parser the
-        # operator and the worker use, which refuses what the CRD's CLIMB_RE rule does.
-        try:
-            parse_model_source(v)
-            valid = re.match(SOURCE_RE, v) is not None
-        except ModelSourceError:
-            valid = False
-        if not valid:
-            raise ValueError(
-                "spec.model.source must be file:///abs/path, hf://org/name[@revision] or pvc://claim/path, "
-                "with no '..' segments"
-            )
-        return v
+        return cluster_source(v, "spec.model.source")
 
     @field_validator("served_name")
     @classmethod
@@ -448,17 +450,7 @@ class Adapter(_Model):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        try:
-            parse_model_source(v)
-            valid = re.match(SOURCE_RE, v) is not None
-        except ModelSourceError:
-            valid = False
-        if not valid:
-            raise ValueError(
-                "spec.adapters source must be file:///abs/path, hf://org/name[@revision] or pvc://claim/path, "
-                "with no '..' segments"
-            )
-        if v.startswith("hf://") and "@" in v:
+        if cluster_source(v, "spec.adapters source").startswith("hf://") and "@" in v:
             raise ValueError(ADAPTER_REVISION)
         return v
 
