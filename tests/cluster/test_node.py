@@ -1,0 +1,155 @@
+"""The real node (MODELFLEET_CLUSTER_NODE_KIND=kubelet): containerd, a kubelet and kube-proxy
+run pods from local images, and what a user sees comes from them, not from the harness:
+`kubectl logs/exec/port-forward` through the kubelet, ClusterIPs and NodePorts through
+kube-proxy, names through CoreDNS, and the statuses the operator diagnoses (ErrImagePull,
+CrashLoopBackOff) as the kubelet reports them. Skipped on a cluster whose node is the agent."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import urllib.request
+
+import pytest
+from localkube.config import Network
+from localkube.images import NODEPROBE
+from localkube.manifests import deployment, pod, service
+from localkube.testing import LocalCluster, wait_for
+
+from modelfleet.netutil import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def node(cluster: LocalCluster) -> dict:
+    nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    runtime = nodes[0]["status"]["nodeInfo"]["containerRuntimeVersion"]
+    if not runtime.startswith("containerd://"):
+        pytest.skip(f"the node runs {runtime!r}, not containerd (MODELFLEET_CLUSTER_NODE_KIND=kubelet)")
+    return nodes[0]
+
+
+def probe(name: str = "probe", *args: str, port: int = 8080, **extra) -> dict:
+    """A container of the node's test image; `serve` (HTTP on `port`) unless args say else."""
+    container = {
+        "name": name,
+        "image": NODEPROBE.ref,
+        "imagePullPolicy": "Never",
+        "args": list(args) or ["serve", f":{port}"],
+        "ports": [{"name": "http", "containerPort": port}],
+        "securityContext": {"runAsUser": 65532, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False},
+    }
+    if not args:
+        container["readinessProbe"] = {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1}
+    container.update(extra)
+    return container
+
+
+def running(cluster: LocalCluster, ns: str, name: str, timeout: float = 60) -> dict:
+    def ready() -> dict | None:
+        p = cluster.get("pod", name, ns)
+        conds = (p or {}).get("status", {}).get("conditions") or []
+        return p if any(c["type"] == "Ready" and c["status"] == "True" for c in conds) else None
+
+    return wait_for(ready, timeout, what=f"pod {name} Ready")
+
+
+def waiting_reason(cluster: LocalCluster, ns: str, name: str) -> str:
+    p = cluster.get("pod", name, ns) or {}
+    for status in p.get("status", {}).get("containerStatuses") or []:
+        return ((status.get("state") or {}).get("waiting") or {}).get("reason", "")
+    return ""
+
+
+def http_get(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback only
+            return resp.read().decode()
+    except OSError:
+        return None
+
+
+def test_node_is_a_ready_kubelet_on_containerd(cluster: LocalCluster, node: dict) -> None:
+    info = node["status"]["nodeInfo"]
+    assert info["kubeletVersion"] == "v1.36.3"
+    assert info["containerRuntimeVersion"].startswith("containerd://2.")
+    ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True", ready
+    assert node["metadata"]["labels"]["modelfleet.dev/localkube"] == "true"
+
+
+def test_pod_runs_from_a_local_image_with_logs_and_exec(cluster: LocalCluster, node: dict, namespace: str) -> None:
+    cluster.apply(pod("web", [probe("web")]), namespace=namespace)
+    p = running(cluster, namespace, "web")
+    assert ipaddress.ip_address(p["status"]["podIP"]) in Network().cidr
+    status = p["status"]["containerStatuses"][0]
+    assert status["imageID"].startswith(f"{NODEPROBE.ref.rsplit(':', 1)[0]}@sha256:") or "sha256:" in status["imageID"]
+    assert status["containerID"].startswith("containerd://")
+    logs = cluster.kubectl("logs", "web", "-n", namespace).stdout
+    assert "serving on :8080" in logs
+    # exec runs in the container: its hostname is the pod's, its root is read-only.
+    out = cluster.kubectl("exec", "web", "-n", namespace, "--", "/nodeprobe", "cat", "/etc/hostname").stdout
+    assert out.strip() == "web"
+    exited = cluster.kubectl("exec", "web", "-n", namespace, "--", "/nodeprobe", "crash", "7", check=False)
+    assert exited.returncode == 7 and "crashing with exit code 7" in exited.stdout
+
+
+def test_port_forward_reaches_the_pod(cluster: LocalCluster, node: dict, namespace: str) -> None:
+    cluster.apply(pod("web", [probe("web")]), namespace=namespace)
+    running(cluster, namespace, "web")
+    port = free_port()
+    fwd = subprocess.Popen(["kubectl", "port-forward", "-n", namespace, "pod/web", f"{port}:8080"],
+                           env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        body = wait_for(lambda: http_get(f"http://127.0.0.1:{port}/"), 30, what="an answer through port-forward")
+        assert body == "hello from web\n"
+    finally:
+        fwd.terminate()
+        fwd.wait(10)
+
+
+def test_service_reaches_pods_by_name_clusterip_and_nodeport(cluster: LocalCluster, node: dict,
+                                                              namespace: str) -> None:
+    svc = service("web", port=80, type_="NodePort")
+    cluster.apply(deployment("web", [probe("web")], replicas=2), svc, pod("client", [probe("client")]),
+                  namespace=namespace)
+    running(cluster, namespace, "client")
+    web = json.loads(cluster.kubectl("get", "service", "web", "-n", namespace, "-o", "json").stdout)
+    cluster_ip, node_port = web["spec"]["clusterIP"], web["spec"]["ports"][0]["nodePort"]
+
+    def from_client(url: str) -> str | None:
+        proc = cluster.kubectl("exec", "client", "-n", namespace, "--", "/nodeprobe", "get", url, check=False)
+        return proc.stdout if proc.returncode == 0 else None
+
+    # kube-proxy: another pod through the ClusterIP; CoreDNS: the full name and, through the
+    # pod's search path, the short one.
+    for url in (f"http://{cluster_ip}/", f"http://web.{namespace}.svc.cluster.local/", "http://web/"):
+        body = wait_for(lambda u=url: from_client(u), 60, what=f"{url} from another pod")
+        assert body.startswith("hello from web-"), body
+    # The host reaches it on loopback at the NodePort.
+    body = wait_for(lambda: http_get(f"http://127.0.0.1:{node_port}/"), 30, what="the NodePort on 127.0.0.1")
+    assert body.startswith("hello from web-")
+
+
+def test_missing_image_is_reported_by_the_kubelet(cluster: LocalCluster, node: dict, namespace: str) -> None:
+    cluster.apply(pod("missing", [{"name": "app", "image": "localkube.dev/not-built:1"}]), namespace=namespace)
+    wait_for(lambda: waiting_reason(cluster, namespace, "missing") == "ImagePullBackOff", 90, what="ImagePullBackOff")
+    p = cluster.get("pod", "missing", namespace)
+    assert "localkube.dev/not-built:1" in p["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+    # The pull's own failure (ErrImagePull) precedes the back-off; the kubelet's events keep it.
+    events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=missing",
+                             "-o", "jsonpath={range .items[*]}{.message}{'\\n'}{end}").stdout
+    assert "ErrImagePull" in events, events
+
+
+def test_crashing_container_goes_into_crash_loop_back_off(cluster: LocalCluster, node: dict,
+                                                          namespace: str) -> None:
+    cluster.apply(pod("crash", [probe("app", "crash", "3")]), namespace=namespace)
+    wait_for(lambda: waiting_reason(cluster, namespace, "crash") == "CrashLoopBackOff", 90, what="CrashLoopBackOff")
+    status = cluster.get("pod", "crash", namespace)["status"]["containerStatuses"][0]
+    assert status["lastState"]["terminated"]["exitCode"] == 3
+    assert status["restartCount"] >= 1
+    previous = cluster.kubectl("logs", "crash", "-n", namespace, "--previous").stdout
+    assert "crashing with exit code 3" in previous
