@@ -1,8 +1,8 @@
 """The real node (MODELFLEET_CLUSTER_NODE_KIND=kubelet): containerd, a kubelet and kube-proxy
 run pods from local images, and what a user sees comes from them, not from the harness:
 `kubectl logs/exec/port-forward` through the kubelet, ClusterIPs and NodePorts through
-kube-proxy, names through CoreDNS, and the statuses the operator diagnoses (ErrImagePull,
-CrashLoopBackOff) as the kubelet reports them. Skipped on a cluster whose node is the agent."""
+kube-proxy, names through CoreDNS, and what the operator diagnoses (ErrImagePull, a crash
+loop's back-off) as the kubelet reports it. Skipped on a cluster whose node is the agent."""
 
 from __future__ import annotations
 
@@ -144,12 +144,27 @@ def test_missing_image_is_reported_by_the_kubelet(cluster: LocalCluster, node: d
     assert "ErrImagePull" in events, events
 
 
-def test_crashing_container_goes_into_crash_loop_back_off(cluster: LocalCluster, node: dict,
-                                                          namespace: str) -> None:
+def test_crashing_container_is_backed_off_by_the_kubelet(cluster: LocalCluster, node: dict, namespace: str) -> None:
+    """Kubelet 1.36 requeues a crashed pod exactly when its back-off ends, so the status's
+    `waiting: CrashLoopBackOff` is written (if at all) just before the restart: between
+    restarts the status shows the failed run as `terminated`. What it reliably reports is
+    the back-off event, the restart count and the last exit code (operator/conditions.py
+    reads a non-zero `terminated` as the same crash loop)."""
     cluster.apply(pod("crash", [probe("app", "crash", "3")]), namespace=namespace)
-    wait_for(lambda: waiting_reason(cluster, namespace, "crash") == "CrashLoopBackOff", 90, what="CrashLoopBackOff")
-    status = cluster.get("pod", "crash", namespace)["status"]["containerStatuses"][0]
-    assert status["lastState"]["terminated"]["exitCode"] == 3
-    assert status["restartCount"] >= 1
-    previous = cluster.kubectl("logs", "crash", "-n", namespace, "--previous").stdout
-    assert "crashing with exit code 3" in previous
+
+    def backed_off() -> dict | None:
+        events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
+                                 "involvedObject.name=crash,reason=BackOff", "-o", "name").stdout
+        status = ((cluster.get("pod", "crash", namespace) or {}).get("status", {}).get("containerStatuses") or [{}])[0]
+        return status if events.strip() and status.get("restartCount", 0) >= 2 else None
+
+    status = wait_for(backed_off, 90, what="a BackOff event and two restarts")
+    last = status["lastState"]["terminated"]
+    assert (last["exitCode"], last["reason"]) == (3, "Error")
+    state = status["state"]
+    assert state.get("terminated", {}).get("exitCode") == 3 or "running" in state \
+        or state.get("waiting", {}).get("reason") == "CrashLoopBackOff", state
+    # The kubelet keeps one dead container per container: between a restart and its crash
+    # `--previous` names one already collected, so ask again.
+    wait_for(lambda: "crashing with exit code 3" in cluster.kubectl("logs", "crash", "-n", namespace, "--previous",
+                                                                    check=False).stdout, 60, what="logs --previous")

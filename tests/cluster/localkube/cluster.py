@@ -192,7 +192,9 @@ def _write_env(s: Settings) -> None:
             link.unlink(missing_ok=True)
             link.symlink_to(s.k8s_bin / tool)
         # crictl and ctr read these: both then talk to this node's containerd.
-        node = (f"export CONTAINER_RUNTIME_ENDPOINT=unix://{containerd.socket(s)}\n"
+        crictl = s.state / "crictl.yaml"
+        crictl.write_text(f"runtime-endpoint: unix://{containerd.socket(s)}\n")
+        node = (f"export CRI_CONFIG_FILE={crictl}\n"
                 f"export CONTAINERD_ADDRESS={containerd.socket(s)}\nexport CONTAINERD_NAMESPACE=k8s.io\n")
     (s.state / "env").write_text(
         "# Written by `make cluster-up`: source it to use the local cluster.\n"

@@ -150,6 +150,23 @@ def _remove_iptables(s: Settings) -> None:
                 subprocess.run([tool, "-w", "10", "-t", table, "-X", c], capture_output=True)
 
 
+def _remove_cgroups() -> None:
+    """The kubelet's pod cgroups (kubepods/...) in every v1 hierarchy, deepest first; only
+    empty ones can go, and nothing else on this machine makes a `kubepods` tree."""
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        top = hierarchy / "kubepods"
+        if top.is_dir():
+            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            try:
+                top.rmdir()
+            except OSError:
+                pass
+
+
 def teardown(s: Settings) -> None:
     """Remove everything of the node that outlives its processes; safe to run twice."""
     _kill_containers(s)
@@ -160,6 +177,10 @@ def teardown(s: Settings) -> None:
     if not left:
         for path in (netns, s.state / "kubelet" / "pods", s.state / "cni" / "ipam"):
             shutil.rmtree(path, ignore_errors=True)
+    # libcni caches each attachment's result machine-wide; ours carry our network's name.
+    for cached in Path("/var/lib/cni/results").glob(f"{cni.network_name(s)}-*"):
+        cached.unlink(missing_ok=True)
+    _remove_cgroups()
     if shutil.which("iptables"):
         _remove_iptables(s)
     _restore_sysctls(s)
