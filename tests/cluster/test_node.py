@@ -94,6 +94,10 @@ def test_pod_runs_from_a_local_image_with_logs_and_exec(cluster: LocalCluster, n
     assert out.strip() == "web"
     exited = cluster.kubectl("exec", "web", "-n", namespace, "--", "/nodeprobe", "crash", "7", check=False)
     assert exited.returncode == 7 and "crashing with exit code 7" in exited.stdout
+    # The pod's only routes: the pod CIDR on the link, the service CIDR through the node.
+    routes = cluster.kubectl("exec", "web", "-n", namespace, "--", "/nodeprobe", "cat", "/proc/net/route").stdout
+    destinations = {line.split()[1] for line in routes.splitlines()[1:]}
+    assert "00000000" not in destinations and len(destinations) == 2, routes
 
 
 def test_port_forward_reaches_the_pod(cluster: LocalCluster, node: dict, namespace: str) -> None:

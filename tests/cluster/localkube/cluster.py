@@ -54,8 +54,10 @@ def _log(s: Settings, name: str) -> str:
     return os.path.relpath(s.logs / f"{name}.log")
 
 
-def _wait(s: Settings, name: str, healthy: Callable[[], bool], timeout: float) -> None:
-    """Poll `healthy`, failing early if the process died; shows progress every 10 s."""
+def _wait(s: Settings, name: str, healthy: Callable[[], bool], timeout: float, what: str = "") -> None:
+    """Poll `healthy`, failing early if process `name` died; shows progress every 10 s.
+    `what` names what is awaited when it is not the process itself (CoreDNS, on the kubelet)."""
+    what = what or name
     start = time.monotonic()
     next_note = start + 10
     while not healthy():
@@ -63,12 +65,12 @@ def _wait(s: Settings, name: str, healthy: Callable[[], bool], timeout: float) -
         if not procs.alive(procs.read_pid(s.run, name)):
             raise ClusterError(f"{name} exited during start-up (see {_log(s, name)})")
         if now - start > timeout:
-            raise ClusterError(f"{name} did not become healthy within {timeout:.0f}s (see {_log(s, name)})")
+            raise ClusterError(f"{what} did not become healthy within {timeout:.0f}s (see {_log(s, name)})")
         if now > next_note:
-            say(f"  waiting for {name} ({now - start:.0f}s)")
+            say(f"  waiting for {what} ({now - start:.0f}s)")
             next_note = now + 10
         time.sleep(0.25)
-    say(f"{name} healthy ({time.monotonic() - start:.1f}s)")
+    say(f"{what} healthy ({time.monotonic() - start:.1f}s)")
 
 
 def _check_prerequisites(s: Settings) -> None:
@@ -264,11 +266,13 @@ def up(s: Settings) -> float:
             procs.start(s.run, s.logs, comp.name, comp.argv, env)
             _wait(s, comp.name, comp.healthy, comp.timeout)
             if comp.after is not None:
-                comp.after()
+                began = time.monotonic()
+                done = comp.after()
+                say(f"{comp.name}: {done} ({time.monotonic() - began:.1f}s)")
         if s.node_kind == "kubelet":
             say("starting cluster DNS (CoreDNS)")
             coredns.apply(s)
-            _wait(s, "kubelet", lambda: coredns.ready(s), 120)
+            _wait(s, "kubelet", lambda: coredns.ready(s), 120, what="CoreDNS")
         _write_env(s)
     except BaseException:
         down(s, quiet=True)

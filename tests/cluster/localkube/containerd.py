@@ -124,5 +124,7 @@ def env(s: Settings) -> dict[str, str]:
     return {**os.environ, "PATH": f"{s.k8s_bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
 
 
-def load_images(s: Settings) -> list[str]:
-    return images.load_all(s.k8s_bin, s.k8s_bin / "ctr", socket(s), home(s) / "images")
+def load_images(s: Settings) -> str:
+    """Import the node's own images; returns what to tell the user."""
+    refs = images.load_all(s.k8s_bin, s.k8s_bin / "ctr", socket(s), home(s) / "images")
+    return f"imported {', '.join(refs)}" if refs else "images up to date"

@@ -65,11 +65,24 @@ def _layer(binary: Path, name: str) -> bytes:
     return buf.getvalue()
 
 
+def manifest_digest(tarball: Path) -> str:
+    """The digest of the image's manifest, as containerd lists it."""
+    with tarfile.open(tarball) as tar:
+        member = tar.extractfile("index.json")
+        assert member is not None
+        return json.load(member)["manifests"][0]["digest"]
+
+
 def archive(image: BinaryImage, binary: Path, out: Path) -> Path:
-    """Write `image` as an OCI image-layout tar at `out`; containerd names the image from the
-    `io.containerd.image.name` annotation of its index entry."""
+    """Write `image` as an OCI image-layout tar at `out` (kept, and reused while the binary is
+    unchanged); containerd names the image from the `io.containerd.image.name` annotation of
+    its index entry."""
+    source = out.with_suffix(".source")
+    stamp = f"{binary.resolve()} {binary.stat().st_size} {binary.stat().st_mtime_ns}\n"
+    if out.exists() and source.exists() and source.read_text() == stamp:
+        return out
     layer = _layer(binary, image.name)
-    layer_gz = gzip.compress(layer, mtime=0)
+    layer_gz = gzip.compress(layer, compresslevel=1, mtime=0)
     config = json.dumps({
         "architecture": "amd64",
         "os": "linux",
@@ -98,7 +111,17 @@ def archive(image: BinaryImage, binary: Path, out: Path) -> Path:
             info = tarfile.TarInfo(path)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    source.write_text(stamp)
     return out
+
+
+def present(ctr: Path, address: Path, image: BinaryImage, digest: str) -> bool:
+    """containerd already holds `image` at exactly this manifest digest."""
+    proc = subprocess.run(
+        [str(ctr), "--address", str(address), "--namespace", "k8s.io", "images", "ls", f"name=={image.ref}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    return proc.returncode == 0 and digest in proc.stdout
 
 
 def load(ctr: Path, address: Path, tarball: Path) -> None:
@@ -107,18 +130,21 @@ def load(ctr: Path, address: Path, tarball: Path) -> None:
     proc = subprocess.run(
         [str(ctr), "--address", str(address), "--namespace", "k8s.io", "images", "import",
          "--snapshotter", "overlayfs", str(tarball)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=180,
     )
     if proc.returncode != 0:
         raise ImageError(f"ctr images import {tarball.name}: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
 def load_all(bin_dir: Path, ctr: Path, address: Path, work: Path) -> list[str]:
-    """Make and import every image whose binary build.sh produced; returns their refs."""
+    """Make and import every image whose binary build.sh produced, unless containerd already
+    has it (its store outlives `cluster-down`); returns the refs imported now."""
     loaded = []
     for image in ALL:
         binary = bin_dir / image.name
         if binary.exists():
-            load(ctr, address, archive(image, binary, work / f"{image.name}.tar"))
-            loaded.append(image.ref)
+            tarball = archive(image, binary, work / f"{image.name}.tar")
+            if not present(ctr, address, image, manifest_digest(tarball)):
+                load(ctr, address, tarball)
+                loaded.append(image.ref)
     return loaded
