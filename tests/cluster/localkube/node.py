@@ -13,6 +13,7 @@ the sysctls `prepare` changed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -99,6 +100,33 @@ def _kill_containers(s: Settings) -> None:
         subprocess.run([*runc, "delete", "--force", entry.name], capture_output=True, timeout=30)
 
 
+def _task_ids(s: Settings) -> list[str]:
+    """Every container and sandbox containerd ran a task for (its state outlives a kill)."""
+    tasks = containerd.home(s) / "state" / "io.containerd.runtime.v2.task" / "k8s.io"
+    runc = _runc_root(s) / "k8s.io"
+    return sorted({p.name for d in (tasks, runc) if d.is_dir() for p in d.iterdir()})
+
+
+def _remove_machine_wide_leftovers(s: Settings, ids: list[str]) -> None:
+    """What containerd keeps outside its own folders, named after our containers: libcni's
+    cached results (/var/lib/cni/results) and killed shims' sockets (/run/containerd/s, named
+    by a hash of containerd's address, the namespace and the id)."""
+    results = Path("/var/lib/cni/results")
+    for cached in results.glob(f"{cni.network_name(s)}-*"):
+        cached.unlink(missing_ok=True)
+    for task_id in ids:
+        for cached in results.glob(f"*-{task_id}-*"):
+            cached.unlink(missing_ok=True)
+        path = f"{containerd.socket(s)}/k8s.io/{task_id}"
+        for name in (path, f"{path}/debug"):
+            Path("/run/containerd/s", hashlib.sha256(name.encode()).hexdigest()).unlink(missing_ok=True)
+    for empty in (Path("/run/containerd/s"), Path("/run/containerd"), results, results.parent):
+        try:
+            empty.rmdir()  # only if empty: someone else's files stay
+        except OSError:
+            pass
+
+
 def _kill_shims(s: Settings) -> None:
     """containerd's shims run in sessions of their own, so stopping containerd's process
     group leaves them; ours name our socket on their command line."""
@@ -169,6 +197,7 @@ def _remove_cgroups() -> None:
 
 def teardown(s: Settings) -> None:
     """Remove everything of the node that outlives its processes; safe to run twice."""
+    ids = _task_ids(s)
     _kill_containers(s)
     _kill_shims(s)
     _unmount(s)
@@ -177,9 +206,7 @@ def teardown(s: Settings) -> None:
     if not left:
         for path in (netns, s.state / "kubelet" / "pods", s.state / "cni" / "ipam"):
             shutil.rmtree(path, ignore_errors=True)
-    # libcni caches each attachment's result machine-wide; ours carry our network's name.
-    for cached in Path("/var/lib/cni/results").glob(f"{cni.network_name(s)}-*"):
-        cached.unlink(missing_ok=True)
+    _remove_machine_wide_leftovers(s, ids)
     _remove_cgroups()
     if shutil.which("iptables"):
         _remove_iptables(s)
