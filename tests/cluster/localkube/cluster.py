@@ -142,10 +142,12 @@ def _agent(s: Settings) -> controlplane.Component:
 
 
 def _env(s: Settings) -> dict[str, str]:
-    # The node's binaries first on PATH: containerd finds its runc shim there.
-    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-            "KUBECONFIG": str(s.state / "node-agent.kubeconfig"),
-            "PATH": f"{s.k8s_bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "KUBECONFIG": str(s.state / "node-agent.kubeconfig")}
+    if s.node_kind == "kubelet":
+        # The node's binaries first on PATH: containerd finds its runc shim there.
+        env["PATH"] = f"{s.k8s_bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    return env
 
 
 def _node_ready(s: Settings) -> Callable[[], bool]:
