@@ -7,10 +7,10 @@ LOCALKUBE := PYTHONPATH=$(CLUSTER_DIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m
 
 .PHONY: cluster-deps cluster-build cluster-up cluster-down cluster-status
 
-cluster-deps:  ## install nginx, iproute2, openssl and the kubernetes client if missing
+cluster-deps:  ## install nginx, iproute2, openssl, runc, iptables, conntrack, the CNI plugins and the kubernetes client if missing
 	@PYTHON=$(PYTHON) bash $(CLUSTER_DIR)/scripts/install-deps.sh
 
-cluster-build:  ## build etcd, the control plane, kubectl and helm into the version-keyed cache
+cluster-build:  ## build etcd, the control plane, kubectl, helm and the node (kubelet, kube-proxy, containerd, crictl, CoreDNS) into the version-keyed cache
 	@bash $(CLUSTER_DIR)/scripts/build.sh
 
 cluster-up: cluster-deps cluster-build  ## start the cluster (a no-op when it is already up)

@@ -16,11 +16,30 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import controlplane, kubeconfig, network, nginxconf, pki, procs
+from . import (
+    containerd,
+    controlplane,
+    coredns,
+    kubeconfig,
+    kubelet,
+    kubeproxy,
+    network,
+    nginxconf,
+    node,
+    pki,
+    procs,
+)
 from .config import Settings
 
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 # Started in this order, stopped in reverse.
-ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "nginx", "node-agent")
+ORDER = (*CONTROL_PLANE, "nginx", "node-agent")
+NODE_ORDER = (*CONTROL_PLANE, "containerd", "kubelet", "kube-proxy")
+NODE_BINARIES = ("kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr", "crictl", "pause", "coredns")
+
+
+def order(s: Settings) -> tuple[str, ...]:
+    return NODE_ORDER if s.node_kind == "kubelet" else ORDER
 
 
 class ClusterError(RuntimeError):
@@ -35,8 +54,10 @@ def _log(s: Settings, name: str) -> str:
     return os.path.relpath(s.logs / f"{name}.log")
 
 
-def _wait(s: Settings, name: str, healthy: Callable[[], bool], timeout: float) -> None:
-    """Poll `healthy`, failing early if the process died; shows progress every 10 s."""
+def _wait(s: Settings, name: str, healthy: Callable[[], bool], timeout: float, what: str = "") -> None:
+    """Poll `healthy`, failing early if process `name` died; shows progress every 10 s.
+    `what` names what is awaited when it is not the process itself (CoreDNS, on the kubelet)."""
+    what = what or name
     start = time.monotonic()
     next_note = start + 10
     while not healthy():
@@ -44,20 +65,24 @@ def _wait(s: Settings, name: str, healthy: Callable[[], bool], timeout: float) -
         if not procs.alive(procs.read_pid(s.run, name)):
             raise ClusterError(f"{name} exited during start-up (see {_log(s, name)})")
         if now - start > timeout:
-            raise ClusterError(f"{name} did not become healthy within {timeout:.0f}s (see {_log(s, name)})")
+            raise ClusterError(f"{what} did not become healthy within {timeout:.0f}s (see {_log(s, name)})")
         if now > next_note:
-            say(f"  waiting for {name} ({now - start:.0f}s)")
+            say(f"  waiting for {what} ({now - start:.0f}s)")
             next_note = now + 10
         time.sleep(0.25)
-    say(f"{name} healthy ({time.monotonic() - start:.1f}s)")
+    say(f"{what} healthy ({time.monotonic() - start:.1f}s)")
 
 
 def _check_prerequisites(s: Settings) -> None:
-    missing = [b for b in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm")
-               if not (s.k8s_bin / b).exists()]
+    if s.node_kind not in ("agent", "kubelet"):
+        raise ClusterError(f"MODELFLEET_CLUSTER_NODE_KIND={s.node_kind}: must be `agent` or `kubelet`")
+    real = s.node_kind == "kubelet"
+    wanted = (*CONTROL_PLANE, "kubectl", "helm", *(NODE_BINARIES if real else ()))
+    missing = [b for b in wanted if not (s.k8s_bin / b).exists()]
     if missing:
         raise ClusterError(f"{missing[0]}: binary missing in {s.k8s_bin} (run `make cluster-build`)")
-    for tool in ("ip", "openssl", "nginx", "unshare"):
+    tools = ("ip", "openssl", "runc", "iptables", "conntrack") if real else ("ip", "openssl", "nginx", "unshare")
+    for tool in tools:
         if shutil.which(tool) is None:
             raise ClusterError(f"{tool}: command not found (run tests/cluster/scripts/install-deps.sh)")
     if os.geteuid() != 0:
@@ -117,16 +142,35 @@ def _agent(s: Settings) -> controlplane.Component:
 
 
 def _env(s: Settings) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-            "KUBECONFIG": str(s.state / "node-agent.kubeconfig")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "KUBECONFIG": str(s.state / "node-agent.kubeconfig")}
+    if s.node_kind == "kubelet":
+        # The node's binaries first on PATH: containerd finds its runc shim there.
+        env["PATH"] = f"{s.k8s_bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    return env
+
+
+def _node_ready(s: Settings) -> Callable[[], bool]:
+    ready = _cluster_ready(s)
+    return lambda: procs.alive(procs.read_pid(s.run, "kubelet")) and ready()
 
 
 def _components(s: Settings) -> list[controlplane.Component]:
+    plane = [controlplane.etcd(s), controlplane.apiserver(s), controlplane.controller_manager(s),
+             controlplane.scheduler(s)]
+    if s.node_kind == "kubelet":
+        runtime = containerd.component(s)
+        runtime = controlplane.Component(runtime.name, runtime.argv, runtime.ports, runtime.healthy,
+                                         runtime.timeout, after=lambda: containerd.load_images(s))
+        proxy = kubeproxy.component(s)
+        # kube-proxy is healthy once it has synced; then the node must be Ready too.
+        synced = proxy.healthy
+        node_ready = _node_ready(s)
+        proxy = controlplane.Component(proxy.name, proxy.argv, proxy.ports, lambda: synced() and node_ready(),
+                                       120)
+        return [*plane, runtime, kubelet.component(s), proxy]
     return [
-        controlplane.etcd(s),
-        controlplane.apiserver(s),
-        controlplane.controller_manager(s),
-        controlplane.scheduler(s),
+        *plane,
         controlplane.Component("nginx", _nginx_argv(s), (s.ports.ingress,), lambda: _port_open(s.ports.ingress), 20),
         _agent(s),
     ]
@@ -134,7 +178,7 @@ def _components(s: Settings) -> list[controlplane.Component]:
 
 def healthy(s: Settings) -> bool:
     """Every process alive and the API server ready: what makes `up` a no-op."""
-    if not all(procs.alive(procs.read_pid(s.run, name)) for name in ORDER):
+    if not all(procs.alive(procs.read_pid(s.run, name)) for name in order(s)):
         return False
     return controlplane.apiserver(s).healthy()
 
@@ -145,18 +189,30 @@ def _write_env(s: Settings) -> None:
         link = s.bin / tool
         link.unlink(missing_ok=True)
         link.symlink_to(s.k8s_bin / tool)
+    node = ""
+    if s.node_kind == "kubelet":
+        for tool in ("crictl", "ctr"):
+            link = s.bin / tool
+            link.unlink(missing_ok=True)
+            link.symlink_to(s.k8s_bin / tool)
+        # crictl and ctr read these: both then talk to this node's containerd.
+        crictl = s.state / "crictl.yaml"
+        crictl.write_text(f"runtime-endpoint: unix://{containerd.socket(s)}\n")
+        node = (f"export CRI_CONFIG_FILE={crictl}\n"
+                f"export CONTAINERD_ADDRESS={containerd.socket(s)}\nexport CONTAINERD_NAMESPACE=k8s.io\n")
     (s.state / "env").write_text(
         "# Written by `make cluster-up`: source it to use the local cluster.\n"
         f"export KUBECONFIG={s.kubeconfig}\n"
         f'export PATH={s.bin}:"$PATH"\n'
         f"export INGRESS_URL={s.ingress_url}\n"
+        + node
     )
 
 
 def _prepare(s: Settings) -> None:
     for d in (s.logs, s.run):
         d.mkdir(parents=True, exist_ok=True)
-    for name in ORDER:
+    for name in order(s):
         (s.logs / f"{name}.log").write_text("")  # logs are per cluster-up
     ips = ["127.0.0.1", str(s.network.gateway), s.network.first_service_ip]
     names = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
@@ -175,9 +231,13 @@ def _fresh_network(s: Settings) -> None:
     """Pod namespaces of a cluster whose processes were killed (not stopped) would still
     hold their addresses; free ports say no live cluster owns them, so start clean."""
     try:
-        network.teardown(s.network)
-        network.ensure_bridge(s.network)
-    except network.NetworkError as exc:
+        if s.node_kind == "kubelet":
+            node.teardown(s)
+            node.prepare(s)
+        else:
+            network.teardown(s.network)
+            network.ensure_bridge(s.network)
+    except (network.NetworkError, RuntimeError, OSError) as exc:
         raise ClusterError(f"network bridge {s.network.bridge}: {exc}") from exc
 
 
@@ -207,6 +267,14 @@ def up(s: Settings) -> float:
             say(f"starting {comp.name}")
             procs.start(s.run, s.logs, comp.name, comp.argv, env)
             _wait(s, comp.name, comp.healthy, comp.timeout)
+            if comp.after is not None:
+                began = time.monotonic()
+                done = comp.after()
+                say(f"{comp.name}: {done} ({time.monotonic() - began:.1f}s)")
+        if s.node_kind == "kubelet":
+            say("starting cluster DNS (CoreDNS)")
+            coredns.apply(s)
+            _wait(s, "kubelet", lambda: coredns.ready(s), 120, what="CoreDNS")
         _write_env(s)
     except BaseException:
         down(s, quiet=True)
@@ -232,13 +300,18 @@ def restart(s: Settings, name: str) -> None:
 
 def down(s: Settings, quiet: bool = False) -> None:
     """Stop everything `up` started, in reverse order, and remove the cluster's state."""
-    for name in reversed(ORDER):
+    for name in reversed(order(s)):
+        if name == "containerd":
+            node.remove_pods(s)  # through the CRI while containerd still runs
         procs.kill_orphans(s.run, name)
         if procs.read_pid(s.run, name):
             if not quiet:
                 print(f"[cluster-down] stopping {name}", flush=True)
             procs.stop(s.run, name, grace=20 if name == "node-agent" else 10)
-    network.teardown(s.network)
+    if s.node_kind == "kubelet":
+        node.teardown(s)
+    else:
+        network.teardown(s.network)
     for path in (s.state / "etcd", s.state / "pods", s.state / "volumes", s.state / "env", s.bin, s.run):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

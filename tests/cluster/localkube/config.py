@@ -41,6 +41,12 @@ class Ports:
     controller_manager: int = field(default_factory=lambda: _port("CONTROLLER_MANAGER", 10257))
     scheduler: int = field(default_factory=lambda: _port("SCHEDULER", 10259))
     ingress: int = field(default_factory=lambda: _port("INGRESS", 8480))
+    # The real node (node kind `kubelet`): the kubelet's API on the node address, its
+    # healthz and kube-proxy's on loopback. Kubernetes' own defaults.
+    kubelet: int = field(default_factory=lambda: _port("KUBELET", 10250))
+    kubelet_healthz: int = field(default_factory=lambda: _port("KUBELET_HEALTHZ", 10248))
+    kube_proxy_metrics: int = field(default_factory=lambda: _port("KUBE_PROXY_METRICS", 10249))
+    kube_proxy_healthz: int = field(default_factory=lambda: _port("KUBE_PROXY_HEALTHZ", 10256))
 
 
 @dataclass(frozen=True)
@@ -48,12 +54,15 @@ class Network:
     """The pod network. It exists only on interfaces the harness creates (bridge + veths),
     and pods get no default route, so no pod packet can leave this machine's namespaces."""
 
-    bridge: str = "mfk0"
+    bridge: str = os.environ.get("MODELFLEET_CLUSTER_BRIDGE", "mfk0")
     # The bridge's own address: the node's InternalIP and the API server's advertised address.
     cidr: ipaddress.IPv4Network = ipaddress.IPv4Network(
         os.environ.get("MODELFLEET_CLUSTER_POD_CIDR", "10.244.0.0/16")
     )
     service_cidr: str = os.environ.get("MODELFLEET_CLUSTER_SERVICE_CIDR", "10.96.0.0/16")
+    # NodePorts; a second cluster on this machine needs a range of its own, since the real
+    # node's kube-proxy answers them on every local address, loopback included.
+    node_port_range: str = os.environ.get("MODELFLEET_CLUSTER_NODEPORT_RANGE", "30000-32767")
     netns_prefix: str = "mfk-"
     veth_prefix: str = "mfkv"
 
@@ -78,6 +87,11 @@ class Network:
     def first_service_ip(self) -> str:
         return str(ipaddress.IPv4Network(self.service_cidr).network_address + 1)
 
+    @property
+    def dns_service_ip(self) -> str:
+        """The cluster DNS Service's ClusterIP (kube-dns), the tenth address as kubeadm has it."""
+        return str(ipaddress.IPv4Network(self.service_cidr).network_address + 10)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -93,6 +107,9 @@ class Settings:
     nodes: int = field(default_factory=lambda: int(os.environ.get("MODELFLEET_CLUSTER_NODES", "1")))
     gpus_per_node: int = field(default_factory=lambda: int(os.environ.get("MODELFLEET_CLUSTER_GPUS", "0")))
     python: str = sys.executable
+    # `agent`: the Python process agent (localkube/agent) runs pods as host processes.
+    # `kubelet`: a real node, containerd + kubelet + kube-proxy + CNI bridge (localkube/node.py).
+    node_kind: str = field(default_factory=lambda: os.environ.get("MODELFLEET_CLUSTER_NODE_KIND", "agent"))
 
     @property
     def k8s_bin(self) -> Path:
@@ -121,8 +138,15 @@ class Settings:
         return self.state / "kubeconfig"
 
     @property
+    def api_host(self) -> str:
+        """Where the API server listens. The real node's pods reach it at the bridge address
+        (the `kubernetes` Service's endpoint), so there it binds to that address alone;
+        the agent forwards the bridge address to a loopback-only API server itself."""
+        return str(self.network.gateway) if self.node_kind == "kubelet" else "127.0.0.1"
+
+    @property
     def apiserver_url(self) -> str:
-        return f"https://127.0.0.1:{self.ports.apiserver}"
+        return f"https://{self.api_host}:{self.ports.apiserver}"
 
     @property
     def ingress_url(self) -> str:

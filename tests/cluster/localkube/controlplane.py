@@ -26,6 +26,8 @@ class Component:
     ports: tuple[int, ...]
     healthy: Callable[[], bool]
     timeout: float = 90.0
+    # Run once it is healthy, before the next component starts (containerd: import images).
+    after: Callable[[], object] | None = None
 
 
 def _get(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -77,8 +79,9 @@ def apiserver(s: Settings) -> Component:
         "kube-apiserver",
         [
             str(s.k8s_bin / "kube-apiserver"),
-            "--bind-address=127.0.0.1", f"--secure-port={s.ports.apiserver}",
+            f"--bind-address={s.api_host}", f"--secure-port={s.ports.apiserver}",
             f"--advertise-address={s.network.gateway}",
+            f"--service-node-port-range={s.network.node_port_range}",
             f"--etcd-servers=http://127.0.0.1:{s.ports.etcd_client}",
             f"--client-ca-file={pki / 'ca.crt'}",
             f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",

@@ -37,6 +37,11 @@ def ensure_bridge(net: Network) -> None:
     _ip("link", "set", net.bridge, "up")
 
 
+def delete_bridge(net: Network) -> None:
+    if _ip("link", "show", net.bridge, check=False).returncode == 0:
+        _ip("link", "delete", net.bridge, check=False)
+
+
 def bridge_up(net: Network) -> bool:
     return f"{net.gateway}/" in _ip("-4", "addr", "show", "dev", net.bridge, check=False).stdout
 

@@ -34,6 +34,11 @@ CLIENTS = (
     # is an admin rather than a NodeRestriction-limited kubelet.
     Identity("node-agent", "modelfleet:node-agent", ("system:masters",)),
     Identity("apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",)),
+    # The real node (node kind `kubelet`): the kubelet as the Node authorizer and
+    # NodeRestriction expect it, and kube-proxy as the user the bootstrap RBAC policy binds
+    # to system:node-proxier.
+    Identity("kubelet-client", "system:node:localkube-0", ("system:nodes",)),
+    Identity("kube-proxy", "system:kube-proxy"),
 )
 
 

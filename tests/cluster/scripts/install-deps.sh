@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the local cluster needs beyond Go and Python, only when missing: nginx (the
 # ingress stand-in), iproute2 (pod network namespaces), openssl (certificates), util-linux
-# (unshare/mount), and the Python kubernetes client for the node agent.
+# (unshare/mount), the node's runtime pieces Go does not build (runc, the CNI plugins in
+# /usr/lib/cni, iptables and conntrack for kube-proxy), and the Python kubernetes client.
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 
@@ -11,6 +12,10 @@ command -v ip >/dev/null || missing+=(iproute2)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v unshare >/dev/null || missing+=(util-linux)
 command -v mount >/dev/null || missing+=(mount)
+command -v runc >/dev/null || missing+=(runc)
+command -v iptables >/dev/null || missing+=(iptables)
+command -v conntrack >/dev/null || missing+=(conntrack)
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "cluster-deps: missing ${missing[*]} and not root to apt-get install them" >&2; exit 1

@@ -1,0 +1,65 @@
+"""The real node's pure parts: the image archives it makes, the CNI, kubelet and
+containerd configurations it writes (no cluster needed)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import tarfile
+import tomllib
+from pathlib import Path
+
+from localkube import cni, containerd, images, kubelet, kubeproxy
+from localkube.config import Network, Settings
+
+
+def _settings(tmp_path: Path) -> Settings:
+    net = Network(bridge="mfkt0", cidr=ipaddress.IPv4Network("10.250.0.0/16"), service_cidr="10.150.0.0/16")
+    return Settings(state=tmp_path / "state", network=net, node_kind="kubelet")
+
+
+def test_image_archive_is_an_oci_layout_named_for_containerd(tmp_path: Path) -> None:
+    binary = tmp_path / "prog"
+    binary.write_bytes(b"\x7fELF not really")
+    out = images.archive(images.NODEPROBE, binary, tmp_path / "a.tar")
+    with tarfile.open(out) as tar:
+        index = json.load(tar.extractfile("index.json"))
+        entry = index["manifests"][0]
+        assert entry["annotations"]["io.containerd.image.name"] == "localkube.dev/nodeprobe:local"
+        manifest = json.load(tar.extractfile(f"blobs/sha256/{entry['digest'].split(':')[1]}"))
+        config = json.load(tar.extractfile(f"blobs/sha256/{manifest['config']['digest'].split(':')[1]}"))
+        assert config["config"]["Entrypoint"] == ["/nodeprobe"]
+    # Same binary, same image: a re-import is a no-op for containerd.
+    again = images.archive(images.NODEPROBE, binary, tmp_path / "b.tar")
+    assert out.read_bytes() == again.read_bytes()
+
+
+def test_cni_gives_pods_the_node_range_and_only_the_service_route(tmp_path: Path) -> None:
+    s = _settings(tmp_path)
+    plugin = cni.render(s)["plugins"][0]
+    assert plugin["bridge"] == "mfkt0" and plugin["isGateway"] and not plugin["ipMasq"]
+    rng = plugin["ipam"]["ranges"][0][0]
+    assert (rng["subnet"], rng["gateway"], rng["rangeStart"]) == ("10.250.0.0/16", "10.250.0.1", "10.250.1.2")
+    assert plugin["ipam"]["routes"] == [{"dst": "10.150.0.0/16"}]
+    assert plugin["ipam"]["dataDir"].startswith(str(s.state))
+
+
+def test_kubelet_and_kube_proxy_configs_fit_this_machine(tmp_path: Path) -> None:
+    s = _settings(tmp_path)
+    cfg = kubelet.render(s)
+    assert cfg["failCgroupV1"] is False and cfg["cgroupDriver"] == "cgroupfs"
+    assert cfg["clusterDNS"] == ["10.150.0.10"] and cfg["address"] == "10.250.0.1"
+    assert cfg["containerRuntimeEndpoint"] == f"unix://{containerd.socket(s)}"
+    proxy = kubeproxy.render(s)
+    assert proxy["nodePortAddresses"] == ["127.0.0.1/32", "10.250.0.1/32"]
+    assert s.apiserver_url == f"https://10.250.0.1:{s.ports.apiserver}"
+
+
+def test_containerd_config_is_valid_toml_with_the_settings_that_matter(tmp_path: Path) -> None:
+    s = _settings(tmp_path)
+    cfg = tomllib.loads(containerd.render(s))
+    runtime = cfg["plugins"]["io.containerd.cri.v1.runtime"]
+    assert runtime["restrict_oom_score_adj"] is True
+    assert runtime["containerd"]["runtimes"]["runc"]["options"]["SystemdCgroup"] is False
+    assert cfg["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"] == images.PAUSE.ref
+    assert cfg["grpc"]["address"].startswith(str(s.state))
