@@ -21,3 +21,19 @@ cluster-down:  ## stop everything and remove pods, network namespaces and the br
 
 cluster-status:
 	@$(LOCALKUBE) status
+
+# The real node's tests (test_node.py) on a second cluster whose node is a kubelet on containerd
+# (second-cluster.env: its own ports, bridge, CIDRs; its own state in .cluster-node), started and
+# stopped around them, beside the e2e tier's cluster, until that tier moves onto the real node.
+NODE_CLUSTER_ENV = $$(grep -v '^\#' $(CLUSTER_DIR)/second-cluster.env | xargs) MODELFLEET_CLUSTER_DIR=$(CURDIR)/.cluster-node
+
+.PHONY: test-node node-cluster-down
+
+test-node: cluster-deps  ## build and start a second cluster on a real node (kubelet, containerd), run its tests, stop it
+	@env $(NODE_CLUSTER_ENV) bash $(CLUSTER_DIR)/scripts/build.sh
+	@env $(NODE_CLUSTER_ENV) $(LOCALKUBE) up
+	@env $(NODE_CLUSTER_ENV) $(PYTHON) -m pytest -q $(CLUSTER_DIR)/test_node.py; rc=$$?; \
+	  env $(NODE_CLUSTER_ENV) $(LOCALKUBE) down; exit $$rc
+
+node-cluster-down:  ## stop the real-node cluster of test-node
+	@env $(NODE_CLUSTER_ENV) $(LOCALKUBE) down

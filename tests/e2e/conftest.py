@@ -43,11 +43,12 @@ def cluster() -> Iterator[LocalCluster]:
             lines = (proc.stderr or proc.stdout).strip().splitlines()
             pytest.fail(f"make cluster-up failed: {lines[-1] if lines else proc.returncode}", pytrace=False)
         started = True
-    env = read_env(REPO / ".cluster" / "env")
+    state = Path(os.environ.get("MODELFLEET_CLUSTER_DIR", REPO / ".cluster"))  # as localkube's Settings
+    env = read_env(state / "env")
     saved = {k: os.environ.get(k) for k in ("KUBECONFIG", "PATH", "INGRESS_URL")}
     os.environ.update({k: env[k] for k in saved})
     try:
-        yield LocalCluster(REPO / ".cluster", env, started)
+        yield LocalCluster(state, env, started)
     finally:
         for k, v in saved.items():
             if v is None:
