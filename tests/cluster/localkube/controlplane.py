@@ -38,6 +38,11 @@ def _get(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) 
         return 0, b""
 
 
+def http_ok(url: str) -> Callable[[], bool]:
+    """A health check: `url` answers 200 (a node component's plain-HTTP /healthz)."""
+    return lambda: _get(url)[0] == 200
+
+
 def _insecure() -> ssl.SSLContext:
     # controller-manager and scheduler serve /healthz on self-signed certificates.
     ctx = ssl.create_default_context()

@@ -16,14 +16,13 @@ Settings this machine needs, and why:
 from __future__ import annotations
 
 import os
-import urllib.request
 from pathlib import Path
 
 import yaml
 
 from . import containerd, kubeconfig
 from .config import Settings
-from .controlplane import Component
+from .controlplane import Component, http_ok
 
 NODE_NAME = "localkube-0"
 
@@ -83,12 +82,7 @@ def component(s: Settings) -> Component:
     kc = kubeconfig.write(s.state / "kubelet.kubeconfig", s.apiserver_url, s.pki, "kubelet-client")
     url = f"http://127.0.0.1:{s.ports.kubelet_healthz}/healthz"
 
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback only
-                return resp.status == 200
-        except OSError:
-            return False
+    healthy = http_ok(url)
 
     argv = [
         str(s.k8s_bin / "kubelet"), f"--config={config}", f"--kubeconfig={kc}", f"--root-dir={root}",

@@ -10,13 +10,12 @@ names, so one real node runs per machine; `cleanup` removes them with kube-proxy
 from __future__ import annotations
 
 import subprocess
-import urllib.request
 
 import yaml
 
 from . import kubeconfig
 from .config import Settings
-from .controlplane import Component
+from .controlplane import Component, http_ok
 from .kubelet import NODE_NAME
 
 
@@ -46,12 +45,7 @@ def component(s: Settings) -> Component:
     config.write_text(yaml.safe_dump(render(s), sort_keys=False))
     url = f"http://127.0.0.1:{s.ports.kube_proxy_healthz}/healthz"
 
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback only
-                return resp.status == 200
-        except OSError:
-            return False
+    healthy = http_ok(url)
 
     return Component("kube-proxy", [str(s.k8s_bin / "kube-proxy"), f"--config={config}", "--v=1"],
                      (s.ports.kube_proxy_healthz, s.ports.kube_proxy_metrics), healthy, timeout=60)
