@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,6 +38,8 @@ VOLUME_PREFIX = "lora-"
 # Seconds for one pod's /v1/models, and for one load (an hf:// adapter downloads first).
 LIST_TIMEOUT = 5.0
 LOAD_TIMEOUT = 120.0
+# Seconds after which pods that held every adapter are asked again (see AdapterSync.settled).
+RECHECK_SECONDS = 60.0
 
 
 # -- rendering: what the pod template needs (render.py adds it) -----------------------------------
@@ -226,14 +229,38 @@ class AdapterSync:
     readiness. A pod that cannot be reached counts for no adapter, and is tried again next time."""
 
     api: PodApi = field(default_factory=HttpPodApi)
+    # A reconcile runs on every child event and resync: once every ready pod was found holding
+    # what the spec wants, ask them again only when the spec or the ready pods change (a new
+    # pod, a restarted container) or RECHECK_SECONDS have passed (someone else's load/unload).
+    clock: Callable[[], float] = time.monotonic
+    settled: dict[tuple[str, str], tuple[Hashable, float, list[AdapterStatus]]] = field(default_factory=dict)
 
     def converge(
         self, md: ModelDeployment, pods: Sequence[Mapping[str, Any]], config: OperatorConfig
     ) -> list[AdapterStatus]:
+        key = (md.metadata.namespace or "", md.metadata.name)
+        state = (tuple(sorted(desired_adapters(md, config).items())), md.served_name, tuple(md.spec.model.aliases),
+                 tuple(sorted(_pod_identity(p) for p in pods if is_ready(p))))
+        now = self.clock()
+        known = self.settled.get(key)
+        if known is not None and known[0] == state and now - known[1] < RECHECK_SECONDS:
+            return known[2]
+        statuses, complete = self._converge(md, pods, config)
+        if complete:
+            self.settled[key] = (state, now, statuses)
+        else:
+            self.settled.pop(key, None)
+        return statuses
+
+    def _converge(
+        self, md: ModelDeployment, pods: Sequence[Mapping[str, Any]], config: OperatorConfig
+    ) -> tuple[list[AdapterStatus], bool]:
+        """Each adapter's status, and whether every ready pod was reached and holds them all."""
         desired = desired_adapters(md, config)
         own = [md.served_name, *md.spec.model.aliases]
         counts = dict.fromkeys(desired, 0)
         errors: dict[str, str] = {}
+        complete = True
         for pod in pods:
             url = pod_url(pod, config.worker_port)
             if url is None or not is_ready(pod):
@@ -243,6 +270,7 @@ class AdapterSync:
                 held = held_adapters(self.api.models(url), own)
             except (httpx.HTTPError, ValueError) as exc:
                 log.info("%s: cannot list adapters of %s: %s", md.metadata.name, pod_name, exc)
+                complete = False
                 continue
             todo = plan(desired, held)
             for name in todo.unload:
@@ -265,7 +293,16 @@ class AdapterSync:
             for name in desired:
                 if held.get(name) == desired[name]:
                     counts[name] += 1
-        return [AdapterStatus(name=n, ready_replicas=counts[n], message=errors.get(n)) for n in desired]
+            complete = complete and held == desired
+        statuses = [AdapterStatus(name=n, ready_replicas=counts[n], message=errors.get(n)) for n in desired]
+        return statuses, complete
+
+
+def _pod_identity(pod: Mapping[str, Any]) -> tuple[str, int]:
+    """A pod as far as its adapters go: a restarted container lost what was loaded into it."""
+    restarts = sum(c.get("restartCount", 0) for c in (pod.get("status") or {}).get("containerStatuses") or [])
+    meta = pod.get("metadata") or {}
+    return meta.get("uid") or meta.get("name", ""), restarts
 
 
 def ready_pod_count(pods: Sequence[Mapping[str, Any]]) -> int:

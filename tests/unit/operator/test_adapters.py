@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from modelfleet.api import ModelDeployment, NameClaim, settle_names
 from modelfleet.operator.adapters import (
+    RECHECK_SECONDS,
     AdapterError,
     AdapterSync,
     PodPlan,
@@ -165,10 +166,12 @@ class FakePods:
     def __init__(self, **held: dict[str, str]) -> None:
         self.held = {f"http://{ip}:8000": dict(v) for ip, v in held.items()}
         self.calls: list[tuple[str, str, str]] = []
+        self.listed = 0
         self.refuse: dict[str, str] = {}
         self.down: set[str] = set()
 
     def models(self, url: str) -> list[dict[str, Any]]:
+        self.listed += 1
         if url in self.down:
             import httpx
 
@@ -210,6 +213,28 @@ def test_converge_loads_what_is_missing_unloads_what_was_removed_and_skips_unrea
     fake.calls.clear()
     AdapterSync(fake).converge(make({"adapters": TWO}), pods("10.0.0.1", "10.0.0.2"), CONFIG)
     assert fake.calls == []
+
+
+def test_settled_pods_are_asked_again_only_when_the_spec_or_the_pods_change_or_a_while_passed() -> None:
+    """Reconciles run on every child event: pods found holding every adapter are not listed
+    again until something that could change what they hold has changed."""
+    fake, now = FakePods(**{"10.0.0.1": {}, "10.0.0.2": {}}), [0.0]
+    sync = AdapterSync(fake, clock=lambda: now[0])
+    md, ready = make({"adapters": TWO}), pods("10.0.0.1", "10.0.0.2")
+    first = sync.converge(md, ready, CONFIG)
+    listed = fake.listed
+    assert sync.converge(md, ready, CONFIG) == first and fake.listed == listed  # nothing changed
+    restarted = copy.deepcopy(ready)
+    restarted[0]["status"]["containerStatuses"][0]["restartCount"] = 1
+    fake.held["http://10.0.0.1:8000"].clear()  # a restarted container lost its adapters
+    sync.converge(md, restarted, CONFIG)
+    assert fake.held["http://10.0.0.1:8000"] == {"sql": "/adapters/sql", "poet": "/adapters/poet"}
+    listed = fake.listed
+    sync.converge(make({"adapters": TWO[:1]}), restarted, CONFIG)  # the spec changed
+    assert ("unload", "http://10.0.0.2:8000", "poet") in fake.calls
+    listed, now[0] = fake.listed, RECHECK_SECONDS + 1
+    sync.converge(make({"adapters": TWO[:1]}), restarted, CONFIG)  # a while later: asked again
+    assert fake.listed == listed + 2
 
 
 def test_a_refused_load_is_reported_and_an_unreachable_pod_counts_for_nothing() -> None:
