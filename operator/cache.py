@@ -34,8 +34,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import kopf
-
 from modelfleet import labels
 from modelfleet.api import CacheStatus, ModelDeployment, ModelDeploymentStatus
 from modelfleet.worker.fetch import Progress, parse_progress
@@ -43,7 +41,7 @@ from modelfleet.worker.fetch import Progress, parse_progress
 from .conditions import NAME_CONFLICT, error_line, last_line, make_condition
 from .config import OperatorConfig
 from .kube import JOB, POD, PVC, KubeApi
-from .render import WORKER_UID, worker_model_arg
+from .render import WORKER_UID, owner_reference, worker_model_arg, worker_security_context
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +124,6 @@ def cache_labels(digest: str) -> dict[str, str]:
     }
 
 
-def owner_reference(md: ModelDeployment, controller: bool) -> dict[str, Any]:
-    """kopf's owner reference to the ModelDeployment. Claims get non-controller ones (one per
-    user; only one reference may be the controller) without blockOwnerDeletion, which only
-    matters to a foreground delete of the owner and needs delete rights on it."""
-    obj: dict[str, Any] = {}
-    owner = {"apiVersion": md.api_version, "kind": md.kind,
-             "metadata": {"name": md.metadata.name, "uid": md.metadata.uid}}
-    kopf.append_owner_reference(obj, owner=kopf.Body(owner), controller=controller, block_owner_deletion=controller)
-    return obj["metadata"]["ownerReferences"][0]
-
-
 def render_claim(md: ModelDeployment, ref: CacheRef) -> dict[str, Any]:
     """The claim the operator makes for an operator-made cache. Without owner references: each
     user adds its own afterwards (_join), the first one too, since two first users applying
@@ -214,11 +201,7 @@ def render_fill_job(md: ModelDeployment, ref: CacheRef, config: OperatorConfig) 
             "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
             # Its last line (the error) becomes the pod's termination message, which status shows.
             "terminationMessagePolicy": "FallbackToLogsOnError",
-            "securityContext": {
-                "runAsNonRoot": True, "runAsUser": WORKER_UID, "runAsGroup": WORKER_UID,
-                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
-            },
+            "securityContext": worker_security_context(),
         }],
         "volumes": volumes,
     }  # fmt: skip
@@ -414,8 +397,8 @@ def release(md: ModelDeployment, claim_name: str, kube: KubeApi) -> None:
     refs = meta.get("ownerReferences") or []
     if claim is None or not digest or not any(r.get("uid") == uid for r in refs):
         return
-    kube.delete(JOB, ns, JOB_PREFIX + digest, propagation="Background")  # ours if it still runs
-    if len(refs) == 1:
+    if len(refs) == 1:  # the last user: a fill still running is for nobody now
+        kube.delete(JOB, ns, JOB_PREFIX + digest, propagation="Background")
         kube.delete(PVC, ns, claim_name)
     else:
         kube.patch(PVC, ns, claim_name, {"metadata": {"ownerReferences": [{"$patch": "delete", "uid": uid}]}},

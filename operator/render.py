@@ -32,6 +32,23 @@ TMP_VOLUME = "tmp"
 # read-only root filesystem; only /tmp and the hf:// cache (emptyDirs) are writable. vLLM's
 # official image runs as root, so its containers keep only allowPrivilegeEscalation: false.
 WORKER_UID = 65532
+
+
+def worker_security_context() -> dict[str, Any]:
+    """The worker's container's (and the weight cache's fill container's, which runs the same
+    image): non-root, read-only root, no privilege, no capabilities. A fresh dict each call, as
+    rendered manifests are merged and patched in place."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": WORKER_UID,
+        "runAsGroup": WORKER_UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 GPU_RESOURCE = DEFAULT_GPU_RESOURCE  # spec.resources.gpuResource names another (amd.com/gpu, a MIG profile)
 # Probe timing. The startup probe carries the whole model-loading budget so that liveness,
 # which is strict, only starts once the server answers.
@@ -94,12 +111,23 @@ def child_metadata(md: ModelDeployment, api_version: str, kind: str) -> dict[str
             "name": md.metadata.name,
             "namespace": md.metadata.namespace,
             "labels": labels.worker_labels(md.metadata.name),
+            "ownerReferences": [owner_reference(md)],
         },
     }
+    return obj
+
+
+def owner_reference(md: ModelDeployment, controller: bool = True) -> dict[str, Any]:
+    """kopf's owner reference to the ModelDeployment, built from the owner given explicitly so
+    that nothing is read from the handler's context. Children get the controller one; a shared
+    weight cache's claim one per user without `controller` (only one reference may be the
+    controller) and without blockOwnerDeletion, which only matters to a foreground delete of the
+    owner and needs delete rights on it."""
+    obj: dict[str, Any] = {}
     owner = {"apiVersion": md.api_version, "kind": md.kind,
              "metadata": {"name": md.metadata.name, "uid": md.metadata.uid}}
-    kopf.append_owner_reference(obj, owner=kopf.Body(owner))
-    return obj
+    kopf.append_owner_reference(obj, owner=kopf.Body(owner), controller=controller, block_owner_deletion=controller)
+    return obj["metadata"]["ownerReferences"][0]
 
 
 def worker_args(md: ModelDeployment, model_path: str, config: OperatorConfig) -> list[str]:
@@ -192,11 +220,11 @@ def _http_probe(path: str, period: int, failures: int, timeout: int) -> dict[str
     }
 
 
-def _container(md: ModelDeployment, source: WorkerModel, config: OperatorConfig) -> dict[str, Any]:
+def _container(md: ModelDeployment, source: WorkerModel, config: OperatorConfig,
+               adapter_mounts: list[dict[str, Any]]) -> dict[str, Any]:
     engine = md.spec.engine
     env = [e.to_wire() for e in engine.env]
-    mounts = [source.mount] if source.mount else []
-    mounts += adapter_volumes(md, config, [m["mountPath"] for m in mounts])[1]
+    mounts = ([source.mount] if source.mount else []) + adapter_mounts
     # With LoRA on, hf:// adapters download into the same writable cache as hf:// models.
     if source.needs_hf_cache or md.spec.lora_enabled:
         env.append({"name": "HF_HOME", "value": config.hf_cache_dir})
@@ -239,15 +267,7 @@ def _container(md: ModelDeployment, source: WorkerModel, config: OperatorConfig)
             "image": engine.image or config.default_image,
             "command": worker_args(md, source.path, config),
             "readinessProbe": _http_probe("/ready", READINESS_PERIOD_SECONDS, READINESS_FAILURES, 3),
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": WORKER_UID,
-                "runAsGroup": WORKER_UID,
-                "allowPrivilegeEscalation": False,
-                "readOnlyRootFilesystem": True,
-                "capabilities": {"drop": ["ALL"]},
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
+            "securityContext": worker_security_context(),
         })
         mounts.append({"name": TMP_VOLUME, "mountPath": "/tmp"})
     env, mounts = _with_pod_template(md, _merge_env(env, len(engine.env)), mounts)
@@ -306,8 +326,8 @@ def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig
         "prometheus.io/port": str(config.worker_port),
         "prometheus.io/path": "/metrics",
     }
-    volumes = [source.volume] if source.volume else []
-    volumes += adapter_volumes(md, config, [source.mount["mountPath"]] if source.mount else [])[0]
+    adapter_vols, adapter_mounts = adapter_volumes(md, config, [source.mount["mountPath"]] if source.mount else [])
+    volumes = ([source.volume] if source.volume else []) + adapter_vols
     if source.needs_hf_cache or spec.lora_enabled:
         volumes.append({"name": CACHE_VOLUME, "emptyDir": {}})
     if spec.engine.kind == "vllm":
@@ -315,7 +335,7 @@ def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig
     else:
         volumes.append({"name": TMP_VOLUME, "emptyDir": {}})
     pod_spec: dict[str, Any] = {
-        "containers": [_container(md, source, config)],
+        "containers": [_container(md, source, config, adapter_mounts)],
         # The grace period covers the preStop drain plus finishing in-flight requests.
         "terminationGracePeriodSeconds": spec.termination_grace_period_seconds + config.drain_seconds,
         # Workers never call the API server, and a namespace with many Services would

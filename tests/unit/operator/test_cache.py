@@ -384,10 +384,12 @@ def test_a_changed_source_lets_go_of_the_old_claim() -> None:
     sync_cache(moved, kube, CONFIG, NOW)
     assert [r["uid"] for r in kube.objects[("PersistentVolumeClaim", old.claim)]["metadata"]["ownerReferences"]] == \
         ["u1"]
+    assert ("Job", old.job) in kube.objects  # the fill goes on for the user still waiting on it
     gone = a.model_copy(update={"spec": a.spec.model_copy(update={"model": a.spec.model.model_copy(
         update={"cache": None})}), "status": ModelDeploymentStatus.model_validate({"cache": {"claimName": old.claim}})})
     assert sync_cache(gone, kube, CONFIG, NOW) is None
     assert ("PersistentVolumeClaim", old.claim) not in kube.objects  # its last owner let go
+    assert ("Job", old.job) not in kube.objects  # and its fill with it
 
 
 def test_a_missing_existing_claim_is_reported() -> None:
