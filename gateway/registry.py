@@ -213,9 +213,10 @@ class Registry:
         """Counts a failure; returns True when the endpoint was just ejected. The last available
         replica of a model is never ejected (as Envoy caps ejections with max_ejection_percent):
         when every replica fails, the cause is often the load itself, and ejecting the last one
-        turns a slow model into a refused one; health checks still take a dead replica out."""
+        turns a slow model into a refused one; health checks still take a dead replica out. The
+        same holds per LoRA adapter: a replica is the last one for an adapter only it holds."""
         endpoint.consecutive_failures += 1
-        others = any(e is not endpoint for e in self.available(endpoint.model))
+        others = any(e is not endpoint and e.adapters >= endpoint.adapters for e in self.available(endpoint.model))
         if endpoint.consecutive_failures >= self.outliers.failures and others:
             endpoint.ejected_until = time.monotonic() + self.outliers.eject_seconds
             endpoint.consecutive_failures = 0

@@ -32,3 +32,14 @@ def test_a_lone_replica_stays_routable_through_failures() -> None:
     a = reg.endpoints["http://a"]
     assert not any(reg.record_failure(a) for _ in range(10))
     assert reg.available("m") == [a]
+
+
+def test_the_last_replica_holding_an_adapter_is_never_ejected() -> None:
+    """Another replica of the base cannot serve the adapter's requests: ejecting the only holder
+    would turn them from slow into refused."""
+    reg = registry("http://a", "http://b")
+    a, b = reg.endpoints["http://a"], reg.endpoints["http://b"]
+    a.adapters = frozenset({"sql"})
+    assert not any(reg.record_failure(a) for _ in range(10))
+    b.adapters = frozenset({"sql"})
+    assert reg.record_failure(a)  # now another holds it too
