@@ -70,9 +70,8 @@ class WorkerSettings:
             args += ["--prefix-cache-gib", _number(self.prefix_cache_gib)]
         if self.kv_cache_gib is not None:
             args += ["--kv-cache-memory", _number(self.kv_cache_gib)]
-        for name, path in self.lora_modules:  # vLLM's old form, or its JSON one where that would not parse
-            spec = f"{name}={path}" if "," not in path else json.dumps({"name": name, "path": path})
-            args += ["--lora-modules", spec]
+        for name, path in self.lora_modules:
+            args += ["--lora-modules", lora_module_arg(name, path)]
         if self.max_loras != _DEFAULTS.max_loras:
             args += ["--max-loras", str(self.max_loras)]
         if self.max_lora_rank != _DEFAULTS.max_lora_rank:
@@ -81,6 +80,12 @@ class WorkerSettings:
 
 
 _DEFAULTS = WorkerSettings(source="", served_names=[])
+
+
+def lora_module_arg(name: str, path: str) -> str:
+    """One --lora-modules value, as both engines parse it: vLLM's NAME=PATH, or its JSON form
+    where a comma in the path would not parse (inverse of _lora_module)."""
+    return f"{name}={path}" if "," not in path else json.dumps({"name": name, "path": path})
 
 
 def _number(value: float) -> str:

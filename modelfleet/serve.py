@@ -15,12 +15,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from .cli import CommandError, WorkerSettings, engine_settings
+from .cli import CommandError, WorkerSettings, engine_settings, lora_module_arg
 from .netutil import PortInUseError, bind_socket, free_port
 
 
@@ -59,8 +60,10 @@ def parse_models(specs: list[str]) -> list[tuple[str, str]]:
     return models
 
 
-def worker_command(name: str, source: str, port: int, args: argparse.Namespace) -> list[str]:
-    """One replica's command line: modelfleet's worker, or vLLM's OpenAI server."""
+def worker_command(name: str, source: str, port: int, args: argparse.Namespace,
+                   environ: Mapping[str, str] = os.environ) -> list[str]:
+    """One replica's command line: modelfleet's worker, or vLLM's OpenAI server, which traces
+    when the replica's environment `environ` says so."""
     if args.engine != "vllm":
         settings = WorkerSettings(source=source, served_names=[name], host="127.0.0.1", port=port,
                                   **engine_settings(args))
@@ -77,8 +80,9 @@ def worker_command(name: str, source: str, port: int, args: argparse.Namespace) 
                         task=detect_task(model) if revision is None and os.path.isdir(model) else "auto",
                         drain_seconds=DRAIN_SECONDS,
                         max_loras=args.max_loras if args.lora_modules else None, max_lora_rank=args.max_lora_rank,
-                        otlp_traces_endpoint=vllm_tracing(os.environ)[0],
-                        extra_args=[*(f"--lora-modules={n}={p}" for n, p in args.lora_modules), *args.vllm_arg])
+                        otlp_traces_endpoint=vllm_tracing(environ)[0],
+                        extra_args=[*(f"--lora-modules={lora_module_arg(n, p)}" for n, p in args.lora_modules),
+                                    *args.vllm_arg])
     # -P: never import from the current directory (a checkout's operator/ would shadow the stdlib's).
     return [python, "-P", "-m", VLLM_SERVER_MODULE, *server.args()]
 
@@ -90,7 +94,6 @@ def start_workers(models: list[tuple[str, str]], replicas: int, args: argparse.N
     for name, source in models:
         for replica in range(replicas):
             port = free_port()
-            cmd = worker_command(name, source, port, args)
             # Workers share 2-core machines with each other: keep torch from oversubscribing.
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(1, len(models)))))
@@ -98,6 +101,7 @@ def start_workers(models: list[tuple[str, str]], replicas: int, args: argparse.N
                 env = {**vllm_env(gpu=args.device == "cuda"), **vllm_tracing(env)[1], **env}
                 if not source.startswith("hf://"):
                     env["HF_HUB_OFFLINE"] = "1"  # a local model: nothing to ask the hub
+            cmd = worker_command(name, source, port, args, env)
             proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
             workers.append(WorkerProcess(name, replica, f"http://127.0.0.1:{port}", proc,
                                          "/health" if args.engine == "vllm" else "/ready"))

@@ -614,7 +614,9 @@ class GenerationEngine:
     def _forward(self, requests: Iterable[GenerationRequest]) -> Callable[..., Any]:
         """The model to run a batch whose rows belong to `requests`, in row order: with each
         row's LoRA adapter when any is loaded (adapters.py), else the model itself."""
-        return self.model if self.lora is None else self.lora.forward([r.adapter for r in requests])
+        if self.lora is None or self.lora.peft is None:  # no adapter ever loaded: nothing per row
+            return self.model
+        return self.lora.forward([r.adapter for r in requests])
 
     def _sample_and_advance(self, logits: torch.Tensor, rows: list[int]) -> None:
         """Samples one token for each of `rows` (aligned with `logits`), records it, emits

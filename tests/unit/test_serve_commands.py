@@ -33,3 +33,12 @@ def test_vllm_traces_when_serve_traces(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
     command = worker_command("demo", "/models/demo", 9001, serve_args("--engine", "vllm"))
     assert command[command.index("--otlp-traces-endpoint") + 1] == "http://127.0.0.1:4318/v1/traces"
+
+
+def test_an_adapter_path_with_a_comma_reaches_vllm_in_its_json_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM splits NAME=PATH values at commas; the JSON form keeps such a path whole."""
+    monkeypatch.setattr(engines, "find_vllm_python", lambda: "/vllm/bin/python")
+    args = build_parser().parse_args(["serve", "--engine", "vllm", "--lora-modules",
+                                      '{"name": "odd", "path": "/adapters/a,b"}'])
+    command = worker_command("demo", "/models/demo", 9001, args)
+    assert '--lora-modules={"name": "odd", "path": "/adapters/a,b"}' in command
