@@ -144,13 +144,17 @@ def test_seeded_sampling_is_the_same_beside_a_chunked_prompt(tiny):
         alone = asyncio.run(run(eng, ids, 16, params=params, seed=7))[0]
 
         async def beside():
-            long_task = asyncio.create_task(run(eng, ids_of(tok, LONG), 8, params=params, seed=1))
-            mine = await run(eng, ids, 16, params=params, seed=7)
-            await long_task
-            return mine[0]
+            # Mine decodes first, so the long prompt's chunks are computed in the same steps
+            # (a prompt queued behind a chunked one would only wait for it).
+            started = asyncio.Event()
+            mine = asyncio.create_task(run(eng, ids, 16, params=params, seed=7, first_token=started))
+            await started.wait()
+            await run(eng, ids_of(tok, LONG), 8, params=params, seed=1)
+            return (await mine)[0]
 
         assert asyncio.run(beside()) == alone
         assert any(r.chunked for r in eng.step_log)
+        assert any(r.decode_rows and r.prefill_tokens for r in eng.step_log), "no step held both"
     finally:
         eng.stop()
 

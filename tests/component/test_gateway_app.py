@@ -429,6 +429,15 @@ def test_a_non_streamed_request_moves_off_a_replica_once_its_health_checks_fail(
     run(test)
 
 
+async def open_stream(fleet, gw):
+    """A streamed chat through `gw` whose first token has arrived (the replica drips the rest),
+    and the task that finishes it."""
+    streaming = LeavingClient(gw, chat(stream=True))
+    task = streaming.start()
+    await fleet.until(lambda: b"t0" in streaming.body_received(), "the stream to start")
+    return streaming, task
+
+
 def test_a_health_check_that_times_out_while_its_replica_streams_to_us_leaves_it_in_service():
     """Under a few thousand held streams a probe's answer can be late for reasons of load alone:
     a replica streaming answers to the gateway is serving, so a timeout of its health check
@@ -437,9 +446,7 @@ def test_a_health_check_that_times_out_while_its_replica_streams_to_us_leaves_it
         fleet = Fleet(plan=["drip"])
         replica = fleet.replica()
         async with fleet.gateway(probe_interval=0.2, probe_timeout=1.0) as gw:
-            streaming = LeavingClient(gw, chat(stream=True))
-            task = streaming.start()
-            await fleet.until(lambda: b"t0" in streaming.body_received(), "the stream to start")
+            streaming, task = await open_stream(fleet, gw)
             replica.ready_hangs = True
             hung_from = replica.ready_calls
             # A probe begins only once the one before has ended: two more, and the first timed out.
@@ -493,9 +500,7 @@ def test_a_health_check_error_takes_a_streaming_replica_out_at_once():
         fleet = Fleet(plan=["drip"])
         replica = fleet.replica()
         async with fleet.gateway(probe_interval=0.2, probe_timeout=1.0) as gw:
-            streaming = LeavingClient(gw, chat(stream=True))
-            task = streaming.start()
-            await fleet.until(lambda: b"t0" in streaming.body_received(), "the stream to start")
+            streaming, task = await open_stream(fleet, gw)
             replica.ready_status = 500
             failed_from = replica.ready_calls
             await fleet.until(lambda: replica.ready_calls >= failed_from + 2, "a health check to fail")
