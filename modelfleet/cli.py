@@ -50,6 +50,7 @@ class WorkerSettings:
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path) of LoRA adapters loaded at start
     max_loras: int = 4  # LoRA adapters held at once
     max_lora_rank: int = 16
+    prepack_weights: bool = True  # linear layers on oneDNN-packed weights (worker/fastlinear.py)
 
     def to_args(self) -> list[str]:
         """The `modelfleet worker` arguments for these settings. Where the worker runs, device,
@@ -76,6 +77,8 @@ class WorkerSettings:
             args += ["--max-loras", str(self.max_loras)]
         if self.max_lora_rank != _DEFAULTS.max_lora_rank:
             args += ["--max-lora-rank", str(self.max_lora_rank)]
+        if self.prepack_weights != _DEFAULTS.prepack_weights:
+            args.append("--no-prepack-weights")
         return args
 
 
@@ -120,6 +123,10 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                        help="LoRA adapters held at once")
     group.add_argument("--max-lora-rank", type=_positive, default=_DEFAULTS.max_lora_rank,
                        help="the largest LoRA rank an adapter may have")
+    group.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction,
+                       default=_DEFAULTS.prepack_weights,
+                       help="on a CPU, run the model's linear layers on weights packed once for oneDNN "
+                            "(costs the weights' memory once more)")
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,7 +135,8 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
             "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
             "enable_prefix_caching": args.enable_prefix_caching, "prefix_cache_gib": args.prefix_cache_gib,
             "kv_cache_gib": args.kv_cache_memory, "lora_modules": tuple(args.lora_modules),
-            "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank}
+            "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
+            "prepack_weights": args.prepack_weights}
 
 
 def worker_settings(args: argparse.Namespace) -> WorkerSettings:
@@ -298,11 +306,14 @@ def run_fetch(args: argparse.Namespace) -> int:
     """`modelfleet fetch`: any failure is one line (the fill pod's last, which its termination
     message and so the ModelDeployment's status show)."""
     from modelfleet.worker.fetch import fetch
+    from modelfleet.worker.loader import ModelSourceError
 
     try:
         fetch(args.source, args.dest)
-    except Exception as exc:  # noqa: BLE001 - hub, network and disk errors alike, as one line
-        # Hub errors spread over lines ("404 Client Error." then "Repository Not Found for ...").
+    except ModelSourceError as exc:  # already one line naming the hub's error
+        raise CommandError(str(exc)[:400]) from None
+    except Exception as exc:  # noqa: BLE001 - network and disk errors alike, as one line
+        # Some errors span lines; the status shows one.
         text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         raise CommandError(f"cannot fetch {args.source}: {type(exc).__name__}: {text[:400]}") from None
     return 0

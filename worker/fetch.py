@@ -4,10 +4,11 @@ prints, which the operator reads back from the fill pod's log (operator/cache.py
 One home for both sides of the line format, so the printer and the parser cannot drift. The
 fill Job runs this in the worker image; nothing here imports kopf or the kubernetes client.
 
-hf:// sources go through huggingface_hub's snapshot_download into DEST (it honours HF_ENDPOINT
-and HF_TOKEN, resumes partial files and skips complete ones); file:// and plain paths are
-copied. A marker file written last makes a second run a cheap no-op, so a fill Job that runs
-again (its record lost, a retry after the last step) never downloads twice.
+hf:// sources go through the worker's own hub download (loader.download_hf) into DEST:
+huggingface_hub's snapshot_download, which honours HF_ENDPOINT and HF_TOKEN, resumes partial
+files and skips complete ones; file:// and plain paths are copied. A marker file written last
+makes a second run a cheap no-op, so a fill Job that runs again (its record lost, a retry
+after the last step) never downloads twice.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import TextIO
 
 from modelfleet.sources import ModelSourceError, parse_model_source
+
+from .loader import download_hf
 
 # Written into DEST once everything else is there: {"bytes": N, "source": "..."}.
 MARKER = ".modelfleet-fetched"
@@ -96,14 +99,14 @@ def _hf_total(repo: str, revision: str | None) -> int | None:
         return None
 
 
-def _hf_download(repo: str, revision: str | None, dest: Path) -> None:
-    from huggingface_hub import snapshot_download
+def _quiet_hub_client() -> None:
+    """Our own lines report progress: tqdm's bars, and a log line per request, would flood the
+    pod log between them."""
     from huggingface_hub.utils import disable_progress_bars
 
-    disable_progress_bars()  # our own lines report progress; tqdm's would flood the pod log
-    for name in ("httpx", "httpx2"):  # a line per request, between ours
+    disable_progress_bars()
+    for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    snapshot_download(repo_id=repo, revision=revision, local_dir=dest)
 
 
 def _report_while(work: Callable[[], None], dest: Path, total: int | None, out: TextIO, interval: float) -> None:
@@ -126,9 +129,10 @@ def _report_while(work: Callable[[], None], dest: Path, total: int | None, out: 
 def fetch(source: str, dest: str | Path, out: TextIO = sys.stdout, interval: float = 2.0) -> Progress:
     """Fill DEST with SOURCE's files, printing progress lines; returns the final Progress.
 
-    Raises ModelSourceError for a source that cannot be fetched, and whatever the hub client
-    or the copy raises (the CLI prints it as one line, which the fill pod's termination
-    message and so the ModelDeployment's status then show)."""
+    Raises ModelSourceError for a source that cannot be fetched (a hub error as the worker's
+    loader words it, with the hub's class name), and whatever the copy raises (the CLI prints
+    it as one line, which the fill pod's termination message and so the ModelDeployment's
+    status then show)."""
     parsed = parse_model_source(source)
     dest = Path(dest)
     marker = dest / MARKER
@@ -140,7 +144,8 @@ def fetch(source: str, dest: str | Path, out: TextIO = sys.stdout, interval: flo
     if parsed.scheme == "hf":
         total = _hf_total(parsed.repo, parsed.revision)
         print(Progress(0, total).line(), file=out, flush=True)
-        _report_while(lambda: _hf_download(parsed.repo, parsed.revision, dest), dest, total, out, interval)
+        _quiet_hub_client()
+        _report_while(lambda: download_hf(parsed, local_dir=dest), dest, total, out, interval)
     elif parsed.scheme in ("file", "path"):
         src = Path(parsed.path)
         if not src.is_dir():

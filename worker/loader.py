@@ -30,7 +30,7 @@ def local_model_dir(source: str) -> Path:
     inside its claim's mount under PVC_MOUNT_ROOT."""
     parsed = parse_model_source(source)
     if parsed.scheme == "hf":
-        return _download_hf(parsed)
+        return download_hf(parsed)
     path = Path(parsed.claim_path(PVC_MOUNT_ROOT) if parsed.scheme == "pvc" else parsed.path)
     if not path.is_absolute():
         path = path.resolve()
@@ -42,15 +42,23 @@ def local_model_dir(source: str) -> Path:
 
 
 
-def _download_hf(source: ModelSource) -> Path:
-    """The repo id as written, org-less ones too (`hf://gpt2`): the hub resolves them, and the
-    parser has already refused anything that is not a repo id."""
+def download_hf(source: ModelSource, local_dir: Path | None = None) -> Path:
+    """The one download of an hf:// source, for the worker (into the hub's cache, HF_HOME) and
+    for the weight cache's fill (`modelfleet fetch`, into `local_dir`); returns the directory.
+
+    The repo id as written, org-less ones too (`hf://gpt2`): the hub resolves them, and the
+    parser has already refused anything that is not a repo id. Either way the hub's many errors
+    become one ModelSourceError line naming the hub's class (RepositoryNotFoundError,
+    GatedRepoError, ...), which the worker's start-up and the fill's status show."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=source.repo, revision=source.revision))
+        return Path(snapshot_download(repo_id=source.repo, revision=source.revision, local_dir=local_dir))
     except Exception as exc:  # the hub's errors are many; the user needs one line
-        raise ModelSourceError(f"could not download {source.repo} from the Hugging Face hub: {exc}") from exc
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise ModelSourceError(
+            f"could not download {source.repo} from the Hugging Face hub: {type(exc).__name__}: {text}"
+        ) from exc
 
 
 @dataclass

@@ -162,7 +162,7 @@ def test_the_worker_downloads_hub_ids_with_or_without_an_org(source, repo_id, re
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     assert worker_source(source) == tmp_path
-    assert asked == [{"repo_id": repo_id, "revision": revision}]
+    assert asked == [{"repo_id": repo_id, "revision": revision, "local_dir": None}]  # into the hub's cache
 
 
 def test_the_worker_still_resolves_sources_that_stay_put(tmp_path: Path, monkeypatch) -> None:
