@@ -41,7 +41,7 @@ from modelfleet.worker.fetch import Progress, parse_progress
 from .conditions import NAME_CONFLICT, error_line, last_line, make_condition
 from .config import OperatorConfig
 from .kube import JOB, POD, PVC, KubeApi
-from .render import WORKER_UID, owner_reference, worker_model_arg, worker_security_context
+from .render import WORKER_UID, owner_reference, pod_scheduling, worker_model_arg, worker_security_context
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,9 @@ def _fill_env(md: ModelDeployment, config: OperatorConfig) -> list[dict[str, Any
 
 def render_fill_job(md: ModelDeployment, ref: CacheRef, config: OperatorConfig) -> dict[str, Any]:
     """The Job that runs `modelfleet fetch SOURCE /cache/<directory>` once, in the worker image,
-    owned by this ModelDeployment. Restricted like the worker (non-root, read-only root);
-    fsGroup makes a fresh volume writable for it."""
+    owned by this ModelDeployment, on the nodes the replicas may use (render.pod_scheduling).
+    Restricted like the worker (non-root, read-only root); fsGroup makes a fresh volume
+    writable for it."""
     spec = md.spec
     image = spec.engine.image if spec.engine.kind == "modelfleet" and spec.engine.image else config.default_image
     volumes: list[dict[str, Any]] = [
@@ -181,16 +182,14 @@ def render_fill_job(md: ModelDeployment, ref: CacheRef, config: OperatorConfig) 
     if source.volume is not None and source.mount is not None:
         volumes.append({**source.volume, "name": SOURCE_VOLUME})
         mounts.append({**source.mount, "name": SOURCE_VOLUME})
-    template = spec.pod_template.spec if spec.pod_template is not None else None
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {"fsGroup": WORKER_UID},
-        "nodeSelector": {**(template.node_selector if template else {}), **spec.node_selector},
-        "tolerations": [t.to_wire() for t in spec.tolerations] + [t.to_wire() for t in (template.tolerations
-                                                                                         if template else [])],
-        "imagePullSecrets": [s.to_wire() for s in template.image_pull_secrets] if template else [],
+        # Scheduled as the replicas are: a ReadWriteOnce claim binds on the fill's node, and
+        # on clusters where only some nodes may run the workload, the fill must run there too.
+        **pod_scheduling(md),
         "containers": [{
             "name": FILL_CONTAINER,
             "image": image,

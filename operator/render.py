@@ -296,24 +296,26 @@ def _with_pod_template(
     return env, mounts + [m.to_wire() for m in template.spec.volume_mounts]
 
 
-def _pod_template_spec(md: ModelDeployment, pod_spec: dict[str, Any]) -> dict[str, Any]:
-    """spec.podTemplate's pod fields merged under the operator's: spec.nodeSelector wins on a
-    shared key, tolerations and volumes add up (the CRD refuses the operator's volume names)."""
-    template = md.spec.pod_template
-    if template is None:
-        return pod_spec
-    extra = template.spec
-    merged = dict(pod_spec)
-    merged["nodeSelector"] = {**extra.node_selector, **pod_spec.get("nodeSelector", {})}
-    merged["tolerations"] = pod_spec.get("tolerations", []) + [t.to_wire() for t in extra.tolerations]
-    merged["volumes"] = pod_spec.get("volumes", []) + [dict(v) for v in extra.volumes]
-    if extra.image_pull_secrets:
-        merged["imagePullSecrets"] = [s.to_wire() for s in extra.image_pull_secrets]
-    for key, value in (("affinity", extra.affinity), ("runtimeClassName", extra.runtime_class_name),
-                       ("priorityClassName", extra.priority_class_name)):
-        if value:
-            merged[key] = value
-    return merged
+def pod_scheduling(md: ModelDeployment) -> dict[str, Any]:
+    """Where and how a pod of this ModelDeployment may run: spec.nodeSelector and tolerations
+    with spec.podTemplate's scheduling fields merged under them (spec.nodeSelector wins on a
+    shared key, tolerations add up), empty ones left out. The replicas and the weight cache's
+    fill pod both take it, so a fill lands where the replicas may run (the node of a
+    ReadWriteOnce claim, the only nodes the workload may use) and pulls as they do."""
+    spec = md.spec
+    extra = spec.pod_template.spec if spec.pod_template is not None else None
+    fields: dict[str, Any] = {
+        "nodeSelector": {**(extra.node_selector if extra else {}), **spec.node_selector},
+        "tolerations": [t.to_wire() for t in [*spec.tolerations, *(extra.tolerations if extra else [])]],
+    }
+    if extra is not None:
+        fields |= {
+            "imagePullSecrets": [s.to_wire() for s in extra.image_pull_secrets],
+            "affinity": extra.affinity,
+            "runtimeClassName": extra.runtime_class_name,
+            "priorityClassName": extra.priority_class_name,
+        }
+    return {key: value for key, value in fields.items() if value}
 
 
 def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig) -> dict[str, Any]:
@@ -342,11 +344,10 @@ def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig
         # otherwise flood their environment.
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "nodeSelector": dict(spec.node_selector),
-        "tolerations": [t.to_wire() for t in spec.tolerations],
-        "volumes": volumes,
+        **pod_scheduling(md),
+        # spec.podTemplate's volumes add up (the CRD refuses the operator's volume names).
+        "volumes": volumes + ([dict(v) for v in spec.pod_template.spec.volumes] if spec.pod_template else []),
     }
-    pod_spec = _pod_template_spec(md, pod_spec)
     pod_spec = {k: v for k, v in pod_spec.items() if v not in ([], {})}
     obj = child_metadata(md, "apps/v1", "Deployment")
     obj["spec"] = {

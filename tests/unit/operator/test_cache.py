@@ -4,10 +4,9 @@ and reconcile() against an in-memory namespace (create, fill, finish, join, keep
 
 from __future__ import annotations
 
-import copy
 import io
 import json
-from collections.abc import Mapping
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,9 @@ from modelfleet.operator.kube import DEPLOYMENT, JOB, PVC
 from modelfleet.operator.reconcile import InvalidSpec, reconcile
 from modelfleet.operator.render import render_deployment
 from modelfleet.worker.fetch import MARKER, Progress, fetch, parse_progress
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_reconcile's in-memory namespace
+from test_reconcile import ApiError, FakeKube  # noqa: E402
 
 CONFIG = OperatorConfig(default_image="modelfleet:test")
 NOW = "2025-01-01T12:00:00Z"
@@ -83,7 +85,7 @@ def test_the_claim_is_owned_by_its_user_without_being_controlled() -> None:
     assert "ownerReferences" not in claim["metadata"]
     kube = FakeKube()
     sync_cache(md, kube, CONFIG, NOW)
-    claim = kube.objects[("PersistentVolumeClaim", cache_ref(md).claim)]
+    claim = stored(kube, PVC, cache_ref(md).claim)
     (ref,) = claim["metadata"]["ownerReferences"]
     assert ref["uid"] == "uid-chat" and ref["kind"] == "ModelDeployment"
     assert ref["controller"] is False and ref["blockOwnerDeletion"] is False  # several owners; GC needs no block
@@ -124,6 +126,38 @@ def test_the_fill_job_runs_modelfleet_fetch_into_the_claim() -> None:
     assert {"name": "cache", "persistentVolumeClaim": {"claimName": ref.claim}} in pod["volumes"]
     assert c["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["fsGroup"] == 65532
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+SCHEDULING = ("nodeSelector", "tolerations", "affinity", "runtimeClassName", "priorityClassName", "imagePullSecrets")
+
+
+def test_the_fill_pod_is_scheduled_as_the_replicas_are() -> None:
+    """A ReadWriteOnce claim binds where the fill runs, and some clusters let the workload use
+    only some nodes: the fill takes the replicas' scheduling, spec's and spec.podTemplate's."""
+    gpu = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    pool = {"key": "pool", "operator": "Equal", "value": "models", "effect": "NoSchedule"}
+    zone = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]}}}
+    md = make(nodeSelector={"pool": "models"}, tolerations=[gpu],
+              podTemplate={"spec": {"nodeSelector": {"pool": "ignored", "disk": "ssd"}, "tolerations": [pool],
+                                    "affinity": zone, "runtimeClassName": "gvisor",
+                                    "priorityClassName": "inference", "imagePullSecrets": [{"name": "regcred"}]}})
+    fill = render_fill_job(md, cache_ref(md), CONFIG)["spec"]["template"]["spec"]
+    assert {key: fill[key] for key in SCHEDULING} == {
+        "nodeSelector": {"pool": "models", "disk": "ssd"},  # spec.nodeSelector wins on a shared key
+        "tolerations": [gpu, pool],
+        "affinity": zone,
+        "runtimeClassName": "gvisor",
+        "priorityClassName": "inference",
+        "imagePullSecrets": [{"name": "regcred"}],
+    }
+    replica = render_deployment(serving_model(md, cache_ref(md)), 1, CONFIG)["spec"]["template"]["spec"]
+    assert {key: replica[key] for key in SCHEDULING} == {key: fill[key] for key in SCHEDULING}
+
+
+def test_a_fill_pod_without_scheduling_fields_has_none() -> None:
+    fill = render_fill_job(make(), cache_ref(make()), CONFIG)["spec"]["template"]["spec"]
+    assert not set(SCHEDULING) & set(fill)
 
 
 def test_file_sources_are_mounted_into_the_fill_pod_from_the_node_with_host_path_models() -> None:
@@ -245,87 +279,20 @@ def test_the_fill_error_is_the_pods_last_error_line() -> None:
 # --- against an in-memory namespace ----------------------------------------------------------
 
 
-class FakeKube:
-    """Claims, Jobs, Deployments and pods of one namespace, with the merge semantics the code
-    relies on (a strategic merge patch merges ownerReferences by uid, a merge patch's null
-    deletes)."""
+def stored(kube: FakeKube, kind: tuple[str, str], name: str) -> dict[str, Any]:
+    """An object of the test namespace as the fake API server holds it."""
+    return kube.objects[(*kind, "ns", name)]
 
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.md: dict[str, Any] | None = None
-        self.pods: list[dict[str, Any]] = []
-        self.logs: dict[str, str] = {}
-        self.calls: list[tuple[str, str]] = []
-        self.deleted: list[tuple[str, str, str | None]] = []
 
-    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        self.calls.append(("apply", obj["kind"]))
-        stored = copy.deepcopy(dict(obj))
-        old = self.objects.get((obj["kind"], obj["metadata"]["name"]))
-        stored["metadata"]["generation"] = (old or {"metadata": {"generation": 0}})["metadata"]["generation"] + 1
-        stored.setdefault("status", (old or {}).get("status", {}))
-        self.objects[(obj["kind"], obj["metadata"]["name"])] = stored
-        return copy.deepcopy(stored)
-
-    def get(self, kind: tuple[str, str], namespace: str, name: str) -> dict[str, Any] | None:
-        self.calls.append(("get", kind[1]))
-        if kind[1] == "ModelDeployment":
-            return copy.deepcopy(self.md)
-        obj = self.objects.get((kind[1], name))
-        return copy.deepcopy(obj) if obj else None
-
-    def delete(self, kind: tuple[str, str], namespace: str, name: str, propagation: str | None = None) -> bool:
-        self.calls.append(("delete", kind[1]))
-        self.deleted.append((kind[1], name, propagation))
-        return self.objects.pop((kind[1], name), None) is not None
-
-    def patch(self, kind: tuple[str, str], namespace: str, name: str, body: Mapping[str, Any],
-              strategic: bool = False) -> dict[str, Any]:
-        self.calls.append(("patch", kind[1]))
-        obj = self.objects[(kind[1], name)]
-        meta, patch = obj["metadata"], body["metadata"]
-        for key in ("labels", "annotations"):
-            meta.setdefault(key, {}).update(patch.get(key) or {})
-        if "ownerReferences" in patch:
-            refs = patch["ownerReferences"]
-            if refs is None:
-                meta.pop("ownerReferences", None)
-            else:
-                assert strategic, "a merge patch would replace the other owners"
-                mine = meta.setdefault("ownerReferences", [])
-                for ref in refs:
-                    mine[:] = [r for r in mine if r["uid"] != ref["uid"]]
-                    if ref.get("$patch") != "delete":
-                        mine.append(ref)
-        return copy.deepcopy(obj)
-
-    def list(self, kind: tuple[str, str], namespace: str, label_selector: str = "",
-             field_selector: str = "") -> list[dict[str, Any]]:
-        self.calls.append(("list", kind[1]))
-        if kind[1] != "Pod":
-            return []
-        key, _, value = label_selector.partition("=")
-        return [copy.deepcopy(p) for p in self.pods if p["metadata"]["labels"].get(key) == value]
-
-    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str:
-        self.calls.append(("get", "pods/log"))
-        return self.logs.get(name, "")
-
-    def patch_status(self, meta: Any, status: Mapping[str, Any]) -> None:
-        assert self.md is not None
-        self.md["status"] = {k: v for k, v in {**self.md.get("status", {}), **status}.items() if v is not None}
-
-    def post_event(self, meta: Any, event: Any) -> None:
-        pass
-
-    def fill_pod(self, ref: Any, phase: str, log: str = "", **status: Any) -> None:
-        job = self.objects[("Job", ref.job)]
-        job["metadata"]["uid"] = "job-uid"
-        self.pods = [{"metadata": {"name": f"{ref.job}-x", "creationTimestamp": NOW,
-                                   "labels": dict(job["spec"]["template"]["metadata"]["labels"]),
-                                   "ownerReferences": [{"uid": "job-uid"}]},
-                      "status": {"phase": phase, **status}}]
-        self.logs[f"{ref.job}-x"] = log
+def fill_pod(kube: FakeKube, ref: Any, phase: str, log: str = "", **status: Any) -> None:
+    """The fill Job's one pod, in `phase`, with `log` as its output so far."""
+    job = stored(kube, JOB, ref.job)
+    job["metadata"]["uid"] = "job-uid"
+    kube.pods = [{"metadata": {"name": f"{ref.job}-x", "creationTimestamp": NOW,
+                               "labels": dict(job["spec"]["template"]["metadata"]["labels"]),
+                               "ownerReferences": [{"uid": "job-uid"}]},
+                  "status": {"phase": phase, **status}}]
+    kube.logs[f"{ref.job}-x"] = log
 
 
 def test_the_first_user_makes_the_claim_and_starts_the_fill() -> None:
@@ -333,8 +300,8 @@ def test_the_first_user_makes_the_claim_and_starts_the_fill() -> None:
     ref = cache_ref(md)
     state = sync_cache(md, kube, CONFIG, NOW)
     assert state is not None and not state.ready and state.waiting == "starting the fill Job"
-    assert ("PersistentVolumeClaim", ref.claim) in kube.objects and ("Job", ref.job) in kube.objects
-    kube.fill_pod(ref, "Running", log="modelfleet fetch: 0/400 bytes (0%)\nmodelfleet fetch: 100/400 bytes (25%)\n")
+    assert (*PVC, "ns", ref.claim) in kube.objects and (*JOB, "ns", ref.job) in kube.objects
+    fill_pod(kube, ref, "Running", log="modelfleet fetch: 0/400 bytes (0%)\nmodelfleet fetch: 100/400 bytes (25%)\n")
     kube.calls.clear()
     state = sync_cache(md, kube, CONFIG, NOW)
     assert state.progress == Progress(100, 400) and not state.ready
@@ -345,17 +312,17 @@ def test_a_finished_fill_is_recorded_on_the_claim_and_its_job_deleted_with_its_p
     kube, md = FakeKube(), make()
     ref = cache_ref(md)
     sync_cache(md, kube, CONFIG, NOW)
-    kube.objects[("Job", ref.job)]["status"] = {"succeeded": 1,
+    stored(kube, JOB, ref.job)["status"] = {"succeeded": 1,
                                                "conditions": [{"type": "Complete", "status": "True"}]}
-    kube.fill_pod(ref, "Succeeded", log="modelfleet fetch: 400/400 bytes (100%); done\n")
+    fill_pod(kube, ref, "Succeeded", log="modelfleet fetch: 400/400 bytes (100%); done\n")
     state = sync_cache(md, kube, CONFIG, NOW)
     assert state.ready and state.progress == Progress(400, 400)
-    record = json.loads(kube.objects[("PersistentVolumeClaim", ref.claim)]["metadata"]["annotations"][ref.filled_key])
+    record = json.loads(stored(kube, PVC, ref.claim)["metadata"]["annotations"][ref.filled_key])
     assert record == {"bytes": 400, "time": NOW}
     assert ("Job", ref.job, "Background") in kube.deleted
     kube.calls.clear()
     assert sync_cache(make("late", "uid-late"), kube, CONFIG, NOW).ready  # a later user: no fill at all
-    assert ("apply", "Job") not in kube.calls
+    assert ("patch", "Job") not in kube.calls  # no Job applied
 
 
 def test_a_second_user_joins_as_an_owner_and_keep_strips_every_owner() -> None:
@@ -363,10 +330,11 @@ def test_a_second_user_joins_as_an_owner_and_keep_strips_every_owner() -> None:
     ref = cache_ref(make())
     sync_cache(make("a", "u1"), kube, CONFIG, NOW)
     sync_cache(make("b", "u2"), kube, CONFIG, NOW)
-    claim = kube.objects[("PersistentVolumeClaim", ref.claim)]
+    claim = stored(kube, PVC, ref.claim)
     assert [r["uid"] for r in claim["metadata"]["ownerReferences"]] == ["u1", "u2"]
+    kube.calls.clear()
     sync_cache(make("b", "u2"), kube, CONFIG, NOW)  # already an owner: no patch
-    assert kube.calls.count(("patch", "PersistentVolumeClaim")) == 2  # one join each
+    assert ("patch", "PersistentVolumeClaim") not in kube.calls
     sync_cache(make("c", "u3", cache={"size": "2Gi", "keep": True}), kube, CONFIG, NOW)
     assert "ownerReferences" not in claim["metadata"] and claim["metadata"]["labels"][labels.CACHE_KEEP] == "true"
     sync_cache(make("d", "u4"), kube, CONFIG, NOW)  # a kept claim gets no new owner
@@ -382,14 +350,14 @@ def test_a_changed_source_lets_go_of_the_old_claim() -> None:
     moved = make("b", "u2", source="hf://org/chat@v2").model_copy(
         update={"status": ModelDeploymentStatus.model_validate({"cache": {"claimName": old.claim}})})
     sync_cache(moved, kube, CONFIG, NOW)
-    assert [r["uid"] for r in kube.objects[("PersistentVolumeClaim", old.claim)]["metadata"]["ownerReferences"]] == \
+    assert [r["uid"] for r in stored(kube, PVC, old.claim)["metadata"]["ownerReferences"]] == \
         ["u1"]
-    assert ("Job", old.job) in kube.objects  # the fill goes on for the user still waiting on it
+    assert (*JOB, "ns", old.job) in kube.objects  # the fill goes on for the user still waiting on it
     gone = a.model_copy(update={"spec": a.spec.model_copy(update={"model": a.spec.model.model_copy(
         update={"cache": None})}), "status": ModelDeploymentStatus.model_validate({"cache": {"claimName": old.claim}})})
     assert sync_cache(gone, kube, CONFIG, NOW) is None
-    assert ("PersistentVolumeClaim", old.claim) not in kube.objects  # its last owner let go
-    assert ("Job", old.job) not in kube.objects  # and its fill with it
+    assert (*PVC, "ns", old.claim) not in kube.objects  # its last owner let go
+    assert (*JOB, "ns", old.job) not in kube.objects  # and its fill with it
 
 
 def test_a_missing_existing_claim_is_reported() -> None:
@@ -408,13 +376,13 @@ def test_reconcile_starts_no_replica_until_the_cache_is_filled() -> None:
                "spec": md.spec.to_wire()}
     now = datetime(2025, 1, 1, 12, tzinfo=UTC)
     out = reconcile(kube.md, kube, CONFIG, lambda pods: 0, now)
-    assert kube.objects[("Deployment", "chat")]["spec"]["replicas"] == 0
+    assert stored(kube, DEPLOYMENT, "chat")["spec"]["replicas"] == 0
     assert out.status.condition("Ready").reason == FILLING and out.status.desired_replicas == 2
     assert out.status.condition(CACHE_READY).status == "False"
-    kube.objects[("Job", ref.job)]["status"] = {"succeeded": 1}
-    kube.fill_pod(ref, "Succeeded", log="modelfleet fetch: 9/9 bytes (100%); done\n")
+    stored(kube, JOB, ref.job)["status"] = {"succeeded": 1}
+    fill_pod(kube, ref, "Succeeded", log="modelfleet fetch: 9/9 bytes (100%); done\n")
     out = reconcile(kube.md, kube, CONFIG, lambda pods: 0, now)
-    deployment = kube.objects[("Deployment", "chat")]
+    deployment = stored(kube, DEPLOYMENT, "chat")
     assert deployment["spec"]["replicas"] == 2
     assert out.status.condition(CACHE_READY).status == "True" and out.status.cache.bytes == 9
     volumes = deployment["spec"]["template"]["spec"]["volumes"]
@@ -423,19 +391,12 @@ def test_reconcile_starts_no_replica_until_the_cache_is_filled() -> None:
 
 
 def test_a_claim_the_api_server_refuses_is_an_invalid_spec_in_status() -> None:
-    class Refusing(FakeKube):
-        def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-            if obj["kind"] == "PersistentVolumeClaim":
-                err = Exception("422")
-                err.status, err.body = 422, json.dumps({"message": "spec.storageClassName: Invalid value"})
-                raise err
-            return super().apply(obj)
-
-    kube = Refusing()
+    kube = FakeKube()
+    kube.reject["PersistentVolumeClaim"] = ApiError(422, "spec.storageClassName: Invalid value")
     md = make(cache={"size": "1Gi", "storageClassName": "Not_A_Name"})
     kube.md = {"apiVersion": "modelfleet.dev/v1alpha1", "kind": "ModelDeployment",
                "metadata": {"name": "chat", "namespace": "ns", "uid": "uid-chat", "generation": 1},
                "spec": md.spec.to_wire()}
     with pytest.raises(InvalidSpec, match="storageClassName: Invalid value"):
         reconcile(kube.md, kube, CONFIG, lambda pods: 0, datetime(2025, 1, 1, 12, tzinfo=UTC))
-    assert kube.md["status"]["conditions"][0]["reason"] == "InvalidSpec"
+    assert kube.status_patches[-1]["conditions"][0]["reason"] == "InvalidSpec"

@@ -33,7 +33,9 @@ class ApiError(Exception):
 
 
 class FakeKube:
-    """A namespace in memory. Records (verb, kind) for the RBAC check."""
+    """A namespace in memory, with the merge semantics the operator relies on (a strategic
+    merge patch merges ownerReferences by uid, a merge patch's null deletes) and pods listed by
+    label selector. Records (verb, kind) for the RBAC check. The weight cache's tests use it too."""
 
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str, str, str], dict[str, Any]] = {}
@@ -45,6 +47,8 @@ class FakeKube:
         self.pod_events: list[dict[str, Any]] = []
         self.reject: dict[str, ApiError] = {}
         self.md: dict[str, Any] | None = None  # the ModelDeployment as stored
+        self.logs: dict[str, str] = {}  # pod name -> its log
+        self.deleted: list[tuple[str, str, str | None]] = []  # (kind, name, propagation)
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         kind = obj["kind"]
@@ -64,9 +68,34 @@ class FakeKube:
         self.objects[key] = stored
         return copy.deepcopy(stored)
 
-    def delete(self, kind: tuple[str, str], namespace: str, name: str) -> bool:
+    def delete(self, kind: tuple[str, str], namespace: str, name: str, propagation: str | None = None) -> bool:
         self.calls.append(("delete", kind[1]))
+        self.deleted.append((kind[1], name, propagation))
         return self.objects.pop((*kind, namespace, name), None) is not None
+
+    def patch(self, kind: tuple[str, str], namespace: str, name: str, body: Mapping[str, Any],
+              strategic: bool = False) -> dict[str, Any]:
+        self.calls.append(("patch", kind[1]))
+        obj = self.objects[(*kind, namespace, name)]
+        meta, patch = obj["metadata"], body["metadata"]
+        for key in ("labels", "annotations"):
+            meta.setdefault(key, {}).update(patch.get(key) or {})
+        if "ownerReferences" in patch:
+            refs = patch["ownerReferences"]
+            if refs is None:
+                meta.pop("ownerReferences", None)
+            else:
+                assert strategic, "a merge patch would replace the other owners"
+                mine = meta.setdefault("ownerReferences", [])
+                for ref in refs:
+                    mine[:] = [r for r in mine if r["uid"] != ref["uid"]]
+                    if ref.get("$patch") != "delete":
+                        mine.append(ref)
+        return copy.deepcopy(obj)
+
+    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str:
+        self.calls.append(("get", "pods/log"))
+        return self.logs.get(name, "")
 
     def get(self, kind: tuple[str, str], namespace: str, name: str) -> dict[str, Any] | None:
         self.calls.append(("get", kind[1]))
@@ -81,7 +110,11 @@ class FakeKube:
         self.calls.append(("list", kind[1]))
         if kind[1] == "ModelDeployment":
             return copy.deepcopy([*([self.md] if self.md else []), *self.other_mds])
-        return copy.deepcopy(self.pods if kind[1] == "Pod" else self.pod_events)
+        if kind[1] != "Pod":
+            return copy.deepcopy(self.pod_events)
+        wanted = dict(term.split("=", 1) for term in label_selector.split(",") if term)
+        return [copy.deepcopy(p) for p in self.pods
+                if wanted.items() <= (p["metadata"].get("labels") or {}).items()]
 
     def patch_status(self, meta: ObjectMeta, status: Mapping[str, Any]) -> None:
         self.calls.append(("patch", "ModelDeployment/status"))
@@ -125,7 +158,7 @@ def body(
 
 def ready_pod(ip: str = "10.0.0.1") -> dict[str, Any]:
     return {
-        "metadata": {"name": f"tiny-chat-{ip}"},
+        "metadata": {"name": f"tiny-chat-{ip}", "labels": labels.selector_labels("tiny-chat")},
         "status": {
             "phase": "Running",
             "podIP": ip,
@@ -354,7 +387,8 @@ RESOURCE_OF = {
 
 def test_rbac_grants_every_call_reconcile_makes() -> None:
     kube, b = FakeKube(), body({"replicas": 2, "autoscaling": {"maxReplicas": 3}})
-    kube.pods = [ready_pod(), {"metadata": {"name": "p2"}, "status": {"phase": "Pending"}}]
+    kube.pods = [ready_pod(), {"metadata": {"name": "p2", "labels": labels.selector_labels("tiny-chat")},
+                               "status": {"phase": "Pending"}}]
     run(kube, b)
     b["spec"]["autoscaling"]["minReplicas"] = 0
     run(kube, b)
