@@ -42,28 +42,46 @@ class UpstreamResponse:
             self.raw.close()
 
 
-class Upstream:
-    def __init__(self, connect_timeout: float, read_timeout: float, max_connections: int) -> None:
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+class _Client:
+    """One aiohttp session over a bounded pool of connections to the replicas, made on first use
+    (a session belongs to the event loop it is made in) and closed once: the data path's
+    (`Upstream`) and the control calls' (`Probes`) differ only in what they pass here.
+
+    Idle connections are dropped well before workers close them (75 s), so a request never
+    lands on a connection the worker has just closed; the one limit is the whole pool's."""
+
+    def __init__(self, max_connections: int, timeout: aiohttp.ClientTimeout, decompress: bool,
+                 dns_ttl: int) -> None:
         self.max_connections = max_connections
+        self.timeout = timeout
+        self.decompress = decompress
+        self.dns_ttl = dns_ttl
         self.session: aiohttp.ClientSession | None = None
 
     def _session(self) -> aiohttp.ClientSession:
         if self.session is None:
-            # Idle connections are dropped well before workers close them (75 s), so a request never
-            # lands on a connection the worker has just closed.
-            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0, ttl_dns_cache=300,
-                                             keepalive_timeout=30)
-            self.session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False)
+            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
+                                             ttl_dns_cache=self.dns_ttl, keepalive_timeout=30)
+            self.session = aiohttp.ClientSession(connector=connector, timeout=self.timeout,
+                                                 auto_decompress=self.decompress)
         return self.session
-
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
-        raw = await self._session().post(url, data=body, headers=headers)
-        return UpstreamResponse(raw.status, {k.lower(): v for k, v in raw.headers.items()}, raw)
 
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+
+class Upstream(_Client):
+    """The data path's client: the request bytes out, the answer's bytes back as they are
+    (compressed ones too), a connect and a per-read timeout, never a total one (streams)."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float, max_connections: int) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+        super().__init__(max_connections, timeout, decompress=False, dns_ttl=300)  # a lookup per request costs
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
+        raw = await self._session().post(url, data=body, headers=headers)
+        return UpstreamResponse(raw.status, {k.lower(): v for k, v in raw.headers.items()}, raw)
 
 
 @dataclass(frozen=True)
@@ -80,7 +98,7 @@ class ProbeAnswer:
         return json.loads(self.body)
 
 
-class Probes:
+class Probes(_Client):
     """The control calls' client: readiness probes and model cards (static.py) and /metrics
     scrapes (load.py), each a small GET read whole within its own timeout.
 
@@ -96,17 +114,10 @@ class Probes:
     """
 
     def __init__(self, max_connections: int = 64) -> None:
-        self.max_connections = max_connections
-        self.session: aiohttp.ClientSession | None = None
+        # Each get bounds itself (its timeout replaces the session's); aiohttp's default DNS cache.
+        super().__init__(max_connections, aiohttp.ClientTimeout(total=None), decompress=True, dns_ttl=10)
 
     async def get(self, url: str, timeout: float) -> ProbeAnswer:
-        if self.session is None:
-            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0, keepalive_timeout=30)
-            self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         timeouts = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
-        async with self.session.get(url, timeout=timeouts) as r:
+        async with self._session().get(url, timeout=timeouts) as r:
             return ProbeAnswer(r.status, await r.read())
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
