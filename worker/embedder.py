@@ -240,19 +240,22 @@ class CausalEmbedder:
         self.batcher = DynamicBatcher(self._run, max_items)
 
     async def embed(self, items: list[EmbedInput]) -> EmbedResult:
-        return await self.batcher.submit(items)
+        """Every input of the request is tokenized and checked before any is computed: one too
+        long late in a long list fails the request at once, naming its index in the request,
+        and never fails a batch that other requests share."""
+        return await self.batcher.submit([self._tokens(i, item) for i, item in enumerate(items)])
 
-    async def _run(self, items: list[EmbedInput]) -> tuple[list[torch.Tensor], list[int]]:
-        sequences = []
-        for i, item in enumerate(items):
-            ids = self.tokenizer(item, add_special_tokens=True)["input_ids"] if isinstance(item, str) else item
-            if not ids:
-                raise OpenAIError("Embedding inputs must not be empty.", param="input")
-            if len(ids) > self.max_len:
-                raise OpenAIError(
-                    f"Input {i} has {len(ids)} tokens, more than this model's maximum context length of "
-                    f"{self.max_len}.", param="input", code="context_length_exceeded")
-            sequences.append(ids)
+    def _tokens(self, index: int, item: EmbedInput) -> list[int]:
+        ids = self.tokenizer(item, add_special_tokens=True)["input_ids"] if isinstance(item, str) else item
+        if not ids:
+            raise OpenAIError(f"Input {index} is empty.", param="input")
+        if len(ids) > self.max_len:
+            raise OpenAIError(
+                f"Input {index} has {len(ids)} tokens, more than this model's maximum context length of "
+                f"{self.max_len}.", param="input", code="context_length_exceeded")
+        return ids
+
+    async def _run(self, sequences: list[list[int]]) -> tuple[list[torch.Tensor], list[int]]:
         return await self.engine.run_job(lambda: self._forward(sequences))
 
     def _forward(self, sequences: list[list[int]]) -> tuple[list[torch.Tensor], list[int]]:
