@@ -193,12 +193,6 @@ def filtered_probs(logits: torch.Tensor, bp: BatchParams, rows: torch.Tensor | N
     return weights
 
 
-def filter_logits(logits: torch.Tensor, bp: BatchParams) -> torch.Tensor:
-    """`filtered_probs` as log-probabilities: -inf where a filter dropped the token."""
-    probs = filtered_probs(logits, bp)
-    return torch.log(probs / probs.sum(dim=-1, keepdim=True))
-
-
 def _cutoff(sorted_probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """Probability of the last token kept: keep a token while the mass before it is < `mass`."""
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs

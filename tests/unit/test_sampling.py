@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from modelfleet.worker.sampling import BatchParams, SamplingParams, draw, filter_logits, sample
+from modelfleet.worker.sampling import BatchParams, SamplingParams, draw, filtered_probs, sample
 
 V = 50
 
@@ -13,6 +13,12 @@ V = 50
 def logits_for(rows: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn((rows, V), generator=g) * 3
+
+
+def kept(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Which tokens each row may draw: the non-zero weights `sample` hands to `draw`, which
+    never picks a zero one (test_draw_never_picks_a_filtered_token)."""
+    return filtered_probs(logits, BatchParams.build(params, V)) > 0
 
 
 def gens(rows: int, seed: int = 1) -> list[torch.Generator]:
@@ -46,17 +52,14 @@ def test_filters_that_leave_one_token_equal_greedy(setting):
 
 def test_top_k_keeps_only_the_k_best():
     logits = logits_for(1)
-    bp = BatchParams.build([SamplingParams(top_k=5)], V)
-    kept = torch.isfinite(filter_logits(logits, bp))[0]
-    assert kept.sum() == 5
-    assert set(kept.nonzero().flatten().tolist()) == set(logits[0].topk(5).indices.tolist())
+    row = kept(logits, [SamplingParams(top_k=5)])[0]
+    assert row.sum() == 5
+    assert set(row.nonzero().flatten().tolist()) == set(logits[0].topk(5).indices.tolist())
 
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05] + [1e-9] * (V - 4)]))
-    bp = BatchParams.build([SamplingParams(top_p=0.7)], V)
-    kept = torch.isfinite(filter_logits(logits, bp))[0].nonzero().flatten().tolist()
-    assert kept == [0, 1]
+    assert kept(logits, [SamplingParams(top_p=0.7)])[0].nonzero().flatten().tolist() == [0, 1]
 
 
 def test_sampling_follows_the_distribution():
@@ -164,10 +167,10 @@ def test_draw_never_picks_a_filtered_token():
 def test_filters_apply_only_to_the_rows_that_ask():
     logits = logits_for(3, seed=4)
     params = [SamplingParams(top_p=0.5), SamplingParams(), SamplingParams(top_k=3, min_p=0.0)]
-    kept = torch.isfinite(filter_logits(logits, BatchParams.build(params, V))).sum(dim=-1).tolist()
-    alone = torch.isfinite(filter_logits(logits[:1], BatchParams.build(params[:1], V))).sum().item()
-    assert kept[0] == alone < V
-    assert kept[1:] == [V, 3]
+    counts = kept(logits, params).sum(dim=-1).tolist()
+    alone = kept(logits[:1], params[:1]).sum().item()
+    assert counts[0] == alone < V
+    assert counts[1:] == [V, 3]
 
 
 def test_logprobs_are_reported_for_the_rows_that_ask_only():
