@@ -4,14 +4,17 @@ request gets, only when its prompt is computed."""
 
 import asyncio
 import math
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
 from modelfleet.worker.chunked import chunk_end, prefill_budget
-from modelfleet.worker.engine import EngineConfig, GenerationEngine
 from modelfleet.worker.sampling import SamplingParams
 from modelfleet.worker.sequence import GenerationRequest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_engine, beside this file
+from demo_engine import expected_logprobs, make_engine, reference  # noqa: E402
 
 BUDGET = 32  # tokens a step may compute: the long prompts below take 6 to 10 steps
 LONG = ("The harbour master assigns each berth to the ships of one convoy, logs their cargo and "
@@ -19,16 +22,9 @@ LONG = ("The harbour master assigns each berth to the ships of one convoy, logs 
 GREEDY = SamplingParams(temperature=0, want_logprobs=True)
 
 
-def make_engine(tiny, caching: bool = True, budget: int = BUDGET) -> GenerationEngine:
-    model, tok = tiny
-    config = EngineConfig(max_model_len=2048, max_num_seqs=4, max_num_batched_tokens=budget,
-                          enable_prefix_caching=caching)
-    return GenerationEngine(model, tok, config, [tok.eos_token_id])
-
-
 @pytest.fixture(params=[True, False], ids=["cache-on", "cache-off"])
 def engine(request, tiny):
-    eng = make_engine(tiny, request.param)
+    eng = make_engine(tiny, request.param, max_num_batched_tokens=BUDGET)
     eng.start()
     yield eng
     eng.stop()
@@ -36,20 +32,6 @@ def engine(request, tiny):
 
 def ids_of(tok, text: str) -> list[int]:
     return tok(text)["input_ids"]
-
-
-def reference(tiny, ids: list[int], n: int) -> list[int]:
-    model, _ = tiny
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
-
-
-def expected_logprobs(tiny, ids: list[int], tokens: list[int]) -> list[float]:
-    """Each generated token's logprob from one full forward pass over prompt and output: the demo
-    model's greedy tokens hardly depend on far context, its logprobs do."""
-    model, _ = tiny
-    logits = model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1].float()
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1).tolist()
 
 
 async def run(engine, ids, max_tokens, params=GREEDY, seed=None, first_token: asyncio.Event | None = None,
@@ -138,7 +120,7 @@ def test_seeded_sampling_is_the_same_beside_a_chunked_prompt(tiny):
     _, tok = tiny
     ids = ids_of(tok, "Write a poem about ships.")
     params = SamplingParams(temperature=1.0)
-    eng = make_engine(tiny)
+    eng = make_engine(tiny, max_num_batched_tokens=BUDGET)
     eng.start()
     try:
         alone = asyncio.run(run(eng, ids, 16, params=params, seed=7))[0]
@@ -165,7 +147,7 @@ def test_chunks_start_after_a_cached_prefix_and_stay_exact(tiny):
     _, tok = tiny
     first = ids_of(tok, LONG)
     longer = first + ids_of(tok, " Now the second part of the question, which is itself long: " * 4)
-    eng = make_engine(tiny)
+    eng = make_engine(tiny, max_num_batched_tokens=BUDGET)
     eng.start()
     try:
         asyncio.run(run(eng, first, 1))
@@ -187,7 +169,7 @@ def test_prompt_logprobs_of_a_chunked_prompt_equal_an_unchunked_one(tiny):
     ids = ids_of(tok, LONG)
     results = []
     for budget in (BUDGET, 4096):
-        eng = make_engine(tiny, budget=budget)
+        eng = make_engine(tiny, max_num_batched_tokens=budget)
         eng.start()
         try:
             results.append(asyncio.run(run(eng, ids, 2, prompt_logprobs=1)))
@@ -208,7 +190,7 @@ def test_requests_on_a_cached_prefix_are_admitted_within_the_budget(tiny):
     system = ids_of(tok, LONG)
     questions = [" Why?", " What does the master log for each ship, and who reads it?",
                  " Explain tides, pilots, fees and customs, one paragraph each, with examples of every one."]
-    eng = make_engine(tiny, budget=48)
+    eng = make_engine(tiny, max_num_batched_tokens=48)
     eng.start()
     try:
         asyncio.run(run(eng, system, 1))
@@ -237,7 +219,7 @@ def test_a_request_cancelled_between_chunks_frees_its_place_and_leaves_its_block
     from modelfleet.worker.sequence import RequestState
 
     _, tok = tiny
-    eng = make_engine(tiny)
+    eng = make_engine(tiny, max_num_batched_tokens=BUDGET)
     loop = asyncio.new_event_loop()
     ids = ids_of(tok, LONG)
 

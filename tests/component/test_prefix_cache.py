@@ -2,24 +2,21 @@
 request gets, only how much of its prompt is computed."""
 
 import asyncio
+import sys
 import threading
+from pathlib import Path
 
 import pytest
-import torch
 
-from modelfleet.worker.engine import EngineConfig, GenerationEngine
 from modelfleet.worker.sampling import SamplingParams
 from modelfleet.worker.sequence import GenerationRequest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_engine, beside this file
+from demo_engine import expected_logprobs, make_engine, reference  # noqa: E402
 
 SYSTEM = "You are a helpful assistant. Answer briefly and cite the manual where you can. " * 3
 QUESTIONS = ["What is a pod?", "How do I scale a deployment to three replicas?", "Why?",
              "Explain the difference between a Service and an Ingress in one long paragraph."]
-
-
-def make_engine(tiny, caching: bool, **kw) -> GenerationEngine:
-    model, tok = tiny
-    config = EngineConfig(max_model_len=2048, max_num_seqs=4, enable_prefix_caching=caching, **kw)
-    return GenerationEngine(model, tok, config, [tok.eos_token_id])
 
 
 @pytest.fixture(params=[True, False], ids=["cache-on", "cache-off"])
@@ -36,22 +33,6 @@ def cached_engine(tiny):
     eng.start()
     yield eng
     eng.stop()
-
-
-def reference(tiny, ids: list[int], n: int) -> list[int]:
-    model, _ = tiny
-    prompt = torch.tensor([ids])
-    out = model.generate(prompt, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, prompt.shape[1]:].tolist()
-
-
-def assert_logprobs_match(tiny, ids: list[int], tokens: list[int], logprobs: list[float]) -> None:
-    """The demo model's greedy tokens hardly depend on far context, so the tests that must see a
-    wrong prefix KV compare each token's logprob with one full forward pass instead."""
-    model, _ = tiny
-    logits = model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1].float()
-    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
-    assert logprobs == pytest.approx(expected.tolist(), abs=1e-4)
 
 
 async def generate(engine, ids, max_tokens, delay=0.0, params=None, seed=None, logprobs=None):
@@ -90,7 +71,7 @@ def test_shared_prefix_requests_match_solo_greedy_generation(engine, tiny):
     for ids, (a, _), (b, cached), lps in zip(prompts, first, again, warm_lps, strict=True):
         expected = reference(tiny, ids, 12)
         assert a == expected and b == expected
-        assert_logprobs_match(tiny, ids, b, lps)
+        assert lps == pytest.approx(expected_logprobs(tiny, ids, b), abs=1e-4)
         if engine.prefix_cache is not None:
             assert 0 < cached < len(ids)
         else:
@@ -114,7 +95,7 @@ def test_a_prompt_of_whole_blocks_still_computes_its_last_token(cached_engine, t
 
     (cold, cold_cached), (warm, warm_cached) = asyncio.run(main())
     assert cold == warm == reference(tiny, ids, 10)
-    assert_logprobs_match(tiny, ids, warm, warm_lps)
+    assert warm_lps == pytest.approx(expected_logprobs(tiny, ids, warm), abs=1e-4)
     assert cold_cached == 0 and warm_cached == len(ids) - 1
 
 
@@ -172,7 +153,7 @@ def test_a_pinned_prefix_survives_eviction_by_a_batch_mate(tiny):
         eng.stop()
     assert reader_cached == 64
     assert reader_tokens == reference(tiny, reader, 8)
-    assert_logprobs_match(tiny, reader, reader_tokens, reader_logprobs)
+    assert reader_logprobs == pytest.approx(expected_logprobs(tiny, reader, reader_tokens), abs=1e-4)
     assert other_cached == 0 and other_tokens == reference(tiny, other, 8)
     assert eng.prefix_cache.cached_blocks == 4  # the evictions the newcomer wanted were refused
     assert eng.prefix_cache.match(prefix).tokens == 64
@@ -232,7 +213,7 @@ def test_batch_mates_with_different_prefixes_and_tails_prefill_together(tiny):
         eng.stop()
     for ids, (tokens, cached), lp in zip(prompts, results, lps, strict=True):
         assert tokens == reference(tiny, ids, 6)
-        assert_logprobs_match(tiny, ids, tokens, lp)
+        assert lp == pytest.approx(expected_logprobs(tiny, ids, tokens), abs=1e-4)
         assert 0 <= cached < len(ids)
     assert [cached for _, cached in results] == [0, 48, 12]
 

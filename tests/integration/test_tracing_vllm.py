@@ -8,20 +8,22 @@ MODELFLEET_REQUIRE_VLLM is set, when it fails.
 
 from __future__ import annotations
 
-import http.server
 import os
 import signal
 import subprocess
-import threading
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from modelfleet.demo import VLLM_DEMO_SPEC, ensure_demo_model
 from modelfleet.devcluster import stop_group, wait_for
 from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, find_vllm_python, vllm_env, vllm_tracing
 from modelfleet.netutil import free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/otlp_receiver.py
+from otlp_receiver import otlp_receiver  # noqa: E402
 
 pytestmark = pytest.mark.integration
 TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -32,51 +34,18 @@ if find_vllm_python() is None:
     pytest.skip("vLLM is not installed (make vllm)", allow_module_level=True)
 
 
-class Receiver(http.server.BaseHTTPRequestHandler):
-    """An OpenTelemetry collector's OTLP/HTTP receiver: POST /v1/traces, protobuf."""
-
-    received: list[ExportTraceServiceRequest] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        body = self.rfile.read(int(self.headers["content-length"]))
-        if self.path == "/v1/traces" and self.headers["content-type"] == "application/x-protobuf":
-            self.received.append(ExportTraceServiceRequest.FromString(body))
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def receiver():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    Receiver.received = []
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-
-
-def spans(name: str) -> list[tuple[str, object]]:
-    """(service.name, span) of every span called `name` received so far."""
-    out = []
-    for request in list(Receiver.received):
-        for resource_spans in request.resource_spans:
-            service = next((a.value.string_value for a in resource_spans.resource.attributes
-                            if a.key == "service.name"), "")
-            out += [(service, s) for scope in resource_spans.scope_spans for s in scope.spans if s.name == name]
-    return out
+    with otlp_receiver() as receiver:
+        yield receiver
 
 
 def test_a_vllm_replica_continues_the_callers_trace(receiver, tmp_path):
-    endpoint, tracing_env = vllm_tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver})
+    endpoint, tracing_env = vllm_tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
     port = free_port()
     server = VllmServer(model=str(ensure_demo_model(VLLM_DEMO_SPEC)), served_names=["tiny"], host="127.0.0.1",
                         port=port, max_num_seqs=4, otlp_traces_endpoint=endpoint)
-    env = {**os.environ, **vllm_env(gpu=False, kv_cache_gib=1), "OTEL_EXPORTER_OTLP_ENDPOINT": receiver,
+    env = {**os.environ, **vllm_env(gpu=False, kv_cache_gib=1), "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
            **tracing_env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     log = tmp_path / "vllm.log"
     # -P and a cwd of its own: never import from a checkout (its operator/ would shadow the stdlib's).
@@ -98,7 +67,7 @@ def test_a_vllm_replica_continues_the_callers_trace(receiver, tmp_path):
                        json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
         assert r.status_code == 200, r.text
         # vLLM's batch processor exports every few seconds.
-        ((service, span),) = wait_for(lambda: spans("llm_request"), 60, "vLLM's request span")
+        ((service, span),) = wait_for(lambda: receiver.spans("llm_request"), 60, "vLLM's request span")
         assert service == "vllm"
         assert span.trace_id.hex() == TRACE_ID and span.parent_span_id.hex() == PARENT_ID
         attributes = {a.key: a.value for a in span.attributes}

@@ -4,16 +4,17 @@ SDK is never even imported."""
 
 from __future__ import annotations
 
-import http.server
 import subprocess
 import sys
 import textwrap
-import threading
+from pathlib import Path
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from modelfleet.tracing import GATEWAY_SERVICE, Tracing, enabled, from_environment, track
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/otlp_receiver.py
+from otlp_receiver import otlp_receiver  # noqa: E402
 
 
 @pytest.mark.parametrize(("environ", "on"), [
@@ -33,37 +34,14 @@ def test_tracking_an_engine_request_outside_a_traced_request_does_nothing():
     track(object())  # no traced request in this context: nothing is kept, nothing fails
 
 
-class Collector(http.server.BaseHTTPRequestHandler):
-    """What an OpenTelemetry collector's OTLP/HTTP receiver does with POST /v1/traces."""
-
-    received: list[ExportTraceServiceRequest] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        body = self.rfile.read(int(self.headers["content-length"]))
-        assert self.path == "/v1/traces" and self.headers["content-type"] == "application/x-protobuf"
-        self.received.append(ExportTraceServiceRequest.FromString(body))
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def collector():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    Collector.received = []
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
+    with otlp_receiver() as receiver:
+        yield receiver
 
 
 def test_spans_reach_an_otlp_http_collector_under_the_process_service_name(collector, monkeypatch):
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
     tracing = from_environment(GATEWAY_SERVICE)
     assert isinstance(tracing, Tracing)
@@ -71,7 +49,7 @@ def test_spans_reach_an_otlp_http_collector_under_the_process_service_name(colle
     span = tracing.upstream("/v1/chat/completions", "http://10.0.0.7:8000", "least-load", 1, headers)
     span.end()
     assert tracing.flush(10_000)
-    (request,) = Collector.received
+    (request,) = collector.received
     (resource_spans,) = request.resource_spans
     resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
     assert resource["service.name"] == GATEWAY_SERVICE and resource["deployment.environment"] == "test"
