@@ -2,12 +2,17 @@
 worker out of memory, keep their exact output, and the usage gauge is KV held over the budget."""
 
 import asyncio
+import sys
+from pathlib import Path
 
 import torch
 
 from modelfleet.worker.engine import EngineConfig, GenerationEngine
 from modelfleet.worker.sampling import SamplingParams
 from modelfleet.worker.sequence import GenerationRequest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_engine, beside this file
+from demo_engine import reference  # noqa: E402
 
 PROMPTS = ["Hello there", "def foo(x):\n    return", "import os\n" * 3, "x", "The quick brown fox"]
 MAX_TOKENS = 24
@@ -20,12 +25,6 @@ def budget_engine(tiny, budget_tokens: int) -> GenerationEngine:
     token_bytes *= model.dtype.itemsize
     config = EngineConfig(max_model_len=2048, max_num_seqs=8, kv_cache_bytes=budget_tokens * token_bytes)
     return GenerationEngine(model, tok, config, [tok.eos_token_id])
-
-
-def reference(tiny, ids: list[int], n: int) -> list[int]:
-    model, _ = tiny
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 async def run(engine, ids: list[int], max_tokens: int):
