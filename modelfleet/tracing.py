@@ -73,9 +73,15 @@ def from_environment(service_name: str, environ: Mapping[str, str] = os.environ)
     return Tracing(provider.get_tracer("modelfleet"), provider)
 
 
+# Epoch minus monotonic, read once: reading both clocks at every conversion let a thread switch
+# between the two reads shift a span by milliseconds (measured up to 65 ms under load), which
+# put a child span before its parent. One offset keeps every conversion consistent.
+_EPOCH_OFFSET_NS = time.time_ns() - time.monotonic_ns()
+
+
 def wall_ns(monotonic: float) -> int:
     """A `time.monotonic()` reading (what the engine and the gateway keep) as epoch nanoseconds."""
-    return time.time_ns() - int((time.monotonic() - monotonic) * 1e9)
+    return _EPOCH_OFFSET_NS + int(monotonic * 1e9)
 
 
 def end_span(span: Span | None, error: str | None = None, **attributes: Any) -> None:
