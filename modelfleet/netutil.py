@@ -24,7 +24,17 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free now, never one this process handed out before: callers bind it later (a
+    worker process binds it seconds after), and the kernel offers the same free port again
+    about once in 14,000 calls, which put two of one `serve`'s workers on one port."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
