@@ -132,7 +132,7 @@ def test_prefix_affinity_keeps_a_conversation_on_one_replica(stack):
         assert r.status_code == 200
         return r.headers["x-modelfleet-backend"], r.headers["x-modelfleet-route"]
 
-    wait_for(lambda: backend("probe")[1].startswith("prefix-affinity"), 15, what="routing strategy picked up")
+    wait_for(lambda: backend("probe")[1].startswith("prefix-affinity"), 60, what="routing strategy picked up")
     assert len({backend("alpha")[0] for _ in range(8)}) == 1
     assert len({backend(str(i))[0] for i in range(24)}) >= 2
     stack.cluster.kubectl("patch", "md", "chat", "-n", stack.namespace, "--type", "merge",

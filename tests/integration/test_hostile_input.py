@@ -176,7 +176,9 @@ def test_n_and_max_tokens_past_the_context_are_a_400(fleet, path, body, param):
         started = time.monotonic()
         r = post(gateway, path, json.dumps({**base, **body}).encode())
         assert_error(r, 400, param=param)
-        assert time.monotonic() - started < 2
+        # At once: a generation this long would take minutes. (2 s, with a new client per
+        # request and normal traffic beside it, was a thin margin at load 16.)
+        assert time.monotonic() - started < 5
 
 
 def nested(depth: int) -> bytes:

@@ -130,7 +130,7 @@ def test_replicas_share_the_load(tmp_path):
                      if line.startswith("modelfleet_gateway_backend_available{")]
             return len(lines) == 2 and all(not line.endswith(" 0.0") for line in lines)
 
-        wait_for(both_available, 120, "both backends available", interval=0.3)
+        wait_for(both_available, 180, "both backends available", interval=0.3)  # two workers starting at once
         body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 20}
         backends = []
 
@@ -187,35 +187,44 @@ def test_requests_wait_for_a_backend_that_is_still_starting_then_503_after_the_b
     hold bound has passed."""
     from modelfleet.demo import ensure_demo_model
 
-    worker_port, port = free_port(), free_port()
+    # Two gateways, so that the bound a request waits for a worker that is loading (a worker
+    # needs ~6 s of CPU to start, ~50 s of wall time at load 16 on two cores) is not also how
+    # long the test waits to see a request to a model with nothing coming up refused.
+    worker_port, port, nobody_port, refusing_port = free_port(), free_port(), free_port(), free_port()
     log = open(tmp_path / "gateway.log", "w")
-    gateway = subprocess.Popen([*CLI, "gateway", "--backend", f"tiny-chat=http://127.0.0.1:{worker_port}",
-                                "--backend", f"nobody=http://127.0.0.1:{free_port()}", "--hold-timeout", "20",
-                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+
+    def start_gateway(backend: str, hold: int, at: int) -> subprocess.Popen:
+        return subprocess.Popen([*CLI, "gateway", "--backend", backend, "--hold-timeout", str(hold), "--port", str(at)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    HOLD = 10
+    gateway = start_gateway(f"tiny-chat=http://127.0.0.1:{worker_port}", 180, port)
+    refusing = start_gateway(f"nobody=http://127.0.0.1:{nobody_port}", HOLD, refusing_port)
+    url, refusing_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{refusing_port}"
     worker = None
     try:
-        wait_for(lambda: httpx.get(url + "/health", timeout=1).status_code == 200, 60, "gateway health",
-                 interval=0.1)
+        for u in (url, refusing_url):
+            wait_for(lambda u=u: httpx.get(u + "/health", timeout=1).status_code == 200, 60, "gateway health",
+                     interval=0.1)
         body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
         answers: list[httpx.Response] = []
         threads = [threading.Thread(target=lambda: answers.append(
-            httpx.post(url + "/v1/chat/completions", json=body, timeout=120))) for _ in range(6)]
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=240))) for _ in range(6)]
         for th in threads:
             th.start()
         worker = subprocess.Popen([*CLI, "worker", "--model", str(ensure_demo_model()), "--served-name", "tiny-chat",
                                    "--port", str(worker_port)], stdout=log, stderr=subprocess.STDOUT)
         started = time.monotonic()
-        refused = httpx.post(url + "/v1/chat/completions", timeout=60,
+        refused = httpx.post(refusing_url + "/v1/chat/completions", timeout=120,
                              json={"model": "nobody", "messages": [{"role": "user", "content": "x"}]})
         assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
         assert refused.json()["error"]["type"] == "service_unavailable"
-        assert 19 <= time.monotonic() - started < 40  # held for the bound, then refused
+        assert HOLD - 1 <= time.monotonic() - started < HOLD + 40  # held for the bound, then refused
         for th in threads:
             th.join()
         assert [a.status_code for a in answers] == [200] * 6
     finally:
-        for proc in (gateway, worker):
+        for proc in (gateway, refusing, worker):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=30)

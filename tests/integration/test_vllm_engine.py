@@ -13,6 +13,7 @@ import signal
 import httpx
 import pytest
 
+from modelfleet.devcluster import wait_for
 from modelfleet.engines import find_vllm_python
 
 pytestmark = pytest.mark.integration
@@ -109,6 +110,9 @@ def test_a_token_limited_key_is_charged_exactly_on_a_vllm_stream(vllm_serve):
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert all(json.loads(e)["choices"] for e in events[:-1])  # the usage chunk was not asked for
+    # Charged when the gateway closes the relay, which can come after the client has read the
+    # stream's end: wait for it (as test_gateway.py's stream test does), then check the amount.
+    wait_for(lambda: charged() > before, 10, "usage charged")
     assert charged() - before == prompt_tokens + 6
 
 
