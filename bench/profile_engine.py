@@ -6,6 +6,10 @@ that wall-clock timers around the parts of a step (model forward, sampling, the 
 torch's profiler (operator self-times) see exactly one step at a time. Writes a markdown summary.
 
     OMP_NUM_THREADS=1 python bench/profile_engine.py [--out bench/profiles/engine-step.md] [--steps 30]
+                                                     [--no-prepack-weights]
+
+The model's linear layers run on oneDNN-packed weights, as the worker loads them
+(worker/fastlinear.py), unless `--no-prepack-weights`.
 """
 
 from __future__ import annotations
@@ -103,11 +107,12 @@ def profile_decode(model, tok, loop, rows: int, steps: int) -> str:
     for _ in range(5):
         step(engine)
     timers.total.clear()
-    walls = []
+    walls, cpus = [], []
     for _ in range(steps):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         step(engine)
         walls.append(time.perf_counter() - started)
+        cpus.append(time.thread_time() - cpu)
     wall = sum(walls)
     forward = timers.total["model forward"]
     sampling = timers.total["sample()"]
@@ -118,7 +123,9 @@ def profile_decode(model, tok, loop, rows: int, steps: int) -> str:
     rest = wall - forward - sampling
     per = 1000 / steps
     out = [f"### Decode step, {rows} sequence{'s' if rows > 1 else ''} (columns ~{engine.pool.cursor})", "",
-           f"Median step {statistics.median(walls) * 1000:.1f} ms ({rows / statistics.median(walls):.0f} tokens/s); "
+           f"Median step {statistics.median(walls) * 1000:.1f} ms ({rows / statistics.median(walls):.0f} tokens/s), "
+           f"{statistics.median(cpus) * 1000:.1f} ms of the thread's CPU time (what other work on the machine "
+           "inflates least); "
            f"mean {wall * per:.1f} ms, of which model forward {forward * per:.1f} ms ({forward / wall:.0%}), "
            f"sample() {sampling * per:.1f} ms ({sampling / wall:.0%}), the engine's own Python and tensor "
            f"bookkeeping (inputs, mask, penalties bookkeeping, detokenising, events) {rest * per:.1f} ms "
@@ -157,6 +164,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "profiles" / "engine-step.md"))
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
 
     from worker_throughput import load_model
@@ -166,13 +174,19 @@ def main() -> int:
     model, tok = load_model(ensure_demo_model(BENCH_SPEC))
     import torch
 
+    from modelfleet.worker.fastlinear import pack_linears
+
+    packed = pack_linears(model) if args.prepack_weights else 0
+
     loop = asyncio.new_event_loop()
     sections = [
         "# Where an engine step's time goes", "",
         f"`OMP_NUM_THREADS=1 python bench/profile_engine.py --steps {args.steps}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"{BENCH_SPEC.name}: hidden 512, 8 layers, vocab 32,000; weights {model.dtype}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread). Prompts of ~20 tokens, sampling at temperature 1 (the bench's). "
-        "This machine is shared: absolute times drift 10-20%, shares less.", ""]
+        f"{torch.get_num_threads()} thread; {packed} linear layers on oneDNN-packed weights). Prompts of ~20 "
+        "tokens, sampling at temperature 1 (the bench's). "
+        f"This machine is shared (load average {os.getloadavg()[0]:.1f} at the start): absolute times drift "
+        "10-20%, shares less.", ""]
     for rows in (1, 32):
         print(f"decode, {rows} rows", flush=True)
         sections.append(profile_decode(model, tok, loop, rows, args.steps))

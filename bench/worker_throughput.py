@@ -359,8 +359,28 @@ def main_shared_prefix(quick: bool) -> int:
     return 0
 
 
-def main_vs_vllm(quick: bool, rounds: int) -> int:
-    """modelfleet's worker and vLLM's CPU build, both up, alternating at 1 and 32 clients."""
+def tree_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a server process and its children (vLLM's engine core)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def main_vs_vllm(quick: bool, rounds: int, variant_args: tuple[str, ...] = ()) -> int:
+    """modelfleet's worker and vLLM's CPU build, both up, alternating at 1 and 32 clients; with
+    `variant_args`, a second worker started with them takes its turn beside them."""
     from engines import VLLM_VERSION, start_vllm
 
     from modelfleet.demo import BENCH_SPEC, ensure_demo_model
@@ -371,37 +391,63 @@ def main_vs_vllm(quick: bool, rounds: int) -> int:
     logs = Path(tempfile.mkdtemp(prefix="bench-vs-vllm-"))
     rows: list[dict[str, Any]] = []
     proc, url = start_worker(model_dir, "bench", "--max-num-seqs", "64", log=logs / "worker.log")
-    vllm = None
+    variant = f"modelfleet {' '.join(variant_args)}"
+    vllm = other = None
     try:
+        systems = [("modelfleet", url)]
+        if variant_args:
+            other, other_url = start_worker(model_dir, "bench", "--max-num-seqs", "64", *variant_args,
+                                            log=logs / "worker-variant.log")
+            systems.append((variant, other_url))
         vllm, vllm_url = start_vllm(model_dir, 64, logs / "vllm.log")
-        for target in (url, vllm_url):
+        systems.append(("vllm", vllm_url))
+        pids = {"modelfleet": proc.pid, variant: other.pid if other else 0, "vllm": vllm.pid}
+        for _, target in systems:
             asyncio.run(http_load(target, 32, 1, 8, False, 0))  # warm-up, at full width
         for r in range(rounds):
             for c in (1, 32):
-                for system, target in (("modelfleet", url), ("vllm", vllm_url)):
+                for system, target in systems:
+                    cpu = tree_cpu_seconds(pids[system])
                     result = asyncio.run(http_load(target, c, 4 if c == 1 else 1, max_tokens, False, 0))
+                    cpu = tree_cpu_seconds(pids[system]) - cpu
+                    result["tokens_per_cpu_s"] = round(result["tokens"] / cpu, 2) if cpu > 0 else None
                     rows.append({"system": system, "mode": "plain", "arrival": f"round-{r}", "concurrency": c,
                                  **result})
-                    print(f"  round {r} {system:10s} c={c:<3d} {result['tokens_per_s']:8.1f} tok/s", flush=True)
+                    print(f"  round {r} {system:10s} c={c:<3d} {result['tokens_per_s']:8.1f} tok/s, "
+                          f"{result['tokens_per_cpu_s']} tok per CPU-s (load {os.getloadavg()[0]:.1f})", flush=True)
     finally:
         stop(proc)
-        if vllm is not None:
-            stop(vllm)
+        for p in (other, vllm):
+            if p is not None:
+                stop(p)
 
-    def median_tps(system: str, c: int) -> float:
-        return statistics.median(r["tokens_per_s"] for r in rows if (r["system"], r["concurrency"]) == (system, c))
+    def median_tps(system: str, c: int, key: str = "tokens_per_s") -> float:
+        return statistics.median(r[key] for r in rows if (r["system"], r["concurrency"]) == (system, c))
 
     ratios = {f"modelfleet_vs_vllm@{c}": ratio(median_tps("modelfleet", c), median_tps("vllm", c)) for c in (1, 32)}
     goals = {"modelfleet_vs_vllm@1": ">= 0.9", "modelfleet_vs_vllm@32": ">= 1.0"}
+    for c in (1, 32):  # the same per CPU-second the servers used: what other work on the machine distorts least
+        ratios[f"modelfleet_vs_vllm_per_cpu_s@{c}"] = ratio(median_tps("modelfleet", c, "tokens_per_cpu_s"),
+                                                            median_tps("vllm", c, "tokens_per_cpu_s"))
+        goals[f"modelfleet_vs_vllm_per_cpu_s@{c}"] = "-"
+    if variant_args:
+        for c in (1, 32):
+            ratios[f"variant_vs_vllm@{c}"] = ratio(median_tps(variant, c), median_tps("vllm", c))
+            ratios[f"modelfleet_vs_variant@{c}"] = ratio(median_tps("modelfleet", c), median_tps(variant, c))
+            ratios[f"modelfleet_vs_variant_per_cpu_s@{c}"] = ratio(median_tps("modelfleet", c, "tokens_per_cpu_s"),
+                                                                   median_tps(variant, c, "tokens_per_cpu_s"))
+            goals[f"modelfleet_vs_variant_per_cpu_s@{c}"] = "-"
+            goals[f"variant_vs_vllm@{c}"] = goals[f"modelfleet_vs_vllm@{c}"]
+            goals[f"modelfleet_vs_variant@{c}"] = "-"
     print()
     print_table(rows, COLUMNS)
     for key, value in ratios.items():
         print(f"{key:30s} {value:>8}   goal {goals[key]:8s} {verdict(value, goals[key])} (medians over {rounds} rounds)")
     config = {"model": BENCH_SPEC.key(), "vllm": VLLM_VERSION, "max_tokens": max_tokens, "rounds": rounds,
-              "omp_threads": 1, "goals": goals}
+              "omp_threads": 1, "goals": goals, "variant": list(variant_args)}
 
     def plot(ax) -> None:
-        for system in ("modelfleet", "vllm"):
+        for system, _ in systems:
             for r in range(rounds):
                 pts = [(x["concurrency"], x["tokens_per_s"]) for x in rows
                        if x["system"] == system and x["arrival"] == f"round-{r}"]
@@ -500,9 +546,12 @@ def main() -> int:
     parser.add_argument("--workload", choices=["all", "throughput", "shared-prefix", "vs-vllm", "long-prompt"],
                         default="all")
     parser.add_argument("--rounds", type=int, default=2, help="vs-vllm: rounds of both engines at 1 and 32")
+    parser.add_argument("--variant-arg", action="append", default=[], metavar="ARG",
+                        help="vs-vllm: also run a second worker with this argument (repeatable), e.g. "
+                             "--variant-arg=--no-prepack-weights")
     args = parser.parse_args()
     if args.workload == "vs-vllm":
-        return main_vs_vllm(args.quick, args.rounds)
+        return main_vs_vllm(args.quick, args.rounds, tuple(args.variant_arg))
     if args.workload == "long-prompt":
         return main_long_prompt()
 

@@ -67,7 +67,7 @@ def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]
     else:
         from .embedder import CausalEmbedder
 
-        model, tokenizer = load_causal_lm(info, device, dtype)
+        model, tokenizer = load_causal_lm(info, device, dtype, settings.prepack_weights)
         config = EngineConfig(max_model_len=info.max_model_len, max_num_seqs=settings.max_num_seqs,
                               max_num_batched_tokens=settings.max_num_batched_tokens,
                               enable_prefix_caching=settings.enable_prefix_caching,

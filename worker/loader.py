@@ -161,12 +161,18 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def load_causal_lm(info: ModelInfo, device: str, dtype):
+def load_causal_lm(info: ModelInfo, device: str, dtype, prepack_weights: bool = True):
+    """The model and its tokenizer; with `prepack_weights`, its linear layers on oneDNN-packed
+    weights where the CPU allows (fastlinear.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(info.path)
     model = AutoModelForCausalLM.from_pretrained(info.path, dtype=dtype, attn_implementation="sdpa")
     model.to(device).eval()
+    if prepack_weights:
+        from .fastlinear import pack_linears
+
+        pack_linears(model)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in info.eos_token_ids:
         info.eos_token_ids.append(tokenizer.eos_token_id)
     info.has_chat_template = info.has_chat_template or bool(getattr(tokenizer, "chat_template", None))

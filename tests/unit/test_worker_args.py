@@ -19,6 +19,7 @@ CHANGED = WorkerSettings(
     device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=8, max_num_batched_tokens=512,
     drain_timeout=12.5, enable_prefix_caching=False, prefix_cache_gib=0.25, kv_cache_gib=3.0,
     lora_modules=(("sql", "/adapters/sql"), ("odd", "/adapters/a,b")), max_loras=2, max_lora_rank=64,
+    prepack_weights=False,
 )
 
 

@@ -1,0 +1,122 @@
+"""Prepacked linear layers (worker/fastlinear.py) on the demo model: the engine over a packed
+model gives the tokens the plain model's `generate` gives, logprobs within rounding, peft's LoRA
+still wraps the packed layers, and `--no-prepack-weights` leaves the model as loaded."""
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from modelfleet.demo import make_demo_adapter
+from modelfleet.worker.engine import EngineConfig, GenerationEngine
+from modelfleet.worker.fastlinear import PackedLinear, pack_linears, packable
+from modelfleet.worker.loader import detect, load_causal_lm
+from modelfleet.worker.sampling import SamplingParams
+from modelfleet.worker.sequence import GenerationRequest
+
+PROMPTS = ["Hello there", "def foo(x):\n    return", "A much longer prompt " * 20, "x", "import os\n" * 7]
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no native bfloat16 on this CPU"))]
+
+
+def load(path, dtype=torch.float32, packed: bool = False):
+    torch.set_grad_enabled(False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+    if packed:
+        assert pack_linears(model) == sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear)) > 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok(demo_path):
+    return AutoTokenizer.from_pretrained(demo_path)
+
+
+def run_engine(model, tok, prompts: list[str], max_tokens: int, logprobs: bool = False):
+    """Each prompt's greedy tokens (and their logprobs), the requests staggered so that rows
+    join a running batch, through the engine on `model`."""
+    engine = GenerationEngine(model, tok, EngineConfig(max_model_len=2048, max_num_seqs=4), [tok.eos_token_id])
+
+    async def one(prompt: str, delay: float):
+        await asyncio.sleep(delay)
+        req = GenerationRequest(prompt_ids=tok(prompt)["input_ids"], max_tokens=max_tokens, ignore_eos=True,
+                                params=SamplingParams(temperature=0, want_logprobs=logprobs))
+        tokens, lps = [], []
+        async for event in engine.submit(req):
+            assert event.error is None
+            for d in event.deltas:
+                tokens += d.token_ids
+                lps += [lp.logprob for lp in d.logprobs or []]
+        return tokens, lps
+
+    async def main():
+        return await asyncio.gather(*(one(p, 0.02 * i) for i, p in enumerate(prompts)))
+
+    engine.start()
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.stop()
+
+
+def test_the_packed_layers_compute_what_the_plain_ones_do(demo_path):
+    plain, packed = load(demo_path), load(demo_path, packed=True)
+    assert type(packed.lm_head) is PackedLinear and type(packed.model.layers[0].mlp.down_proj) is PackedLinear
+    assert packed.state_dict().keys() == plain.state_dict().keys()  # the packed copies are no parameters
+    assert packed.lm_head.weight is packed.model.embed_tokens.weight  # tied weights stay tied
+    for rows, cols in ((1, 1), (3, 1), (2, 7)):  # one row takes the float32 one-row path
+        ids = torch.randint(0, plain.config.vocab_size, (rows, cols))
+        torch.testing.assert_close(packed(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_greedy_tokens_through_the_engine_equal_the_plain_models(demo_path, tok, dtype):
+    """float32: the packed engine against the plain model's `generate`, token for token. bfloat16:
+    against the engine on the plain model (in bfloat16 the engine keeps its KV in float32, which
+    `generate` does not)."""
+    plain = load(demo_path, dtype)
+    lengths = [12 + 5 * i for i in range(len(PROMPTS))]
+    got = run_engine(load(demo_path, dtype, packed=True), tok, PROMPTS, max(lengths))
+    if dtype == torch.float32:
+        for prompt, n, (tokens, _) in zip(PROMPTS, lengths, got, strict=True):
+            ids = torch.tensor([tok(prompt)["input_ids"]])
+            out = plain.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+            assert tokens[:n] == out[0, ids.shape[1]:].tolist()
+    else:
+        want = run_engine(plain, tok, PROMPTS, max(lengths))
+        assert [t for t, _ in got] == [t for t, _ in want]
+
+
+def test_logprobs_of_the_packed_engine_are_the_plain_models(demo_path, tok):
+    plain = load(demo_path)
+    [(tokens, lps)] = run_engine(load(demo_path, packed=True), tok, [PROMPTS[1]], 16, logprobs=True)
+    ids = torch.tensor([tok(PROMPTS[1])["input_ids"] + tokens])
+    want = torch.log_softmax(plain(ids).logits[0, -len(tokens) - 1 : -1].float(), dim=-1)
+    want = want.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(lps), want, rtol=0, atol=1e-4)
+
+
+def test_peft_wraps_packed_layers_and_its_adapter_gives_the_same_tokens(demo_path, tmp_path):
+    from peft import PeftModel
+
+    adapter = str(make_demo_adapter(demo_path, tmp_path / "a", rank=8, seed=1))
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    outs = []
+    for packed in (False, True):
+        model = PeftModel.from_pretrained(load(demo_path, packed=packed), adapter).eval()
+        q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert (type(q_proj.base_layer) is PackedLinear) == packed
+        outs.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                   do_sample=False, eos_token_id=None, pad_token_id=0)[0].tolist())
+    assert outs[0] == outs[1]
+
+
+def test_the_loader_packs_unless_told_not_to(demo_path):
+    packed, _ = load_causal_lm(detect(demo_path), "cpu", torch.float32)
+    plain, _ = load_causal_lm(detect(demo_path), "cpu", torch.float32, prepack_weights=False)
+    assert packable(plain) is None
+    assert {type(m) for m in packed.modules() if isinstance(m, torch.nn.Linear)} == {PackedLinear}
+    assert {type(m) for m in plain.modules() if isinstance(m, torch.nn.Linear)} == {torch.nn.Linear}
+    assert "float16" in packable(load(demo_path, torch.float16))  # oneDNN's half kernels need AVX512-FP16
+
