@@ -63,3 +63,16 @@ def test_containerd_config_is_valid_toml_with_the_settings_that_matter(tmp_path:
     assert runtime["containerd"]["runtimes"]["runc"]["options"]["SystemdCgroup"] is False
     assert cfg["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"] == images.PAUSE.ref
     assert cfg["grpc"]["address"].startswith(str(s.state))
+
+
+def test_real_node_runs_ingress_and_storage_on_the_host_after_the_node(tmp_path: Path) -> None:
+    from localkube import cluster, hostcontrollers
+
+    s = _settings(tmp_path)
+    # Started after kube-proxy, stopped first by `down` (which walks the order backwards).
+    assert cluster.order(s)[-3:] == ("kube-proxy", "nginx", hostcontrollers.NAME)
+    assert hostcontrollers.argv(s)[1:] == ["-m", "localkube.hostcontrollers"]
+    nginx = cluster._nginx(s)
+    assert nginx.ports == (s.ports.ingress,)
+    conf = (s.state / "nginx" / "nginx.conf").read_text()
+    assert f"listen 127.0.0.1:{s.ports.ingress} default_server;" in conf

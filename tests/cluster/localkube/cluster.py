@@ -20,6 +20,7 @@ from . import (
     containerd,
     controlplane,
     coredns,
+    hostcontrollers,
     kubeconfig,
     kubelet,
     kubeproxy,
@@ -34,7 +35,9 @@ from .config import Settings
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 # Started in this order, stopped in reverse.
 ORDER = (*CONTROL_PLANE, "nginx", "node-agent")
-NODE_ORDER = (*CONTROL_PLANE, "containerd", "kubelet", "kube-proxy")
+# The real node: its ingress (nginx, fed by the host-side controllers) and PVC provisioner
+# run on the host beside it, as the agent runs them in its own process.
+NODE_ORDER = (*CONTROL_PLANE, "containerd", "kubelet", "kube-proxy", "nginx", hostcontrollers.NAME)
 NODE_BINARIES = ("kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr", "crictl", "pause", "coredns")
 
 
@@ -81,7 +84,7 @@ def _check_prerequisites(s: Settings) -> None:
     missing = [b for b in wanted if not (s.k8s_bin / b).exists()]
     if missing:
         raise ClusterError(f"{missing[0]}: binary missing in {s.k8s_bin} (run `make cluster-build`)")
-    tools = ("ip", "openssl", "runc", "iptables", "conntrack") if real else ("ip", "openssl", "nginx", "unshare")
+    tools = ("ip", "openssl", "runc", "iptables", "conntrack", "nginx") if real else ("ip", "openssl", "nginx", "unshare")
     for tool in tools:
         if shutil.which(tool) is None:
             raise ClusterError(f"{tool}: command not found (run tests/cluster/scripts/install-deps.sh)")
@@ -110,6 +113,10 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _nginx(s: Settings) -> controlplane.Component:
+    return controlplane.Component("nginx", _nginx_argv(s), (s.ports.ingress,), lambda: _port_open(s.ports.ingress), 20)
 
 
 def _agent_argv(s: Settings) -> list[str]:
@@ -168,12 +175,10 @@ def _components(s: Settings) -> list[controlplane.Component]:
         node_ready = _node_ready(s)
         proxy = controlplane.Component(proxy.name, proxy.argv, proxy.ports, lambda: synced() and node_ready(),
                                        120)
-        return [*plane, runtime, kubelet.component(s), proxy]
-    return [
-        *plane,
-        controlplane.Component("nginx", _nginx_argv(s), (s.ports.ingress,), lambda: _port_open(s.ports.ingress), 20),
-        _agent(s),
-    ]
+        controllers = controlplane.Component(hostcontrollers.NAME, hostcontrollers.argv(s), (),
+                                             hostcontrollers.healthy(s), 60)
+        return [*plane, runtime, kubelet.component(s), proxy, _nginx(s), controllers]
+    return [*plane, _nginx(s), _agent(s)]
 
 
 def healthy(s: Settings) -> bool:

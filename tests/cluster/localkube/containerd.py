@@ -128,3 +128,14 @@ def load_images(s: Settings) -> str:
     """Import the node's own images; returns what to tell the user."""
     refs = images.load_all(s.k8s_bin, s.k8s_bin / "ctr", socket(s), home(s) / "images")
     return f"imported {', '.join(refs)}" if refs else "images up to date"
+
+
+def load_project_images(s: Settings, names: tuple[str, ...] = ()) -> list[str]:
+    """Copy the images `make images` built (podman) into this node's containerd: a separate
+    step (`localkube load-images`) rather than part of `up`, so a cluster starts without
+    podman or the images, and a running one takes a rebuilt image without a restart."""
+    if s.node_kind != "kubelet":
+        raise images.ImageError("the agent runs modelfleet/... images from the project's Python: nothing to load")
+    if not (socket(s).exists() and _ctr(s, "version").returncode == 0):
+        raise images.ImageError(f"containerd is not running at {socket(s)} (run `make cluster-up` first)")
+    return images.load_project(s.k8s_bin, socket(s), names, lambda msg: print(f"[load-images] {msg}", flush=True))

@@ -5,6 +5,10 @@ No registry is reachable here and the node must pull nothing, so the pause (sand
 and the test image `nodeprobe` are made from binaries build.sh compiled. Writing the archive
 takes a tar and three JSON documents; it needs neither podman nor a base image, and the same
 binary always gives the same image digest (fixed mtimes and owners).
+
+The project's own images (`make images`, podman) are copied in by `load_project`: podman
+writes each as an OCI archive straight into `ctr images import`, and an image containerd
+already holds under the same ID (its config digest, the same in both stores) is skipped.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import subprocess
 import tarfile
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,3 +156,104 @@ def load_all(bin_dir: Path, ctr: Path, address: Path, work: Path) -> list[str]:
                 load(ctr, address, tarball)
                 loaded.append(image.ref)
     return loaded
+
+
+# What `make images` tags (images/build.sh): docker.io/modelfleet/<Dockerfile stem>:<appVersion>.
+PROJECT_PREFIX = "docker.io/modelfleet/"
+PODMAN_CONF = Path(__file__).resolve().parents[3] / "images" / "podman" / "containers.conf"
+CHUNK = 1 << 20
+
+
+def podman_env() -> dict[str, str]:
+    """podman with the settings the images were built with (images/README.md)."""
+    return {**os.environ, "CONTAINERS_CONF": str(PODMAN_CONF)} if PODMAN_CONF.exists() else dict(os.environ)
+
+
+def podman_images(names: tuple[str, ...] = ()) -> dict[str, tuple[str, int]]:
+    """The project's images podman holds, {ref: (image ID, size in bytes)}; only `names`
+    (Dockerfile stems such as `worker`) when given."""
+    proc = subprocess.run(["podman", "images", "--format", "json"], capture_output=True, text=True,
+                          env=podman_env(), timeout=60)
+    if proc.returncode != 0:
+        raise ImageError(f"podman images: {proc.stderr.strip()}")
+    found: dict[str, tuple[str, int]] = {}
+    for image in json.loads(proc.stdout or "[]"):
+        for ref in image.get("Names") or []:
+            stem = ref.removeprefix(PROJECT_PREFIX).split(":", 1)[0]
+            if ref.startswith(PROJECT_PREFIX) and (not names or stem in names):
+                found[ref] = ("sha256:" + image["Id"].removeprefix("sha256:"), int(image.get("Size") or 0))
+    return found
+
+
+def cri_images(crictl: Path, address: Path) -> dict[str, str]:
+    """{ref: image ID} as the kubelet sees them through the CRI (the ID is the config digest)."""
+    proc = subprocess.run([str(crictl), "--runtime-endpoint", f"unix://{address}", "images", "-o", "json"],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise ImageError(f"crictl images: {proc.stderr.strip()}")
+    return {tag: image["id"] for image in json.loads(proc.stdout)["images"] for tag in image.get("repoTags") or []}
+
+
+def copy_from_podman(ref: str, size: int, ctr: Path, address: Path, say: Callable[[str], None]) -> None:
+    """`podman save --format oci-archive REF | ctr images import -`, through this process so
+    progress can be shown every 10 s (the worker image is several GB): podman first writes the
+    archive, then streams it; containerd unpacks the layers once it has all of it."""
+    save = subprocess.Popen(["podman", "save", "--format", "oci-archive", ref], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=podman_env())
+    load = subprocess.Popen([str(ctr), "--address", str(address), "--namespace", "k8s.io", "images", "import",
+                             "--snapshotter", "overlayfs", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert save.stdout is not None and save.stderr is not None and load.stdin is not None and load.stdout is not None
+    moved, streamed, done = 0, threading.Event(), threading.Event()
+    start = time.monotonic()
+
+    def progress() -> None:
+        while not done.wait(10):
+            step = ("containerd unpacking" if streamed.is_set() else
+                    f"{moved / 1e9:.2f} of ~{size / 1e9:.2f} GB streamed" if moved else "podman writing the archive")
+            say(f"  {ref}: {step} ({time.monotonic() - start:.0f}s)")
+
+    threading.Thread(target=progress, name="image-progress", daemon=True).start()
+    try:
+        try:
+            while chunk := save.stdout.read(CHUNK):
+                load.stdin.write(chunk)
+                moved += len(chunk)
+            load.stdin.close()
+        except BrokenPipeError:
+            pass  # ctr stopped reading: its own error is below
+        streamed.set()
+        errors = save.stderr.read().decode().strip()
+        out = load.stdout.read().decode().strip()
+        if save.wait() != 0:
+            raise ImageError(f"podman save {ref}: {errors}")
+        if load.wait() != 0:
+            raise ImageError(f"ctr images import {ref}: {out}")
+    finally:
+        done.set()
+        for proc in (save, load):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def load_project(bin_dir: Path, address: Path, names: tuple[str, ...], say: Callable[[str], None]) -> list[str]:
+    """Copy the project's images from podman into containerd, skipping those it already holds
+    under the same ID; returns the refs copied now."""
+    wanted = podman_images(names)
+    if not wanted:
+        raise ImageError(f"podman holds no {PROJECT_PREFIX}{'|'.join(names) or '*'} image (run `make images`)")
+    held = cri_images(bin_dir / "crictl", address)
+    copied = []
+    for ref, (image_id, size) in sorted(wanted.items()):
+        if held.get(ref) == image_id:
+            say(f"{ref}: up to date ({image_id[:19]})")
+            continue
+        began = time.monotonic()
+        say(f"{ref}: copying {size / 1e9:.2f} GB from podman")
+        copy_from_podman(ref, size, bin_dir / "ctr", address, say)
+        if cri_images(bin_dir / "crictl", address).get(ref) != image_id:
+            raise ImageError(f"{ref}: imported, but containerd does not list it as {image_id}")
+        say(f"{ref}: imported ({time.monotonic() - began:.0f}s)")
+        copied.append(ref)
+    return copied

@@ -52,6 +52,9 @@ class Provisioner:
                 return
             path = self.root / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
             path.mkdir(parents=True, exist_ok=True)
+            # Writable by any user, as local-path-provisioner makes them: a container of the
+            # real node runs as its image's or securityContext's user (65532 for ours).
+            path.chmod(0o777)
             size = ((spec.get("resources") or {}).get("requests") or {}).get("storage", "1Gi")
             pv = {
                 "metadata": {"name": name, "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER}},
