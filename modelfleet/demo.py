@@ -183,6 +183,10 @@ def build_model(spec: DemoSpec, target: Path) -> Path:
         (tmp / "modelfleet-demo.json").write_text(
             json.dumps({"note": "random weights: generated text is noise", "spec": spec.key()}) + "\n"
         )
+        # Readable by any user, as a downloaded model is: a container running as another uid
+        # (the chart's 65532) may mount it (mkdtemp and safetensors make them owner-only).
+        for path in (tmp, *tmp.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         os.replace(tmp, target)  # atomic, so a half-written model is never picked up
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

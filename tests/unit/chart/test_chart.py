@@ -165,6 +165,9 @@ def test_defaults(render) -> None:
     assert one(objects, "ClusterKopfPeering")["metadata"]["name"] == "mf-modelfleet-mf-system"
     assert container(operator)["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert {p["name"] for p in container(operator)["ports"]} == {"healthz", "metrics"}
+    # kopf names itself after the pod (its default, getpass.getuser(), fails for uid 65532).
+    operator_env = {e["name"]: e for e in container(operator)["env"]}
+    assert operator_env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     # The two Deployments' selectors must not overlap.
     assert gateway["spec"]["selector"] != operator["spec"]["selector"]
 
