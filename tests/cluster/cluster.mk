@@ -22,18 +22,26 @@ cluster-down:  ## stop everything and remove pods, network namespaces and the br
 cluster-status:
 	@$(LOCALKUBE) status
 
-# The real node's tests (test_node.py) on a second cluster whose node is a kubelet on containerd
-# (second-cluster.env: its own ports, bridge, CIDRs; its own state in .cluster-node), started and
-# stopped around them, beside the e2e tier's cluster, until that tier moves onto the real node.
+# The real node's tests (test_node*.py, and the chart's e2e test from the project's images) on a
+# second cluster whose node is a kubelet on containerd (second-cluster.env: its own ports, bridge,
+# CIDRs; its own state in .cluster-node), started and stopped around them, beside the e2e tier's
+# cluster, until that tier moves onto the real node.
 NODE_CLUSTER_ENV = $$(grep -v '^\#' $(CLUSTER_DIR)/second-cluster.env | xargs) MODELFLEET_CLUSTER_DIR=$(CURDIR)/.cluster-node
+# The images those tests run (`make images` may build more, such as vLLM's).
+NODE_IMAGES ?= control-plane worker
+NODE_TESTS = $(CLUSTER_DIR)/test_node.py $(CLUSTER_DIR)/test_node_operator.py tests/e2e/test_chart.py
 
-.PHONY: test-node node-cluster-down
+.PHONY: test-node node-cluster-down node-load-images
 
-test-node: cluster-deps  ## build and start a second cluster on a real node (kubelet, containerd), run its tests, stop it
+test-node: cluster-deps images  ## build and start a second cluster on a real node (kubelet, containerd), load the project's images, run its tests, stop it
 	@env $(NODE_CLUSTER_ENV) bash $(CLUSTER_DIR)/scripts/build.sh
 	@env $(NODE_CLUSTER_ENV) $(LOCALKUBE) up
-	@env $(NODE_CLUSTER_ENV) $(PYTHON) -m pytest -q $(CLUSTER_DIR)/test_node.py; rc=$$?; \
+	@env $(NODE_CLUSTER_ENV) $(LOCALKUBE) load-images $(NODE_IMAGES) && \
+	  env $(NODE_CLUSTER_ENV) $(PYTHON) -m pytest -q $(NODE_TESTS); rc=$$?; \
 	  env $(NODE_CLUSTER_ENV) $(LOCALKUBE) down; exit $$rc
+
+node-load-images:  ## copy the images `make images` built (NODE_IMAGES) into the running real-node cluster's containerd
+	@env $(NODE_CLUSTER_ENV) $(LOCALKUBE) load-images $(NODE_IMAGES)
 
 node-cluster-down:  ## stop the real-node cluster of test-node
 	@env $(NODE_CLUSTER_ENV) $(LOCALKUBE) down

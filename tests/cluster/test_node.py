@@ -2,7 +2,9 @@
 run pods from local images, and what a user sees comes from them, not from the harness:
 `kubectl logs/exec/port-forward` through the kubelet, ClusterIPs and NodePorts through
 kube-proxy, names through CoreDNS, and what the operator diagnoses (ErrImagePull, a crash
-loop's back-off) as the kubelet reports it. Skipped on a cluster whose node is the agent."""
+loop's back-off) as the kubelet reports it. The ingress stand-in and the `standard`
+StorageClass run on the host beside the node (localkube/hostcontrollers.py) and serve its pods.
+Skipped on a cluster whose node is the agent."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import ipaddress
 import json
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
-from localkube.config import Network
+from localkube import containerd, images
+from localkube.config import Network, Settings
 from localkube.images import NODEPROBE
 from localkube.manifests import deployment, pod, service
 from localkube.testing import LocalCluster, wait_for
@@ -63,9 +67,10 @@ def waiting_reason(cluster: LocalCluster, ns: str, name: str) -> str:
     return ""
 
 
-def http_get(url: str) -> str | None:
+def http_get(url: str, host: str | None = None) -> str | None:
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310 - loopback only
             return resp.read().decode()
     except OSError:
         return None
@@ -78,6 +83,19 @@ def test_node_is_a_ready_kubelet_on_containerd(cluster: LocalCluster, node: dict
     ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True", ready
     assert node["metadata"]["labels"]["modelfleet.dev/localkube"] == "true"
+
+
+def test_project_images_are_in_containerd_under_podmans_ids(node: dict) -> None:
+    """`localkube load-images` (run by `make test-node` after `make images`) copied what podman
+    built, and the kubelet sees each image under the ID podman gave it. (Compared with every
+    image podman holds, tagged or not: a `make images` since the copy moves the tags.)"""
+    s = Settings()
+    held = images.cri_images(s.k8s_bin / "crictl", containerd.socket(s))
+    ours = {ref: image_id for ref, image_id in held.items() if ref.startswith(images.PROJECT_PREFIX)}
+    assert {"docker.io/modelfleet/control-plane:0.1.0", "docker.io/modelfleet/worker:0.1.0"} <= set(ours), held
+    listed = subprocess.run(["podman", "images", "--all", "--quiet", "--no-trunc"], capture_output=True, text=True,
+                            env=images.podman_env(), check=True).stdout.split()
+    assert set(ours.values()) <= set(listed), ours
 
 
 def test_pod_runs_from_a_local_image_with_logs_and_exec(cluster: LocalCluster, node: dict, namespace: str) -> None:
@@ -173,3 +191,41 @@ def test_crashing_container_is_backed_off_by_the_kubelet(cluster: LocalCluster, 
     # GC, keeping one dead container, removes within a minute).
     wait_for(lambda: "crashing with exit code 3" in cluster.kubectl("logs", "crash", "-n", namespace,
                                                                     check=False).stdout, 30, what="its output")
+
+
+def test_ingress_reaches_the_pods_from_the_host(cluster: LocalCluster, node: dict, namespace: str) -> None:
+    host = f"{namespace}.node.test"
+    ingress = {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "web"},
+               "spec": {"rules": [{"host": host, "http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": {
+                   "service": {"name": "web", "port": {"number": 80}}}}]}}]}}
+    cluster.apply(deployment("web", [probe("web")]), service("web"), ingress, namespace=namespace)
+    body = wait_for(lambda: http_get(f"{cluster.ingress_url}/", host=host), 60, what="the pod through the Ingress")
+    assert body.startswith("hello from web-")
+    lb = wait_for(lambda: (cluster.get("ingress", "web", namespace) or {}).get("status", {}).get("loadBalancer", {})
+                  .get("ingress"), 30, what="the Ingress's address")
+    assert lb[0]["ip"] == "127.0.0.1"
+
+
+def test_claim_is_provisioned_and_writable_by_a_non_root_container(cluster: LocalCluster, node: dict,
+                                                                  namespace: str) -> None:
+    """The `standard` class's folders are open to any user, as local-path-provisioner's: the
+    project's containers run as uid 65532 (the control-plane image has a Python to write with)."""
+    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models"},
+             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+    writer = {"name": "w", "image": "docker.io/modelfleet/control-plane:0.1.0", "imagePullPolicy": "Never",
+              "command": ["python3", "-c", "open('/models/tiny.bin', 'w').write('weights')"],
+              "securityContext": {"runAsUser": 65532, "runAsNonRoot": True, "readOnlyRootFilesystem": True},
+              "volumeMounts": [{"name": "m", "mountPath": "/models"}]}
+    cluster.apply(claim, pod("writer", [writer], restartPolicy="Never",
+                             volumes=[{"name": "m", "persistentVolumeClaim": {"claimName": "models"}}]),
+                  namespace=namespace)
+    pvc = wait_for(lambda: (c := cluster.get("pvc", "models", namespace)) and c["status"].get("phase") == "Bound" and c,
+                   60, what="the claim to be Bound")
+    assert pvc["spec"]["storageClassName"] == "standard"
+    phase = wait_for(lambda: (cluster.get("pod", "writer", namespace) or {}).get("status", {}).get("phase")
+                     in ("Succeeded", "Failed") and cluster.get("pod", "writer", namespace)["status"]["phase"],
+                     90, what="the writer to finish")
+    assert phase == "Succeeded", cluster.kubectl("logs", "writer", "-n", namespace, check=False).stdout
+    pv = cluster.get("pv", pvc["spec"]["volumeName"], "default")
+    written = Path(pv["spec"]["hostPath"]["path"]) / "tiny.bin"
+    assert written.read_text() == "weights" and written.stat().st_uid == 65532

@@ -2,17 +2,23 @@
 Secret, `kubectl apply` the example ModelDeployments, and call them with the `openai` SDK
 through the Ingress; then `helm upgrade` and `helm uninstall`, which leaves only the CRD.
 
-The operator and gateway run as pods of the chart (images named modelfleet/... run the project's
-Python on this cluster). The release watches only its own namespace, so operators that other
-tests run on the same cluster never see these ModelDeployments, nor this operator theirs.
+The operator and gateway run as pods of the chart: on the agent's node images named
+modelfleet/... run the project's Python; on the real node (`make test-node`) they are the images
+`make images` built, loaded into containerd by `localkube load-images`, run with the chart's
+securityContext, probes and volumes by a real kubelet. The models reach the workers as the
+chart offers for file:// sources (`operator.hostPathModels`: a read-only hostPath each), which
+works on both. The release watches only its own namespace, so operators that other tests run
+on the same cluster never see these ModelDeployments, nor this operator theirs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +42,9 @@ CHAT, EMBED = "tiny-chat", "all-MiniLM-L6-v2"
 KEY = f"sk-e2e-{uuid.uuid4().hex}"
 CHAT_ONLY_KEY = f"sk-chat-only-{uuid.uuid4().hex}"
 READY_TIMEOUT = 300
+# Each model's CPU request: the real node has the machine's 2 CPUs, which the examples' 1 CPU
+# each, the chart's pods and CoreDNS would overcommit (the agent's node counts 8).
+MODEL_CPU = "500m"
 
 
 def gateway_kubernetes_mode_missing() -> str | None:
@@ -82,7 +91,27 @@ def example(name: str, source: Path) -> dict:
     """An example ModelDeployment with its file:// source pointed at this machine's model."""
     md = yaml.safe_load((EXAMPLES / name).read_text())
     md["spec"]["model"]["source"] = f"file://{source}"
+    md["spec"]["resources"]["cpu"] = MODEL_CPU
     return md
+
+
+@pytest.fixture(scope="module")
+def models() -> Iterator[dict[str, Path]]:
+    """Both models copied where the worker's user can read them. A worker container runs as uid
+    65532 (the chart's securityContext, enforced on the real node) and sees each hostPath at the
+    path it has on this machine: ensure_demo_model() leaves its folder and weights owner-only
+    (root's), and minilm_path() lies under /root, which the image keeps closed (0700). Not under
+    /tmp either: that is the worker's own emptyDir, which the agent mounts over a hostPath there."""
+    root = Path(tempfile.mkdtemp(prefix="modelfleet-e2e-models-", dir="/var/tmp"))
+    out = {}
+    try:
+        for name, source in (("tiny-chat", ensure_demo_model()), ("minilm", minilm_path())):
+            copy = out[name] = Path(shutil.copytree(source, root / name))
+            for path in (copy, *copy.rglob("*")):
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        yield out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def api_key_secret(name: str, key: str) -> dict:
@@ -122,6 +151,7 @@ def test_install(release: Release) -> None:
     ns = release.namespace
     release.helm("install", RELEASE, str(CHART), "--wait", "--timeout", "300s",
                  "--set-json", f'operator.watchNamespaces=["{ns}"]',
+                 "--set", "operator.hostPathModels=true",
                  "--set", "ingress.enabled=true", "--set", "ingress.className=nginx",
                  "--set", f"ingress.host={release.host}",
                  "--set-json", f'apiKeys.keys=[{{"name": "chat-only", "key": "{CHAT_ONLY_KEY}", "models": ["{CHAT}"]}}]')
@@ -130,9 +160,9 @@ def test_install(release: Release) -> None:
     assert release.cluster.get("deployment", f"{RELEASE}-modelfleet-operator", ns)["status"]["readyReplicas"] == 1
 
 
-def test_models_become_ready(release: Release) -> None:
+def test_models_become_ready(release: Release, models: dict[str, Path]) -> None:
     release.cluster.apply(api_key_secret("e2e-key", KEY), namespace=release.namespace)
-    release.cluster.apply(example("tiny-chat.yaml", ensure_demo_model()), example("minilm.yaml", minilm_path()),
+    release.cluster.apply(example("tiny-chat.yaml", models["tiny-chat"]), example("minilm.yaml", models["minilm"]),
                           namespace=release.namespace)
     for name in ("tiny-chat", "minilm"):
         try:
