@@ -7,19 +7,26 @@ CPU build reorders each weight once at load into the blocked layout oneDNN's ker
 packs a weight once and `mkldnn._linear_pointwise` multiplies by it (what inductor's freezing pass
 emits for a frozen linear; used here without compiling, since the engine's step changes shape
 every step). `pack_linears` turns a loaded model's `nn.Linear` modules into
-`PackedLinear` in place (their class, not the module objects, changes), so the model, tied
-weights, and peft's LoRA wrappers (which call their base layer) stay what they were.
+`PackedLinear` in place (their class, not the module objects, changes), so the model and peft's
+LoRA wrappers (which call their base layer) stay what they were.
 
-The packed copy is taken once: a weight changed afterwards (merging an adapter into it,
-`load_state_dict`) must call `repack`. It costs the weights' memory once more.
+Each weight is held once. Once packed, a layer's `weight` is a stand-in that costs no memory: a
+zero expanded to the weight's shape, with its dtype and device (peft places its adapters by them;
+a meta tensor would move them to meta), and `state_dict` unpacks the packed copy again. A weight
+another module shares (an LM head tied to the input embeddings) is left unpacked: packing it
+would hold vocab x hidden twice (see `pack_linears`). A weight changed after packing goes through
+`repack(weight)`: writing into the stand-in (`load_state_dict`, peft's merge) raises, and
+peft's `safe_merge`, which replaces it, would go unseen (the engine merges no adapter).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
+from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -29,16 +36,30 @@ class PackedLinear(nn.Linear):
     """An nn.Linear whose forward multiplies by a oneDNN-packed copy of its weight."""
 
     packed: torch.Tensor
-    one_row_plain = False  # one input row: F.linear on the weight as loaded (see pack_linears)
+    dense = True  # `weight` holds the weight; False once `drop_dense` made it a stand-in
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.one_row_plain and input.numel() == self.in_features:
-            return F.linear(input, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(input, self.packed, self.bias, "none", [], "")
 
-    def repack(self) -> None:
+    def repack(self, weight: torch.Tensor | None = None) -> None:
+        """Packs `weight` (by default the layer's own, which must still be dense)."""
+        if weight is None:
+            if not self.dense:
+                raise RuntimeError("this layer's weight was dropped after packing: pass the new weight")
+            weight = self.weight
         # no batch-size hint: packing for 1 row was slower at 32 rows and no faster at 1
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+    def drop_dense(self) -> None:
+        """Frees the weight as loaded, leaving a stand-in of its shape, dtype and device."""
+        stand_in = torch.zeros((), dtype=self.weight.dtype, device=self.weight.device).expand(self.weight.shape)
+        self.weight = nn.Parameter(stand_in, requires_grad=False)
+        self.dense = False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.dense:
+            destination[prefix + "weight"] = self.packed.to_dense()
 
 
 def packable(model: nn.Module) -> str | None:
@@ -58,26 +79,70 @@ def _why_not(weight: torch.Tensor) -> str | None:
     return None
 
 
+def _shared(model: nn.Module) -> set[int]:
+    """The data pointers of parameters that more than one module holds (tied weights)."""
+    holders = Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
+    return {ptr for ptr, n in holders.items() if n > 1}
+
+
 def pack_linears(model: nn.Module) -> int:
-    """Turns every plain nn.Linear of `model` into a PackedLinear; returns how many.
+    """Turns every plain nn.Linear of `model` whose weight no other module shares into a
+    PackedLinear that holds its weight packed only; returns how many.
 
     Measured on the 56M bench Llama, one thread, AVX512-BF16 (bench/forward_probe.py, thread CPU
-    time of the engine's decode steps): in bfloat16 every layer gains, 7-11% of a step at 1 row
-    and 10-14% at 32. In float32 the packed layers gain 32-34% at 32 rows, but MKL's plain sgemv
-    beats them at one row (a 1-row step 4-6% slower), except in the 32,000-wide LM head: so in
-    float32 a one-row call of the other layers stays on the weight as loaded."""
+    time of the engine's decode steps): in bfloat16 the packed layers, all but the tied LM head,
+    make a step 0-8% faster at 1 row (it varies with the probe's load order) and 6-10% at 32.
+    Packing the tied head too gave 5% more, for 39% more weight memory on that model (12-21% on a
+    tied 1-3B model): a shared weight stays as loaded. In float32 the packed layers gain 14-15% at
+    32 rows, but MKL's plain sgemv beats them at one row (a 1-row step 5% slower); a one-row path
+    on the weight as loaded would hold it twice, so there is none."""
     why = packable(model)
     if why is not None:
         log.info("linear layers not prepacked: %s", why)
         return 0
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    shared, files = _shared(model), _file_mappings()
     count = 0
     with torch.no_grad():
         for module in model.modules():
-            if type(module) is nn.Linear and _why_not(module.weight) is None:
+            if type(module) is nn.Linear and _why_not(module.weight) is None and module.weight.data_ptr() not in shared:
                 module.__class__ = PackedLinear
                 module.repack()
-                module.one_row_plain = module.weight.dtype == torch.float32 and module is not head
+                _drop_file_pages(module.weight, files)
+                module.drop_dense()
                 count += 1
-    log.info("%d linear layers on oneDNN-packed weights", count)
+    _give_back_freed_memory()
+    log.info("%d linear layers on oneDNN-packed weights%s", count, " (tied ones left as loaded)" if shared else "")
     return count
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """The address ranges this process maps from files (safetensors maps a checkpoint loaded in
+    its own dtype, and the weights are views of that mapping)."""
+    try:
+        with open("/proc/self/maps") as f:
+            rows = [line.split() for line in f]
+    except OSError:
+        return []
+    return [(int(a, 16), int(b, 16)) for a, _, b in (r[0].partition("-") for r in rows if len(r) > 5 and r[5][:1] == "/")]
+
+
+def _drop_file_pages(weight: torch.Tensor, files: list[tuple[int, int]]) -> None:
+    """Unmaps the pages of a weight read from a mapped file: the mapping lives on while the
+    embeddings use it, and the pages packing read would count in RSS until memory ran short (the
+    bench model in float32: +98 MB). They are clean: dropping them never changes what is read."""
+    start, end = weight.data_ptr(), weight.data_ptr() + weight.nbytes
+    if not any(a <= start and end <= b for a, b in files):
+        return
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+def _give_back_freed_memory() -> None:
+    # glibc keeps the dropped weights' pages in its heap for reuse, and the process's RSS (what a
+    # container's memory limit counts) with them: +50 MB on the bench model's 50 MB of packed
+    # layers, +2 MB after malloc_trim
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -1,12 +1,14 @@
 """Prepacked linear layers (worker/fastlinear.py) on the demo model: the engine over a packed
 model gives the tokens the plain model's `generate` gives, logprobs within rounding, peft's LoRA
-still wraps the packed layers, and `--no-prepack-weights` leaves the model as loaded."""
+still wraps the packed layers, the packed model holds its weights once, and
+`--no-prepack-weights` leaves the model as loaded."""
 
 import asyncio
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from modelfleet.demo import make_demo_adapter
 from modelfleet.worker.engine import EngineConfig, GenerationEngine
@@ -23,8 +25,8 @@ DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
 def load(path, dtype=torch.float32, packed: bool = False):
     torch.set_grad_enabled(False)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
-    if packed:
-        assert pack_linears(model) == sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear)) > 0
+    if packed:  # all but the LM head, tied to the input embeddings
+        assert pack_linears(model) == sum(1 for m in model.modules() if isinstance(m, nn.Linear)) - 1 > 0
     return model
 
 
@@ -62,12 +64,54 @@ def run_engine(model, tok, prompts: list[str], max_tokens: int, logprobs: bool =
 
 def test_the_packed_layers_compute_what_the_plain_ones_do(demo_path):
     plain, packed = load(demo_path), load(demo_path, packed=True)
-    assert type(packed.lm_head) is PackedLinear and type(packed.model.layers[0].mlp.down_proj) is PackedLinear
-    assert packed.state_dict().keys() == plain.state_dict().keys()  # the packed copies are no parameters
+    assert type(packed.model.layers[0].mlp.down_proj) is PackedLinear
+    assert type(packed.lm_head) is nn.Linear  # packing a tied head would hold vocab x hidden twice
     assert packed.lm_head.weight is packed.model.embed_tokens.weight  # tied weights stay tied
-    for rows, cols in ((1, 1), (3, 1), (2, 7)):  # one row takes the float32 one-row path
+    want = plain.state_dict()
+    got = packed.state_dict()  # the weights unpacked again, under the same keys
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+    for rows, cols in ((1, 1), (3, 1), (2, 7)):
         ids = torch.randint(0, plain.config.vocab_size, (rows, cols))
         torch.testing.assert_close(packed(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """The bytes of `model`'s parameters, buffers and packed weights, each storage once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}
+    packed = [m.packed for m in model.modules() if isinstance(m, PackedLinear)]
+    return sum(storages.values()) + sum(t.numel() * t.element_size() for t in packed)  # opaque: no storage
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_packed_model_holds_its_weights_once(dtype, tied):
+    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 5))
+    want, plain = model(ids).logits, weight_bytes(model)
+    assert pack_linears(model) == 7 * 8 + (not tied)
+    assert weight_bytes(model) <= plain * 1.10
+    down_proj = model.model.layers[0].mlp.down_proj
+    assert (down_proj.weight.shape, down_proj.weight.dtype, down_proj.weight.device) == ((512, 1376), dtype, ids.device)
+    torch.testing.assert_close(model(ids).logits, want, rtol=1e-3 if dtype == torch.float32 else 2e-2, atol=1e-3)
+
+
+def test_a_dropped_weight_is_changed_through_repack():
+    layer = nn.Linear(64, 32)
+    pack_linears(nn.Sequential(layer, nn.Linear(32, 8)))
+    x, new = torch.randn(3, 64), torch.randn(32, 64)
+    with pytest.raises(RuntimeError, match="dropped"):
+        layer.repack()
+    with pytest.raises(RuntimeError):  # writing into the stand-in: not silently lost
+        layer.load_state_dict({"weight": new, "bias": layer.bias.detach()})
+    layer.repack(new)
+    torch.testing.assert_close(layer(x), x @ new.T + layer.bias, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.state_dict()["weight"], new, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -107,6 +151,7 @@ def test_peft_wraps_packed_layers_and_its_adapter_gives_the_same_tokens(demo_pat
         model = PeftModel.from_pretrained(load(demo_path, packed=packed), adapter).eval()
         q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
         assert (type(q_proj.base_layer) is PackedLinear) == packed
+        assert q_proj.lora_A["default"].weight.device.type == "cpu"  # placed by the stand-in weight
         outs.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                                    do_sample=False, eos_token_id=None, pad_token_id=0)[0].tolist())
     assert outs[0] == outs[1]
@@ -116,7 +161,7 @@ def test_the_loader_packs_unless_told_not_to(demo_path):
     packed, _ = load_causal_lm(detect(demo_path), "cpu", torch.float32)
     plain, _ = load_causal_lm(detect(demo_path), "cpu", torch.float32, prepack_weights=False)
     assert packable(plain) is None
-    assert {type(m) for m in packed.modules() if isinstance(m, torch.nn.Linear)} == {PackedLinear}
-    assert {type(m) for m in plain.modules() if isinstance(m, torch.nn.Linear)} == {torch.nn.Linear}
+    assert {type(m) for m in packed.model.modules() if isinstance(m, nn.Linear)} == {PackedLinear}
+    assert {type(m) for m in plain.modules() if isinstance(m, nn.Linear)} == {nn.Linear}
     assert "float16" in packable(load(demo_path, torch.float16))  # oneDNN's half kernels need AVX512-FP16
 
