@@ -78,7 +78,7 @@ class WorkerSettings:
         if self.max_lora_rank != _DEFAULTS.max_lora_rank:
             args += ["--max-lora-rank", str(self.max_lora_rank)]
         if self.prepack_weights != _DEFAULTS.prepack_weights:
-            args.append("--no-prepack-weights")
+            args.append("--prepack-weights" if self.prepack_weights else "--no-prepack-weights")
         return args
 
 
@@ -126,7 +126,7 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction,
                        default=_DEFAULTS.prepack_weights,
                        help="on a CPU, run the model's linear layers on weights packed once for oneDNN "
-                            "(costs the weights' memory once more)")
+                            "(each held once; a tied LM head stays as loaded)")
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:

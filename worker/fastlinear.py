@@ -56,6 +56,21 @@ class PackedLinear(nn.Linear):
         self.weight = nn.Parameter(stand_in, requires_grad=False)
         self.dense = False
 
+    def __deepcopy__(self, memo: dict) -> nn.Linear:
+        """A plain, dense nn.Linear: the packed tensor is opaque to copying, and the copy's
+        user writes into its weight (peft's `modules_to_save` copies the layer, an untied LM
+        head most often, and loads the adapter's own weights into the copy)."""
+        weight = self.packed.to_dense() if not self.dense else self.weight.detach().clone()
+        copy = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                         device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            copy.weight.copy_(weight)
+            if self.bias is not None:
+                copy.bias.copy_(self.bias)
+        copy.requires_grad_(self.weight.requires_grad)
+        memo[id(self)] = copy
+        return copy
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if not self.dense:
@@ -105,14 +120,34 @@ def pack_linears(model: nn.Module) -> int:
     with torch.no_grad():
         for module in model.modules():
             if type(module) is nn.Linear and _why_not(module.weight) is None and module.weight.data_ptr() not in shared:
-                module.__class__ = PackedLinear
-                module.repack()
+                try:
+                    _pack(module, check=count == 0)
+                except (RuntimeError, AttributeError, NotImplementedError) as exc:
+                    # Only an optimisation: a build whose oneDNN ops are missing or misbehave
+                    # (another CPU architecture, an odd shape) serves on the layers as loaded.
+                    log.warning("linear layers not prepacked (%d were): %s", count, exc)
+                    break
                 _drop_file_pages(module.weight, files)
                 module.drop_dense()
                 count += 1
     _give_back_freed_memory()
     log.info("%d linear layers on oneDNN-packed weights%s", count, " (tied ones left as loaded)" if shared else "")
     return count
+
+
+def _pack(module: nn.Linear, check: bool) -> None:
+    """Makes `module` a PackedLinear once its packed weight exists, so a failure leaves it as it
+    was; with `check`, first proves the packed product equal to F.linear's on a random input."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
+    if check:
+        x = torch.randn(3, module.in_features, dtype=module.weight.dtype)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
+        want = nn.functional.linear(x, module.weight, module.bias)
+        tolerance = 1e-2 if module.weight.dtype == torch.bfloat16 else 1e-4
+        if not torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance * want.abs().max().item()):
+            raise RuntimeError("oneDNN's packed product differs from F.linear's")
+    module.__class__ = PackedLinear
+    module.packed = packed
 
 
 def _file_mappings() -> list[tuple[int, int]]:
@@ -130,6 +165,8 @@ def _drop_file_pages(weight: torch.Tensor, files: list[tuple[int, int]]) -> None
     """Unmaps the pages of a weight read from a mapped file: the mapping lives on while the
     embeddings use it, and the pages packing read would count in RSS until memory ran short (the
     bench model in float32: +98 MB). They are clean: dropping them never changes what is read."""
+    if not weight.is_contiguous():  # its bytes are not one range of its own
+        return
     start, end = weight.data_ptr(), weight.data_ptr() + weight.nbytes
     if not any(a <= start and end <= b for a, b in files):
         return

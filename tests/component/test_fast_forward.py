@@ -22,8 +22,13 @@ DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no native bfloat16 on this CPU"))]
 
 
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
 def load(path, dtype=torch.float32, packed: bool = False):
-    torch.set_grad_enabled(False)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
     if packed:  # all but the LM head, tied to the input embeddings
         assert pack_linears(model) == sum(1 for m in model.modules() if isinstance(m, nn.Linear)) - 1 > 0
@@ -155,6 +160,32 @@ def test_peft_wraps_packed_layers_and_its_adapter_gives_the_same_tokens(demo_pat
         outs.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                                    do_sample=False, eos_token_id=None, pad_token_id=0)[0].tolist())
     assert outs[0] == outs[1]
+
+
+def test_an_adapter_that_saves_a_packed_layer_loads_and_answers_as_on_plain_layers(demo_path, tmp_path):
+    """peft's modules_to_save copies the named layers (an untied LM head most often) and loads the
+    adapter's own weights into the copies: a packed layer copies as a plain one."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = load(demo_path)
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["o_proj"], init_lora_weights=False)
+    trained = get_peft_model(base, config)
+    torch.manual_seed(3)
+    for name, param in trained.named_parameters():
+        if "modules_to_save" in name:
+            param.add_(torch.randn_like(param) * 0.05)  # an adapter whose saved layers differ from the base
+    trained.save_pretrained(tmp_path / "saved")
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    outs = []
+    for packed in (False, True):
+        model = PeftModel.from_pretrained(load(demo_path, packed=packed), str(tmp_path / "saved")).eval()
+        o_proj = model.base_model.model.model.layers[0].self_attn.o_proj
+        assert type(o_proj.modules_to_save["default"]) is nn.Linear
+        assert (type(o_proj.original_module) is PackedLinear) == packed
+        outs.append(model(input_ids=ids).logits.float())
+    base_logits = load(demo_path)(input_ids=ids).logits.float()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(outs[0], base_logits, atol=1e-3)  # the saved layers count
 
 
 def test_the_loader_packs_unless_told_not_to(demo_path):
