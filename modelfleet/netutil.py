@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 
 class PortInUseError(Exception):
@@ -25,16 +26,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 _handed_out: set[int] = set()
+_handing_out = threading.Lock()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free now, never one this process handed out before: callers bind it later (a
+    """A port free now, not one this process handed out before: callers bind it later (a
     worker process binds it seconds after), and the kernel offers the same free port again
-    about once in 14,000 calls, which put two of one `serve`'s workers on one port."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+    about once in 14,000 calls, which put two of one `serve`'s workers on one port. (Once the
+    ephemeral range has been handed out whole, ports repeat rather than none is found.)"""
+    with _handing_out:
+        for _ in range(100):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+            if port not in _handed_out:
+                break
+        _handed_out.add(port)
+        return port

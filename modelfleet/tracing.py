@@ -73,15 +73,32 @@ def from_environment(service_name: str, environ: Mapping[str, str] = os.environ)
     return Tracing(provider.get_tracer("modelfleet"), provider)
 
 
-# Epoch minus monotonic, read once: reading both clocks at every conversion let a thread switch
-# between the two reads shift a span by milliseconds (measured up to 65 ms under load), which
-# put a child span before its parent. One offset keeps every conversion consistent.
-_EPOCH_OFFSET_NS = time.time_ns() - time.monotonic_ns()
+_OFFSET_REFRESH_NS = 30 * 10**9
+_offset: tuple[int, int] = (0, -_OFFSET_REFRESH_NS)  # (epoch minus monotonic, when it was read)
+
+
+def _epoch_offset_ns() -> int:
+    """Epoch minus monotonic nanoseconds. Reading both clocks at every conversion let a thread
+    switch between the two reads shift a span by milliseconds (up to 65 ms measured under load),
+    putting a child before its parent: the offset is read as the tightest of three bracketed
+    reads, and read again every 30 s so that a step of the wall clock (NTP, a paused VM) does
+    not shift a long-running process's spans against the SDK's own timestamps for good."""
+    global _offset
+    now = time.monotonic_ns()
+    if now - _offset[1] < _OFFSET_REFRESH_NS:
+        return _offset[0]
+    best = None
+    for _ in range(3):
+        before, wall, after = time.monotonic_ns(), time.time_ns(), time.monotonic_ns()
+        if best is None or after - before < best[0]:
+            best = (after - before, wall - (before + after) // 2)
+    _offset = (best[1], now)
+    return best[1]
 
 
 def wall_ns(monotonic: float) -> int:
     """A `time.monotonic()` reading (what the engine and the gateway keep) as epoch nanoseconds."""
-    return _EPOCH_OFFSET_NS + int(monotonic * 1e9)
+    return _epoch_offset_ns() + int(monotonic * 1e9)
 
 
 def end_span(span: Span | None, error: str | None = None, **attributes: Any) -> None:
