@@ -163,9 +163,22 @@ def _fill_env(md: ModelDeployment, config: OperatorConfig) -> list[dict[str, Any
     return list(first.values())
 
 
+def fill_scheduling(md: ModelDeployment) -> dict[str, Any]:
+    """The replicas' scheduling (render.pod_scheduling) for the fill pod: a ReadWriteOnce claim
+    binds on the fill's node, and where only some nodes may run the workload, the fill must run
+    there too. Of the affinity only the node affinity: pod (anti-)affinity places replicas
+    against pods (each other, most often), terms a fill pod, with other labels and running before
+    any replica, might never meet, which would leave the fill, and so the replicas, Pending."""
+    fields = pod_scheduling(md)
+    node_affinity = (fields.pop("affinity", None) or {}).get("nodeAffinity")
+    if node_affinity:
+        fields["affinity"] = {"nodeAffinity": node_affinity}
+    return fields
+
+
 def render_fill_job(md: ModelDeployment, ref: CacheRef, config: OperatorConfig) -> dict[str, Any]:
     """The Job that runs `modelfleet fetch SOURCE /cache/<directory>` once, in the worker image,
-    owned by this ModelDeployment, on the nodes the replicas may use (render.pod_scheduling).
+    owned by this ModelDeployment, on the nodes the replicas may use (fill_scheduling).
     Restricted like the worker (non-root, read-only root); fsGroup makes a fresh volume
     writable for it."""
     spec = md.spec
@@ -187,9 +200,7 @@ def render_fill_job(md: ModelDeployment, ref: CacheRef, config: OperatorConfig) 
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {"fsGroup": WORKER_UID},
-        # Scheduled as the replicas are: a ReadWriteOnce claim binds on the fill's node, and
-        # on clusters where only some nodes may run the workload, the fill must run there too.
-        **pod_scheduling(md),
+        **fill_scheduling(md),
         "containers": [{
             "name": FILL_CONTAINER,
             "image": image,

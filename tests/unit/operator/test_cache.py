@@ -155,6 +155,19 @@ def test_the_fill_pod_is_scheduled_as_the_replicas_are() -> None:
     assert {key: replica[key] for key in SCHEDULING} == {key: fill[key] for key in SCHEDULING}
 
 
+def test_the_fill_pod_takes_only_the_node_affinity() -> None:
+    """Replicas kept together (or apart) by pod affinity: a fill pod, running before any replica
+    and labelled otherwise, could never meet those terms and would never run."""
+    zone = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]}}
+    together = {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {"modelfleet.dev/model": "chat"}}, "topologyKey": "kubernetes.io/hostname"}]}
+    md = make(podTemplate={"spec": {"affinity": {"nodeAffinity": zone, "podAffinity": together}}})
+    assert render_fill_job(md, cache_ref(md), CONFIG)["spec"]["template"]["spec"]["affinity"] == {"nodeAffinity": zone}
+    only_pods = make(podTemplate={"spec": {"affinity": {"podAntiAffinity": together}}})
+    assert "affinity" not in render_fill_job(only_pods, cache_ref(only_pods), CONFIG)["spec"]["template"]["spec"]
+
+
 def test_a_fill_pod_without_scheduling_fields_has_none() -> None:
     fill = render_fill_job(make(), cache_ref(make()), CONFIG)["spec"]["template"]["spec"]
     assert not set(SCHEDULING) & set(fill)
