@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -198,12 +199,15 @@ def copy_from_podman(ref: str, size: int, ctr: Path, address: Path, say: Callabl
     """`podman save --format oci-archive REF | ctr images import -`, through this process so
     progress can be shown every 10 s (the worker image is several GB): podman first writes the
     archive, then streams it; containerd unpacks the layers once it has all of it."""
+    # Their own output goes to files, not pipes read at the end: a pipe filled meanwhile (64 KiB)
+    # would block the writer and so the copy.
+    save_errors, load_output = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     save = subprocess.Popen(["podman", "save", "--format", "oci-archive", ref], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=podman_env())
+                            stderr=save_errors, env=podman_env())
     load = subprocess.Popen([str(ctr), "--address", str(address), "--namespace", "k8s.io", "images", "import",
-                             "--snapshotter", "overlayfs", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             "--snapshotter", "overlayfs", "-"], stdin=subprocess.PIPE, stdout=load_output,
                             stderr=subprocess.STDOUT)
-    assert save.stdout is not None and save.stderr is not None and load.stdin is not None and load.stdout is not None
+    assert save.stdout is not None and load.stdin is not None
     moved, streamed, done = 0, threading.Event(), threading.Event()
     start = time.monotonic()
 
@@ -223,14 +227,14 @@ def copy_from_podman(ref: str, size: int, ctr: Path, address: Path, say: Callabl
         except BrokenPipeError:
             pass  # ctr stopped reading: its own error is below
         streamed.set()
-        errors = save.stderr.read().decode().strip()
-        out = load.stdout.read().decode().strip()
         if save.wait() != 0:
-            raise ImageError(f"podman save {ref}: {errors}")
+            raise ImageError(f"podman save {ref}: {_text(save_errors)}")
         if load.wait() != 0:
-            raise ImageError(f"ctr images import {ref}: {out}")
+            raise ImageError(f"ctr images import {ref}: {_text(load_output)}")
     finally:
         done.set()
+        save_errors.close()
+        load_output.close()
         for proc in (save, load):
             if proc.poll() is None:
                 proc.kill()
@@ -257,3 +261,8 @@ def load_project(bin_dir: Path, address: Path, names: tuple[str, ...], say: Call
         say(f"{ref}: imported ({time.monotonic() - began:.0f}s)")
         copied.append(ref)
     return copied
+
+
+def _text(output) -> str:
+    output.seek(0)
+    return output.read().decode(errors="replace").strip()
