@@ -79,6 +79,11 @@ def read_adapter(name: str, path: str, max_rank: int) -> dict[str, Any]:
     if rank > max_rank:
         raise OpenAIError(f"Loading lora {name} failed: LoRA rank {rank} is greater than max_lora_rank {max_rank} "
                           "(--max-lora-rank).", param="lora_path", code="lora_rank_too_large")
+    if config.get("use_dora"):
+        # peft's per-row adapter batches refuse DoRA ("Cannot pass `adapter_names` when DoRA is
+        # enabled"), so every request would fail after a successful load: refuse the load.
+        raise OpenAIError(f"Loading lora {name} failed: DoRA adapters (use_dora) are not supported.",
+                          param="lora_path", code="invalid_lora_adapter")
     if config.get("bias", "none") != "none":
         raise OpenAIError(f"Loading lora {name} failed: Adapter bias is not supported.", param="lora_path",
                           code="invalid_lora_adapter")

@@ -249,6 +249,12 @@ def test_bad_adapters_get_clear_errors_and_the_worker_stays_healthy(lora_worker,
     (other / "adapter_model.safetensors").write_bytes((source / "adapter_model.safetensors").read_bytes())
     err = api.error(load, {"lora_name": "x", "lora_path": str(other)}, param="lora_path")
     assert err["message"].startswith("Loading lora x failed:")
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    (dora / "adapter_model.safetensors").write_bytes((source / "adapter_model.safetensors").read_bytes())
+    err = api.error(load, {"lora_name": "x", "lora_path": str(dora)}, param="lora_path")
+    assert "DoRA adapters (use_dora) are not supported" in err["message"]
     # the limit: `ada` plus one more
     assert api.post(load, json={"lora_name": "adb", "lora_path": adapter_dirs["b"]}).status_code == 200
     try:
