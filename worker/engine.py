@@ -461,7 +461,15 @@ class GenerationEngine:
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         want_prompt_logprobs = any(s.request.prompt_logprobs is not None for s in batch)
         assert not (want_prompt_logprobs and past), "prompt logprobs never read the prefix cache"
-        if past:
+        slots = None
+        if past and all(s.request.n == 1 for s in batch):
+            # in the rows' own slots: the cached prefix is copied once, into them, and the prefill
+            # attends to it there (n > 1 copies a prefilled row into several: the buffer below)
+            slots = self.pool.open_rows(lengths)
+            cache = self.pool.prefill_cache(slots[0], len(slots), width, past)
+            self.prefix_cache.write_past([cl.keys for cl in cache.layers], [cl.values for cl in cache.layers],
+                                         matches, reused, past)
+        elif past:
             cache = self._cache_over_prefixes(matches, reused, past, width)
         else:
             cache = DynamicCache(config=self.model.config)
@@ -473,18 +481,19 @@ class GenerationEngine:
             logits_to_keep=0 if want_prompt_logprobs else 1,
             **{self.cache_kwarg: cache},
         )
-        self._join(batch, cache, out.logits.float(), lengths, reused, width, started)
+        self._join(batch, cache, out.logits.float(), lengths, reused, width, started, slots)
 
     def _join(self, batch: list[RequestState], cache, logits: torch.Tensor, lengths: list[int], reused: list[int],
-              width: int, started: float) -> None:
+              width: int, started: float, slots: list[int] | None = None) -> None:
         """Puts prefilled requests into the running batch: caches their prompt blocks, copies their
-        KV into the slot cache, answers prompt logprobs, and samples each choice's first token.
-        `cache` and `logits` are a left-padded prefill's, `width` columns wide."""
+        KV into the slot cache (unless they were prefilled in their `slots`, one row each), answers
+        prompt logprobs, and samples each choice's first token. `cache` and `logits` are a
+        left-padded prefill's, `width` columns wide."""
         if self.prefix_cache is not None:
             self._store_prefixes(batch, cache, lengths, reused, width)
         sources = [i for i, s in enumerate(batch) for _ in range(s.request.n)]
         sequences = [seq for state in batch for seq in state.make_sequences()]
-        new_rows = self.pool.add_rows(cache, lengths, sources)
+        new_rows = self.pool.add_rows(cache, lengths, sources) if slots is None else slots
         for i, state in enumerate(batch):
             self.stats.prompt_tokens += lengths[i]
             state.cached_tokens = reused[i]

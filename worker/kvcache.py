@@ -6,8 +6,9 @@ position shared by every row (StaticCache). Here each layer owns one preallocate
 [rows, kv_heads, columns, head_dim]. All rows write their next token at one shared column (the
 cursor), so the model still sees an ordinary left-padded batch; each row remembers the column
 where its own tokens start, and the engine masks everything left of it. A sequence that joins is
-prefilled on its own and copied in right-aligned at the cursor; one that leaves is replaced by the
-last row. Columns are reclaimed by shifting all rows left when the common padding grows.
+prefilled on its own and copied in right-aligned at the cursor (on top of a cached prompt prefix,
+prefilled in place in its new row: `open_rows`, `prefill_cache`); one that leaves is replaced by
+the last row. Columns are reclaimed by shifting all rows left when the common padding grows.
 
 Memory: the buffers grow in both rows and columns as sequences need them, and never past a
 budget of `budget_tokens` token slots (rows x columns, per layer, keys and values), which the
@@ -192,23 +193,7 @@ class SlotPool:
     def add_rows(self, prefill: Cache, lengths: list[int], sources: list[int]) -> list[int]:
         """Copies prefilled sequences in as new rows; `sources[i]` is the prefill batch row of
         new row i (a request with n choices appears n times). Returns the new row indices."""
-        if self.rows + len(sources) > self.max_rows:
-            raise RuntimeError("no free rows in the KV cache")
-        longest = max(lengths[s] for s in sources)
-        if self.rows + len(sources) > self.row_capacity:
-            self.compact()
-            self._grow(max(longest, self.cursor) + 1, rows=self.rows + len(sources))
-        if longest > self.cursor:
-            # Existing rows get more left padding so that the newcomer ends at the cursor.
-            self.compact()
-            delta = longest - self.cursor
-            if longest + 1 > self.columns:
-                self._grow(longest + 1, rows=self.rows + len(sources))
-            if self.starts and self.cursor:
-                self._move_columns(src=0, dst=delta, count=self.cursor)
-            self.starts = [s + delta for s in self.starts]
-            self.cursor = longest
-        self.reserve(1)
+        self._make_room([lengths[s] for s in sources])
         padded = prefill.layers[0].keys.shape[2]
         new_rows = []
         for source in sources:
@@ -222,6 +207,44 @@ class SlotPool:
             self.starts.append(start)
             new_rows.append(row)
         return new_rows
+
+    def open_rows(self, lengths: list[int]) -> list[int]:
+        """New rows for sequences of `lengths` tokens, right-aligned at the cursor as `add_rows`
+        lays them out, their columns left for a prefill to write in place (`prefill_cache`).
+        Returns the new row indices."""
+        self._make_room(lengths)
+        new_rows = list(range(self.rows, self.rows + len(lengths)))
+        self.starts += [self.cursor - n for n in lengths]
+        return new_rows
+
+    def prefill_cache(self, first_row: int, rows: int, width: int, past: int) -> Cache:
+        """A prefill cache over the pool's own rows `first_row` onwards: the last `width` columns
+        before the cursor, whose first `past` the caller fills with the cached past (PastLayer).
+        The prefill writes its KV straight into the rows and attends to it there, so nothing is
+        copied in after it."""
+        span, cols = slice(first_row, first_row + rows), slice(self.cursor - width, self.cursor)
+        return Cache(layers=[PastLayer(self.keys[i][span, :, cols], self.values[i][span, :, cols], past)
+                             for i in range(self.num_layers)])
+
+    def _make_room(self, lengths: list[int]) -> None:
+        """Room for new rows of `lengths` tokens ending at the cursor, and one more column."""
+        if self.rows + len(lengths) > self.max_rows:
+            raise RuntimeError("no free rows in the KV cache")
+        longest = max(lengths)
+        if self.rows + len(lengths) > self.row_capacity:
+            self.compact()
+            self._grow(max(longest, self.cursor) + 1, rows=self.rows + len(lengths))
+        if longest > self.cursor:
+            # Existing rows get more left padding so that the newcomer ends at the cursor.
+            self.compact()
+            delta = longest - self.cursor
+            if longest + 1 > self.columns:
+                self._grow(longest + 1, rows=self.rows + len(lengths))
+            if self.starts and self.cursor:
+                self._move_columns(src=0, dst=delta, count=self.cursor)
+            self.starts = [s + delta for s in self.starts]
+            self.cursor = longest
+        self.reserve(1)
 
     def clear(self) -> None:
         """Forgets every row (the buffers stay allocated)."""

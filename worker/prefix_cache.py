@@ -127,23 +127,32 @@ class PrefixCache:
                    reused: list[int], past: int) -> None:
         """Fills the first `past` columns of a prefill's per-layer buffers [rows, kv_heads, columns,
         head_dim]: row i gets its first `reused[i]` cached tokens right-aligned at `past`, zeros
-        left of them (padding: masked, but it must be finite). Rows that share a chain (one system
-        prompt) share one read of it."""
-        chains: dict[tuple[int, ...], list[int]] = {}
-        for i, match in enumerate(matches):
-            chains.setdefault(tuple(b.index for b in match.blocks), []).append(i)
-        for rows in chains.values():
-            longest = max(reused[i] for i in rows)
-            for layer in range(len(keys)):
-                if longest:
-                    cached = self.read(matches[rows[0]], layer, longest)
-                for i in rows:
-                    start = past - reused[i]
-                    for buf, part in zip((keys[layer], values[layer]), cached if longest else (None, None),
-                                         strict=True):
-                        buf[i, :, :start] = 0
-                        if reused[i]:
-                            buf[i, :, start:past] = part[:, : reused[i]]
+        left of them (padding: masked, but it must be finite). Per layer, one gather reads every
+        row's blocks (once for rows with the same chain: one system prompt), and each row's are
+        copied from it block-major, converted to the buffers' dtype on the way, with no reshape."""
+        size = self.block_size
+        chains: dict[tuple[int, ...], int] = {}  # a row's blocks -> where they start in the gather
+        order: list[int] = []
+        at: list[int] = []  # where each row's blocks start in the gather
+        for match, count in zip(matches, reused, strict=True):
+            chain = tuple(b.index for b in match.blocks[: -(-count // size)])
+            if chain not in chains:
+                chains[chain] = len(order)
+                order += chain
+            at.append(chains[chain])
+        index = torch.tensor(order, dtype=torch.long, device=self.device)
+        for layer in range(len(keys)):
+            for buf, store in ((keys[layer], self.keys), (values[layer], self.values)):
+                cached = store[layer].index_select(0, index) if order else None  # [blocks, heads, block, dim]
+                for i, count in enumerate(reused):
+                    start = past - count
+                    buf[i, :, :start] = 0
+                    full, rest = divmod(count, size)
+                    if full:  # the row's columns seen as [heads, blocks, block, dim]: one copy
+                        buf[i, :, start : start + full * size].unflatten(1, (full, size)).copy_(
+                            cached[at[i] : at[i] + full].transpose(0, 1))
+                    if rest:
+                        buf[i, :, past - rest : past] = cached[at[i] + full, :, :rest]
 
     def store(self, token_ids: Sequence[int], keys: list[torch.Tensor], values: list[torch.Tensor],
               salt: str | None = None) -> int:
