@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--api-keys", metavar="FILE", default=None)
+    # Longer than the gateway's 60 s: serve starts its workers with the gateway, and vLLM's start
+    # alone takes one to two minutes on a small CPU; a worker that dies stops serve itself.
+    serve.add_argument("--hold-timeout", type=_non_negative_float, default=300.0, metavar="SECONDS",
+                       help="how long a request waits for a worker that is still starting (then 503)")
     serve.add_argument("--engine", choices=["modelfleet", "vllm"], default="modelfleet",
                        help="modelfleet's own worker, or vLLM's OpenAI server (see `make vllm`)")
     serve.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",

@@ -18,11 +18,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from .cli import CommandError, WorkerSettings, engine_settings, lora_module_arg
 from .netutil import PortInUseError, bind_socket, free_port
+
+if TYPE_CHECKING:
+    from .gateway.app import GatewaySettings
 
 
 @dataclass
@@ -172,13 +176,24 @@ async def watch(workers: list[WorkerProcess], server) -> None:
             await asyncio.sleep(0.3 if pending else 1.0)
 
 
+def gateway_settings(args: argparse.Namespace, workers: list[WorkerProcess]) -> GatewaySettings:
+    """The gateway in front of serve's workers: static discovery of each model's replicas, and
+    serve's own hold bound (requests wait for workers that start with the gateway)."""
+    from .gateway.app import GatewaySettings
+
+    backends: dict[str, list[str]] = {}
+    for w in workers:
+        backends.setdefault(w.name, []).append(w.url)
+    return GatewaySettings(host=args.host, port=args.port, backends=backends, hold_timeout=args.hold_timeout,
+                           api_keys=Path(args.api_keys) if args.api_keys else None)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from modelfleet.http import GuardedHttpToolsProtocol
 
     from .cli import build_gateway
-    from .gateway.app import GatewaySettings
 
     try:
         sock = bind_socket(args.host, args.port)
@@ -195,11 +210,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CommandError("--lora-modules needs exactly one --model (an adapter is made for one base model)")
     check_sources(models)
     workers = start_workers(models, args.replicas, args)
-    backends: dict[str, list[str]] = {}
-    for w in workers:
-        backends.setdefault(w.name, []).append(w.url)
-    settings = GatewaySettings(host=args.host, port=args.port, backends=backends,
-                               api_keys=Path(args.api_keys) if args.api_keys else None)
+    settings = gateway_settings(args, workers)
     try:
         app = build_gateway(settings)
     except CommandError:

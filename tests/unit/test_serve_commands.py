@@ -6,7 +6,7 @@ import pytest
 
 from modelfleet import engines
 from modelfleet.cli import build_parser
-from modelfleet.serve import worker_command
+from modelfleet.serve import WorkerProcess, gateway_settings, worker_command
 
 
 def serve_args(*extra: str):
@@ -42,3 +42,14 @@ def test_an_adapter_path_with_a_comma_reaches_vllm_in_its_json_form(monkeypatch:
                                       '{"name": "odd", "path": "/adapters/a,b"}'])
     command = worker_command("demo", "/models/demo", 9001, args)
     assert '--lora-modules={"name": "odd", "path": "/adapters/a,b"}' in command
+
+
+def test_serve_holds_requests_longer_than_a_bare_gateway_while_its_workers_start() -> None:
+    """serve starts its workers with the gateway: a request in the first minutes waits for them
+    (vLLM alone takes one to two minutes on a small CPU) rather than getting a 503 at 60 s."""
+    gateway = build_parser().parse_args(["gateway", "--backend", "m=http://127.0.0.1:1"])
+    workers = [WorkerProcess("chat", i, f"http://127.0.0.1:{9000 + i}", None) for i in range(2)]
+    settings = gateway_settings(build_parser().parse_args(["serve"]), workers)
+    assert settings.hold_timeout == 300 > gateway.hold_timeout
+    assert settings.backends == {"chat": ["http://127.0.0.1:9000", "http://127.0.0.1:9001"]}
+    assert gateway_settings(build_parser().parse_args(["serve", "--hold-timeout", "20"]), workers).hold_timeout == 20
