@@ -22,14 +22,14 @@ cluster-down:  ## stop everything and remove pods, network namespaces and the br
 cluster-status:
 	@$(LOCALKUBE) status
 
-# The real node's tests (test_node*.py, and the chart's e2e test from the project's images) on a
+# The real node's tests (test_node*.py, and the chart's and the operator's e2e tests from the project's images) on a
 # second cluster whose node is a kubelet on containerd (second-cluster.env: its own ports, bridge,
 # CIDRs; its own state in .cluster-node), started and stopped around them, beside the e2e tier's
 # cluster, until that tier moves onto the real node.
 NODE_CLUSTER_ENV = $$(grep -v '^\#' $(CLUSTER_DIR)/second-cluster.env | xargs) MODELFLEET_CLUSTER_DIR=$(CURDIR)/.cluster-node
 # The images those tests run (`make images` may build more, such as vLLM's).
 NODE_IMAGES ?= control-plane worker
-NODE_TESTS = $(CLUSTER_DIR)/test_node.py $(CLUSTER_DIR)/test_node_operator.py tests/e2e/test_chart.py
+NODE_TESTS = $(CLUSTER_DIR)/test_node.py $(CLUSTER_DIR)/test_node_operator.py tests/e2e/test_chart.py tests/e2e/test_operator.py
 
 .PHONY: test-node node-cluster-down node-load-images
 

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from modelfleet.devcluster import (  # noqa: F401 - re-exported for the tests
@@ -32,6 +36,41 @@ from modelfleet.devcluster import (  # noqa: F401 - re-exported for the tests
     wait_for,
 )
 from modelfleet.netutil import free_port  # noqa: F401 - re-exported for the tests
+
+WORKER_IMAGE = "docker.io/modelfleet/worker:0.1.0"  # what `make images` tags (images/README.md)
+
+
+def real_node() -> bool:
+    """Whether the cluster's node is a real kubelet (containerd), not the agent."""
+    node = json.loads(kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
+    return node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+
+
+def worker_args() -> list[str]:
+    """The operator's flags for workers that run on this cluster's node. The agent runs any image
+    named modelfleet... as the project's Python with the host's files; the real node runs the
+    worker image `make images` built (`localkube load-images`), which sees a file:// model only
+    through a hostPath (--host-path-models), as uid 65532 (see readable_copies)."""
+    return ["--default-image", WORKER_IMAGE, "--host-path-models"] if real_node() else []
+
+
+@contextmanager
+def readable_copies(sources: dict[str, Path]) -> Iterator[dict[str, Path]]:
+    """Each model folder copied where the worker's user can read it. A worker container runs as
+    uid 65532 (enforced on the real node) and sees a hostPath at the path it has on this machine:
+    ensure_demo_model() leaves its folder and weights owner-only (root's), and minilm_path() lies
+    under /root, which the image keeps closed (0700). Not under /tmp either: that is the worker's
+    own emptyDir, which the agent mounts over a hostPath there."""
+    root = Path(tempfile.mkdtemp(prefix="modelfleet-e2e-models-", dir="/var/tmp"))
+    out = {}
+    try:
+        for name, source in sources.items():
+            copy = out[name] = Path(shutil.copytree(source, root / name))
+            for path in (copy, *copy.rglob("*")):
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        yield out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def items(kind: str, namespace: str, selector: str = "") -> list[dict]:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +29,9 @@ from localkube.testing import LocalCluster
 
 from modelfleet.demo import ensure_demo_model, minilm_path
 from modelfleet.devcluster import wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
+from operator_harness import readable_copies  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -97,21 +98,9 @@ def example(name: str, source: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def models() -> Iterator[dict[str, Path]]:
-    """Both models copied where the worker's user can read them. A worker container runs as uid
-    65532 (the chart's securityContext, enforced on the real node) and sees each hostPath at the
-    path it has on this machine: ensure_demo_model() leaves its folder and weights owner-only
-    (root's), and minilm_path() lies under /root, which the image keeps closed (0700). Not under
-    /tmp either: that is the worker's own emptyDir, which the agent mounts over a hostPath there."""
-    root = Path(tempfile.mkdtemp(prefix="modelfleet-e2e-models-", dir="/var/tmp"))
-    out = {}
-    try:
-        for name, source in (("tiny-chat", ensure_demo_model()), ("minilm", minilm_path())):
-            copy = out[name] = Path(shutil.copytree(source, root / name))
-            for path in (copy, *copy.rglob("*")):
-                path.chmod(0o755 if path.is_dir() else 0o644)
-        yield out
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    """Both models where the worker's user (uid 65532 on the real node) can read them."""
+    with readable_copies({"tiny-chat": ensure_demo_model(), "minilm": minilm_path()}) as copies:
+        yield copies
 
 
 def api_key_secret(name: str, key: str) -> dict:

@@ -1,5 +1,7 @@
 """The operator end to end on the local cluster (issue 6): the CRD from crds/, the operator as a
-process, real worker pods loading the tiny chat model.
+process, real worker pods loading the tiny chat model. On the agent's node the workers are the
+project's Python; on the real node (`make test-node`) they run from the worker image `make
+images` built, as uid 65532, the model mounted read-only from a hostPath (worker_args()).
 
 One namespace and one operator (watching only that namespace) per module; the tests run in
 file order and some build on the previous one (the `chat` ModelDeployment goes Ready, scales,
@@ -39,8 +41,11 @@ from operator_harness import (  # noqa: E402
     items,
     kubectl,
     model_deployment,
+    readable_copies,
     ready_endpoints,
+    real_node,
     wait_for,
+    worker_args,
 )
 
 from modelfleet import labels  # noqa: E402
@@ -50,6 +55,8 @@ pytestmark = pytest.mark.e2e
 
 LOAD_TIMEOUT = 150  # a worker pod imports torch and loads the model: ~25 s on a loaded 2-core box
 SETTLE_TIMEOUT = 45  # what needs no model load (status, scheduling, a crash)
+# A worker that loads the model: its memory is a limit the real kubelet enforces, so room for torch.
+LOADING = {"cpu": "100m", "memory": "2Gi"}
 
 
 @dataclass
@@ -57,6 +64,7 @@ class Env:
     namespace: str
     op: OperatorProcess
     source: str
+    real_node: bool
 
     def explain(self) -> str:
         return describe(self.namespace, self.op)
@@ -69,23 +77,29 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(cluster, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - cluster sets KUBECONFIG
+def models() -> Iterator[dict[str, Path]]:
+    with readable_copies({"tiny-chat": ensure_demo_model()}) as out:
+        yield out
+
+
+@pytest.fixture(scope="module")
+def env(cluster, models, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - cluster sets KUBECONFIG
     install_crds()
     ns = f"{NS_PREFIX}{uuid.uuid4().hex[:6]}"
     create_namespace(ns)
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = OperatorProcess([ns], log)
-    source = f"file://{ensure_demo_model()}"
+    op = OperatorProcess([ns], log, *worker_args())
+    source = f"file://{models['tiny-chat']}"
     try:
         op.start()
-        e = Env(ns, op, source)
+        e = Env(ns, op, source, real_node())
         apply(
-            model_deployment("chat", source, replicas=1),
+            model_deployment("chat", source, replicas=1, resources=LOADING),
             # More than one GPU needs vLLM's engine; the pod never gets far enough to run it.
             model_deployment("greedy", source, replicas=1, resources={"gpu": 64, "cpu": "100m"},
                              engine={"kind": "vllm"}),
             model_deployment("missing", "file:///nonexistent/modelfleet-e2e/model", replicas=1),
-            model_deployment("zero", source, autoscaling={"minReplicas": 0, "maxReplicas": 1,
+            model_deployment("zero", source, resources=LOADING, autoscaling={"minReplicas": 0, "maxReplicas": 1,
                                                           "targetInflightPerReplica": 1,
                                                           "scaleDownDelaySeconds": 3},
                              routing={"holdTimeoutSeconds": 5}),
@@ -132,12 +146,21 @@ def test_missing_model_directory_reports_why(env: Env) -> None:
         md = env.md("missing")
         return md if "/nonexistent/modelfleet-e2e/model" in condition(md, "Ready").get("message", "") else None
 
-    md = env.wait(failed, SETTLE_TIMEOUT, "the worker's error (model directory missing) in status")
+    md = env.wait(failed, SETTLE_TIMEOUT, "the error (model directory missing) in status")
     ready = condition(md, "Ready")
+    listed = kubectl("get", "md", "missing", "-n", env.namespace).stdout
+    if env.real_node:
+        # The model is a hostPath there: the kubelet refuses to mount a missing directory, so the
+        # pod never starts and its FailedMount event is the why (the worker's own error for a
+        # missing directory, on this node, is tests/cluster/test_node_operator.py's crash test).
+        assert ready["status"] == "False" and ready["reason"] == "FailedMount", ready
+        assert "not a directory" in ready["message"], ready["message"]
+        assert _phase(md) == "Pending"
+        assert "/nonexistent/modelfleet-e2e/model" in listed, f"kubectl get md does not say why: {listed}"
+        return
     assert ready["status"] == "False" and ready["reason"] in ("CrashLoopBackOff", "Error"), ready
     assert "does not exist" in ready["message"], ready["message"]
     assert _phase(md) == "Failed"
-    listed = kubectl("get", "md", "missing", "-n", env.namespace).stdout
     assert "does not exist" in listed, f"kubectl get md does not say why: {listed}"
 
 
@@ -385,8 +408,8 @@ def test_two_operators_with_peering_only_one_acts(env: Env, tmp_path: Path) -> N
     ns = f"{env.namespace}-peer"
     create_namespace(ns)
     apply({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "modelfleet"}}, namespace=ns)
-    high = OperatorProcess([ns], tmp_path / "high.log", "--peering", "modelfleet", "--priority", "200")
-    low = OperatorProcess([ns], tmp_path / "low.log", "--peering", "modelfleet", "--priority", "100")
+    high = OperatorProcess([ns], tmp_path / "high.log", "--peering", "modelfleet", "--priority", "200", *worker_args())
+    low = OperatorProcess([ns], tmp_path / "low.log", "--peering", "modelfleet", "--priority", "100", *worker_args())
     try:
         high.start()
         low.start()
