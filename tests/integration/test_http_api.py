@@ -3,7 +3,7 @@ headers, tokenizer endpoints, metrics, and cancellation when a client goes away.
 
 import json
 import re
-import threading
+import socket
 
 import httpx
 import pytest
@@ -169,10 +169,15 @@ def running(worker: str) -> float:
     return worker_metric(worker, "vllm:num_requests_running")
 
 
-def leave_after(url: str, body: dict, seconds: float) -> None:
-    """Waits `seconds` for a non-streamed answer, then hangs up."""
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url, json=body, timeout=httpx.Timeout(60, read=seconds))
+def send_request(url: str, body: dict) -> socket.socket:
+    """POSTs `body` on a raw connection and returns it unread, for the caller to hang up on
+    when it chooses (a client that stops waiting for a non-streamed answer)."""
+    target = httpx.URL(url)
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((target.host, target.port), timeout=60)
+    sock.sendall(f"POST {target.raw_path.decode()} HTTP/1.1\r\nHost: {target.host}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "non-streamed"])
@@ -192,13 +197,14 @@ def test_client_disconnect_cancels_generation(server, stream):
                 next(lines)
             assert running(worker) == 1
     else:
-        # Leaves after 4 s (1900 tokens take 15 s at load 7): the request must be seen running,
-        # twice, before then; 2 s was a narrow margin at load 16.
-        client = threading.Thread(target=leave_after, args=(url, body, 4.0))
-        client.start()
-        wait_for(lambda: running(worker), 10, "the request to be running", interval=0.05)
-        assert running(worker) == 1
-        client.join()
+        # Hangs up once the request runs: leaving after a fixed time either came before it ran
+        # (a loaded machine) or after all 1900 tokens (an idle one generates them in seconds).
+        connection = send_request(url, body)
+        try:
+            wait_for(lambda: running(worker), 30, "the request to be running", interval=0.05)
+            assert running(worker) == 1
+        finally:
+            connection.close()
     wait_for(lambda: running(worker) == 0, 30, "the batch to be empty after the client left", interval=0.1)
     assert worker_metric(worker, "vllm:generation_tokens_total") - generated < 1900
     assert worker_metric(server, "modelfleet_gateway_backend_inflight", worker) == 0  # the gateway's books too
