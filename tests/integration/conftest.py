@@ -1,7 +1,9 @@
 """A real `modelfleet serve` (gateway + one worker per model) on loopback, shared by the tier."""
 
+import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,28 @@ from modelfleet.netutil import free_port
 CHAT = "tiny-chat"
 EMBED = "all-MiniLM-L6-v2"
 
+
+def worker_metric(url: str, name: str, having: str = "") -> float:
+    """A labelled sample on `url`'s /metrics; the first whose line contains `having`."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + "{") and having in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} with {having!r} on {url}")
+
+
+def running(worker: str) -> float:
+    return worker_metric(worker, "vllm:num_requests_running")
+
+
+def send_request(url: str, body: dict) -> socket.socket:
+    """POSTs `body` on a raw connection and returns it unread, for the caller to hang up on
+    when it chooses (a client that stops waiting for a non-streamed answer)."""
+    target = httpx.URL(url)
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((target.host, target.port), timeout=60)
+    sock.sendall(f"POST {target.raw_path.decode()} HTTP/1.1\r\nHost: {target.host}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock
 
 
 def wait_ready(url: str, models: set[str], proc: subprocess.Popen, timeout: float = 180) -> None:

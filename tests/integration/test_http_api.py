@@ -3,12 +3,13 @@ headers, tokenizer endpoints, metrics, and cancellation when a client goes away.
 
 import json
 import re
-import socket
 
 import httpx
 import pytest
 
 from modelfleet.devcluster import wait_for
+
+from .conftest import running, send_request, worker_metric
 
 pytestmark = pytest.mark.integration
 CHAT, EMBED = "tiny-chat", "all-MiniLM-L6-v2"
@@ -155,29 +156,6 @@ def test_gateway_and_worker_metrics(server):
                  "vllm:time_to_first_token_seconds_bucket", "vllm:generation_tokens_total"):
         # Labelled with the model (where the label sits among others varies by client version).
         assert re.search(rf'^{re.escape(name)}{{[^}}]*model_name="{CHAT}"', wtext, re.M), name
-
-
-def worker_metric(url: str, name: str, having: str = "") -> float:
-    """A labelled sample on `url`'s /metrics; the first whose line contains `having`."""
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + "{") and having in line:
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {name} with {having!r} on {url}")
-
-
-def running(worker: str) -> float:
-    return worker_metric(worker, "vllm:num_requests_running")
-
-
-def send_request(url: str, body: dict) -> socket.socket:
-    """POSTs `body` on a raw connection and returns it unread, for the caller to hang up on
-    when it chooses (a client that stops waiting for a non-streamed answer)."""
-    target = httpx.URL(url)
-    payload = json.dumps(body).encode()
-    sock = socket.create_connection((target.host, target.port), timeout=60)
-    sock.sendall(f"POST {target.raw_path.decode()} HTTP/1.1\r\nHost: {target.host}\r\n"
-                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
-    return sock
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "non-streamed"])
