@@ -47,8 +47,7 @@ class PackedLinear(nn.Linear):
             if not self.dense:
                 raise RuntimeError("this layer's weight was dropped after packing: pass the new weight")
             weight = self.weight
-        # no batch-size hint: packing for 1 row was slower at 32 rows and no faster at 1
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self.packed = _packed(weight)
 
     def drop_dense(self) -> None:
         """Frees the weight as loaded, leaving a stand-in of its shape, dtype and device."""
@@ -135,10 +134,15 @@ def pack_linears(model: nn.Module) -> int:
     return count
 
 
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    # no batch-size hint: packing for 1 row was slower at 32 rows and no faster at 1
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
 def _pack(module: nn.Linear, check: bool) -> None:
     """Makes `module` a PackedLinear once its packed weight exists, so a failure leaves it as it
     was; with `check`, first proves the packed product equal to F.linear's on a random input."""
-    packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
+    packed = _packed(module.weight)
     if check:
         x = torch.randn(3, module.in_features, dtype=module.weight.dtype)
         got = torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")

@@ -188,6 +188,27 @@ def test_an_adapter_that_saves_a_packed_layer_loads_and_answers_as_on_plain_laye
     assert not torch.allclose(outs[0], base_logits, atol=1e-3)  # the saved layers count
 
 
+def test_a_failing_pack_leaves_the_rest_as_loaded_and_the_model_answers_alike(demo_path, monkeypatch):
+    """Packing is only an optimisation: where oneDNN's ops fail (another architecture, an odd
+    shape), the layers packed so far stay packed, the rest stay as loaded, and nothing breaks."""
+    from modelfleet.worker import fastlinear
+
+    real, calls = fastlinear._pack, []
+
+    def pack_once(module, check):
+        calls.append(module)
+        if len(calls) > 1:
+            raise RuntimeError("oneDNN's packed product differs from F.linear's")
+        real(module, check)
+
+    monkeypatch.setattr(fastlinear, "_pack", pack_once)
+    model, plain = load(demo_path), load(demo_path)
+    assert pack_linears(model) == 1
+    assert [type(m) for m in model.modules() if isinstance(m, nn.Linear)].count(PackedLinear) == 1
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_the_loader_packs_unless_told_not_to(demo_path):
     packed, _ = load_causal_lm(detect(demo_path), "cpu", torch.float32)
     plain, _ = load_causal_lm(detect(demo_path), "cpu", torch.float32, prepack_weights=False)
