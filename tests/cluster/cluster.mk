@@ -31,7 +31,7 @@ NODE_CLUSTER_ENV = $$(grep -v '^\#' $(CLUSTER_DIR)/second-cluster.env | xargs) M
 NODE_IMAGES ?= control-plane worker
 NODE_TESTS = $(CLUSTER_DIR)/test_node.py $(CLUSTER_DIR)/test_node_operator.py tests/e2e/test_chart.py tests/e2e/test_operator.py
 
-.PHONY: test-node node-cluster-down node-load-images
+.PHONY: test-node node-cluster-up node-cluster-down node-load-images
 
 test-node: cluster-deps images  ## build and start a second cluster on a real node (kubelet, containerd), load the project's images, run its tests, stop it
 	@env $(NODE_CLUSTER_ENV) bash $(CLUSTER_DIR)/scripts/build.sh
@@ -39,6 +39,11 @@ test-node: cluster-deps images  ## build and start a second cluster on a real no
 	@env $(NODE_CLUSTER_ENV) $(LOCALKUBE) load-images $(NODE_IMAGES) && \
 	  env $(NODE_CLUSTER_ENV) $(PYTHON) -m pytest -q $(NODE_TESTS); rc=$$?; \
 	  env $(NODE_CLUSTER_ENV) $(LOCALKUBE) down; exit $$rc
+
+node-cluster-up: cluster-deps images  ## start the real-node cluster of test-node and load the images into it, to run its tests by hand (`source .cluster-node/env`)
+	@env $(NODE_CLUSTER_ENV) bash $(CLUSTER_DIR)/scripts/build.sh
+	@env $(NODE_CLUSTER_ENV) $(LOCALKUBE) up
+	@env $(NODE_CLUSTER_ENV) $(LOCALKUBE) load-images $(NODE_IMAGES)
 
 node-load-images:  ## copy the images `make images` built (NODE_IMAGES) into the running real-node cluster's containerd
 	@env $(NODE_CLUSTER_ENV) $(LOCALKUBE) load-images $(NODE_IMAGES)
