@@ -2,7 +2,8 @@
 with a static cache (fixed shapes, the case torch.compile handles best) compiled against eager,
 greedy, 48 new tokens, at 1 and 32 rows, one thread. The engine's decode step has shapes that
 change every step (rows join and leave, columns grow), which compiles worse, so this is an
-upper bound on what compiling the step would gain.
+upper bound on what compiling the step would gain; bench/compile_regions.py measures the engine's
+own step compiled by regions (bench/profiles/compile.md).
 
     OMP_NUM_THREADS=1 python bench/compile_probe.py
 """
