@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from .chunked import ChunkedPrefill, StepRecord, chunk_end, prefill_budget
 from .constraints import Constraint, MaskBatch
-from .kvcache import SLOT_ATTENTION, SlotPool, cache_over_past, default_kv_cache_bytes, kv_dtype
+from .kvcache import SLOT_ATTENTION, SlotPool, cache_over_past, decodes_by_matmul, default_kv_cache_bytes
 from .prefix_cache import PrefixCache, PrefixMatch
 from .sampling import BatchParams, banned_by_bad_words, sample
 from .scheduler import KvRoom, plan_admission, plan_prefill_groups
@@ -113,16 +113,15 @@ class GenerationEngine:
         heads = mc.num_attention_heads
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // heads
         kv_heads = getattr(mc, "num_key_value_heads", None) or heads
-        self.kv_dtype = self.dtype
-        if getattr(mc, "_attn_implementation", None) == "sdpa":
-            self.kv_dtype = kv_dtype(self.dtype, self.device)
-            if self.kv_dtype != self.dtype:
-                try:
-                    model.set_attn_implementation(SLOT_ATTENTION)  # SDPA, in the pool's dtype
-                except (ValueError, NotImplementedError) as exc:  # a model class that refuses it
-                    log.info("KV stays in %s: %s", self.dtype, exc)
-                    self.kv_dtype = self.dtype
-        token_bytes = 2 * mc.num_hidden_layers * kv_heads * head_dim * self.kv_dtype.itemsize
+        self.matmul_decode = False  # decode attention as matmuls over whole rows (kvcache.slot_attention)
+        attention = getattr(mc, "_attn_implementation", None)  # ours already: a second engine on this model
+        if attention in ("sdpa", SLOT_ATTENTION) and decodes_by_matmul(mc, self.dtype, self.device):
+            try:
+                model.set_attn_implementation(SLOT_ATTENTION)
+                self.matmul_decode = True
+            except (ValueError, NotImplementedError) as exc:  # a model class that refuses it
+                log.info("decode attention stays on SDPA: %s", exc)
+        token_bytes = 2 * mc.num_hidden_layers * kv_heads * head_dim * self.dtype.itemsize
         budget = config.kv_cache_bytes if config.kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
         # more than every row at full context could never be used
         self.kv_budget_tokens = min(budget // token_bytes, config.max_num_seqs * (config.max_model_len + 1))
@@ -133,9 +132,10 @@ class GenerationEngine:
             head_dim=head_dim,
             max_rows=config.max_num_seqs,
             max_columns=config.max_model_len + 1,
-            dtype=self.kv_dtype,
+            dtype=self.dtype,
             device=self.device,
             budget_tokens=self.kv_budget_tokens,
+            full_width=self.matmul_decode,
         )
         self.prefix_cache: PrefixCache | None = None
         if config.enable_prefix_caching:
@@ -606,7 +606,7 @@ class GenerationEngine:
         rows = len(self.rows)
         ids = torch.tensor([[seq.last_token] for seq in self.rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[self.pool.row_length(r)] for r in range(rows)], device=self.device)
-        mask = self.pool.decode_mask(self.kv_dtype)
+        mask = self.pool.decode_mask(self.dtype)
         out = self._forward(seq.owner.request for seq in self.rows)(
             input_ids=ids,
             attention_mask=mask,

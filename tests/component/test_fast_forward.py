@@ -122,8 +122,8 @@ def test_a_dropped_weight_is_changed_through_repack():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_greedy_tokens_through_the_engine_equal_the_plain_models(demo_path, tok, dtype):
     """float32: the packed engine against the plain model's `generate`, token for token. bfloat16:
-    against the engine on the plain model (in bfloat16 the engine keeps its KV in float32, which
-    `generate` does not)."""
+    against the engine on the plain model (in bfloat16 the engine's decode attention is matmuls,
+    kvcache.decode_attention, where `generate` on this SDPA model runs SDPA's kernel)."""
     plain = load(demo_path, dtype)
     lengths = [12 + 5 * i for i in range(len(PROMPTS))]
     got = run_engine(load(demo_path, dtype, packed=True), tok, PROMPTS, max(lengths))

@@ -104,15 +104,22 @@ def test_usage_is_kv_held_over_the_budget_not_rows_times_context(tiny):
     assert allocated * 8 <= 8 * 2048  # at most 1/8 of what max_num_seqs x max_model_len reserved
 
 
-def test_a_bfloat16_model_on_cpu_keeps_float32_kv_and_generates_as_generate_does(tiny):
-    """bfloat16 weights, float32 KV (kvcache.kv_dtype): greedy tokens stay those of
-    model.generate on the same bfloat16 model, and the budget counts 4-byte slots."""
+def test_a_bfloat16_model_on_cpu_keeps_bfloat16_kv_and_generates_as_eager_generate_does(tiny):
+    """bfloat16 weights, bfloat16 KV, decode attention as matmuls (kvcache.decode_attention):
+    greedy tokens stay those of model.generate on the same bfloat16 model under transformers'
+    eager attention (the same math), and the budget counts 2-byte slots."""
     import copy
 
     model, tok = tiny
     half = copy.deepcopy(model).to(torch.bfloat16)
-    engine = GenerationEngine(half, tok, EngineConfig(max_model_len=2048, max_num_seqs=4), [tok.eos_token_id])
-    assert engine.kv_dtype == torch.float32 and engine.pool.keys[0].dtype == torch.float32
+    eager = copy.deepcopy(half)
+    eager.set_attn_implementation("eager")
+    engine = GenerationEngine(half, tok, EngineConfig(max_model_len=2048, max_num_seqs=4,
+                                                      kv_cache_bytes=1 << 20), [tok.eos_token_id])
+    assert engine.matmul_decode and engine.pool.keys[0].dtype == torch.bfloat16
+    mc = half.config
+    assert engine.kv_token_bytes == 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * 2
+    assert engine.kv_budget_tokens == (1 << 20) // engine.kv_token_bytes
     engine.start()
     try:
         async def main():
@@ -123,7 +130,7 @@ def test_a_bfloat16_model_on_cpu_keeps_float32_kv_and_generates_as_generate_does
         engine.stop()
     for prompt, events in zip(PROMPTS, results, strict=True):
         ids = tok(prompt)["input_ids"]
-        assert [t for e in events for d in e.deltas for t in d.token_ids] == reference((half, tok), ids, 16)
+        assert [t for e in events for d in e.deltas for t in d.token_ids] == reference((eager, tok), ids, 16)
 
 
 def test_the_api_refuses_a_request_past_the_budget_with_a_400_naming_max_tokens(demo_path):
@@ -134,7 +141,7 @@ def test_the_api_refuses_a_request_past_the_budget_with_a_400_naming_max_tokens(
     from .conftest import Api
 
     service, metrics = load_service(WorkerSettings(source=str(demo_path), served_names=["tiny-chat"],
-                                                   max_num_seqs=4, kv_cache_gib=0.0005))
+                                                   max_num_seqs=4, kv_cache_gib=0.00025))
     service.engine.start()
     try:
         api = Api(create_app(service, metrics))

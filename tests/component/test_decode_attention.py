@@ -1,0 +1,69 @@
+"""Decode attention as matmuls (worker/kvcache.py `decode_attention`) against PyTorch's SDPA on
+random tensors: bfloat16 with a padding mask, grouped-query heads, and the slot pool's whole-row
+view, where the columns right of the cursor hold stale KV that the mask must hide."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modelfleet.worker.kvcache import SlotPool, decode_attention, decodes_by_matmul
+
+
+def sdpa(query, key, value, mask):
+    """The reference: SDPA in float32 on the same bfloat16 inputs, heads repeated for GQA, laid
+    out [rows, 1, heads, D] as transformers' attention functions return it."""
+    group = query.shape[1] // key.shape[1]
+    key, value = (t.float().repeat_interleave(group, dim=1) for t in (key, value))
+    out = F.scaled_dot_product_attention(query.float(), key, value, attn_mask=mask.float())
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(8, 8), (8, 2), (4, 1)])
+def test_decode_attention_equals_sdpa_with_a_mask_and_grouped_heads(heads, kv_heads):
+    torch.manual_seed(0)
+    rows, columns, dim = 5, 37, 64
+    query = torch.randn(rows, heads, 1, dim).bfloat16()
+    key, value = (torch.randn(rows, kv_heads, columns, dim).bfloat16() for _ in range(2))
+    starts = torch.tensor([0, 3, 10, 36, 20])  # each row's padding, left of its start
+    mask = torch.zeros(rows, columns).masked_fill_(torch.arange(columns) < starts[:, None], torch.finfo(torch.float32).min)
+    got = decode_attention(query, key, value, mask[:, None, None, :])
+    assert got.shape == (rows, 1, heads, dim) and got.dtype == torch.bfloat16
+    # bfloat16 has 8 bits of mantissa: the products and the weights round at about 4e-3 relative
+    torch.testing.assert_close(got.float(), sdpa(query, key, value, mask[:, None, None, :]), rtol=2e-2, atol=2e-2)
+    alone = decode_attention(query[3:4], key[3:4, :, 36:], value[3:4, :, 36:], None)  # all but one masked
+    torch.testing.assert_close(got[3], alone[0], rtol=0, atol=0)
+
+
+def test_the_pools_whole_rows_hide_the_columns_right_of_the_cursor():
+    """With `full_width`, a decode step attends to every allocated column; what lies right of the
+    cursor (here large stale values) must weigh nothing, so the result is the attention over the
+    rows' own tokens alone."""
+    torch.manual_seed(1)
+    pool = SlotPool(num_layers=1, kv_heads=2, head_dim=16, max_rows=4, max_columns=64, dtype=torch.bfloat16,
+                    device=torch.device("cpu"), initial_columns=32, full_width=True)
+    pool.open_rows([7, 12, 3])
+    pool.keys[0].normal_().mul_(4)
+    pool.values[0].normal_().mul_(4)
+    pool.keys[0][:, :, pool.cursor + 1 :] = 1e4  # stale: would dominate if it were attended
+    query = torch.randn(3, 4, 1, 16).bfloat16()
+    k, v = pool.write(0, torch.randn(3, 2, 1, 16).bfloat16(), torch.randn(3, 2, 1, 16).bfloat16())
+    assert k.shape[2] == pool.columns > pool.cursor + 1 and k.is_contiguous()
+    mask = pool.decode_mask(torch.bfloat16)
+    assert mask.shape == (3, 1, 1, pool.columns)
+    got = decode_attention(query, k, v, mask, scaling=0.25)
+    end = pool.cursor + 1
+    for row, start in enumerate(pool.starts):
+        alone = decode_attention(query[row : row + 1], k[row : row + 1, :, start:end], v[row : row + 1, :, start:end],
+                                 None, scaling=0.25)
+        torch.testing.assert_close(got[row], alone[0], rtol=1e-2, atol=1e-2)
+
+
+def test_only_bfloat16_on_cpu_without_window_softcap_or_sinks_decodes_by_matmul():
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig
+
+    cpu = torch.device("cpu")
+    assert decodes_by_matmul(LlamaConfig(), torch.bfloat16, cpu)
+    assert not decodes_by_matmul(LlamaConfig(), torch.float32, cpu)  # float32: SDPA is as fast
+    assert not decodes_by_matmul(LlamaConfig(), torch.bfloat16, torch.device("cuda"))
+    assert not decodes_by_matmul(MistralConfig(sliding_window=4096), torch.bfloat16, cpu)
+    assert not decodes_by_matmul(Gemma2Config(), torch.bfloat16, cpu)  # sliding layers, softcapping
