@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +23,16 @@ from localkube.testing import LocalCluster
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # operator_harness
 
 from operator_harness import (  # noqa: E402
-    NS_PREFIX,
+    WORKER_IMAGE,
     OperatorProcess,
     apply,
     condition,
-    create_namespace,
-    delete_model_deployments,
-    delete_namespace,
     describe,
     get,
-    install_crds,
     kubectl,
     model_deployment,
+    operator_namespace,
+    real_node,
     wait_for,
 )
 
@@ -43,7 +40,6 @@ from modelfleet import labels  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
-WORKER_IMAGE = "docker.io/modelfleet/worker:0.1.0"  # what `make images` tags (images/README.md)
 MISSING_IMAGE = "localkube.dev/not-built:1"
 # The kubelet's first pull error, then its back-off (10 s doubling), both seen within a minute;
 # a crash needs the worker image to start Python and fail (~10-20 s a run on 2 loaded cores).
@@ -66,18 +62,13 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    node = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
-    if not node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://"):
+def env(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:  # noqa: ARG001 - cluster sets KUBECONFIG
+    if not real_node():
         pytest.skip("the node is the agent: see tests/e2e/test_operator.py (MODELFLEET_CLUSTER_NODE_KIND=kubelet)")
-    install_crds()
-    ns = f"{NS_PREFIX}{uuid.uuid4().hex[:6]}"
-    create_namespace(ns)
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = OperatorProcess([ns], log, "--default-image", WORKER_IMAGE)
     source = "file:///nonexistent/modelfleet-e2e/model"  # only `crash` gets as far as reading it
-    try:
-        op.start()
+    # The worker image without --host-path-models: the missing model is the worker's own error.
+    with operator_namespace(tmp_path_factory.mktemp("operator"), "--default-image", WORKER_IMAGE,
+                            workers=False) as (ns, op):
         apply(
             model_deployment("noimage", source, engine={"image": MISSING_IMAGE}),
             model_deployment("crash", source),
@@ -85,11 +76,6 @@ def env(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iter
             namespace=ns,
         )
         yield Env(ns, op)
-    finally:
-        delete_model_deployments(ns)
-        op.stop()
-        delete_namespace(ns)
-        print(f"operator log: {log}")
 
 
 def test_missing_image_is_the_kubelets_pull_failure(env: Env) -> None:

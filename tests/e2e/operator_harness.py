@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,6 +74,27 @@ def readable_copies(sources: dict[str, Path]) -> Iterator[dict[str, Path]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@contextmanager
+def operator_namespace(logs: Path, *extra: str, name: str = "", workers: bool = True) -> Iterator[tuple[str, OperatorProcess]]:
+    """A fresh namespace (`NS_PREFIX` + `name` + a random suffix) with the ModelDeployment CRD
+    and the operator as a host process watching only it, logging to `logs`/operator.log, with
+    worker_args() unless `workers` is false, and `extra` flags. Afterwards the ModelDeployments
+    are deleted while the operator still runs (their pods go with them), then the operator and
+    the namespace. What a module starts beside it (a gateway, a mirror) it stops inside the block."""
+    install_crds()
+    ns = f"{NS_PREFIX}{name}{uuid.uuid4().hex[:6]}"
+    create_namespace(ns)
+    op = OperatorProcess([ns], logs / "operator.log", *(worker_args() if workers else ()), *extra)
+    try:
+        op.start()
+        yield ns, op
+    finally:
+        delete_model_deployments(ns)
+        op.stop()
+        delete_namespace(ns)
+        print(f"logs: {logs}")
+
+
 def items(kind: str, namespace: str, selector: str = "") -> list[dict]:
     args = ["get", kind, "-n", namespace, "-o", "json"] + (["-l", selector] if selector else [])
     return json.loads(kubectl(*args).stdout)["items"]
@@ -127,10 +149,11 @@ class GatewayProcess:
     """`modelfleet gateway --discovery kubernetes` on the host, watching `namespace`, logging
     to a file. Its URL is 127.0.0.1 only."""
 
-    def __init__(self, namespace: str, log_path: Path, *extra: str) -> None:
+    def __init__(self, namespace: str, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.namespace = namespace
         self.log_path = log_path
         self.extra = list(extra)
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -143,7 +166,7 @@ class GatewayProcess:
             log.write(f"==== {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, env=os.environ.copy())
+                                         start_new_session=True, env={**os.environ, **self.env})
         wait_for(self._ready, 60, what="the gateway's /ready", explain=self.tail)
         return self
 

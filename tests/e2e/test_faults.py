@@ -39,10 +39,10 @@ from operator_harness import (  # noqa: E402
     delete_namespace,
     describe,
     get,
-    install_crds,
     items,
     kubectl,
     model_deployment,
+    operator_namespace,
     pod_pids,
     signal_pod,
     wait_for,
@@ -96,26 +96,18 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(cluster, tmp_path_factory) -> Iterator[Fleet]:  # noqa: ARG001 - cluster sets KUBECONFIG
-    install_crds()
-    ns = f"{NS_PREFIX}faults-{uuid.uuid4().hex[:6]}"
-    create_namespace(ns)
     logs = tmp_path_factory.mktemp("faults")
-    op = OperatorProcess([ns], logs / "operator.log")
-    gw = GatewayProcess(ns, logs / "gateway.log")
-    try:
-        op.start()
-        gw.start()
-        apply(model_deployment(MODEL, f"file://{ensure_demo_model()}", replicas=2,
-                               terminationGracePeriodSeconds=GRACE), namespace=ns)
-        yield Fleet(ns, op, gw)
-    finally:
-        for pod in items("pods", ns, SELECTOR):
-            signal_pod(pod, signal.SIGCONT)  # never leave a stopped process behind
-        delete_model_deployments(ns)
-        gw.stop()
-        op.stop()
-        delete_namespace(ns)
-        print(f"logs: {logs}")
+    with operator_namespace(logs, name="faults-") as (ns, op):
+        gw = GatewayProcess(ns, logs / "gateway.log")
+        try:
+            gw.start()
+            apply(model_deployment(MODEL, f"file://{ensure_demo_model()}", replicas=2,
+                                   terminationGracePeriodSeconds=GRACE), namespace=ns)
+            yield Fleet(ns, op, gw)
+        finally:
+            for pod in items("pods", ns, SELECTOR):
+                signal_pod(pod, signal.SIGCONT)  # never leave a stopped process behind
+            gw.stop()
 
 
 # Clients ------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,19 +23,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
 
 from operator_harness import (  # noqa: E402
-    NS_PREFIX,
     REPO,
     OperatorProcess,
     apply,
-    create_namespace,
-    delete_model_deployments,
-    delete_namespace,
     describe,
     get,
-    install_crds,
     items,
     kubectl,
     model_deployment,
+    operator_namespace,
+    readable_copies,
     ready_endpoints,
     wait_for,
 )
@@ -51,6 +47,8 @@ POOL_CRD = "inferencepools.inference.networking.k8s.io"
 POOL = "inferencepools.v1.inference.networking.k8s.io"  # as kubectl names the resource
 LOAD_TIMEOUT = 150  # a worker pod imports torch and loads the model
 SETTLE_TIMEOUT = 45
+# A worker that loads the model: its memory is a limit the real kubelet enforces, so room for torch.
+LOADING = {"cpu": "100m", "memory": "2Gi"}
 
 
 @dataclass
@@ -81,28 +79,18 @@ def install_inference_extension_crds() -> None:
 
 @pytest.fixture(scope="module")
 def env(cluster, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - cluster sets KUBECONFIG
-    install_crds()
     install_inference_extension_crds()
-    ns = f"{NS_PREFIX}{uuid.uuid4().hex[:6]}"
-    create_namespace(ns)
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = OperatorProcess([ns], log, "--inference-pool-epp", "{name}-epp:9002")
-    source = f"file://{ensure_demo_model()}"
-    try:
-        op.start()
+    with readable_copies({"tiny-chat": ensure_demo_model()}) as models, \
+            operator_namespace(tmp_path_factory.mktemp("operator"), "--inference-pool-epp", "{name}-epp:9002") as (ns, op):
+        source = f"file://{models['tiny-chat']}"
         apply(
-            model_deployment("chat", source, replicas=1),
+            model_deployment("chat", source, replicas=1, resources=LOADING),
             # vLLM's engine; more GPUs than any node has, so its pod stays Pending (never runs vLLM).
             model_deployment("big", source, replicas=1, resources={"gpu": 64, "cpu": "100m"},
                              engine={"kind": "vllm"}),
             namespace=ns,
         )
         yield Env(ns, op)
-    finally:
-        delete_model_deployments(ns)
-        op.stop()
-        delete_namespace(ns)
-        print(f"operator log: {log}")
 
 
 def selected_pods(pool: dict, namespace: str) -> list[dict]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,20 +22,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
 
 from operator_harness import (  # noqa: E402
-    NS_PREFIX,
     GatewayProcess,
     OperatorProcess,
     apply,
     condition,
-    create_namespace,
-    delete_model_deployments,
-    delete_namespace,
     describe,
     get,
-    install_crds,
     items,
     kubectl,
     model_deployment,
+    operator_namespace,
+    readable_copies,
     wait_for,
 )
 
@@ -52,6 +48,8 @@ REQUESTS = 150  # at 20%: 30 expected, standard deviation ~4.9
 # About four standard deviations: a correct split misses it about once in 23,000 runs (at 15,
 # three, it was once in 630); an even split (75 expected) passes it once in 37,000.
 TOLERANCE = 20
+# A worker that loads the model: its memory is a limit the real kubelet enforces, so room for torch.
+LOADING = {"cpu": "100m", "memory": "2Gi"}
 
 TEMPLATE = {
     "metadata": {"labels": {"team": "search", "app.kubernetes.io/version": "v1"},
@@ -89,27 +87,22 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(cluster, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - cluster sets KUBECONFIG
-    install_crds()
-    ns = f"{NS_PREFIX}lc-{uuid.uuid4().hex[:6]}"
-    create_namespace(ns)
     logs = tmp_path_factory.mktemp("lifecycle")
-    op = OperatorProcess([ns], logs / "operator.log")
-    gateway = GatewayProcess(ns, logs / "gateway.log")
-    source = f"file://{ensure_demo_model()}"
-    try:
-        op.start()
-        gateway.start()
-        model = {"source": source, "servedName": SERVED}
-        # One apply: both are created in the same second, and the name breaks the tie.
-        apply(model_deployment("v1", source, model=model, routing={"weight": 20}, podTemplate=TEMPLATE),
-              model_deployment("v2", source, model=model, routing={"weight": 80}), namespace=ns)
-        yield Env(ns, op, gateway, source)
-    finally:
-        delete_model_deployments(ns)
-        gateway.stop()
-        op.stop()
-        delete_namespace(ns)
-        print(f"logs: {logs}")
+    with readable_copies({"tiny-chat": ensure_demo_model()}) as models, \
+            operator_namespace(logs, name="lc-") as (ns, op):
+        gateway = GatewayProcess(ns, logs / "gateway.log")
+        source = f"file://{models['tiny-chat']}"
+        try:
+            gateway.start()
+            model = {"source": source, "servedName": SERVED}
+            # One apply: both are created in the same second, and the name breaks the tie.
+            apply(model_deployment("v1", source, model=model, resources=LOADING, routing={"weight": 20},
+                                   podTemplate=TEMPLATE),
+                  model_deployment("v2", source, model=model, resources=LOADING, routing={"weight": 80}),
+                  namespace=ns)
+            yield Env(ns, op, gateway, source)
+        finally:
+            gateway.stop()
 
 
 def test_an_operator_owned_field_in_the_pod_template_is_refused_with_a_message(env: Env) -> None:

@@ -7,7 +7,6 @@ The same on vLLM's server when `make vllm` has installed it."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from modelfleet.demo import VLLM_DEMO_SPEC, cache_dir, ensure_demo_model, make_d
 from modelfleet.devcluster import wait_for
 from modelfleet.engines import find_vllm_python
 
-from .test_gateway_k8s import Stack
+from .test_gateway_k8s import Stack, running_stack
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -38,17 +37,8 @@ def make_adapters(base: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def stack(cluster, tmp_path_factory) -> Iterator[Stack]:
-    namespace = f"mf-e2e-lora-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("apply", "-f", str(REPO / "crds" / "modeldeployments.modelfleet.dev.yaml"))
-    cluster.kubectl("create", "namespace", namespace)
-    wait_for(lambda: cluster.get("serviceaccount", "default", namespace), 30, what="default ServiceAccount")
-    logs = tmp_path_factory.mktemp("lora-e2e")
-    s = Stack(cluster, namespace, logs)
-    yield s
-    s.stop()
-    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-    for log in logs.iterdir():
-        print(f"--- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-25:]))
+    with running_stack(cluster, tmp_path_factory.mktemp("lora-e2e"), name="lora-") as s:
+        yield s
 
 
 def model_deployment(name: str, base: Path, adapters: dict[str, Path], **spec) -> dict:

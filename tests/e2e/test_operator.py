@@ -16,7 +16,6 @@ import json
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,7 +26,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
 
 from operator_harness import (  # noqa: E402
-    NS_PREFIX,
     OperatorProcess,
     apply,
     chat,
@@ -41,6 +39,7 @@ from operator_harness import (  # noqa: E402
     items,
     kubectl,
     model_deployment,
+    operator_namespace,
     readable_copies,
     ready_endpoints,
     real_node,
@@ -84,14 +83,8 @@ def models() -> Iterator[dict[str, Path]]:
 
 @pytest.fixture(scope="module")
 def env(cluster, models, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - cluster sets KUBECONFIG
-    install_crds()
-    ns = f"{NS_PREFIX}{uuid.uuid4().hex[:6]}"
-    create_namespace(ns)
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = OperatorProcess([ns], log, *worker_args())
     source = f"file://{models['tiny-chat']}"
-    try:
-        op.start()
+    with operator_namespace(tmp_path_factory.mktemp("operator")) as (ns, op):
         e = Env(ns, op, source, real_node())
         apply(
             model_deployment("chat", source, replicas=1, resources=LOADING),
@@ -106,11 +99,6 @@ def env(cluster, models, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - c
             namespace=ns,
         )
         yield e
-    finally:
-        delete_model_deployments(ns)
-        op.stop()
-        delete_namespace(ns)
-        print(f"operator log: {log}")
 
 
 def _phase(md: dict | None) -> str:

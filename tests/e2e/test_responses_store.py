@@ -1,28 +1,29 @@
 """Stored Responses shared by gateway replicas on the local cluster: two gateway processes with
 Kubernetes discovery keep responses as Secrets in their namespace, so a conversation stored
-through one continues, reads and is deleted through the other, for its key only."""
+through one continues, reads and is deleted through the other, for its key only. Runs on both
+node kinds (on the real node the worker runs from the worker image: operator_harness.worker_args)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
-from modelfleet.demo import ensure_demo_model
-from modelfleet.devcluster import wait_for
-from modelfleet.netutil import free_port
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
+
+from operator_harness import GatewayProcess, model_deployment, operator_namespace, readable_copies  # noqa: E402
+
+from modelfleet.demo import ensure_demo_model  # noqa: E402
+from modelfleet.devcluster import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[2]
 ADA, BOB = "sk-ada-responses-0123", "sk-bob-responses-0123"
 MODEL = "tiny-chat-responses"
+# Memory is a limit on the real node: room for torch.
+LOADING = {"cpu": "100m", "memory": "2Gi"}
 
 
 def ready(url: str) -> bool:
@@ -35,46 +36,26 @@ def ready(url: str) -> bool:
 @pytest.fixture(scope="module")
 def gateways(cluster, tmp_path_factory):
     """The operator, one tiny model, and two gateways sharing one namespace's Secrets."""
-    namespace = f"mf-e2e-resp-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("apply", "-f", str(REPO / "crds" / "modeldeployments.modelfleet.dev.yaml"))
-    cluster.kubectl("create", "namespace", namespace)
-    wait_for(lambda: cluster.get("serviceaccount", "default", namespace), 30, what="default ServiceAccount")
-    cluster.apply(*[{"apiVersion": "v1", "kind": "Secret", "metadata": {
-        "name": name, "labels": {"modelfleet.dev/api-key": "true"}}, "stringData": {"key": key}}
-        for name, key in (("ada", ADA), ("bob", BOB))], namespace=namespace)
     logs = tmp_path_factory.mktemp("responses-e2e")
-    env = {**os.environ, **cluster.env, "POD_NAMESPACE": namespace}  # where the gateway keeps its Secrets
-    cli = [sys.executable, "-m", "modelfleet"]
-    procs = [subprocess.Popen([*cli, "operator", "-n", namespace, "--standalone", "--liveness", "",
-                               "--metrics-port", "0", "--resync-seconds", "5"],
-                              stdout=(logs / "operator.log").open("w"), stderr=subprocess.STDOUT, env=env)]
-    urls = []
-    for name in ("a", "b"):
-        port = free_port()
-        urls.append(f"http://127.0.0.1:{port}")
-        procs.append(subprocess.Popen([*cli, "gateway", "--discovery", "kubernetes", "--namespace", namespace,
-                                       "--key-namespace", namespace, "--port", str(port)],
-                                      stdout=(logs / f"gateway-{name}.log").open("w"), stderr=subprocess.STDOUT,
-                                      env=env))
-    try:
-        cluster.apply({"apiVersion": "modelfleet.dev/v1alpha1", "kind": "ModelDeployment",
-                       "metadata": {"name": "chat"},
-                       "spec": {"model": {"source": f"file://{ensure_demo_model()}", "servedName": MODEL},
-                                "resources": {"cpu": "500m", "memory": "1Gi"}, "replicas": 1}}, namespace=namespace)
-        for url in urls:
-            wait_for(lambda url=url: ready(url), 240, what=f"{url} routes to a ready replica")
-        yield cluster, namespace, urls
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-        for log in logs.iterdir():
-            print(f"--- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-15:]))
+    with readable_copies({"tiny-chat": ensure_demo_model()}) as models, \
+            operator_namespace(logs, name="resp-") as (namespace, _op):
+        cluster.apply(*[{"apiVersion": "v1", "kind": "Secret", "metadata": {
+            "name": name, "labels": {"modelfleet.dev/api-key": "true"}}, "stringData": {"key": key}}
+            for name, key in (("ada", ADA), ("bob", BOB))], namespace=namespace)
+        gws = [GatewayProcess(namespace, logs / f"gateway-{name}.log", "--key-namespace", namespace,
+                              env={"POD_NAMESPACE": namespace})  # where the gateway keeps its Secrets
+               for name in ("a", "b")]
+        try:
+            urls = [gw.start().url for gw in gws]
+            cluster.apply(model_deployment("chat", f"file://{models['tiny-chat']}", replicas=1, resources=LOADING,
+                                           model={"source": f"file://{models['tiny-chat']}", "servedName": MODEL}),
+                          namespace=namespace)
+            for url in urls:
+                wait_for(lambda url=url: ready(url), 240, what=f"{url} routes to a ready replica")
+            yield cluster, namespace, urls
+        finally:
+            for gw in gws:
+                gw.stop()
 
 
 def post(url: str, key: str, **body) -> httpx.Response:

@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import sys
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,19 +29,15 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
 
 from operator_harness import (  # noqa: E402
-    NS_PREFIX,
     OperatorProcess,
     apply,
     condition,
-    create_namespace,
-    delete_model_deployments,
-    delete_namespace,
     describe,
     get,
-    install_crds,
     items,
     kubectl,
     model_deployment,
+    operator_namespace,
     wait_for,
 )
 
@@ -185,21 +180,12 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(cluster, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - cluster sets KUBECONFIG
-    install_crds()
-    ns = f"{NS_PREFIX}cache-{uuid.uuid4().hex[:6]}"
-    create_namespace(ns)
-    logs = tmp_path_factory.mktemp("weight-cache")
-    op = OperatorProcess([ns], logs / "operator.log")
-    mirror = Mirror(ensure_demo_model()).start(NODE_ADDRESS)
-    try:
-        op.start()
-        yield Env(ns, op, mirror)
-    finally:
-        delete_model_deployments(ns)
-        op.stop()
-        mirror.stop()
-        delete_namespace(ns)
-        print(f"logs: {logs}")
+    with operator_namespace(tmp_path_factory.mktemp("weight-cache"), name="cache-") as (ns, op):
+        mirror = Mirror(ensure_demo_model()).start(NODE_ADDRESS)
+        try:
+            yield Env(ns, op, mirror)
+        finally:
+            mirror.stop()
 
 
 def test_the_first_replica_fills_the_cache_once_with_progress_in_status(env: Env) -> None:
