@@ -4,14 +4,19 @@ completions and (a second model) embeddings on vLLM's own server; `kubectl scale
 traffic; a pod deleted under load fails no non-streamed request; a key with a token limit is
 charged exactly on a vLLM stream; and a vLLM that cannot start says why in the status.
 
-The vLLM pods run the chart's default vLLM image, which the local node runs from the
-`make vllm` environment. vLLM compiles at its first start, so a replica takes a minute or two.
+The vLLM pods run `image.vllm`: on the agent's node the chart's default (vLLM's own image, which
+the agent runs from the `make vllm` environment); on the real node (`make node-cluster-up`)
+the project's vLLM CPU image, set as images/README.md tells a CPU cluster to, copied into
+containerd with `make node-load-images NODE_IMAGES=vllm-cpu` and run by the kubelet as its
+Dockerfile says (uid 65532). The models come in as hostPaths (`operator.hostPathModels`), from
+copies uid 65532 can read, on both. vLLM starts in a minute or two here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -19,11 +24,15 @@ from pathlib import Path
 
 import openai
 import pytest
+import yaml
 from localkube.testing import LocalCluster
 
 from modelfleet.demo import VLLM_DEMO_SPEC, ensure_demo_model, minilm_path
 from modelfleet.devcluster import wait_for
 from modelfleet.engines import find_vllm_python
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
+from operator_harness import readable_copies, real_node  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -34,19 +43,26 @@ KEY = f"sk-vllm-{uuid.uuid4().hex}"
 METERED = f"sk-metered-{uuid.uuid4().hex}"
 TPM = 1_000_000
 READY_TIMEOUT = 900
+# The project's vLLM CPU image as `make images` tags it (the chart's appVersion), for the real node.
+VLLM_CPU_IMAGE = f"modelfleet/vllm-cpu:{yaml.safe_load((CHART / 'Chart.yaml').read_text())['appVersion']}"
+# The agent's node counts 8 CPUs and 32Gi; the real node has the machine's 2 CPUs and ~23Gi, shared
+# with other tests, for up to five vLLM pods at once (cpu is a share there, no limit).
+RESOURCES = {"cpu": "1", "memory": "4Gi"}
+REAL_NODE_RESOURCES = {"cpu": "200m", "memory": "3Gi"}
 
-if find_vllm_python() is None:
+
+def missing(reason: str) -> None:
     if os.environ.get("MODELFLEET_REQUIRE_VLLM"):
-        raise RuntimeError("MODELFLEET_REQUIRE_VLLM is set but vLLM is not installed: run `make vllm`")
-    pytest.skip("vLLM is not installed (make vllm)", allow_module_level=True)
+        raise RuntimeError(f"MODELFLEET_REQUIRE_VLLM is set but {reason}")
+    pytest.skip(reason)
 
 
 def vllm_md(name: str, source: str, served: str, max_model_len: int = 1024, spec: dict | None = None,
-            **model) -> dict:
+            resources: dict = RESOURCES, **model) -> dict:
     return {
         "apiVersion": "modelfleet.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
         "spec": {**(spec or {}), "model": {"source": source, "servedName": served, **model}, "replicas": 1,
-                 "resources": {"cpu": "1", "memory": "4Gi"},
+                 "resources": resources,
                  # a small KV budget and no cold-start compile: several vLLM pods share 2 cores here
                  "engine": {"kind": "vllm", "maxModelLen": max_model_len, "maxNumSeqs": 16,
                             "args": ["--enforce-eager"], "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}],
@@ -55,9 +71,11 @@ def vllm_md(name: str, source: str, served: str, max_model_len: int = 1024, spec
 
 
 class Release:
-    def __init__(self, cluster: LocalCluster, namespace: str) -> None:
-        self.cluster, self.namespace = cluster, namespace
+    def __init__(self, cluster: LocalCluster, namespace: str, models: dict[str, Path], on_real_node: bool) -> None:
+        self.cluster, self.namespace, self.models = cluster, namespace, models
         self.host = f"{namespace}.modelfleet.test"
+        self.image = VLLM_CPU_IMAGE if on_real_node else "vllm/vllm-openai:"  # what the pods run (a prefix)
+        self.resources = REAL_NODE_RESOURCES if on_real_node else RESOURCES
 
     def kubectl(self, *args: str, check: bool = True) -> str:
         return self.cluster.kubectl(*args, "-n", self.namespace, check=check).stdout
@@ -91,18 +109,46 @@ class Release:
             raise AssertionError(f"{exc}\n{self.describe()}") from None
 
 
+def vllm_image_args(cluster: LocalCluster, on_real_node: bool) -> list[str]:
+    """The chart's values for this node's vLLM: none on the agent (its default image runs from
+    `make vllm`); on the real node the project's image, which the node must already hold."""
+    if not on_real_node:
+        if find_vllm_python() is None:
+            missing("vLLM is not installed (make vllm)")
+        return []
+    node = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
+    held = {name for image in node["status"].get("images") or [] for name in image.get("names") or []}
+    if f"docker.io/{VLLM_CPU_IMAGE}" not in held:
+        missing(f"the node does not hold {VLLM_CPU_IMAGE} (make images && make node-load-images NODE_IMAGES=vllm-cpu)")
+    repository, tag = VLLM_CPU_IMAGE.rsplit(":", 1)
+    return ["--set", f"image.vllm.repository={repository}", "--set", f"image.vllm.tag={tag}"]
+
+
 @pytest.fixture(scope="module")
-def release(cluster: LocalCluster) -> Iterator[Release]:
+def models(tmp_path_factory) -> Iterator[dict[str, Path]]:
+    """The models where vLLM's user (uid 65532 on the real node) can read them, and a folder with
+    no model in it (operator_harness.readable_copies says why copies)."""
+    empty = tmp_path_factory.mktemp("not-a-model")
+    (empty / "README.md").write_text("no weights here\n")
+    with readable_copies({"chat": ensure_demo_model(VLLM_DEMO_SPEC), "embed": minilm_path(), "empty": empty}) as copies:
+        yield copies
+
+
+@pytest.fixture(scope="module")
+def release(cluster: LocalCluster, models: dict[str, Path]) -> Iterator[Release]:
     import subprocess
 
+    on_real_node = real_node()
+    image_args = vllm_image_args(cluster, on_real_node)
     namespace = f"mf-e2e-vllm-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", namespace)
     wait_for(lambda: cluster.get("serviceaccount", "default", namespace), 30, what="default ServiceAccount")
-    rel = Release(cluster, namespace)
+    rel = Release(cluster, namespace, models, on_real_node)
     keys = [{"name": "team", "key": KEY}, {"name": "metered", "key": METERED, "tpm": TPM}]
     proc = subprocess.run(
-        ["helm", "install", RELEASE, str(CHART), "-n", namespace, "--wait", "--timeout", "300s",
+        ["helm", "install", RELEASE, str(CHART), "-n", namespace, "--wait", "--timeout", "300s", *image_args,
          "--set-json", f'operator.watchNamespaces=["{namespace}"]', "--set", "gateway.replicas=1",
+         "--set", "operator.hostPathModels=true",
          "--set", "ingress.enabled=true", "--set", "ingress.className=nginx", "--set", f"ingress.host={rel.host}",
          "--set-json", f"apiKeys.keys={json.dumps(keys)}"],
         capture_output=True, text=True, env=cluster.env, timeout=400)
@@ -113,19 +159,23 @@ def release(cluster: LocalCluster) -> Iterator[Release]:
         rel.kubectl("delete", "md", "--all", "--wait=false", check=False)
         subprocess.run(["helm", "uninstall", RELEASE, "-n", namespace], capture_output=True, env=cluster.env,
                        timeout=120)
+        # kopf's finalizers, in case the operator went before it removed them, so the namespace can go.
+        for md in json.loads(rel.kubectl("get", "md", "-o", "json", check=False) or '{"items": []}')["items"]:
+            rel.kubectl("patch", "md", md["metadata"]["name"], "--type", "merge",
+                        "-p", '{"metadata": {"finalizers": null}}', check=False)
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def test_vllm_model_deployments_become_ready(release: Release) -> None:
-    chat_model = ensure_demo_model(VLLM_DEMO_SPEC)
-    release.cluster.apply(vllm_md(CHAT, f"file://{chat_model}", CHAT),
-                          vllm_md(EMBED, f"file://{minilm_path()}", EMBED, max_model_len=256, task="embed"),
+    release.cluster.apply(vllm_md(CHAT, f"file://{release.models['chat']}", CHAT, resources=release.resources),
+                          vllm_md(EMBED, f"file://{release.models['embed']}", EMBED, max_model_len=256,
+                                  resources=release.resources, task="embed"),
                           namespace=release.namespace)
     for name in (CHAT, EMBED):
         release.wait_ready(name)
     pod = json.loads(release.kubectl("get", "pods", "-l", f"modelfleet.dev/model={CHAT}", "-o", "json"))["items"][0]
     container = pod["spec"]["containers"][0]
-    assert container["image"].startswith("vllm/vllm-openai:") and "vllm.entrypoints.openai.api_server" in container["command"]
+    assert container["image"].startswith(release.image) and "vllm.entrypoints.openai.api_server" in container["command"]
 
 
 def test_the_openai_sdk_through_the_ingress(release: Release) -> None:
@@ -207,7 +257,7 @@ def test_kubectl_scale_spreads_traffic_and_a_pod_deleted_under_load_fails_nothin
 
 
 def test_a_vllm_model_scaled_to_zero_holds_its_first_request_until_a_replica_starts(release: Release) -> None:
-    md = vllm_md("vllm-lazy", f"file://{ensure_demo_model(VLLM_DEMO_SPEC)}", "vllm-lazy",
+    md = vllm_md("vllm-lazy", f"file://{release.models['chat']}", "vllm-lazy", resources=release.resources,
                  spec={"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleDownDelaySeconds": 600},
                        "routing": {"holdTimeoutSeconds": 600}})
     release.cluster.apply(md, namespace=release.namespace)
@@ -224,10 +274,10 @@ def test_a_vllm_model_scaled_to_zero_holds_its_first_request_until_a_replica_sta
              what="status.readyReplicas 1 after the held request was served")
 
 
-def test_a_vllm_that_cannot_start_says_why_in_its_status(release: Release, tmp_path_factory) -> None:
-    empty = tmp_path_factory.mktemp("not-a-model")
-    (empty / "README.md").write_text("no weights here\n")
-    release.cluster.apply(vllm_md("vllm-broken", f"file://{empty}", "vllm-broken"), namespace=release.namespace)
+def test_a_vllm_that_cannot_start_says_why_in_its_status(release: Release) -> None:
+    empty = release.models["empty"]
+    release.cluster.apply(vllm_md("vllm-broken", f"file://{empty}", "vllm-broken", resources=release.resources),
+                          namespace=release.namespace)
 
     def reason() -> str | None:
         for cond in (release.md("vllm-broken").get("status") or {}).get("conditions") or []:
