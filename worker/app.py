@@ -61,7 +61,7 @@ def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]
     elif info.sentence_transformers:
         from .embedder import SentenceEmbedder
 
-        model = load_sentence_transformer(info, device)
+        model = load_sentence_transformer(info, device, settings.prepack_weights)
         tokenizer = model.tokenizer
         embedder = SentenceEmbedder(model)
     else:

@@ -158,20 +158,9 @@ def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 class SentenceEmbedder:
-    """A sentence-transformers model, run on one thread of its own.
+    """A sentence-transformers model, run on one thread of its own."""
 
-    On a CPU its linear layers run on oneDNN-packed weights (worker/fastlinear.py), as vLLM's
-    pooling runner runs them (`create_onednn_mm`): the linears are 80% of a MiniLM forward even
-    for one short sentence, and a forward on the packed ones took 0.75x the thread CPU time for
-    one sentence and 0.89x for batches of 16 and 32 (one thread, interleaved), with embeddings
-    equal to the unpacked ones within 1e-6.
-    """
-
-    def __init__(self, model: Any, max_items: int = 64, prepack: bool = True) -> None:
-        if prepack:
-            from .fastlinear import pack_linears
-
-            pack_linears(model)
+    def __init__(self, model: Any, max_items: int = 64) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_len = model.get_max_seq_length() or 512

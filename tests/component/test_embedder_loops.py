@@ -49,12 +49,12 @@ def test_two_successive_event_loops_both_get_their_embeddings(embedder):
 
 
 def test_packed_linears_give_the_librarys_embeddings():
-    """The embedder runs MiniLM's linear layers on oneDNN-packed weights; its embeddings are
-    still those of the library's own `encode` on the model as loaded, within 1e-5 cosine."""
+    """The loader puts MiniLM's linear layers on oneDNN-packed weights (`--no-prepack-weights`
+    leaves them as loaded); the embeddings are still those of the library's own `encode` on the model as loaded, within 1e-5 cosine."""
     from modelfleet.worker.fastlinear import PackedLinear
     from modelfleet.worker.loader import detect, load_sentence_transformer
 
-    reference = load_sentence_transformer(detect(minilm_path()), "cpu")
+    reference = load_sentence_transformer(detect(minilm_path()), "cpu", prepack_weights=False)
     expected = torch.tensor(reference.encode(TEXTS))
     embedder = SentenceEmbedder(load_sentence_transformer(detect(minilm_path()), "cpu"))
     try:
