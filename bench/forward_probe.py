@@ -1,7 +1,9 @@
 """What a change to the model's forward buys one engine step: the engine's decode steps at 1 and
 32 rows and a prefill, on the bench model, with the forward as loaded against variants of it
-(`worker/fastlinear.py`'s prepacked linear layers: all of them, only the LM head, all but the
-LM head; `plain2`, a second copy as loaded, is the control), one OpenMP thread, in one process.
+(`worker/fastlinear.py`'s prepacked linear layers: `packed` as `pack_linears` leaves them, `all`
+with a tied LM head packed too (a copy; the embeddings keep the weight), `nohead` with a tied
+head left as loaded, `head` only the LM head, `body` all but the LM head; `plain2`, a second copy
+as loaded, is the control), one OpenMP thread, in one process.
 
 Every variant runs its own engine on its own copy of the model; their steps alternate (the order
 flipped every step), and each step is timed in the thread's CPU time, which other work on a
@@ -24,7 +26,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-VARIANTS = ("plain", "packed", "head", "body", "plain2")
+VARIANTS = ("plain", "packed", "all", "nohead", "head", "body", "plain2")
 
 
 def load(path: Path, dtype, variant: str):
@@ -34,8 +36,15 @@ def load(path: Path, dtype, variant: str):
     from modelfleet.worker.fastlinear import PackedLinear, pack_linears
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
-    if variant == "packed":
+    head = model.get_output_embeddings()
+    if variant in ("packed", "all", "nohead"):
         pack_linears(model)
+    if variant == "all" and type(head) is torch.nn.Linear:
+        head.__class__ = PackedLinear
+        head.repack()
+    elif variant == "nohead" and type(head) is PackedLinear and head.dense:
+        head.__class__ = torch.nn.Linear
+        del head.packed
     elif variant in ("head", "body"):
         for name, module in model.named_modules():
             if type(module) is torch.nn.Linear and (name == "lm_head") == (variant == "head"):

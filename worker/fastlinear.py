@@ -10,17 +10,25 @@ every step). `pack_linears` turns a loaded model's `nn.Linear` modules into
 `PackedLinear` in place (their class, not the module objects, changes), so the model and peft's
 LoRA wrappers (which call their base layer) stay what they were.
 
-Each weight is held once. Once packed, a layer's `weight` is a stand-in that costs no memory: a
-zero expanded to the weight's shape, with its dtype and device (peft places its adapters by them;
-a meta tensor would move them to meta), and `state_dict` unpacks the packed copy again. A weight
-another module shares (an LM head tied to the input embeddings) is left unpacked: packing it
-would hold vocab x hidden twice (see `pack_linears`). A weight changed after packing goes through
-`repack(weight)`: writing into the stand-in (`load_state_dict`, peft's merge) raises, and
-peft's `safe_merge`, which replaces it, would go unseen (the engine merges no adapter).
+Each weight is held once, but for a tied LM head. Once packed, a layer's `weight` is a stand-in
+that costs no memory: a zero expanded to the weight's shape, with its dtype and device (peft
+places its adapters by them; a meta tensor would move them to meta), and `state_dict` unpacks the
+packed copy again. An LM head tied to the input embeddings (`get_output_embeddings()`) gets a
+packed copy and keeps the shared weight, which the embeddings read, as vLLM's CPU build does
+(`dispatch_cpu_unquantized_gemm(layer, remove_weight=False)` for an embedding-backed head): the
+plain head multiplied at ~10 GB/s against the packed layers' ~17 and took 3.2 ms of a 1-row
+bfloat16 step of the bench model, for vocab x hidden more memory (`pack_linears` logs it; the
+measurements are there). Such a head follows its weight: replaced (`tie_weights`) or written in
+place (`load_state_dict`), it is packed again at its next forward. Any other shared weight stays
+as loaded. A dropped weight changed after packing goes through `repack(weight)`: writing into the
+stand-in (`load_state_dict`, peft's merge) raises, and peft's `safe_merge`, which replaces it,
+would go unseen (the engine merges no adapter; peft's merge into a kept weight writes its `.data`,
+which is unseen too).
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import logging
 import mmap
@@ -37,8 +45,11 @@ class PackedLinear(nn.Linear):
 
     packed: torch.Tensor
     dense = True  # `weight` holds the weight; False once `drop_dense` made it a stand-in
+    packed_from: tuple[torch.Tensor, int | None] | None = None  # the weight packed and its version
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.dense and not self._packed_is_current():
+            self.repack()  # a kept weight replaced or written in place since it was packed
         return torch.ops.mkldnn._linear_pointwise(input, self.packed, self.bias, "none", [], "")
 
     def repack(self, weight: torch.Tensor | None = None) -> None:
@@ -47,33 +58,47 @@ class PackedLinear(nn.Linear):
             if not self.dense:
                 raise RuntimeError("this layer's weight was dropped after packing: pass the new weight")
             weight = self.weight
-        self.packed = _packed(weight)
+        self.hold(_packed(weight), weight)
+
+    def _packed_is_current(self) -> bool:
+        source, version = self.packed_from or (None, None)
+        return source is self.weight and version == _version(self.weight)
+
+    def hold(self, packed: torch.Tensor, weight: torch.Tensor) -> None:
+        """Multiplies by `packed` from now on, packed from `weight` as it is now."""
+        self.packed, self.packed_from = packed, (weight, _version(weight))
 
     def drop_dense(self) -> None:
         """Frees the weight as loaded, leaving a stand-in of its shape, dtype and device."""
         stand_in = torch.zeros((), dtype=self.weight.dtype, device=self.weight.device).expand(self.weight.shape)
         self.weight = nn.Parameter(stand_in, requires_grad=False)
-        self.dense = False
+        self.dense, self.packed_from = False, None
 
     def __deepcopy__(self, memo: dict) -> nn.Linear:
         """A plain, dense nn.Linear: the packed tensor is opaque to copying, and the copy's
         user writes into its weight (peft's `modules_to_save` copies the layer, an untied LM
-        head most often, and loads the adapter's own weights into the copy)."""
-        weight = self.packed.to_dense() if not self.dense else self.weight.detach().clone()
-        copy = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                         device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            copy.weight.copy_(weight)
-            if self.bias is not None:
-                copy.bias.copy_(self.bias)
-        copy.requires_grad_(self.weight.requires_grad)
-        memo[id(self)] = copy
-        return copy
+        head most often, and loads the adapter's own weights into the copy). A kept weight is
+        copied through `memo`, so a copy of a whole model keeps its LM head tied."""
+        if self.dense:
+            weight = copy.deepcopy(self.weight, memo)
+        else:
+            weight = nn.Parameter(self.packed.to_dense(), requires_grad=self.weight.requires_grad)
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight = weight
+        if self.bias is not None:
+            plain.bias = copy.deepcopy(self.bias, memo)
+        memo[id(self)] = plain
+        return plain
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if not self.dense:
             destination[prefix + "weight"] = self.packed.to_dense()
+
+
+def _version(weight: torch.Tensor) -> int | None:
+    """What in-place writes bump; None for an inference tensor, which has no version counter."""
+    return None if weight.is_inference() else weight._version
 
 
 def packable(model: nn.Module) -> str | None:
@@ -101,37 +126,57 @@ def _shared(model: nn.Module) -> set[int]:
 
 def pack_linears(model: nn.Module) -> int:
     """Turns every plain nn.Linear of `model` whose weight no other module shares into a
-    PackedLinear that holds its weight packed only; returns how many.
+    PackedLinear that holds its weight packed only, and an LM head tied to the input embeddings
+    into one that holds a packed copy beside the shared weight; returns how many.
 
     Measured on the 56M bench Llama, one thread, AVX512-BF16 (bench/forward_probe.py, thread CPU
-    time of the engine's decode steps): in bfloat16 the packed layers, all but the tied LM head,
-    make a step 0-8% faster at 1 row (it varies with the probe's load order) and 6-10% at 32.
-    Packing the tied head too gave 5% more, for 39% more weight memory on that model (12-21% on a
-    tied 1-3B model): a shared weight stays as loaded. In float32 the packed layers gain 14-15% at
-    32 rows, but MKL's plain sgemv beats them at one row (a 1-row step 5% slower); a one-row path
-    on the weight as loaded would hold it twice, so there is none."""
+    time of the engine's decode steps, steps of the variants interleaved, 8 rounds of 60 on a
+    loaded 2-core machine): in bfloat16 the packed layers but the tied LM head made a step -1-9%
+    faster at 1 row and 11-17% at 32; packing the tied head too made it 4-17% faster again at 1
+    row (median of the rounds 10%) and 5-14% at 32 (8%); the plain model's step took 1.05-1.22x
+    as long at 1 row, 1.17-1.33x at 32. The cost is vocab x hidden more memory: 31 MiB, +39% of
+    that model's weights in bfloat16, 12-21% on a tied 1-3B model. In float32 the packed layers gain 14-15% at 32 rows, but MKL's
+    plain sgemv beats them at one row (a 1-row step 5% slower); a one-row path on the weight as
+    loaded would hold it twice, so there is none."""
     why = packable(model)
     if why is not None:
         log.info("linear layers not prepacked: %s", why)
         return 0
     shared, files = _shared(model), _file_mappings()
-    count = 0
+    head = _tied_head(model, shared)
+    count, copied = 0, 0
     with torch.no_grad():
         for module in model.modules():
-            if type(module) is nn.Linear and _why_not(module.weight) is None and module.weight.data_ptr() not in shared:
-                try:
-                    _pack(module, check=count == 0)
-                except (RuntimeError, AttributeError, NotImplementedError) as exc:
-                    # Only an optimisation: a build whose oneDNN ops are missing or misbehave
-                    # (another CPU architecture, an odd shape) serves on the layers as loaded.
-                    log.warning("linear layers not prepacked (%d were): %s", count, exc)
-                    break
+            if type(module) is not nn.Linear or _why_not(module.weight) is not None:
+                continue
+            keep = module.weight.data_ptr() in shared
+            if keep and module is not head:
+                continue
+            try:
+                _pack(module, check=count == 0)
+            except (RuntimeError, AttributeError, NotImplementedError) as exc:
+                # Only an optimisation: a build whose oneDNN ops are missing or misbehave
+                # (another CPU architecture, an odd shape) serves on the layers as loaded.
+                log.warning("linear layers not prepacked (%d were): %s", count, exc)
+                break
+            if keep:
+                copied += module.weight.nbytes
+            else:
                 _drop_file_pages(module.weight, files)
                 module.drop_dense()
-                count += 1
+            count += 1
     _give_back_freed_memory()
-    log.info("%d linear layers on oneDNN-packed weights%s", count, " (tied ones left as loaded)" if shared else "")
+    log.info("%d linear layers on oneDNN-packed weights%s%s", count,
+             f" (the tied LM head on a packed copy: +{copied / 2**20:.0f} MB)" if copied else "",
+             " (other tied ones left as loaded)" if len(shared) > (head is not None) else "")
     return count
+
+
+def _tied_head(model: nn.Module, shared: set[int]) -> nn.Module | None:
+    """`model`'s LM head when its weight is shared (tied to the input embeddings), else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Linear) and head.weight.data_ptr() in shared else None
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor:
@@ -151,7 +196,7 @@ def _pack(module: nn.Linear, check: bool) -> None:
         if not torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance * want.abs().max().item()):
             raise RuntimeError("oneDNN's packed product differs from F.linear's")
     module.__class__ = PackedLinear
-    module.packed = packed
+    module.hold(packed, module.weight)
 
 
 def _file_mappings() -> list[tuple[int, int]]:

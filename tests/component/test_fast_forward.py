@@ -1,9 +1,11 @@
 """Prepacked linear layers (worker/fastlinear.py) on the demo model: the engine over a packed
 model gives the tokens the plain model's `generate` gives, logprobs within rounding, peft's LoRA
-still wraps the packed layers, the packed model holds its weights once, and
-`--no-prepack-weights` leaves the model as loaded."""
+still wraps the packed layers, the packed model holds its weights once (a tied LM head's on a
+packed copy too, the embeddings still on the weight as loaded), and `--no-prepack-weights` leaves
+the model as loaded."""
 
 import asyncio
+import copy
 
 import pytest
 import torch
@@ -30,8 +32,8 @@ def no_grad():
 
 def load(path, dtype=torch.float32, packed: bool = False):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
-    if packed:  # all but the LM head, tied to the input embeddings
-        assert pack_linears(model) == sum(1 for m in model.modules() if isinstance(m, nn.Linear)) - 1 > 0
+    if packed:  # all of them, the LM head tied to the input embeddings on a packed copy
+        assert pack_linears(model) == sum(1 for m in model.modules() if isinstance(m, nn.Linear)) > 0
     return model
 
 
@@ -70,7 +72,7 @@ def run_engine(model, tok, prompts: list[str], max_tokens: int, logprobs: bool =
 def test_the_packed_layers_compute_what_the_plain_ones_do(demo_path):
     plain, packed = load(demo_path), load(demo_path, packed=True)
     assert type(packed.model.layers[0].mlp.down_proj) is PackedLinear
-    assert type(packed.lm_head) is nn.Linear  # packing a tied head would hold vocab x hidden twice
+    assert type(packed.lm_head) is PackedLinear and packed.lm_head.dense  # a packed copy beside the weight
     assert packed.lm_head.weight is packed.model.embed_tokens.weight  # tied weights stay tied
     want = plain.state_dict()
     got = packed.state_dict()  # the weights unpacked again, under the same keys
@@ -90,20 +92,67 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(storages.values()) + sum(t.numel() * t.element_size() for t in packed)  # opaque: no storage
 
 
-@pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_the_packed_model_holds_its_weights_once(dtype, tied):
-    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+def tiny_llama(dtype, tied: bool, vocab_size: int = 4096) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=tied)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype).eval()
-    ids = torch.randint(0, config.vocab_size, (2, 5))
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_packed_model_holds_its_weights_once_and_a_tied_head_twice(dtype, tied, caplog):
+    model = tiny_llama(dtype, tied)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
     want, plain = model(ids).logits, weight_bytes(model)
-    assert pack_linears(model) == 7 * 8 + (not tied)
-    assert weight_bytes(model) <= plain * 1.10
+    head_bytes = model.lm_head.weight.nbytes
+    with caplog.at_level("INFO", logger="modelfleet.worker.fastlinear"):
+        assert pack_linears(model) == 7 * 8 + 1
+    if tied:  # the embeddings keep the weight as loaded; the head multiplies by its packed copy
+        assert weight_bytes(model) <= (plain + head_bytes) * 1.02
+        assert f"+{head_bytes / 2**20:.0f} MB" in caplog.text  # the cost, said once at load
+        assert model.model.embed_tokens.weight is model.lm_head.weight
+        assert model.model.embed_tokens.weight.is_contiguous() and model.model.embed_tokens.weight.any()
+    else:
+        assert weight_bytes(model) <= plain * 1.02
     down_proj = model.model.layers[0].mlp.down_proj
     assert (down_proj.weight.shape, down_proj.weight.dtype, down_proj.weight.device) == ((512, 1376), dtype, ids.device)
     torch.testing.assert_close(model(ids).logits, want, rtol=1e-3 if dtype == torch.float32 else 2e-2, atol=1e-3)
+
+
+def test_a_tied_head_on_a_packed_copy_gives_generates_tokens_and_the_embeddings_read_the_weight():
+    plain, packed = tiny_llama(torch.float32, tied=True), tiny_llama(torch.float32, tied=True)
+    pack_linears(packed)
+    assert type(packed.lm_head) is PackedLinear
+    ids = torch.randint(0, plain.config.vocab_size, (2, 6))
+    torch.testing.assert_close(packed.model.embed_tokens(ids), plain.model.embed_tokens(ids), rtol=0, atol=0)
+    want = plain.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = packed.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert got.tolist() == want.tolist()
+
+
+def test_a_tied_heads_packed_copy_follows_its_weight_through_state_dict_tie_weights_and_deepcopy():
+    """The shared weight stays the model's: written in place (`load_state_dict` of the embeddings;
+    the dropped weights refuse, see `repack`) or replaced (`tie_weights`), the head multiplies by
+    it; `state_dict` keeps its keys; a deep copy keeps the head tied."""
+    model = tiny_llama(torch.float32, tied=True)
+    keys = model.state_dict().keys()
+    pack_linears(model)
+    assert model.state_dict().keys() == keys
+    hidden = torch.randn(2, model.config.hidden_size)
+    new = torch.randn_like(model.lm_head.weight)
+    model.load_state_dict({"model.embed_tokens.weight": new}, strict=False)
+    torch.testing.assert_close(model.lm_head(hidden), hidden @ new.T, rtol=1e-4, atol=1e-4)
+
+    model.set_input_embeddings(nn.Embedding.from_pretrained(torch.randn_like(model.lm_head.weight), freeze=True))
+    model.tie_weights()  # replaces the head's weight
+    torch.testing.assert_close(model.lm_head(hidden), hidden @ model.model.embed_tokens.weight.T,
+                               rtol=1e-4, atol=1e-4)
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    twin = copy.deepcopy(model)
+    assert type(twin.lm_head) is nn.Linear and twin.lm_head.weight is twin.model.embed_tokens.weight
+    torch.testing.assert_close(twin(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_a_dropped_weight_is_changed_through_repack():
