@@ -1,14 +1,18 @@
 """Unit tests of the harness's pure parts (no cluster needed): pod status rules, env
-expansion, EndpointSlice reading and the nginx configuration."""
+expansion, EndpointSlice reading, the nginx configuration, config files written only when they
+change (and `restart` touching only its component's) and the env file `up` leaves."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
-from localkube import nginxconf
+from localkube import cluster, nginxconf
 from localkube.agent import endpoints, env, ingress, status
 from localkube.agent.container import Container, Terminated, is_local_image, message_from_log
-from localkube.config import Network
+from localkube.config import Network, Settings
+from localkube.testing import read_env
 
 POD = {"metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "x"}},
        "spec": {"nodeName": "localkube-0", "containers": [{"name": "c", "image": "modelfleet/x"}]},
@@ -136,3 +140,70 @@ def test_fallback_to_logs_message_is_the_last_runs_tail(tmp_path: Path) -> None:
     assert status.container_status(c, "u")["lastState"]["terminated"] is None
     c.last = Terminated(1, "Error", "a", "b", message=c._message(1))
     assert status.container_status(c, "u")["lastState"]["terminated"]["message"].endswith("/m")
+
+
+def test_a_config_file_is_written_only_when_its_content_changes(tmp_path: Path) -> None:
+    """kube-proxy exits on any write to its config file, even of the same bytes."""
+    from localkube.files import write_if_changed
+
+    path = tmp_path / "sub" / "kube-proxy.yaml"
+    assert write_if_changed(path, "a: 1\n", 0o600) is True
+    assert path.read_text() == "a: 1\n" and path.stat().st_mode & 0o777 == 0o600
+    os.utime(path, ns=(0, 0))
+    assert write_if_changed(path, "a: 1\n", 0o600) is False
+    assert path.stat().st_mtime_ns == 0  # not opened for writing at all
+    assert write_if_changed(path, "a: 2\n") is True and path.read_text() == "a: 2\n"
+
+
+def _real_node_settings(tmp_path: Path) -> Settings:
+    """A real node's settings with the certificates its component builders read (fakes, but a
+    CA bundle the API server's health check can load)."""
+    import certifi
+
+    s = Settings(state=tmp_path, node_kind="kubelet")
+    s.pki.mkdir(parents=True)
+    shutil.copy(certifi.where(), s.pki / "ca.crt")
+    for stem in ("kube-proxy", "kubelet-client"):
+        (s.pki / f"{stem}.crt").write_text("cert")
+        (s.pki / f"{stem}.key").write_text("key")
+    return s
+
+
+def test_restarting_the_api_server_leaves_kube_proxy_and_its_config_alone(tmp_path: Path, monkeypatch) -> None:
+    s = _real_node_settings(tmp_path)
+    cluster._builders(s)["kube-proxy"]()  # as `up` wrote it
+    config = s.state / "kube-proxy.yaml"
+    os.utime(config, ns=(0, 0))
+    restarted: list[str] = []
+    monkeypatch.setattr(cluster, "healthy", lambda _s: True)
+    monkeypatch.setattr(cluster, "_wait", lambda *a, **k: None)
+    monkeypatch.setattr(cluster.procs, "stop", lambda run, name, grace: restarted.append(f"stop {name}"))
+    monkeypatch.setattr(cluster.procs, "start", lambda run, logs, name, argv, env: restarted.append(f"start {name}"))
+    cluster.restart(s, "kube-apiserver")
+    assert restarted == ["stop kube-apiserver", "start kube-apiserver"]
+    assert config.stat().st_mtime_ns == 0
+    cluster._builders(s)["kube-proxy"]()  # restarting kube-proxy itself: same settings, same file
+    assert config.stat().st_mtime_ns == 0
+
+
+def test_every_component_has_a_builder_in_start_order(tmp_path: Path) -> None:
+    for kind in ("agent", "kubelet"):
+        s = Settings(state=tmp_path, node_kind=kind)
+        assert tuple(cluster._builders(s)) == cluster.order(s)
+
+
+def test_sourcing_the_env_file_alone_points_at_the_cluster_it_describes(tmp_path: Path, monkeypatch) -> None:
+    s = Settings(state=tmp_path / ".cluster-node", node_kind="kubelet")
+    started_with = {"MODELFLEET_CLUSTER_NODE_KIND": "kubelet", "MODELFLEET_CLUSTER_APISERVER_PORT": "16443",
+                    "MODELFLEET_CLUSTER_NODE_LABELS": "a=b c", "HOME": "/elsewhere"}
+    (tmp_path / "env").write_text(cluster.env_text(s, started_with))
+    env = read_env(tmp_path / "env")
+    assert env["MODELFLEET_CLUSTER_DIR"] == str(s.state.resolve())
+    assert env["MODELFLEET_CLUSTER_NODE_LABELS"] == "a=b c" and env["HOME"] != "/elsewhere"
+    assert env["KUBECONFIG"] == str(s.kubeconfig) and env["CONTAINERD_NAMESPACE"] == "k8s.io"
+    for key in ("MODELFLEET_CLUSTER_DIR", "MODELFLEET_CLUSTER_NODE_KIND", "MODELFLEET_CLUSTER_APISERVER_PORT"):
+        monkeypatch.setenv(key, env[key])
+    again = Settings()
+    assert (again.state, again.node_kind, again.ports.apiserver) == (s.state.resolve(), "kubelet", 16443)
+    agent = cluster.env_text(Settings(state=tmp_path / ".cluster", node_kind="agent"), {})
+    assert f"export MODELFLEET_CLUSTER_DIR={tmp_path / '.cluster'}\n" in agent and "CONTAINERD" not in agent

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
 
-from operator_harness import GatewayProcess, operator_namespace, readable_copies, real_node  # noqa: E402
+from operator_harness import GatewayProcess, operator_namespace, readable_copies  # noqa: E402
 
 from modelfleet.demo import ensure_demo_model  # noqa: E402
 from modelfleet.devcluster import wait_for  # noqa: E402
@@ -182,10 +182,6 @@ def test_an_api_server_restart_drops_no_traffic_and_watches_recover(stack):
     """The gateway routes from what it has seen while the API server is away, and afterwards
     its watches and the operator's pick up changes again (issue 5: survive API server
     restarts without dropping traffic)."""
-    if real_node():
-        # localkube's `restart` rewrites every component's config first, kube-proxy exits on
-        # its config file changing, and the restart then finds the cluster not up.
-        pytest.skip("`localkube restart` stops kube-proxy on the real node (its config file is rewritten)")
     wait_for(lambda: stack.backends("tiny-chat-e2e") == 3, 240, what="three ready replicas")
     with chat_load(stack, clients=2) as codes:
         stack.cluster.restart("kube-apiserver")

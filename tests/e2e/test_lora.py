@@ -17,7 +17,8 @@ from modelfleet.demo import VLLM_DEMO_SPEC, cache_dir, ensure_demo_model, make_d
 from modelfleet.devcluster import wait_for
 from modelfleet.engines import find_vllm_python
 
-from .test_gateway_k8s import Stack, running_stack
+from .operator_harness import readable_copies, real_node
+from .test_gateway_k8s import RESOURCES, Stack, running_stack
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -128,15 +129,23 @@ def exercise(stack: Stack, md: dict, adapters: dict[str, Path], ready_timeout: f
 
 
 def test_adapters_serve_under_their_names_and_come_and_go_without_a_restart(stack: Stack) -> None:
+    """On both node kinds: the model and adapters as copies uid 65532 can read (readable_copies),
+    hostPaths on the real node (worker_args' --host-path-models)."""
     base = ensure_demo_model()
-    adapters = make_adapters(base)
-    exercise(stack, model_deployment("lora", base, {"lora-sql": adapters["a"]}), adapters, 240)
+    with readable_copies({"base": base, **make_adapters(base)}) as copies:
+        adapters = {"a": copies["a"], "b": copies["b"]}
+        md = model_deployment("lora", copies["base"], {"lora-sql": adapters["a"]}, resources=RESOURCES)
+        exercise(stack, md, adapters, 240)
 
 
 @pytest.mark.skipif(find_vllm_python() is None, reason="vLLM is not installed (make vllm)")
 def test_the_same_on_vllm(stack: Stack) -> None:
     """vLLM's own dynamic LoRA loading (--enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING), driven by
-    the same operator code. vLLM compiles at its first start: a replica takes a few minutes."""
+    the same operator code. vLLM compiles at its first start: a replica takes a few minutes.
+    Agent only: on the real node it would need the vllm-cpu image (5.2 GB) loaded and the
+    operator pointed at it, as test_vllm_chart.py does."""
+    if real_node():
+        pytest.skip("vLLM's LoRA test runs on the agent (the real node needs the vllm-cpu image)")
     base = ensure_demo_model(VLLM_DEMO_SPEC)
     adapters = make_adapters(base)
     engine = {"kind": "vllm", "maxModelLen": 512, "maxNumSeqs": 4, "args": ["--enforce-eager"],

@@ -9,11 +9,12 @@ namespace, veth and the bridge, and the cluster's data (certificates and logs st
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from . import (
@@ -162,23 +163,40 @@ def _node_ready(s: Settings) -> Callable[[], bool]:
     return lambda: procs.alive(procs.read_pid(s.run, "kubelet")) and ready()
 
 
-def _components(s: Settings) -> list[controlplane.Component]:
-    plane = [controlplane.etcd(s), controlplane.apiserver(s), controlplane.controller_manager(s),
-             controlplane.scheduler(s)]
+def _containerd(s: Settings) -> controlplane.Component:
+    runtime = containerd.component(s)
+    return controlplane.Component(runtime.name, runtime.argv, runtime.ports, runtime.healthy,
+                                  runtime.timeout, after=lambda: containerd.load_images(s))
+
+
+def _kube_proxy(s: Settings) -> controlplane.Component:
+    """kube-proxy is healthy once it has synced; then the node must be Ready too."""
+    proxy = kubeproxy.component(s)
+    synced = proxy.healthy
+    node_ready = _node_ready(s)
+    return controlplane.Component(proxy.name, proxy.argv, proxy.ports, lambda: synced() and node_ready(), 120)
+
+
+def _controllers(s: Settings) -> controlplane.Component:
+    return controlplane.Component(hostcontrollers.NAME, hostcontrollers.argv(s), (), hostcontrollers.healthy(s), 60)
+
+
+def _builders(s: Settings) -> dict[str, Callable[[], controlplane.Component]]:
+    """Each component's name (in `order`) and what builds it. Building one writes the files it
+    reads (configs, kubeconfigs), so `restart` builds only the component it restarts."""
+    plane = {"etcd": lambda: controlplane.etcd(s), "kube-apiserver": lambda: controlplane.apiserver(s),
+             "kube-controller-manager": lambda: controlplane.controller_manager(s),
+             "kube-scheduler": lambda: controlplane.scheduler(s)}
     if s.node_kind == "kubelet":
-        runtime = containerd.component(s)
-        runtime = controlplane.Component(runtime.name, runtime.argv, runtime.ports, runtime.healthy,
-                                         runtime.timeout, after=lambda: containerd.load_images(s))
-        proxy = kubeproxy.component(s)
-        # kube-proxy is healthy once it has synced; then the node must be Ready too.
-        synced = proxy.healthy
-        node_ready = _node_ready(s)
-        proxy = controlplane.Component(proxy.name, proxy.argv, proxy.ports, lambda: synced() and node_ready(),
-                                       120)
-        controllers = controlplane.Component(hostcontrollers.NAME, hostcontrollers.argv(s), (),
-                                             hostcontrollers.healthy(s), 60)
-        return [*plane, runtime, kubelet.component(s), proxy, _nginx(s), controllers]
-    return [*plane, _nginx(s), _agent(s)]
+        node_parts = {"containerd": lambda: _containerd(s), "kubelet": lambda: kubelet.component(s),
+                      "kube-proxy": lambda: _kube_proxy(s), "nginx": lambda: _nginx(s),
+                      hostcontrollers.NAME: lambda: _controllers(s)}
+        return {**plane, **node_parts}
+    return {**plane, "nginx": lambda: _nginx(s), "node-agent": lambda: _agent(s)}
+
+
+def _components(s: Settings) -> list[controlplane.Component]:
+    return [build() for build in _builders(s).values()]
 
 
 def healthy(s: Settings) -> bool:
@@ -188,30 +206,39 @@ def healthy(s: Settings) -> bool:
     return controlplane.apiserver(s).healthy()
 
 
+def env_text(s: Settings, environ: Mapping[str, str]) -> str:
+    """The env file `up` leaves: sourcing it alone points a shell (kubectl, helm, pytest, `make
+    cluster-status`, `localkube restart`) at this cluster. Besides KUBECONFIG, PATH and
+    INGRESS_URL it exports MODELFLEET_CLUSTER_DIR and every other MODELFLEET_CLUSTER_* setting
+    the cluster was started with (`environ`, which Settings read): without them the e2e
+    fixture and `localkube` fall back to the default cluster in `.cluster`."""
+    settings = {k: v for k, v in environ.items() if k.startswith("MODELFLEET_CLUSTER_")}
+    settings["MODELFLEET_CLUSTER_DIR"] = str(s.state.resolve())
+    lines = [
+        "# Written by `make cluster-up`: source it to use the local cluster.",
+        f"export KUBECONFIG={shlex.quote(str(s.kubeconfig))}",
+        f'export PATH={shlex.quote(str(s.bin))}:"$PATH"',
+        f"export INGRESS_URL={shlex.quote(s.ingress_url)}",
+        *(f"export {k}={shlex.quote(v)}" for k, v in sorted(settings.items())),
+    ]
+    if s.node_kind == "kubelet":
+        # crictl and ctr read these: both then talk to this node's containerd.
+        lines += [f"export CRI_CONFIG_FILE={shlex.quote(str(s.state / 'crictl.yaml'))}",
+                  f"export CONTAINERD_ADDRESS={shlex.quote(str(containerd.socket(s)))}",
+                  "export CONTAINERD_NAMESPACE=k8s.io"]
+    return "\n".join(lines) + "\n"
+
+
 def _write_env(s: Settings) -> None:
     s.bin.mkdir(parents=True, exist_ok=True)
-    for tool in ("kubectl", "helm"):
+    tools = ("kubectl", "helm", *(("crictl", "ctr") if s.node_kind == "kubelet" else ()))
+    for tool in tools:
         link = s.bin / tool
         link.unlink(missing_ok=True)
         link.symlink_to(s.k8s_bin / tool)
-    node = ""
     if s.node_kind == "kubelet":
-        for tool in ("crictl", "ctr"):
-            link = s.bin / tool
-            link.unlink(missing_ok=True)
-            link.symlink_to(s.k8s_bin / tool)
-        # crictl and ctr read these: both then talk to this node's containerd.
-        crictl = s.state / "crictl.yaml"
-        crictl.write_text(f"runtime-endpoint: unix://{containerd.socket(s)}\n")
-        node = (f"export CRI_CONFIG_FILE={crictl}\n"
-                f"export CONTAINERD_ADDRESS={containerd.socket(s)}\nexport CONTAINERD_NAMESPACE=k8s.io\n")
-    (s.state / "env").write_text(
-        "# Written by `make cluster-up`: source it to use the local cluster.\n"
-        f"export KUBECONFIG={s.kubeconfig}\n"
-        f'export PATH={s.bin}:"$PATH"\n'
-        f"export INGRESS_URL={s.ingress_url}\n"
-        + node
-    )
+        (s.state / "crictl.yaml").write_text(f"runtime-endpoint: unix://{containerd.socket(s)}\n")
+    (s.state / "env").write_text(env_text(s, os.environ))
 
 
 def _prepare(s: Settings) -> None:
@@ -291,13 +318,14 @@ def up(s: Settings) -> float:
 
 def restart(s: Settings, name: str) -> None:
     """Restart one component: the node agent after changing its code (its pods are restarted
-    too), or the API server, to test that clients' watches recover."""
-    components = {comp.name: comp for comp in _components(s)}
-    if name not in components:
-        raise ClusterError(f"{name}: no such component (one of {', '.join(components)})")
+    too), or the API server, to test that clients' watches recover. The others keep running
+    untouched: on the real node kube-proxy would exit if its config file were rewritten."""
+    builders = _builders(s)
+    if name not in builders:
+        raise ClusterError(f"{name}: no such component (one of {', '.join(builders)})")
     if not healthy(s):
         raise ClusterError(f"{name}: the cluster is not up (run `make cluster-up`)")
-    comp = components[name]
+    comp = builders[name]()  # writes this component's files only, and only what changed
     procs.stop(s.run, name, grace=20 if name == "node-agent" else 10)
     procs.start(s.run, s.logs, comp.name, comp.argv, _env(s))
     _wait(s, comp.name, comp.healthy, comp.timeout)

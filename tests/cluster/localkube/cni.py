@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from .config import Settings
+from .files import write_if_changed
 
 PLUGIN_DIR = "/usr/lib/cni"
 
@@ -55,9 +56,9 @@ def render(s: Settings) -> dict:
 
 def write(s: Settings) -> Path:
     d = conf_dir(s)
-    d.mkdir(parents=True, exist_ok=True)
-    for old in d.glob("*.conflist"):
-        old.unlink()
     path = d / "10-localkube.conflist"
-    path.write_text(json.dumps(render(s), indent=2) + "\n")
+    for old in d.glob("*.conflist"):
+        if old != path:
+            old.unlink()
+    write_if_changed(path, json.dumps(render(s), indent=2) + "\n")
     return path

@@ -25,6 +25,7 @@ from pathlib import Path
 from . import cni, images
 from .config import Settings
 from .controlplane import Component
+from .files import write_if_changed
 
 # A port nothing listens on: every image pull is refused at once, without DNS or traffic
 # leaving the machine.
@@ -99,10 +100,9 @@ state = "{h / 'state'}"
 
 def write_config(s: Settings) -> Path:
     h = home(s)
-    (h / "certs.d" / "_default").mkdir(parents=True, exist_ok=True)
-    (h / "certs.d" / "_default" / "hosts.toml").write_text(f'server = "{NO_REGISTRY}"\n')
+    write_if_changed(h / "certs.d" / "_default" / "hosts.toml", f'server = "{NO_REGISTRY}"\n')
     path = h / "config.toml"
-    path.write_text(render(s))
+    write_if_changed(path, render(s))
     return path
 
 

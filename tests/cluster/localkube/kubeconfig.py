@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from .files import write_if_changed
+
 CONTEXT = "modelfleet-local"
 
 
@@ -36,7 +38,5 @@ def render(server: str, pki: Path, stem: str) -> dict:
 
 
 def write(path: Path, server: str, pki: Path, stem: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(render(server, pki, stem), sort_keys=False))
-    path.chmod(0o600)
+    write_if_changed(path, yaml.safe_dump(render(server, pki, stem), sort_keys=False), 0o600)
     return path

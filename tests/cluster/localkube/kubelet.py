@@ -23,6 +23,7 @@ import yaml
 from . import containerd, kubeconfig
 from .config import Settings
 from .controlplane import Component, http_ok
+from .files import write_if_changed
 
 NODE_NAME = "localkube-0"
 
@@ -78,7 +79,7 @@ def component(s: Settings) -> Component:
     root.mkdir(parents=True, exist_ok=True)
     (s.logs / "pods").mkdir(parents=True, exist_ok=True)
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(render(s), sort_keys=False))
+    write_if_changed(config, yaml.safe_dump(render(s), sort_keys=False))
     kc = kubeconfig.write(s.state / "kubelet.kubeconfig", s.apiserver_url, s.pki, "kubelet-client")
     url = f"http://127.0.0.1:{s.ports.kubelet_healthz}/healthz"
 

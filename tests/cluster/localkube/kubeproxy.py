@@ -16,6 +16,7 @@ import yaml
 from . import kubeconfig
 from .config import Settings
 from .controlplane import Component, http_ok
+from .files import write_if_changed
 from .kubelet import NODE_NAME
 
 
@@ -42,7 +43,7 @@ def render(s: Settings) -> dict:
 def component(s: Settings) -> Component:
     kubeconfig.write(s.state / "kube-proxy.kubeconfig", s.apiserver_url, s.pki, "kube-proxy")
     config = s.state / "kube-proxy.yaml"
-    config.write_text(yaml.safe_dump(render(s), sort_keys=False))
+    write_if_changed(config, yaml.safe_dump(render(s), sort_keys=False))  # kube-proxy exits on a write
     url = f"http://127.0.0.1:{s.ports.kube_proxy_healthz}/healthz"
 
     healthy = http_ok(url)
