@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import posixpath
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -73,13 +74,25 @@ def _volume_name(key: str) -> str:
     return f"{VOLUME_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def _adapter_folder(path: str, reserved: Collection[str]) -> str:
+    """The node folder a file:// adapter is mounted by: the folder that holds it, as a claim
+    holds pvc:// adapters, so that adapters kept side by side (/adapters/sql, /adapters/poet)
+    share one mount and adding another there rolls nothing. An adapter directly under / or
+    under a path the pod mounts a volume of its own at (`reserved`: its /tmp) is mounted by
+    itself: the node's root is never mounted into a pod, nor a node folder over its own."""
+    parent = posixpath.dirname(path.rstrip("/"))
+    return path if parent in ("", "/") or parent in reserved else parent
+
+
 def adapter_volumes(
-    md: ModelDeployment, config: OperatorConfig, taken_paths: Sequence[str]
+    md: ModelDeployment, config: OperatorConfig, taken_paths: Sequence[str], reserved_paths: Collection[str] = ()
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Volumes and mounts the adapters' sources need, besides those already mounted at
-    `taken_paths` (the model's own claim): one read-only mount per pvc:// claim, and with
-    --host-path-models one hostPath per file:// directory. Adding an adapter on a claim not yet
-    mounted changes the pod template (the pods roll once); one on a mounted claim does not."""
+    `taken_paths` (the model's own claim or folder) and never at `reserved_paths` (the pod's
+    own volumes, such as its /tmp): one read-only mount per pvc:// claim, and with
+    --host-path-models one hostPath per folder that holds file:// adapters (`_adapter_folder`).
+    Adding an adapter on a claim, or in a folder, not yet mounted changes the pod template (the
+    pods roll once); one beside adapters already mounted does not."""
     volumes: dict[str, dict[str, Any]] = {}
     mounts: dict[str, dict[str, Any]] = {}
     for adapter in md.spec.adapters:
@@ -89,8 +102,8 @@ def adapter_volumes(
             source: dict[str, Any] = {"persistentVolumeClaim": {"claimName": parsed.claim, "readOnly": True}}
             name = _volume_name(parsed.claim)
         elif parsed.scheme == "file" and config.host_path_models:
-            path = parsed.path
-            source = {"hostPath": {"path": parsed.path, "type": "Directory"}}
+            path = _adapter_folder(parsed.path, reserved_paths)
+            source = {"hostPath": {"path": path, "type": "Directory"}}
             name = _volume_name(hashlib.sha256(path.encode()).hexdigest()[:16])
         else:
             continue

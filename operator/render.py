@@ -28,6 +28,7 @@ MODEL_VOLUME = "model"
 CACHE_VOLUME = "cache"
 SHM_VOLUME = "dshm"  # vLLM's workers share tensors through /dev/shm, which runtimes cap at 64 MiB
 TMP_VOLUME = "tmp"
+SHM_PATH, TMP_PATH = "/dev/shm", "/tmp"
 # modelfleet's worker runs as its image's user (images/worker.Dockerfile: USER 65532:65532) on a
 # read-only root filesystem; only /tmp and the hf:// cache (emptyDirs) are writable. vLLM's
 # official image runs as root, so its containers keep only allowPrivilegeEscalation: false.
@@ -254,7 +255,7 @@ def _container(md: ModelDeployment, source: WorkerModel, config: OperatorConfig,
             env += [{"name": k, "value": v} for k, v in LORA_RUNTIME_ENV.items()]
         # With tracing on, what vLLM's --otlp-traces-endpoint needs besides (engines.vllm_tracing).
         env += [{"name": k, "value": v} for k, v in vllm_tracing(replica_environ(md, config))[1].items()]
-        mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+        mounts.append({"name": SHM_VOLUME, "mountPath": SHM_PATH})
         container.update({
             "image": engine.image or config.vllm_image,
             "command": ["python3", "-m", VLLM_SERVER_MODULE],
@@ -269,7 +270,7 @@ def _container(md: ModelDeployment, source: WorkerModel, config: OperatorConfig,
             "readinessProbe": _http_probe("/ready", READINESS_PERIOD_SECONDS, READINESS_FAILURES, 3),
             "securityContext": worker_security_context(),
         })
-        mounts.append({"name": TMP_VOLUME, "mountPath": "/tmp"})
+        mounts.append({"name": TMP_VOLUME, "mountPath": TMP_PATH})
     env, mounts = _with_pod_template(md, _merge_env(env, len(engine.env)), mounts)
     container.update(env=env, volumeMounts=mounts)
     return {k: v for k, v in container.items() if v not in ([], {})}
@@ -328,7 +329,10 @@ def render_deployment(md: ModelDeployment, replicas: int, config: OperatorConfig
         "prometheus.io/port": str(config.worker_port),
         "prometheus.io/path": "/metrics",
     }
-    adapter_vols, adapter_mounts = adapter_volumes(md, config, [source.mount["mountPath"]] if source.mount else [])
+    own_paths = (TMP_PATH, SHM_PATH, config.hf_cache_dir)  # the pod's own volumes' mount paths
+    adapter_vols, adapter_mounts = adapter_volumes(
+        md, config, [source.mount["mountPath"]] if source.mount else [], own_paths
+    )
     volumes = ([source.volume] if source.volume else []) + adapter_vols
     if source.needs_hf_cache or spec.lora_enabled:
         volumes.append({"name": CACHE_VOLUME, "emptyDir": {}})

@@ -27,6 +27,7 @@ from modelfleet.operator.reconcile import reconcile
 from .test_reconcile import NOW, FakeKube, body, ready_pod, unknown_load
 
 CONFIG = OperatorConfig(default_image="modelfleet:test")
+HOST_PATHS = OperatorConfig(default_image="modelfleet:test", host_path_models=True)
 ONE = [{"name": "sql", "source": "file:///adapters/sql"}]
 TWO = [*ONE, {"name": "poet", "source": "file:///adapters/poet"}]
 
@@ -35,10 +36,10 @@ def make(spec: dict[str, Any] | None = None) -> ModelDeployment:
     return ModelDeployment.from_body(body(spec))
 
 
-def template(md: ModelDeployment) -> dict[str, Any]:
+def template(md: ModelDeployment, config: OperatorConfig = CONFIG) -> dict[str, Any]:
     from modelfleet.operator.render import render_deployment
 
-    return render_deployment(md, 1, CONFIG)["spec"]["template"]
+    return render_deployment(md, 1, config)["spec"]["template"]
 
 
 def container(md: ModelDeployment) -> dict[str, Any]:
@@ -316,3 +317,26 @@ def test_the_crd_accepts_adapters_and_fills_lora_defaults() -> None:
     from .test_crd_validation import SCHEMA
 
     assert apply_defaults(obj, SCHEMA)["spec"]["lora"] == {"maxLoras": 4, "maxLoraRank": 16}
+
+
+def test_file_adapters_side_by_side_share_their_folders_mount_so_adding_one_rolls_nothing() -> None:
+    """With --host-path-models a file:// adapter is mounted by the folder holding it, as a pvc://
+    one by its claim: a second adapter beside the first keeps the pod template."""
+    base = {"model": {"source": "file:///models/base"}}
+    one = make({**base, "adapters": [{"name": "a", "source": "file:///srv/loras/a"}]})
+    two = make({**base, "adapters": [{"name": "a", "source": "file:///srv/loras/a"},
+                                     {"name": "b", "source": "file:///srv/loras/b/"}]})
+    assert template(one, HOST_PATHS) == template(two, HOST_PATHS)
+    pod = template(two, HOST_PATHS)["spec"]
+    assert [v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v] == ["/models/base", "/srv/loras"]
+    mounts = {m["mountPath"]: m.get("readOnly") for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["/srv/loras"] is True and "/srv/loras/a" not in mounts
+
+
+@pytest.mark.parametrize("source", ["file:///lora", "file:///tmp/lora"])
+def test_a_file_adapter_under_the_root_or_the_pods_own_tmp_is_mounted_by_itself(source: str) -> None:
+    md = make({"model": {"source": "file:///models/base"}, "adapters": [{"name": "a", "source": source}]})
+    pod = template(md, HOST_PATHS)["spec"]
+    (c,) = pod["containers"]
+    paths = [m["mountPath"] for m in c["volumeMounts"]]
+    assert source.removeprefix("file://") in paths and len(paths) == len(set(paths))
