@@ -163,7 +163,7 @@ def cpu_has_native_bf16() -> bool:
 
 def load_causal_lm(info: ModelInfo, device: str, dtype, prepack_weights: bool = True):
     """The model and its tokenizer; with `prepack_weights`, its linear layers on oneDNN-packed
-    weights where the CPU allows (fastlinear.py)."""
+    weights where the CPU allows (fastlinear.py) and its RMSNorms fused (fastops.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(info.path)
@@ -171,7 +171,9 @@ def load_causal_lm(info: ModelInfo, device: str, dtype, prepack_weights: bool = 
     model.to(device).eval()
     if prepack_weights:
         from .fastlinear import pack_linears
+        from .fastops import fuse_small_ops
 
+        fuse_small_ops(model)
         pack_linears(model)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in info.eos_token_ids:
         info.eos_token_ids.append(tokenizer.eos_token_id)
