@@ -39,6 +39,9 @@ from modelfleet.devcluster import (  # noqa: F401 - re-exported for the tests
 from modelfleet.netutil import free_port  # noqa: F401 - re-exported for the tests
 
 WORKER_IMAGE = "docker.io/modelfleet/worker:0.1.0"  # what `make images` tags (images/README.md)
+# What a worker of the e2e tests asks for: up to four at once on two CPUs, and room for torch
+# under the real node's memory limit (the agent enforces none).
+WORKER_RESOURCES = {"cpu": "100m", "memory": "2Gi"}
 
 
 def real_node() -> bool:

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
 
-from operator_harness import GatewayProcess, operator_namespace, readable_copies  # noqa: E402
+from operator_harness import WORKER_RESOURCES, GatewayProcess, operator_namespace, readable_copies  # noqa: E402
 
 from modelfleet.demo import ensure_demo_model  # noqa: E402
 from modelfleet.devcluster import wait_for  # noqa: E402
@@ -26,9 +26,6 @@ from modelfleet.devcluster import wait_for  # noqa: E402
 pytestmark = pytest.mark.e2e
 # Four workers at once (three replicas and `sleepy`): small requests so that they fit the real
 # node's two CPUs beside CoreDNS; memory is a limit there, so room for torch.
-RESOURCES = {"cpu": "100m", "memory": "2Gi"}
-
-
 class Stack:
     """The gateway as a host process beside the module's operator, both watching one namespace."""
 
@@ -44,7 +41,7 @@ class Stack:
         return {
             "apiVersion": "modelfleet.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
             "spec": {"model": {"source": f"file://{self.source}", "servedName": served},
-                     "resources": RESOURCES, **spec},
+                     "resources": WORKER_RESOURCES, **spec},
         }
 
     def backends(self, model: str) -> int:

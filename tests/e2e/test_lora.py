@@ -17,8 +17,8 @@ from modelfleet.demo import VLLM_DEMO_SPEC, cache_dir, ensure_demo_model, make_d
 from modelfleet.devcluster import wait_for
 from modelfleet.engines import find_vllm_python
 
-from .operator_harness import readable_copies, real_node
-from .test_gateway_k8s import RESOURCES, Stack, running_stack
+from .operator_harness import WORKER_RESOURCES, readable_copies, real_node
+from .test_gateway_k8s import Stack, running_stack
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -134,7 +134,7 @@ def test_adapters_serve_under_their_names_and_come_and_go_without_a_restart(stac
     base = ensure_demo_model()
     with readable_copies({"base": base, **make_adapters(base)}) as copies:
         adapters = {"a": copies["a"], "b": copies["b"]}
-        md = model_deployment("lora", copies["base"], {"lora-sql": adapters["a"]}, resources=RESOURCES)
+        md = model_deployment("lora", copies["base"], {"lora-sql": adapters["a"]}, resources=WORKER_RESOURCES)
         exercise(stack, md, adapters, 240)
 
 

@@ -2,7 +2,8 @@
 `spec.model.cache` fills a claim once through a Job, from a model hub the test serves itself,
 slowly enough to watch; its replicas then mount the claim read-only and start without fetching.
 
-The hub is a small aiohttp app on the node address (10.244.0.1, which pods reach) that answers
+The hub is a small aiohttp app on the node's bridge address (10.244.0.1 on the shared cluster,
+the pod network's first address on any: pods reach the host there) that answers
 the endpoints huggingface_hub's snapshot_download uses (revision info, the file tree, HEAD and
 GET of each file) for the generated demo model, trickles the weights out, and counts every
 GET per file: the counters staying put is the proof that a second replica, a scale from zero
@@ -28,6 +29,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
 
+from localkube.config import Network  # noqa: E402  (tests/cluster, on the path from conftest)
 from operator_harness import (  # noqa: E402
     OperatorProcess,
     apply,
@@ -47,7 +49,7 @@ from modelfleet.netutil import free_port  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
-NODE_ADDRESS = "10.244.0.1"  # the bridge: pods reach the host here (tests/cluster/README.md)
+NODE_ADDRESS = str(Network().gateway)  # the bridge: pods reach the host here (tests/cluster/README.md)
 REPO_ID = "modelfleet/tiny-chat"
 SOURCE = f"hf://{REPO_ID}@main"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
