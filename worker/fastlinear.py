@@ -135,9 +135,9 @@ def pack_linears(model: nn.Module) -> int:
     faster at 1 row and 11-17% at 32; packing the tied head too made it 4-17% faster again at 1
     row (median of the rounds 10%) and 5-14% at 32 (8%); the plain model's step took 1.05-1.22x
     as long at 1 row, 1.17-1.33x at 32. The cost is vocab x hidden more memory: 31 MiB, +39% of
-    that model's weights in bfloat16, 12-21% on a tied 1-3B model. In float32 the packed layers gain 14-15% at 32 rows, but MKL's
-    plain sgemv beats them at one row (a 1-row step 5% slower); a one-row path on the weight as
-    loaded would hold it twice, so there is none."""
+    that model's weights in bfloat16, 12-21% on a tied 1-3B model. In float32 the packed layers
+    gain 14-15% at 32 rows, but MKL's plain sgemv beats them at one row (a 1-row step 5% slower);
+    a one-row path on the weight as loaded would hold it twice, so there is none."""
     why = packable(model)
     if why is not None:
         log.info("linear layers not prepacked: %s", why)
