@@ -373,8 +373,10 @@ def test_scale_to_zero_and_back_on_demand(env: Env) -> None:
 
     env.wait(lambda: replicas() == 0 and condition(env.md("zero"), "Ready").get("reason") == "ScaledToZero",
              SETTLE_TIMEOUT, "zero to sit at 0 replicas (ScaledToZero)")
-    signalled = datetime.now(UTC)
-    demand = labels.Demand(time=signalled, waiting=1).encode()
+    demand = labels.Demand(time=datetime.now(UTC), waiting=1).encode()
+    # The hold counts from the stamp the annotation carries, which is whole seconds: measuring
+    # from the unrounded clock read made a scale-down at 29.7 s look early.
+    signalled = labels.parse_demand(demand).time
     t0 = time.monotonic()
     kubectl("annotate", "md", "zero", "-n", env.namespace, "--overwrite", f"{labels.DEMAND}={demand}")
     env.wait(lambda: replicas() == 1, SETTLE_TIMEOUT, "the demand signal to scale zero to 1", interval=0.1)
