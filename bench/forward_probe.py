@@ -101,6 +101,34 @@ def report(label: str, times: dict[str, list[float]]) -> None:
     print(f"{label} (load {os.getloadavg()[0]:.1f}) | " + " | ".join(cells), flush=True)
 
 
+def probe(path: Path, args: argparse.Namespace, load_variant, prefill: bool = False) -> None:
+    """Load `plain` and each of `args.variants` with `load_variant`, then print `args.rounds`
+    rounds of decode steps at each of `args.rows` (and a long and a batched prefill): the loop
+    this probe and ops_probe.py share."""
+    import torch
+    from profile_engine import PROMPT
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    dtype = getattr(torch, args.dtype)
+    variants = ["plain", *[v for v in args.variants.split(",") if v and v != "plain"]]
+    # in float32 the copies ran in the order they were loaded (ops_probe's plain2 1.1-2.3x faster
+    # than the identical plain, load 4-6, 2026-12-02; an untimed copy loaded first did not
+    # help): read the control's column before any other
+    models = {v: load_variant(path, dtype, v) for v in variants}
+    loop = asyncio.new_event_loop()
+    print(f"{path.name}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} thread; "
+          "thread CPU time per step, median [quartiles]")
+    for r in range(args.rounds):
+        for rows in (int(x) for x in args.rows.split(",")):
+            report(f"round {r} decode {rows:2d} rows", decode_round(models, tok, loop, rows, args.steps))
+        if prefill:
+            long_ids = tok(" ".join(PROMPT.format(i=i) for i in range(40)))["input_ids"][:1024]
+            report(f"round {r} prefill 1x1024", prefill_round(models, tok, loop, [long_ids], 2))
+            short = [tok(PROMPT.format(i=i))["input_ids"] for i in range(32)]
+            report(f"round {r} prefill 32x~20", prefill_round(models, tok, loop, short, 2))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -112,28 +140,12 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-    from profile_engine import PROMPT
-    from transformers import AutoTokenizer
 
     from modelfleet.demo import BENCH_SPEC, ensure_demo_model
 
     torch.set_grad_enabled(False)
     path = ensure_demo_model(BENCH_SPEC)
-    tok = AutoTokenizer.from_pretrained(path)
-    dtype = getattr(torch, args.dtype)
-    variants = ["plain", *[v for v in args.variants.split(",") if v != "plain"]]
-    models = {v: load(path, dtype, v) for v in variants}
-    loop = asyncio.new_event_loop()
-    print(f"{BENCH_SPEC.name}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} thread; "
-          "thread CPU time per step, median [quartiles]")
-    for r in range(args.rounds):
-        for rows in (int(x) for x in args.rows.split(",")):
-            report(f"round {r} decode {rows:2d} rows", decode_round(models, tok, loop, rows, args.steps))
-        if args.prefill:
-            long_ids = tok(" ".join(PROMPT.format(i=i) for i in range(40)))["input_ids"][:1024]
-            report(f"round {r} prefill 1x1024", prefill_round(models, tok, loop, [long_ids], 2))
-            short = [tok(PROMPT.format(i=i))["input_ids"] for i in range(32)]
-            report(f"round {r} prefill 32x~20", prefill_round(models, tok, loop, short, 2))
+    probe(path, args, load, prefill=args.prefill)
     return 0
 
 

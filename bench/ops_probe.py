@@ -13,7 +13,6 @@ model, one OpenMP thread, in one process, steps alternating and timed in thread 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from forward_probe import decode_round, report  # noqa: E402
+from forward_probe import probe  # noqa: E402
 
 VARIANTS = ("plain", "unfused", "plain2")
 
@@ -51,26 +50,13 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoTokenizer
 
     from modelfleet.demo import BENCH_SPEC, DemoSpec, ensure_demo_model
 
     torch.set_grad_enabled(False)
     spec = BENCH_SPEC if args.model == "bench" else DemoSpec()
     path = ensure_demo_model(spec)
-    tok = AutoTokenizer.from_pretrained(path)
-    dtype = getattr(torch, args.dtype)
-    variants = ["plain", *[v for v in args.variants.split(",") if v and v != "plain"]]
-    # in float32 the copies ran in the order they were loaded (plain2 1.1-2.3x faster than the
-    # identical plain, load 4-6, 2026-12-02; an untimed copy loaded first did not help): read the
-    # control's column before any other
-    models = {v: load(path, dtype, v) for v in variants}
-    loop = asyncio.new_event_loop()
-    print(f"{spec.name}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} thread; "
-          "thread CPU time per step, median [quartiles]")
-    for r in range(args.rounds):
-        for rows in (int(x) for x in args.rows.split(",")):
-            report(f"round {r} decode {rows:2d} rows", decode_round(models, tok, loop, rows, args.steps))
+    probe(path, args, load)
     return 0
 
 
