@@ -66,6 +66,7 @@ def readable_copies(sources: dict[str, Path]) -> Iterator[dict[str, Path]]:
     under /root, which the image keeps closed (0700). Not under /tmp either: that is the worker's
     own emptyDir, which the agent mounts over a hostPath there."""
     root = Path(tempfile.mkdtemp(prefix="modelfleet-e2e-models-", dir="/var/tmp"))
+    root.chmod(0o755)  # mkdtemp's 0700 would close it, and the operator mounts a file:// adapter by its folder
     out = {}
     try:
         for name, source in sources.items():
@@ -204,12 +205,30 @@ class GatewayProcess:
 
 
 def pod_pids(pod: dict) -> list[int]:
-    """The host pids of a pod's processes: the local node runs each pod as processes in a
-    network namespace named after its uid (tests/cluster/localkube/network.py)."""
-    uid = pod["metadata"]["uid"][:18]
+    """The host pids of a pod's processes (its containers', not the sandbox's pause): on the real
+    node, the processes in the pod's cgroup (the kubelet's cgroupfs driver names it
+    `pod<uid>`); on the agent, which runs each pod as processes in a network namespace named
+    after its uid (tests/cluster/localkube/network.py), the processes in that namespace."""
+    uid = pod["metadata"]["uid"]
+    return _cgroup_pids(f"/pod{uid}/") or _netns_pids(uid[:18])
+
+
+def _cgroup_pids(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cgroup").read_text() \
+                    and (proc / "comm").read_text().strip() != "pause":
+                pids.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            continue
+    return sorted(pids)
+
+
+def _netns_pids(uid_prefix: str) -> list[int]:
     names = [line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                                                         check=True).stdout.splitlines() if line.strip()]
-    netns = [n for n in names if n.endswith(uid)]
+    netns = [n for n in names if n.endswith(uid_prefix)]
     if not netns:
         return []
     out = subprocess.run(["ip", "netns", "pids", netns[0]], capture_output=True, text=True, check=True).stdout

@@ -3,9 +3,10 @@
 
 The operator and the gateway run as host processes watching one namespace, as in
 test_gateway_k8s.py; one ModelDeployment, `faults`, has two worker pods loading the tiny chat
-model. Load comes from a few client threads with a bound on their requests. Pods are host
-processes here (tests/cluster/localkube), so "a worker killed" and "a worker that stops
-answering" are SIGKILL and SIGSTOP to the pod's processes, found through its network namespace.
+model. Load comes from a few client threads with a bound on their requests. "A worker killed"
+and "a worker that stops answering" are SIGKILL and SIGSTOP to the pod's processes, which the
+host sees on both node kinds (`operator_harness.pod_pids`: the pod's cgroup under a real
+kubelet, its network namespace on the agent).
 
 The tests run in file order and each leaves both replicas ready for the next.
 """
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, be
 
 from operator_harness import (  # noqa: E402
     NS_PREFIX,
+    WORKER_RESOURCES,
     GatewayProcess,
     OperatorProcess,
     apply,
@@ -44,6 +46,7 @@ from operator_harness import (  # noqa: E402
     model_deployment,
     operator_namespace,
     pod_pids,
+    readable_copies,
     signal_pod,
     wait_for,
 )
@@ -95,13 +98,20 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(cluster, tmp_path_factory) -> Iterator[Fleet]:  # noqa: ARG001 - cluster sets KUBECONFIG
+def models() -> Iterator[dict[str, Path]]:
+    """The model where the worker's user (uid 65532 on the real node) reads it."""
+    with readable_copies({MODEL: ensure_demo_model()}) as copies:
+        yield copies
+
+
+@pytest.fixture(scope="module")
+def fleet(cluster, tmp_path_factory, models: dict[str, Path]) -> Iterator[Fleet]:  # noqa: ARG001 - cluster sets KUBECONFIG
     logs = tmp_path_factory.mktemp("faults")
     with operator_namespace(logs, name="faults-") as (ns, op):
         gw = GatewayProcess(ns, logs / "gateway.log")
         try:
             gw.start()
-            apply(model_deployment(MODEL, f"file://{ensure_demo_model()}", replicas=2,
+            apply(model_deployment(MODEL, f"file://{models[MODEL]}", replicas=2, resources=WORKER_RESOURCES,
                                    terminationGracePeriodSeconds=GRACE), namespace=ns)
             yield Fleet(ns, op, gw)
         finally:
@@ -426,16 +436,18 @@ def helm(*args: str, timeout: float = 400) -> None:
 
 
 @pytest.fixture(scope="module")
-def release(cluster) -> Iterator[Release]:  # noqa: ARG001 - cluster sets KUBECONFIG
+def release(cluster, models: dict[str, Path]) -> Iterator[Release]:  # noqa: ARG001 - cluster sets KUBECONFIG
     ns = f"{NS_PREFIX}gw-faults-{uuid.uuid4().hex[:6]}"
     create_namespace(ns)
     rel = Release(ns, f"{ns}.modelfleet.test")
     try:
         helm("install", RELEASE, str(CHART), "-n", ns, "--wait", "--timeout", "300s",
              "--set-json", f'operator.watchNamespaces=["{ns}"]', "--set", "gateway.replicas=2",
+             "--set", "operator.hostPathModels=true",
              "--set", "ingress.enabled=true", "--set", "ingress.className=nginx", "--set", f"ingress.host={rel.host}",
              "--set-json", f'apiKeys.keys=[{{"name": "faults", "key": "{KEY}"}}]')
-        apply(model_deployment(MODEL, f"file://{ensure_demo_model()}", replicas=1), namespace=ns)
+        apply(model_deployment(MODEL, f"file://{models[MODEL]}", replicas=1, resources=WORKER_RESOURCES),
+              namespace=ns)
         wait_for(lambda: (get("md", MODEL, ns) or {}).get("status", {}).get("phase") == "Ready", LOAD_TIMEOUT,
                  "the model behind the chart's gateways to be Ready", explain=rel.explain)
         yield rel

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, be
 
 from localkube.config import Network  # noqa: E402  (tests/cluster, on the path from conftest)
 from operator_harness import (  # noqa: E402
+    WORKER_RESOURCES,
     OperatorProcess,
     apply,
     condition,
@@ -161,7 +162,7 @@ class Env:
         return get("md", name, self.namespace)
 
     def manifest(self, name: str, replicas: int) -> dict:
-        return model_deployment(name, SOURCE, replicas=replicas,
+        return model_deployment(name, SOURCE, replicas=replicas, resources=WORKER_RESOURCES,
                                 model={"source": SOURCE, "servedName": name, "cache": {"size": "1Gi"}},
                                 podTemplate={"spec": {"env": [{"name": "HF_ENDPOINT", "value": self.mirror.url}]}})
 
