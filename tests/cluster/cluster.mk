@@ -29,7 +29,8 @@ cluster-status:
 NODE_CLUSTER_ENV = $$(grep -v '^\#' $(CLUSTER_DIR)/second-cluster.env | xargs) MODELFLEET_CLUSTER_DIR=$(CURDIR)/.cluster-node
 # The images those tests run (`make images` may build more, such as vLLM's).
 NODE_IMAGES ?= control-plane worker
-NODE_TESTS = $(CLUSTER_DIR)/test_node.py $(CLUSTER_DIR)/test_node_operator.py tests/e2e/test_chart.py tests/e2e/test_operator.py tests/e2e/test_gateway_k8s.py tests/e2e/test_inference_pool.py tests/e2e/test_responses_store.py tests/e2e/test_lifecycle.py
+NODE_TESTS = $(CLUSTER_DIR)/test_node.py $(CLUSTER_DIR)/test_node_operator.py tests/e2e/test_chart.py tests/e2e/test_operator.py tests/e2e/test_gateway_k8s.py tests/e2e/test_inference_pool.py tests/e2e/test_responses_store.py tests/e2e/test_lifecycle.py \
+	tests/e2e/test_faults.py tests/e2e/test_weight_cache.py tests/e2e/test_lora.py
 
 .PHONY: test-node node-cluster-up node-cluster-down node-load-images
 
