@@ -101,8 +101,9 @@ class Demand:
     waiting: int
 
     def encode(self) -> str:
-        """The annotation value the gateway writes."""
-        stamp = self.time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        """The annotation value the gateway writes. The stamp keeps milliseconds: the operator
+        counts the hold from it, and whole seconds would start that up to a second early."""
+        stamp = self.time.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         return json.dumps({"time": stamp, "waiting": int(self.waiting)}, separators=(",", ":"))
 
 

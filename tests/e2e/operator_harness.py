@@ -62,9 +62,9 @@ def worker_args() -> list[str]:
 def readable_copies(sources: dict[str, Path]) -> Iterator[dict[str, Path]]:
     """Each model folder copied where the worker's user can read it. A worker container runs as
     uid 65532 (enforced on the real node) and sees a hostPath at the path it has on this machine:
-    ensure_demo_model() leaves its folder and weights owner-only (root's), and minilm_path() lies
-    under /root, which the image keeps closed (0700). Not under /tmp either: that is the worker's
-    own emptyDir, which the agent mounts over a hostPath there."""
+    ensure_demo_model()'s cache and minilm_path() lie under /root, which stays closed (0700).
+    Not under /tmp either: that is the worker's own emptyDir, which the agent mounts over a
+    hostPath there."""
     root = Path(tempfile.mkdtemp(prefix="modelfleet-e2e-models-", dir="/var/tmp"))
     root.chmod(0o755)  # mkdtemp's 0700 would close it, and the operator mounts a file:// adapter by its folder
     out = {}

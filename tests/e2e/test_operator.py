@@ -374,8 +374,8 @@ def test_scale_to_zero_and_back_on_demand(env: Env) -> None:
     env.wait(lambda: replicas() == 0 and condition(env.md("zero"), "Ready").get("reason") == "ScaledToZero",
              SETTLE_TIMEOUT, "zero to sit at 0 replicas (ScaledToZero)")
     demand = labels.Demand(time=datetime.now(UTC), waiting=1).encode()
-    # The hold counts from the stamp the annotation carries, which is whole seconds: measuring
-    # from the unrounded clock read made a scale-down at 29.7 s look early.
+    # The hold counts from the stamp the annotation carries (to the millisecond; a whole-second
+    # stamp once made a scale-down at 29.7 s after the unrounded clock read look early).
     signalled = labels.parse_demand(demand).time
     t0 = time.monotonic()
     kubectl("annotate", "md", "zero", "-n", env.namespace, "--overwrite", f"{labels.DEMAND}={demand}")

@@ -123,6 +123,13 @@ def test_parse_demand_is_lenient(value: str | None, expected: Demand | None) -> 
     assert parse_demand(value) == expected
 
 
+def test_a_demand_stamp_keeps_the_time_the_gateway_saw_to_the_millisecond() -> None:
+    seen = NOW + timedelta(seconds=7, microseconds=987_654)
+    encoded = Demand(seen, 2).encode()
+    assert '"time":"2025-01-01T12:00:07.987Z"' in encoded
+    assert parse_demand(encoded) == Demand(NOW + timedelta(seconds=7, milliseconds=987), 2)
+
+
 def test_demand_round_trips() -> None:
     d = Demand(NOW, 5)
     assert parse_demand(d.encode()) == d
