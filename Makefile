@@ -14,7 +14,7 @@ install: ## install modelfleet with its test dependencies into the current Pytho
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 
 test: install vllm images cluster-up ## install what is needed (vLLM's CPU build, the images too), start the local cluster, and run every tier
-	MODELFLEET_REQUIRE_VLLM=1 $(PYTHON) -m pytest -q --durations=25
+	MODELFLEET_REQUIRE_VLLM=1 $(PYTHON) -m pytest -q --durations=25 $(addprefix --ignore=,$(NODE_TESTS))
 	@$(MAKE) --no-print-directory test-node
 
 test-fast: ## unit and component tests only (no processes, no cluster)

@@ -92,7 +92,7 @@ def test_project_images_are_in_containerd_under_podmans_ids(node: dict) -> None:
     s = Settings()
     held = images.cri_images(s.k8s_bin / "crictl", containerd.socket(s))
     ours = {ref: image_id for ref, image_id in held.items() if ref.startswith(images.PROJECT_PREFIX)}
-    assert {"docker.io/modelfleet/control-plane:0.1.0", "docker.io/modelfleet/worker:0.1.0"} <= set(ours), held
+    assert {images.project_image(name) for name in ("control-plane", "worker", "vllm-cpu")} <= set(ours), held
     listed = subprocess.run(["podman", "images", "--all", "--quiet", "--no-trunc"], capture_output=True, text=True,
                             env=images.podman_env(), check=True).stdout.split()
     assert set(ours.values()) <= set(listed), ours
@@ -212,7 +212,7 @@ def test_claim_is_provisioned_and_writable_by_a_non_root_container(cluster: Loca
     project's containers run as uid 65532 (the control-plane image has a Python to write with)."""
     claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models"},
              "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
-    writer = {"name": "w", "image": "docker.io/modelfleet/control-plane:0.1.0", "imagePullPolicy": "Never",
+    writer = {"name": "w", "image": images.project_image("control-plane"), "imagePullPolicy": "Never",
               "command": ["python3", "-c", "open('/models/tiny.bin', 'w').write('weights')"],
               "securityContext": {"runAsUser": 65532, "runAsNonRoot": True, "readOnlyRootFilesystem": True},
               "volumeMounts": [{"name": "m", "mountPath": "/models"}]}

@@ -62,7 +62,9 @@ def test_containerd_config_is_valid_toml_with_the_settings_that_matter(tmp_path:
     assert runtime["restrict_oom_score_adj"] is True
     assert runtime["containerd"]["runtimes"]["runc"]["options"]["SystemdCgroup"] is False
     assert cfg["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"] == images.PAUSE.ref
-    assert cfg["grpc"]["address"].startswith(str(s.state))
+    assert cfg["grpc"]["address"].startswith(str(s.state)) and cfg["state"].startswith(str(s.state))
+    # The image store outlives the cluster's folder, so a fresh checkout copies no image twice.
+    assert cfg["root"].startswith(str(s.cache)) and not cfg["root"].startswith(str(s.state))
 
 
 def test_real_node_runs_ingress_and_storage_on_the_host_after_the_node(tmp_path: Path) -> None:

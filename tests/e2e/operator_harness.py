@@ -1,7 +1,7 @@
 """Helpers for the operator's end-to-end tests: what only tests need (describe, conditions,
 endpoints, the gateway as a process, pod signals) beside the cluster helpers of
 modelfleet.devcluster, re-exported here so that tests import everything from this one module.
-Nothing here is a pytest fixture.
+Nothing here is a pytest fixture; `vllm_image()` skips the test that calls it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+from localkube.images import project_image
+
 from modelfleet.devcluster import (  # noqa: F401 - re-exported for the tests
     CRD,
     NS_PREFIX,
@@ -36,18 +39,50 @@ from modelfleet.devcluster import (  # noqa: F401 - re-exported for the tests
     stop_group,
     wait_for,
 )
+from modelfleet.engines import find_vllm_python
 from modelfleet.netutil import free_port  # noqa: F401 - re-exported for the tests
 
-WORKER_IMAGE = "docker.io/modelfleet/worker:0.1.0"  # what `make images` tags (images/README.md)
+WORKER_IMAGE = project_image("worker")  # what `make images` tags (images/README.md)
+VLLM_CPU_IMAGE = project_image("vllm-cpu")
 # What a worker of the e2e tests asks for: up to four at once on two CPUs, and room for torch
 # under the real node's memory limit (the agent enforces none).
 WORKER_RESOURCES = {"cpu": "100m", "memory": "2Gi"}
+# What a vLLM pod asks for: on the real node (the machine's 2 CPUs, shared with other tests) up
+# to five at once, cpu a share and no limit, memory a limit (a chat pod's RSS peaked at 2.7 GiB
+# with a 1 GiB KV space); the agent's node counts 8 CPUs and 32Gi and enforces nothing.
+VLLM_RESOURCES = {"cpu": "200m", "memory": "3Gi"}
+VLLM_AGENT_RESOURCES = {"cpu": "1", "memory": "4Gi"}
+
+
+def _node() -> dict:
+    return json.loads(kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
 
 
 def real_node() -> bool:
     """Whether the cluster's node is a real kubelet (containerd), not the agent."""
-    node = json.loads(kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
-    return node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+    return _node()["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+
+
+def vllm_image() -> str | None:
+    """The image this cluster's vLLM pods must run: the project's vLLM CPU image on the real node,
+    which must already hold it (`localkube load-images vllm-cpu`); None on the agent, which runs
+    any vLLM image from the `make vllm` environment. Skips the calling test when this node cannot
+    run vLLM, and fails it instead under MODELFLEET_REQUIRE_VLLM=1 (`make test`)."""
+    node = _node()
+    if not node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://"):
+        if find_vllm_python() is None:
+            _vllm_missing("vLLM is not installed (make vllm)")
+        return None
+    held = {name for image in node["status"].get("images") or [] for name in image.get("names") or []}
+    if VLLM_CPU_IMAGE not in held:
+        _vllm_missing(f"the node does not hold {VLLM_CPU_IMAGE} (make images && make node-load-images NODE_IMAGES=vllm-cpu)")
+    return VLLM_CPU_IMAGE
+
+
+def _vllm_missing(reason: str) -> None:
+    if os.environ.get("MODELFLEET_REQUIRE_VLLM"):
+        raise RuntimeError(f"MODELFLEET_REQUIRE_VLLM is set but {reason}")
+    pytest.skip(reason)
 
 
 def worker_args() -> list[str]:

@@ -2,7 +2,7 @@
 host: a ModelDeployment of the demo model with one random adapter answers on the adapter's
 name with output different from the base's; adding a second adapter to the running object
 takes effect without restarting its pod; removing one makes its name a 404 model_not_found.
-The same on vLLM's server when `make vllm` has installed it."""
+The same on vLLM's server."""
 
 from __future__ import annotations
 
@@ -15,9 +15,14 @@ import pytest
 
 from modelfleet.demo import VLLM_DEMO_SPEC, cache_dir, ensure_demo_model, make_demo_adapter
 from modelfleet.devcluster import wait_for
-from modelfleet.engines import find_vllm_python
 
-from .operator_harness import WORKER_RESOURCES, readable_copies, real_node
+from .operator_harness import (
+    VLLM_AGENT_RESOURCES,
+    VLLM_RESOURCES,
+    WORKER_RESOURCES,
+    readable_copies,
+    vllm_image,
+)
 from .test_gateway_k8s import Stack, running_stack
 
 pytestmark = pytest.mark.e2e
@@ -138,18 +143,18 @@ def test_adapters_serve_under_their_names_and_come_and_go_without_a_restart(stac
         exercise(stack, md, adapters, 240)
 
 
-@pytest.mark.skipif(find_vllm_python() is None, reason="vLLM is not installed (make vllm)")
 def test_the_same_on_vllm(stack: Stack) -> None:
     """vLLM's own dynamic LoRA loading (--enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING), driven by
-    the same operator code. vLLM compiles at its first start: a replica takes a few minutes.
-    Agent only: on the real node it would need the vllm-cpu image (5.2 GB) loaded and the
-    operator pointed at it, as test_vllm_chart.py does."""
-    if real_node():
-        pytest.skip("vLLM's LoRA test runs on the agent (the real node needs the vllm-cpu image)")
+    the same operator code: on the real node from the project's vLLM CPU image (as uid 65532, the
+    model and adapters as hostPaths of readable copies), on the agent from `make vllm`. vLLM
+    starts in a minute or two here."""
+    image = vllm_image()
     base = ensure_demo_model(VLLM_DEMO_SPEC)
-    adapters = make_adapters(base)
     engine = {"kind": "vllm", "maxModelLen": 512, "maxNumSeqs": 4, "args": ["--enforce-eager"],
-              "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}], "startupTimeoutSeconds": 900}
-    md = model_deployment("vlora", base, {"vlora-sql": adapters["a"]}, engine=engine,
-                          resources={"cpu": "1", "memory": "4Gi"})
-    exercise(stack, md, adapters, 900)
+              "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}], "startupTimeoutSeconds": 900,
+              **({"image": image} if image else {})}
+    with readable_copies({"base": base, **make_adapters(base)}) as copies:
+        adapters = {"a": copies["a"], "b": copies["b"]}
+        md = model_deployment("vlora", copies["base"], {"vlora-sql": adapters["a"]}, engine=engine,
+                              resources=VLLM_RESOURCES if image else VLLM_AGENT_RESOURCES)
+        exercise(stack, md, adapters, 900)

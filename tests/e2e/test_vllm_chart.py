@@ -15,7 +15,6 @@ copies uid 65532 can read, on both. vLLM starts in a minute or two here.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import uuid
@@ -24,15 +23,13 @@ from pathlib import Path
 
 import openai
 import pytest
-import yaml
 from localkube.testing import LocalCluster
 
 from modelfleet.demo import VLLM_DEMO_SPEC, ensure_demo_model, minilm_path
 from modelfleet.devcluster import wait_for
-from modelfleet.engines import find_vllm_python
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
-from operator_harness import readable_copies, real_node  # noqa: E402
+from operator_harness import VLLM_AGENT_RESOURCES, VLLM_RESOURCES, readable_copies, vllm_image  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -43,22 +40,10 @@ KEY = f"sk-vllm-{uuid.uuid4().hex}"
 METERED = f"sk-metered-{uuid.uuid4().hex}"
 TPM = 1_000_000
 READY_TIMEOUT = 900
-# The project's vLLM CPU image as `make images` tags it (the chart's appVersion), for the real node.
-VLLM_CPU_IMAGE = f"modelfleet/vllm-cpu:{yaml.safe_load((CHART / 'Chart.yaml').read_text())['appVersion']}"
-# The agent's node counts 8 CPUs and 32Gi; the real node has the machine's 2 CPUs and ~23Gi, shared
-# with other tests, for up to five vLLM pods at once (cpu is a share there, no limit).
-RESOURCES = {"cpu": "1", "memory": "4Gi"}
-REAL_NODE_RESOURCES = {"cpu": "200m", "memory": "3Gi"}
 
 
-def missing(reason: str) -> None:
-    if os.environ.get("MODELFLEET_REQUIRE_VLLM"):
-        raise RuntimeError(f"MODELFLEET_REQUIRE_VLLM is set but {reason}")
-    pytest.skip(reason)
-
-
-def vllm_md(name: str, source: str, served: str, max_model_len: int = 1024, spec: dict | None = None,
-            resources: dict = RESOURCES, **model) -> dict:
+def vllm_md(name: str, source: str, served: str, resources: dict, max_model_len: int = 1024,
+            spec: dict | None = None, **model) -> dict:
     return {
         "apiVersion": "modelfleet.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
         "spec": {**(spec or {}), "model": {"source": source, "servedName": served, **model}, "replicas": 1,
@@ -71,11 +56,11 @@ def vllm_md(name: str, source: str, served: str, max_model_len: int = 1024, spec
 
 
 class Release:
-    def __init__(self, cluster: LocalCluster, namespace: str, models: dict[str, Path], on_real_node: bool) -> None:
+    def __init__(self, cluster: LocalCluster, namespace: str, models: dict[str, Path], image: str | None) -> None:
         self.cluster, self.namespace, self.models = cluster, namespace, models
         self.host = f"{namespace}.modelfleet.test"
-        self.image = VLLM_CPU_IMAGE if on_real_node else "vllm/vllm-openai:"  # what the pods run (a prefix)
-        self.resources = REAL_NODE_RESOURCES if on_real_node else RESOURCES
+        self.image = image or "vllm/vllm-openai:"  # what the pods run (a prefix)
+        self.resources = VLLM_RESOURCES if image else VLLM_AGENT_RESOURCES
 
     def kubectl(self, *args: str, check: bool = True) -> str:
         return self.cluster.kubectl(*args, "-n", self.namespace, check=check).stdout
@@ -109,18 +94,12 @@ class Release:
             raise AssertionError(f"{exc}\n{self.describe()}") from None
 
 
-def vllm_image_args(cluster: LocalCluster, on_real_node: bool) -> list[str]:
+def vllm_image_args(image: str | None) -> list[str]:
     """The chart's values for this node's vLLM: none on the agent (its default image runs from
-    `make vllm`); on the real node the project's image, which the node must already hold."""
-    if not on_real_node:
-        if find_vllm_python() is None:
-            missing("vLLM is not installed (make vllm)")
+    `make vllm`); on the real node the project's image (operator_harness.vllm_image)."""
+    if image is None:
         return []
-    node = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
-    held = {name for image in node["status"].get("images") or [] for name in image.get("names") or []}
-    if f"docker.io/{VLLM_CPU_IMAGE}" not in held:
-        missing(f"the node does not hold {VLLM_CPU_IMAGE} (make images && make node-load-images NODE_IMAGES=vllm-cpu)")
-    repository, tag = VLLM_CPU_IMAGE.rsplit(":", 1)
+    repository, tag = image.rsplit(":", 1)
     return ["--set", f"image.vllm.repository={repository}", "--set", f"image.vllm.tag={tag}"]
 
 
@@ -138,12 +117,12 @@ def models(tmp_path_factory) -> Iterator[dict[str, Path]]:
 def release(cluster: LocalCluster, models: dict[str, Path]) -> Iterator[Release]:
     import subprocess
 
-    on_real_node = real_node()
-    image_args = vllm_image_args(cluster, on_real_node)
+    image = vllm_image()
+    image_args = vllm_image_args(image)
     namespace = f"mf-e2e-vllm-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", namespace)
     wait_for(lambda: cluster.get("serviceaccount", "default", namespace), 30, what="default ServiceAccount")
-    rel = Release(cluster, namespace, models, on_real_node)
+    rel = Release(cluster, namespace, models, image)
     keys = [{"name": "team", "key": KEY}, {"name": "metered", "key": METERED, "tpm": TPM}]
     proc = subprocess.run(
         ["helm", "install", RELEASE, str(CHART), "-n", namespace, "--wait", "--timeout", "300s", *image_args,

@@ -1,8 +1,9 @@
 """containerd for the real node: its configuration and its process.
 
-Everything containerd keeps lives under the cluster's state folder (root, state, socket,
-the pods' network namespaces), so a second cluster on this machine or podman's storage is
-never touched. Settings this machine needs, and why:
+What containerd keeps while it runs lives under the cluster's state folder (state, socket,
+the pods' network namespaces); its persistent store (`root`: images, snapshots, metadata) lives
+in the machine's cache, so the images `load-images` copied outlive `down` and a fresh clone,
+and a warm run copies only what changed. Podman's storage is never touched. Settings this machine needs, and why:
 
 - cgroupfs, not systemd cgroups: there is no systemd, and cgroups are hybrid v1.
 - `restrict_oom_score_adj`: without CAP_SYS_RESOURCE no process may lower its OOM score, and
@@ -37,6 +38,16 @@ def home(s: Settings) -> Path:
     return s.state / "containerd"
 
 
+def root(s: Settings) -> Path:
+    """containerd's persistent store, in the cache rather than the cluster's folder: copying the
+    project's images in is the node's slowest step (the vLLM CPU image 384 s, the worker image
+    72-170 s), and each checkout would otherwise pay it again. One real node runs on a machine
+    at a time anyway (kube-proxy's chains are machine-wide); a second containerd on this store
+    would wait on its metadata lock. `down` removes every pod through the CRI first, so only
+    images stay."""
+    return s.cache / "node" / "containerd"
+
+
 def socket(s: Settings) -> Path:
     return home(s) / "containerd.sock"
 
@@ -46,7 +57,7 @@ def render(s: Settings) -> str:
     h = home(s)
     return f"""\
 version = 3
-root = "{h / 'root'}"
+root = "{root(s)}"
 state = "{h / 'state'}"
 
 [grpc]

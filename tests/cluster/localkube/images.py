@@ -161,7 +161,17 @@ def load_all(bin_dir: Path, ctr: Path, address: Path, work: Path) -> list[str]:
 
 # What `make images` tags (images/build.sh): docker.io/modelfleet/<Dockerfile stem>:<appVersion>.
 PROJECT_PREFIX = "docker.io/modelfleet/"
-PODMAN_CONF = Path(__file__).resolve().parents[3] / "images" / "podman" / "containers.conf"
+REPO = Path(__file__).resolve().parents[3]
+PODMAN_CONF = REPO / "images" / "podman" / "containers.conf"
+
+
+def project_image(name: str) -> str:
+    """The reference `make images` gives images/<name>.Dockerfile's image (the chart's appVersion
+    as its tag), as the kubelet lists it."""
+    chart = (REPO / "charts" / "modelfleet" / "Chart.yaml").read_text()
+    (version,) = (line.split(":", 1)[1].strip().strip('"') for line in chart.splitlines()
+                  if line.startswith("appVersion:"))
+    return f"{PROJECT_PREFIX}{name}:{version}"
 CHUNK = 1 << 20
 
 

@@ -153,7 +153,7 @@ def mounts_under(path: Path) -> list[str]:
 
 
 def _unmount(s: Settings) -> None:
-    for point in mounts_under(s.state):
+    for point in (*mounts_under(s.state), *mounts_under(containerd.root(s))):
         subprocess.run(["umount", "-l", point], capture_output=True)
 
 
