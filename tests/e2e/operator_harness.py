@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from localkube.images import project_image
 
+from modelfleet.demo import ensure_demo_model
 from modelfleet.devcluster import (  # noqa: F401 - re-exported for the tests
     CRD,
     NS_PREFIX,
@@ -111,6 +112,14 @@ def readable_copies(sources: dict[str, Path]) -> Iterator[dict[str, Path]]:
         yield out
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def demo_model_source() -> Iterator[str]:
+    """The `file://` source of a readable copy of the demo model (readable_copies), as the
+    e2e tier's ModelDeployments of the modelfleet engine name it."""
+    with readable_copies({"tiny-chat": ensure_demo_model()}) as copies:
+        yield f"file://{copies['tiny-chat']}"
 
 
 @contextmanager

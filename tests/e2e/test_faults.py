@@ -39,6 +39,7 @@ from operator_harness import (  # noqa: E402
     create_namespace,
     delete_model_deployments,
     delete_namespace,
+    demo_model_source,
     describe,
     get,
     items,
@@ -46,7 +47,6 @@ from operator_harness import (  # noqa: E402
     model_deployment,
     operator_namespace,
     pod_pids,
-    readable_copies,
     signal_pod,
     wait_for,
 )
@@ -98,20 +98,20 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def models() -> Iterator[dict[str, Path]]:
+def source() -> Iterator[str]:
     """The model where the worker's user (uid 65532 on the real node) reads it."""
-    with readable_copies({MODEL: ensure_demo_model()}) as copies:
-        yield copies
+    with demo_model_source() as out:
+        yield out
 
 
 @pytest.fixture(scope="module")
-def fleet(cluster, tmp_path_factory, models: dict[str, Path]) -> Iterator[Fleet]:  # noqa: ARG001 - cluster sets KUBECONFIG
+def fleet(cluster, tmp_path_factory, source: str) -> Iterator[Fleet]:  # noqa: ARG001 - cluster sets KUBECONFIG
     logs = tmp_path_factory.mktemp("faults")
     with operator_namespace(logs, name="faults-") as (ns, op):
         gw = GatewayProcess(ns, logs / "gateway.log")
         try:
             gw.start()
-            apply(model_deployment(MODEL, f"file://{models[MODEL]}", replicas=2, resources=WORKER_RESOURCES,
+            apply(model_deployment(MODEL, source, replicas=2, resources=WORKER_RESOURCES,
                                    terminationGracePeriodSeconds=GRACE), namespace=ns)
             yield Fleet(ns, op, gw)
         finally:
@@ -436,7 +436,7 @@ def helm(*args: str, timeout: float = 400) -> None:
 
 
 @pytest.fixture(scope="module")
-def release(cluster, models: dict[str, Path]) -> Iterator[Release]:  # noqa: ARG001 - cluster sets KUBECONFIG
+def release(cluster, source: str) -> Iterator[Release]:  # noqa: ARG001 - cluster sets KUBECONFIG
     ns = f"{NS_PREFIX}gw-faults-{uuid.uuid4().hex[:6]}"
     create_namespace(ns)
     rel = Release(ns, f"{ns}.modelfleet.test")
@@ -446,7 +446,7 @@ def release(cluster, models: dict[str, Path]) -> Iterator[Release]:  # noqa: ARG
              "--set", "operator.hostPathModels=true",
              "--set", "ingress.enabled=true", "--set", "ingress.className=nginx", "--set", f"ingress.host={rel.host}",
              "--set-json", f'apiKeys.keys=[{{"name": "faults", "key": "{KEY}"}}]')
-        apply(model_deployment(MODEL, f"file://{models[MODEL]}", replicas=1, resources=WORKER_RESOURCES),
+        apply(model_deployment(MODEL, source, replicas=1, resources=WORKER_RESOURCES),
               namespace=ns)
         wait_for(lambda: (get("md", MODEL, ns) or {}).get("status", {}).get("phase") == "Ready", LOAD_TIMEOUT,
                  "the model behind the chart's gateways to be Ready", explain=rel.explain)

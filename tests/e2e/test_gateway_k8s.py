@@ -18,9 +18,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
 
-from operator_harness import WORKER_RESOURCES, GatewayProcess, operator_namespace, readable_copies  # noqa: E402
+from operator_harness import WORKER_RESOURCES, GatewayProcess, demo_model_source, operator_namespace  # noqa: E402
 
-from modelfleet.demo import ensure_demo_model  # noqa: E402
 from modelfleet.devcluster import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -29,7 +28,7 @@ pytestmark = pytest.mark.e2e
 class Stack:
     """The gateway as a host process beside the module's operator, both watching one namespace."""
 
-    def __init__(self, cluster, namespace: str, logs: Path, source: Path | None = None) -> None:
+    def __init__(self, cluster, namespace: str, logs: Path, source: str | None = None) -> None:
         self.cluster = cluster
         self.namespace = namespace
         self.source = source
@@ -40,7 +39,7 @@ class Stack:
         """A ModelDeployment of the module's model copy, served as `served`."""
         return {
             "apiVersion": "modelfleet.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
-            "spec": {"model": {"source": f"file://{self.source}", "servedName": served},
+            "spec": {"model": {"source": self.source, "servedName": served},
                      "resources": WORKER_RESOURCES, **spec},
         }
 
@@ -59,7 +58,7 @@ class Stack:
 
 
 @contextmanager
-def running_stack(cluster, logs: Path, source: Path | None = None, name: str = "") -> Iterator[Stack]:
+def running_stack(cluster, logs: Path, source: str | None = None, name: str = "") -> Iterator[Stack]:
     """The module's namespace and operator (operator_harness.operator_namespace) and the gateway."""
     with operator_namespace(logs, name=name) as (namespace, _op):
         s = Stack(cluster, namespace, logs, source)
@@ -71,8 +70,7 @@ def running_stack(cluster, logs: Path, source: Path | None = None, name: str = "
 
 @pytest.fixture(scope="module")
 def stack(cluster, tmp_path_factory) -> Iterator[Stack]:
-    with readable_copies({"tiny-chat": ensure_demo_model()}) as models, \
-            running_stack(cluster, tmp_path_factory.mktemp("gw-e2e"), models["tiny-chat"], "gw-") as s:
+    with demo_model_source() as source, running_stack(cluster, tmp_path_factory.mktemp("gw-e2e"), source, "gw-") as s:
         yield s
 
 

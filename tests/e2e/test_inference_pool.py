@@ -26,19 +26,18 @@ from operator_harness import (  # noqa: E402
     REPO,
     OperatorProcess,
     apply,
+    demo_model_source,
     describe,
     get,
     items,
     kubectl,
     model_deployment,
     operator_namespace,
-    readable_copies,
     ready_endpoints,
     wait_for,
 )
 
 from modelfleet import labels  # noqa: E402
-from modelfleet.demo import ensure_demo_model  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -80,9 +79,8 @@ def install_inference_extension_crds() -> None:
 @pytest.fixture(scope="module")
 def env(cluster, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - cluster sets KUBECONFIG
     install_inference_extension_crds()
-    with readable_copies({"tiny-chat": ensure_demo_model()}) as models, \
+    with demo_model_source() as source, \
             operator_namespace(tmp_path_factory.mktemp("operator"), "--inference-pool-epp", "{name}-epp:9002") as (ns, op):
-        source = f"file://{models['tiny-chat']}"
         apply(
             model_deployment("chat", source, replicas=1, resources=LOADING),
             # vLLM's engine; more GPUs than any node has, so its pod stays Pending (never runs vLLM).

@@ -26,18 +26,17 @@ from operator_harness import (  # noqa: E402
     OperatorProcess,
     apply,
     condition,
+    demo_model_source,
     describe,
     get,
     items,
     kubectl,
     model_deployment,
     operator_namespace,
-    readable_copies,
     wait_for,
 )
 
 from modelfleet import labels  # noqa: E402
-from modelfleet.demo import ensure_demo_model  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -88,10 +87,8 @@ class Env:
 @pytest.fixture(scope="module")
 def env(cluster, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - cluster sets KUBECONFIG
     logs = tmp_path_factory.mktemp("lifecycle")
-    with readable_copies({"tiny-chat": ensure_demo_model()}) as models, \
-            operator_namespace(logs, name="lc-") as (ns, op):
+    with demo_model_source() as source, operator_namespace(logs, name="lc-") as (ns, op):
         gateway = GatewayProcess(ns, logs / "gateway.log")
-        source = f"file://{models['tiny-chat']}"
         try:
             gateway.start()
             model = {"source": source, "servedName": SERVED}

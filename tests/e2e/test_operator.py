@@ -33,6 +33,7 @@ from operator_harness import (  # noqa: E402
     create_namespace,
     delete_model_deployments,
     delete_namespace,
+    demo_model_source,
     describe,
     get,
     install_crds,
@@ -40,7 +41,6 @@ from operator_harness import (  # noqa: E402
     kubectl,
     model_deployment,
     operator_namespace,
-    readable_copies,
     ready_endpoints,
     real_node,
     wait_for,
@@ -48,7 +48,6 @@ from operator_harness import (  # noqa: E402
 )
 
 from modelfleet import labels  # noqa: E402
-from modelfleet.demo import ensure_demo_model  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -76,14 +75,13 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def models() -> Iterator[dict[str, Path]]:
-    with readable_copies({"tiny-chat": ensure_demo_model()}) as out:
+def source() -> Iterator[str]:
+    with demo_model_source() as out:
         yield out
 
 
 @pytest.fixture(scope="module")
-def env(cluster, models, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - cluster sets KUBECONFIG
-    source = f"file://{models['tiny-chat']}"
+def env(cluster, source, tmp_path_factory) -> Iterator[Env]:  # noqa: ARG001 - cluster sets KUBECONFIG
     with operator_namespace(tmp_path_factory.mktemp("operator")) as (ns, op):
         e = Env(ns, op, source, real_node())
         apply(

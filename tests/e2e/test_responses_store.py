@@ -14,9 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
 
-from operator_harness import GatewayProcess, model_deployment, operator_namespace, readable_copies  # noqa: E402
+from operator_harness import GatewayProcess, demo_model_source, model_deployment, operator_namespace  # noqa: E402
 
-from modelfleet.demo import ensure_demo_model  # noqa: E402
 from modelfleet.devcluster import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -37,8 +36,7 @@ def ready(url: str) -> bool:
 def gateways(cluster, tmp_path_factory):
     """The operator, one tiny model, and two gateways sharing one namespace's Secrets."""
     logs = tmp_path_factory.mktemp("responses-e2e")
-    with readable_copies({"tiny-chat": ensure_demo_model()}) as models, \
-            operator_namespace(logs, name="resp-") as (namespace, _op):
+    with demo_model_source() as source, operator_namespace(logs, name="resp-") as (namespace, _op):
         cluster.apply(*[{"apiVersion": "v1", "kind": "Secret", "metadata": {
             "name": name, "labels": {"modelfleet.dev/api-key": "true"}}, "stringData": {"key": key}}
             for name, key in (("ada", ADA), ("bob", BOB))], namespace=namespace)
@@ -47,8 +45,8 @@ def gateways(cluster, tmp_path_factory):
                for name in ("a", "b")]
         try:
             urls = [gw.start().url for gw in gws]
-            cluster.apply(model_deployment("chat", f"file://{models['tiny-chat']}", replicas=1, resources=LOADING,
-                                           model={"source": f"file://{models['tiny-chat']}", "servedName": MODEL}),
+            cluster.apply(model_deployment("chat", source, replicas=1, resources=LOADING,
+                                           model={"source": source, "servedName": MODEL}),
                           namespace=namespace)
             for url in urls:
                 wait_for(lambda url=url: ready(url), 240, what=f"{url} routes to a ready replica")
