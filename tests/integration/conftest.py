@@ -1,6 +1,7 @@
 """A real `modelfleet serve` (gateway + one worker per model) on loopback, shared by the tier."""
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -13,10 +14,20 @@ import pytest
 
 from modelfleet.demo import ensure_demo_model, minilm_path
 from modelfleet.devcluster import stop_group, wait_for
+from modelfleet.engines import find_vllm_python
 from modelfleet.netutil import free_port
 
 CHAT = "tiny-chat"
 EMBED = "all-MiniLM-L6-v2"
+# The keys of the shared vLLM server (vllm_serve).
+VLLM_KEYS = """
+keys:
+  - name: open
+    key: sk-open-0123456789
+  - name: metered
+    key: sk-metered-0123456789
+    tpm: 1000000
+"""
 
 
 def worker_metric(url: str, name: str, having: str = "") -> float:
@@ -83,6 +94,30 @@ def tokens_charged(url: str, key: str) -> float:
 def launch():
     """`launch(args, ready_models, log, timeout)`: a modelfleet command, once ready -> (process, url)."""
     return start
+
+
+def require_vllm() -> None:
+    """Skips the calling test without vLLM's environment, or fails it under
+    MODELFLEET_REQUIRE_VLLM (`make test` sets it after `make vllm`)."""
+    if find_vllm_python() is None:
+        if os.environ.get("MODELFLEET_REQUIRE_VLLM"):
+            raise RuntimeError("MODELFLEET_REQUIRE_VLLM is set but vLLM is not installed: run `make vllm`")
+        pytest.skip("vLLM is not installed (make vllm)")
+
+
+@pytest.fixture(scope="session")
+def vllm_serve(tmp_path_factory):
+    """`modelfleet serve --engine vllm` with the embedded default models (the demo chat model and
+    MiniLM, each on a vLLM server of its own) behind the gateway, keys `open` and `metered`
+    (VLLM_KEYS). vLLM takes one to two minutes to start here, so every module that needs these
+    models on vLLM shares this one."""
+    require_vllm()
+    tmp = tmp_path_factory.mktemp("vllm")
+    (tmp / "keys.yaml").write_text(VLLM_KEYS)
+    proc, url = start(["serve", "--engine", "vllm", "--api-keys", str(tmp / "keys.yaml"), "--max-num-seqs", "16"],
+                      {CHAT, EMBED}, tmp / "serve.log", timeout=600)
+    yield url
+    stop(proc)
 
 
 @pytest.fixture(scope="session")

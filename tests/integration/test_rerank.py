@@ -17,7 +17,6 @@ import httpx
 import pytest
 
 from modelfleet.demo import ensure_demo_model, minilm_path
-from modelfleet.engines import find_vllm_python
 
 from .conftest import tokens_charged
 
@@ -158,22 +157,9 @@ def test_the_rerank_example_runs_on_whatever_the_server_serves(keyed, tmp_path):
 
 # -- vLLM's pooling runner behind the same gateway -----------------------------------------------
 
-@pytest.fixture(scope="module")
-def vllm_embed(tmp_path_factory, launch, minilm):
-    if find_vllm_python() is None:
-        if os.environ.get("MODELFLEET_REQUIRE_VLLM"):
-            raise RuntimeError("MODELFLEET_REQUIRE_VLLM is set but vLLM is not installed: run `make vllm`")
-        pytest.skip("vLLM is not installed (make vllm)")
-    tmp = tmp_path_factory.mktemp("vllm-rerank")
-    (tmp / "keys.yaml").write_text(KEYS)
-    proc, url = launch(["serve", "--engine", "vllm", "--model", f"{EMBED}={minilm}", "--max-model-len", "256",
-                        "--api-keys", str(tmp / "keys.yaml")], {EMBED}, tmp / "serve.log", timeout=600)
-    yield url
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=60)
-
-
-def test_vllm_serves_minilm_scores_as_modelfleet_does(keyed, vllm_embed):
+def test_vllm_serves_minilm_scores_as_modelfleet_does(keyed, vllm_serve):
+    """MiniLM on vLLM's pooling runner (conftest's shared `vllm_serve`), through the gateway."""
+    vllm_embed = vllm_serve
     for path, body in [("/v1/rerank", {"model": EMBED, "query": QUERY, "documents": DOCS}),
                        ("/v1/score", {"model": EMBED, "text_1": QUERY, "text_2": DOCS})]:
         ours, theirs = post(keyed, path, body).json(), post(vllm_embed, path, body).json()

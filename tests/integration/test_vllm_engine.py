@@ -1,48 +1,22 @@
 """`modelfleet serve --engine vllm`: vLLM's own OpenAI server behind modelfleet's gateway, for
 real (vLLM's CPU build from `make vllm`), answering as modelfleet's engine does.
 
-vLLM takes one to two minutes to start on this machine (it compiles), so one server serves the
-whole module. Without the vLLM environment these tests skip, unless MODELFLEET_REQUIRE_VLLM is
+vLLM takes one to two minutes to start on this machine, so one server (conftest's `vllm_serve`)
+serves the tier. Without the vLLM environment these tests skip, unless MODELFLEET_REQUIRE_VLLM is
 set (`make test` sets it after `make vllm`), when they fail.
 """
 
 import json
-import os
-import signal
 
 import httpx
 import pytest
 
 from modelfleet.devcluster import wait_for
-from modelfleet.engines import find_vllm_python
+
+from .conftest import CHAT, EMBED
 
 pytestmark = pytest.mark.integration
-CHAT, EMBED = "tiny-chat", "all-MiniLM-L6-v2"
-KEYS = """
-keys:
-  - name: open
-    key: sk-open-0123456789
-  - name: metered
-    key: sk-metered-0123456789
-    tpm: 1000000
-"""
 OPEN = {"authorization": "Bearer sk-open-0123456789"}
-
-if find_vllm_python() is None:
-    if os.environ.get("MODELFLEET_REQUIRE_VLLM"):
-        raise RuntimeError("MODELFLEET_REQUIRE_VLLM is set but vLLM is not installed: run `make vllm`")
-    pytest.skip("vLLM is not installed (make vllm)", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def vllm_serve(tmp_path_factory, launch):
-    tmp = tmp_path_factory.mktemp("vllm")
-    (tmp / "keys.yaml").write_text(KEYS)
-    proc, url = launch(["serve", "--engine", "vllm", "--api-keys", str(tmp / "keys.yaml"), "--max-num-seqs", "16"],
-                       {CHAT, EMBED}, tmp / "serve.log", timeout=600)
-    yield url
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
