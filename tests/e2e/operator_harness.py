@@ -48,20 +48,18 @@ VLLM_CPU_IMAGE = project_image("vllm-cpu")
 # What a worker of the e2e tests asks for: up to four at once on two CPUs, and room for torch
 # under the real node's memory limit (the agent enforces none).
 WORKER_RESOURCES = {"cpu": "100m", "memory": "2Gi"}
-# What a vLLM pod asks for: on the real node (the machine's 2 CPUs, shared with other tests) up
-# to five at once, cpu a share and no limit, memory a limit (a chat pod's RSS peaked at 2.7 GiB
-# with a 1 GiB KV space); the agent's node counts 8 CPUs and 32Gi and enforces nothing.
-VLLM_RESOURCES = {"cpu": "200m", "memory": "3Gi"}
-VLLM_AGENT_RESOURCES = {"cpu": "1", "memory": "4Gi"}
-
 
 def _node() -> dict:
     return json.loads(kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
 
 
+def _is_real(node: dict) -> bool:
+    return node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+
+
 def real_node() -> bool:
     """Whether the cluster's node is a real kubelet (containerd), not the agent."""
-    return _node()["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+    return _is_real(_node())
 
 
 def vllm_image() -> str | None:
@@ -70,7 +68,7 @@ def vllm_image() -> str | None:
     any vLLM image from the `make vllm` environment. Skips the calling test when this node cannot
     run vLLM, and fails it instead under MODELFLEET_REQUIRE_VLLM=1 (`make test`)."""
     node = _node()
-    if not node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://"):
+    if not _is_real(node):
         if find_vllm_python() is None:
             _vllm_missing("vLLM is not installed (make vllm)")
         return None
@@ -78,6 +76,14 @@ def vllm_image() -> str | None:
     if VLLM_CPU_IMAGE not in held:
         _vllm_missing(f"the node does not hold {VLLM_CPU_IMAGE} (make images && make node-load-images NODE_IMAGES=vllm-cpu)")
     return VLLM_CPU_IMAGE
+
+
+def vllm_resources(image: str | None) -> dict[str, str]:
+    """What a vLLM pod running `image` (vllm_image()) asks for: on the real node (the machine's
+    2 CPUs, shared with other tests) up to five at once, cpu a share and no limit, memory a limit
+    (a chat pod's RSS peaked at 2.7 GiB with a 1 GiB KV space); on the agent, whose node counts
+    8 CPUs and 32Gi and enforces nothing, vLLM's own sizes."""
+    return {"cpu": "200m", "memory": "3Gi"} if image else {"cpu": "1", "memory": "4Gi"}
 
 
 def _vllm_missing(reason: str) -> None:

@@ -16,13 +16,7 @@ import pytest
 from modelfleet.demo import VLLM_DEMO_SPEC, cache_dir, ensure_demo_model, make_demo_adapter
 from modelfleet.devcluster import wait_for
 
-from .operator_harness import (
-    VLLM_AGENT_RESOURCES,
-    VLLM_RESOURCES,
-    WORKER_RESOURCES,
-    readable_copies,
-    vllm_image,
-)
+from .operator_harness import WORKER_RESOURCES, readable_copies, vllm_image, vllm_resources
 from .test_gateway_k8s import Stack, running_stack
 
 pytestmark = pytest.mark.e2e
@@ -156,5 +150,5 @@ def test_the_same_on_vllm(stack: Stack) -> None:
     with readable_copies({"base": base, **make_adapters(base)}) as copies:
         adapters = {"a": copies["a"], "b": copies["b"]}
         md = model_deployment("vlora", copies["base"], {"vlora-sql": adapters["a"]}, engine=engine,
-                              resources=VLLM_RESOURCES if image else VLLM_AGENT_RESOURCES)
+                              resources=vllm_resources(image))
         exercise(stack, md, adapters, 900)

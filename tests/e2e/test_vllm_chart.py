@@ -29,7 +29,7 @@ from modelfleet.demo import VLLM_DEMO_SPEC, ensure_demo_model, minilm_path
 from modelfleet.devcluster import wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
-from operator_harness import VLLM_AGENT_RESOURCES, VLLM_RESOURCES, readable_copies, vllm_image  # noqa: E402
+from operator_harness import readable_copies, vllm_image, vllm_resources  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +60,7 @@ class Release:
         self.cluster, self.namespace, self.models = cluster, namespace, models
         self.host = f"{namespace}.modelfleet.test"
         self.image = image or "vllm/vllm-openai:"  # what the pods run (a prefix)
-        self.resources = VLLM_RESOURCES if image else VLLM_AGENT_RESOURCES
+        self.resources = vllm_resources(image)
 
     def kubectl(self, *args: str, check: bool = True) -> str:
         return self.cluster.kubectl(*args, "-n", self.namespace, check=check).stdout
