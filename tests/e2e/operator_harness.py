@@ -49,6 +49,7 @@ VLLM_CPU_IMAGE = project_image("vllm-cpu")
 # under the real node's memory limit (the agent enforces none).
 WORKER_RESOURCES = {"cpu": "100m", "memory": "2Gi"}
 
+
 def _node() -> dict:
     return json.loads(kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
 
