@@ -97,12 +97,12 @@ def launch():
 
 
 def require_vllm() -> None:
-    """Skips the calling test without vLLM's environment, or fails it under
-    MODELFLEET_REQUIRE_VLLM (`make test` sets it after `make vllm`)."""
+    """Skips the calling test (or module, called at its top) without vLLM's environment, or fails
+    it under MODELFLEET_REQUIRE_VLLM (`make test` sets it after `make vllm`)."""
     if find_vllm_python() is None:
         if os.environ.get("MODELFLEET_REQUIRE_VLLM"):
             raise RuntimeError("MODELFLEET_REQUIRE_VLLM is set but vLLM is not installed: run `make vllm`")
-        pytest.skip("vLLM is not installed (make vllm)")
+        pytest.skip("vLLM is not installed (make vllm)", allow_module_level=True)
 
 
 @pytest.fixture(scope="session")

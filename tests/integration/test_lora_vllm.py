@@ -18,12 +18,11 @@ from modelfleet.devcluster import stop_group, wait_for
 from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, find_vllm_python, vllm_env
 from modelfleet.netutil import free_port
 
+from .conftest import require_vllm
+
 pytestmark = pytest.mark.integration
 
-if find_vllm_python() is None:
-    if os.environ.get("MODELFLEET_REQUIRE_VLLM"):
-        raise RuntimeError("MODELFLEET_REQUIRE_VLLM is set but vLLM is not installed: run `make vllm`")
-    pytest.skip("vLLM is not installed (make vllm)", allow_module_level=True)
+require_vllm()
 
 
 @pytest.fixture(scope="module")

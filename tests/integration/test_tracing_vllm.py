@@ -25,13 +25,12 @@ from modelfleet.netutil import free_port
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/otlp_receiver.py
 from otlp_receiver import otlp_receiver  # noqa: E402
 
+from .conftest import require_vllm  # noqa: E402
+
 pytestmark = pytest.mark.integration
 TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 
-if find_vllm_python() is None:
-    if os.environ.get("MODELFLEET_REQUIRE_VLLM"):
-        raise RuntimeError("MODELFLEET_REQUIRE_VLLM is set but vLLM is not installed: run `make vllm`")
-    pytest.skip("vLLM is not installed (make vllm)", allow_module_level=True)
+require_vllm()
 
 
 @pytest.fixture

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 REGISTRY = "localkube.dev"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -163,16 +165,14 @@ def load_all(bin_dir: Path, ctr: Path, address: Path, work: Path) -> list[str]:
 PROJECT_PREFIX = "docker.io/modelfleet/"
 REPO = Path(__file__).resolve().parents[3]
 PODMAN_CONF = REPO / "images" / "podman" / "containers.conf"
+CHUNK = 1 << 20
 
 
 def project_image(name: str) -> str:
     """The reference `make images` gives images/<name>.Dockerfile's image (the chart's appVersion
     as its tag), as the kubelet lists it."""
-    chart = (REPO / "charts" / "modelfleet" / "Chart.yaml").read_text()
-    (version,) = (line.split(":", 1)[1].strip().strip('"') for line in chart.splitlines()
-                  if line.startswith("appVersion:"))
-    return f"{PROJECT_PREFIX}{name}:{version}"
-CHUNK = 1 << 20
+    chart = yaml.safe_load((REPO / "charts" / "modelfleet" / "Chart.yaml").read_text())
+    return f"{PROJECT_PREFIX}{name}:{chart['appVersion']}"
 
 
 def podman_env() -> dict[str, str]:
