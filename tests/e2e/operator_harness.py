@@ -87,6 +87,14 @@ def vllm_resources(image: str | None) -> dict[str, str]:
     return {"cpu": "200m", "memory": "3Gi"} if image else {"cpu": "1", "memory": "4Gi"}
 
 
+def vllm_engine(max_model_len: int, max_num_seqs: int, image: str | None = None) -> dict:
+    """`spec.engine` of an e2e vLLM ModelDeployment: a 1 GiB KV budget and no cold-start compile,
+    since several vLLM pods share 2 cores here, and `image` (vllm_image()) when one is named."""
+    return {"kind": "vllm", "maxModelLen": max_model_len, "maxNumSeqs": max_num_seqs, "args": ["--enforce-eager"],
+            "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}], "startupTimeoutSeconds": 900,
+            **({"image": image} if image else {})}
+
+
 def _vllm_missing(reason: str) -> None:
     if os.environ.get("MODELFLEET_REQUIRE_VLLM"):
         raise RuntimeError(f"MODELFLEET_REQUIRE_VLLM is set but {reason}")

@@ -16,7 +16,7 @@ import pytest
 from modelfleet.demo import VLLM_DEMO_SPEC, cache_dir, ensure_demo_model, make_demo_adapter
 from modelfleet.devcluster import wait_for
 
-from .operator_harness import WORKER_RESOURCES, readable_copies, vllm_image, vllm_resources
+from .operator_harness import WORKER_RESOURCES, readable_copies, vllm_engine, vllm_image, vllm_resources
 from .test_gateway_k8s import Stack, running_stack
 
 pytestmark = pytest.mark.e2e
@@ -144,9 +144,7 @@ def test_the_same_on_vllm(stack: Stack) -> None:
     starts in a minute or two here."""
     image = vllm_image()
     base = ensure_demo_model(VLLM_DEMO_SPEC)
-    engine = {"kind": "vllm", "maxModelLen": 512, "maxNumSeqs": 4, "args": ["--enforce-eager"],
-              "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}], "startupTimeoutSeconds": 900,
-              **({"image": image} if image else {})}
+    engine = vllm_engine(max_model_len=512, max_num_seqs=4, image=image)
     with readable_copies({"base": base, **make_adapters(base)}) as copies:
         adapters = {"a": copies["a"], "b": copies["b"]}
         md = model_deployment("vlora", copies["base"], {"vlora-sql": adapters["a"]}, engine=engine,

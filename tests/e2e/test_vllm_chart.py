@@ -29,7 +29,7 @@ from modelfleet.demo import VLLM_DEMO_SPEC, ensure_demo_model, minilm_path
 from modelfleet.devcluster import wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # operator_harness, beside this file
-from operator_harness import readable_copies, vllm_image, vllm_resources  # noqa: E402
+from operator_harness import readable_copies, vllm_engine, vllm_image, vllm_resources  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -48,10 +48,8 @@ def vllm_md(name: str, source: str, served: str, resources: dict, max_model_len:
         "apiVersion": "modelfleet.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
         "spec": {**(spec or {}), "model": {"source": source, "servedName": served, **model}, "replicas": 1,
                  "resources": resources,
-                 # a small KV budget and no cold-start compile: several vLLM pods share 2 cores here
-                 "engine": {"kind": "vllm", "maxModelLen": max_model_len, "maxNumSeqs": 16,
-                            "args": ["--enforce-eager"], "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}],
-                            "startupTimeoutSeconds": 900}},
+                 # the image comes from the chart's image.vllm (vllm_image_args)
+                 "engine": vllm_engine(max_model_len, max_num_seqs=16)},
     }
 
 
