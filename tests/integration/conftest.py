@@ -7,15 +7,19 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from modelfleet.demo import ensure_demo_model, minilm_path
+from modelfleet.demo import VLLM_DEMO_SPEC, ensure_demo_model, make_demo_adapter, minilm_path
 from modelfleet.devcluster import stop_group, wait_for
-from modelfleet.engines import find_vllm_python
+from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, find_vllm_python, vllm_env, vllm_tracing
 from modelfleet.netutil import free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/otlp_receiver.py
+from otlp_receiver import OtlpReceiver, otlp_receiver  # noqa: E402
 
 CHAT = "tiny-chat"
 EMBED = "all-MiniLM-L6-v2"
@@ -118,6 +122,57 @@ def vllm_serve(tmp_path_factory):
                       {CHAT, EMBED}, tmp / "serve.log", timeout=600)
     yield url
     stop(proc)
+
+
+@dataclass(frozen=True)
+class VllmDirect:
+    """vLLM's own OpenAI server (no gateway) on the vLLM demo model, served as `tiny-chat`."""
+
+    url: str
+    base: Path  # the model
+    adapters: dict[str, Path]  # `ada` loaded at start, `adb` for loading at runtime
+    receiver: OtlpReceiver  # where it exports its traces
+
+
+@pytest.fixture(scope="session")
+def vllm_direct(tmp_path_factory):
+    """vLLM's OpenAI server started as the operator renders a replica (VllmServer's command line,
+    `vllm_env`, and what `vllm_tracing` gives for an OTLP endpoint), with LoRA on and its traces
+    going to a loopback OTLP receiver. One server for test_lora_vllm and test_tracing_vllm: a
+    start costs two to two and a half minutes here."""
+    require_vllm()
+    tmp = tmp_path_factory.mktemp("vllm-direct")
+    base = ensure_demo_model(VLLM_DEMO_SPEC)
+    adapters = {n: make_demo_adapter(base, tmp / n, rank=8, seed=s) for n, s in (("ada", 1), ("adb", 2))}
+    with otlp_receiver() as receiver:
+        endpoint, tracing_env = vllm_tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
+        port = free_port()
+        server = VllmServer(model=str(base), served_names=["tiny-chat"], host="127.0.0.1", port=port,
+                            dtype="float32", max_model_len=512, max_num_seqs=8, task="generate",
+                            otlp_traces_endpoint=endpoint,
+                            extra_args=["--enable-lora", "--lora-modules", f"ada={adapters['ada']}",
+                                        "--max-loras", "4", "--max-lora-rank", "16"])
+        env = {**os.environ, **vllm_env(gpu=False, kv_cache_gib=1), "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+               **tracing_env, "HF_HUB_OFFLINE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+        log = tmp / "vllm.log"
+        # -P and a cwd of its own: never import from a checkout (its operator/ would shadow the stdlib's)
+        proc = subprocess.Popen([find_vllm_python(), "-P", "-m", VLLM_SERVER_MODULE, *server.args()], env=env,
+                                stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                return httpx.get(url + "/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        try:
+            wait_for(healthy, 480, "vLLM to serve", interval=1)  # within pytest-timeout's 600 s
+            yield VllmDirect(url, base, adapters, receiver)
+        finally:
+            stop_group(proc, signal.SIGTERM, timeout=60)
 
 
 @pytest.fixture(scope="session")
