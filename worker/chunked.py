@@ -14,8 +14,9 @@ the last ends on a prefix-cache block boundary where it can, so that each chunk'
 complete and cached as soon as they are computed (a request cancelled halfway leaves them for the
 next with the same prompt; the store after the last chunk skips them). When the last chunk is
 done the sequence joins the slot cache as any prefilled one does. The buffer, like any
-prefill's, lives outside `--kv-cache-memory`; the budget counts the sequence's slot-cache KV at
-its longest from the step it was admitted in (scheduler.KvRoom).
+prefill's, lives outside `--kv-cache-memory`; the budget counts the sequence's slot-cache KV from
+the step it was admitted in (scheduler.KvRoom), and when it joins, the newest running requests
+are preempted if the rows have outgrown the room planned for it (engine._make_kv_room).
 """
 
 from __future__ import annotations

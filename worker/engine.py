@@ -37,7 +37,7 @@ from .constraints import Constraint, MaskBatch
 from .kvcache import SLOT_ATTENTION, SlotPool, cache_over_past, decodes_by_matmul, default_kv_cache_bytes
 from .prefix_cache import PrefixCache, PrefixMatch
 from .sampling import BatchParams, banned_by_bad_words, sample
-from .scheduler import KvRoom, plan_admission, plan_prefill_groups
+from .scheduler import KvRoom, plan_admission, plan_prefill_groups, planned_length
 from .sequence import GenerationRequest, RequestOutput, RequestState, SeqDelta, Sequence, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class EngineStats:
         self.steps = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of those, tokens whose KV was reused
+        self.preemptions = 0  # requests taken out of the batch for KV room, to be recomputed
 
 
 Observer = Callable[[str, float], None]
@@ -348,6 +349,83 @@ class GenerationEngine:
         """The most tokens a sequence of `request` can hold: what admission reserves KV for."""
         return min(len(request.prompt_ids) + request.max_tokens, self.config.max_model_len)
 
+    def _kv_room(self) -> KvRoom:
+        """The budget and the running rows at the lengths admission plans them for."""
+        longest = max((planned_length(self.pool.row_length(r), self._longest(seq.owner.request))
+                       for r, seq in enumerate(self.rows)), default=0)
+        return KvRoom(self.kv_budget_tokens, len(self.rows), longest)
+
+    def _make_kv_room(self, rows: int = 0, longest: int = 0) -> None:
+        """Preempts the newest running requests until the running rows, one column longer, and
+        `rows` more rows of up to `longest` tokens fit in the KV budget: what the pool's next
+        growth needs (every row takes as many columns as the longest). Admission planned for
+        the rows' next tokens, not their longest, so they can outgrow the budget; the oldest
+        request always fits alone (kv_refusal), so this ends."""
+        def fits() -> bool:
+            span = self.pool.cursor - min(self.pool.starts, default=self.pool.cursor)
+            return (len(self.rows) + rows) * (max(span, longest) + 1) <= self.kv_budget_tokens
+
+        while self.rows and not fits():
+            self._preempt(max({id(s.owner): s.owner for s in self.rows}.values(), key=lambda o: o.arrival))
+
+    def _preempt(self, owner: RequestState) -> None:
+        """Takes `owner`'s rows out of the batch and puts it first in line, to be recomputed
+        (`_resume`) once there is room: vLLM's RECOMPUTE preemption. Its sequences keep their
+        tokens, text, sampling generators and grammar state, so nothing it streamed changes."""
+        for row in sorted((r for r, s in enumerate(self.rows) if s.owner is owner), reverse=True):
+            self._remove_row(row)
+        owner.preempted = True
+        self.waiting.appendleft(owner)
+        self.stats.preemptions += 1
+        log.info("request %s preempted for KV room (%d sequences running)", owner.request.request_id or "-",
+                 len(self.rows))
+
+    def _resume(self, state: RequestState) -> bool:
+        """Recomputes a preempted request's KV (its prompt and every token it generated but the
+        last, which the next decode step feeds, as it would have) and puts its unfinished
+        sequences back in the batch; no token is sampled here. False, and nothing done, while
+        they do not fit in the free rows and the KV budget. The recompute does not read the
+        prefix cache and is not chunked: it is one prefill of the sequences' whole length."""
+        seqs = [seq for seq in state.sequences if seq.finish_reason is None]
+        lengths = [seq.total_length() - 1 for seq in seqs]
+        if len(self.rows) + len(seqs) > self.config.max_num_seqs:
+            return False
+        longest = planned_length(max(lengths), self._longest(state.request))
+        if not self._kv_room().admits(len(seqs), longest):
+            return False
+        width = max(lengths)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, width - lengths[i] :] = torch.tensor(state.request.prompt_ids + seq.output_ids[:-1])
+            mask[i, width - lengths[i] :] = 1
+        cache = DynamicCache(config=self.model.config)
+        self._forward([state.request] * len(seqs))(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=(mask.cumsum(-1) - 1).clamp_(min=0).to(self.device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kwarg: cache},
+        )
+        self.step_tokens += sum(lengths)
+        new_rows = self.pool.add_rows(cache, lengths, list(range(len(seqs))))
+        prompt = torch.tensor(state.request.prompt_ids)
+        for row, seq in zip(new_rows, seqs, strict=True):
+            self.rows.append(seq)
+            assert len(self.rows) - 1 == row
+            self.counts[row].zero_()
+            self.seen[row].zero_()
+            self.seen[row, prompt] = True
+            if seq.output_ids:  # penalties see the tokens generated so far, as before the preemption
+                out = torch.tensor(seq.output_ids)
+                self.counts[row].index_add_(0, out, torch.ones_like(out, dtype=self.counts.dtype))
+                self.seen[row, out] = True
+        self.batch_params = None
+        state.preempted = False
+        return True
+
     def kv_refusal(self, request: GenerationRequest) -> str | None:
         """Why `request` could never run within the KV budget, even alone (None if it can)."""
         if not KvRoom(self.kv_budget_tokens).never_fits(request.n, self._longest(request)):
@@ -379,6 +457,11 @@ class GenerationEngine:
                 return  # one prompt in chunks at a time, and nothing overtakes it
         if budget <= 0:
             return
+        if self.waiting and self.waiting[0].preempted:
+            if not self._resume(self.waiting[0]):
+                return  # it goes first: nothing overtakes it
+            self.waiting.popleft()
+            return  # its recompute is this step's prefill
         free = self.config.max_num_seqs - len(self.rows)
         candidates, rows = [], 0
         for state in self.waiting:
@@ -389,14 +472,12 @@ class GenerationEngine:
         matches = [self._match(s) for s in candidates]
         try:
             uncached = [max(1, len(s.request.prompt_ids) - m.tokens) for s, m in zip(candidates, matches, strict=True)]
-            room = KvRoom(self.kv_budget_tokens, len(self.rows),
-                          max((self._longest(s.owner.request) for s in self.rows), default=0))
             count = plan_admission(
                 [(tokens, s.request.n) for tokens, s in zip(uncached, candidates, strict=True)],
                 free_rows=free,
                 token_budget=budget,
-                kv=room,
-                longest=[self._longest(s.request) for s in candidates],
+                kv=self._kv_room(),
+                longest=[planned_length(len(s.request.prompt_ids), self._longest(s.request)) for s in candidates],
             )
             if count == 0:
                 return
@@ -493,6 +574,8 @@ class GenerationEngine:
             self._store_prefixes(batch, cache, lengths, reused, width)
         sources = [i for i, s in enumerate(batch) for _ in range(s.request.n)]
         sequences = [seq for state in batch for seq in state.make_sequences()]
+        if slots is None:  # a chunked prompt joins steps after its admission: the rows grew since
+            self._make_kv_room(len(sources), max(lengths))
         new_rows = self.pool.add_rows(cache, lengths, sources) if slots is None else slots
         for i, state in enumerate(batch):
             self.stats.prompt_tokens += lengths[i]
@@ -602,6 +685,7 @@ class GenerationEngine:
         started = time.monotonic()
         if self.pool.cursor > 64 and self.pool.wasted_fraction() > 0.5:
             self.pool.compact()
+        self._make_kv_room()  # never empties the batch: its oldest request fits alone
         self.pool.reserve(1)
         rows = len(self.rows)
         ids = torch.tensor([[seq.last_token] for seq in self.rows], dtype=torch.long, device=self.device)

@@ -13,9 +13,10 @@ the last row. Columns are reclaimed by shifting all rows left when the common pa
 Memory: the buffers grow in both rows and columns as sequences need them, and never past a
 budget of `budget_tokens` token slots (rows x columns, per layer, keys and values), which the
 engine sizes from `--kv-cache-memory`. A row costs as many columns as the longest row, so the
-engine admits a sequence only when every running row, and it, can grow to its longest possible
-length within the budget (scheduler.KvRoom); nothing then needs preempting, and an allocation past the
-budget is a bug, not an out-of-memory crash.
+engine admits a sequence only when every running row, and it, fit at the lengths planned for
+their next tokens (scheduler.KvRoom), and before the rows outgrow the budget it preempts the
+newest request (engine._make_kv_room); an allocation past the budget is a bug, not an
+out-of-memory crash.
 """
 
 from __future__ import annotations

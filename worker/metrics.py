@@ -44,6 +44,7 @@ class EngineCollector(Collector):
             ("modelfleet_worker_decode_steps", "Decode steps run by the engine.", s.steps),
             ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
             ("vllm:prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.", s.prefix_cache_hits),
+            ("vllm:num_preemptions", "Requests preempted for KV room (recomputed later).", s.preemptions),
         ):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric([self.model], value)

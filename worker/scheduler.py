@@ -6,25 +6,38 @@ cache) fit in the step's prefill token budget. The first waiting request is alwa
 it fits in the rows, even if its prompt alone exceeds the budget, so that a long prompt cannot
 wait forever: the engine then prefills it in chunks, one per step (chunked.py).
 
-They must also fit in the KV budget (`KvRoom`) at their longest: in the slot cache every row takes
-as many columns as the longest row, so a request is admitted only if all running rows and its own
-can reach their longest possible length (prompt + max_tokens, at most the context) within the
-budget. The reservation is the worst case, so a running sequence never runs out of KV and nothing
-is preempted; a request that cannot fit even alone is refused (`KvRoom.never_fits`).
+They must also fit in the KV budget (`KvRoom`): in the slot cache every row takes as many columns
+as the longest row, so a request is admitted only if all running rows and its own fit within the
+budget at the lengths planned for them: the length each holds now plus `KV_LOOKAHEAD` tokens of
+decoding, at most its longest possible length (prompt + max_tokens, at most the context). Planning
+for the next tokens rather than the worst case (as vLLM admits on the blocks a prompt needs)
+lets a long max_tokens not hold memory it may never use; when the running rows then outgrow the
+budget, the engine preempts the newest request and recomputes it later (vLLM's RECOMPUTE
+preemption). A request that cannot fit even alone at its longest is refused
+(`KvRoom.never_fits`), so one request always fits and preemption always ends.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Tokens of decoding planned for beyond a row's current length when admitting next to it: room
+# for the running rows to grow a while before a newcomer would have to be preempted again.
+KV_LOOKAHEAD = 32
+
+
+def planned_length(current: int, longest: int) -> int:
+    """The length admission plans a row for: `current` tokens now, `longest` at most."""
+    return min(current + KV_LOOKAHEAD, longest)
+
 
 @dataclass(frozen=True)
 class KvRoom:
-    """The KV budget in token slots, and what the running rows hold of it at their longest."""
+    """The KV budget in token slots, and the running rows with the longest length planned for any."""
 
     budget: int
     rows: int = 0
-    longest: int = 0  # the longest length any running row can reach
+    longest: int = 0  # the longest planned length (planned_length) of any running row
 
     def admits(self, rows: int, longest: int) -> bool:
         """Whether `rows` more rows, reaching `longest` tokens at most, fit next to the running
@@ -38,7 +51,7 @@ class KvRoom:
 def plan_admission(waiting: list[tuple[int, int]], free_rows: int, token_budget: int,
                    kv: KvRoom | None = None, longest: list[int] | None = None) -> int:
     """`waiting` holds (tokens to prefill, n) in arrival order, `longest` (with `kv`) the length
-    each can reach; returns how many to admit now."""
+    planned for each (planned_length); returns how many to admit now."""
     admitted = 0
     tokens = 0
     rows = 0

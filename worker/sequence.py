@@ -82,6 +82,7 @@ class RequestState:
         self.completion_tokens = 0
         self.open_sequences = request.n
         self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        self.preempted = False  # out of the batch for KV room, waiting to be recomputed (engine._resume)
 
     def make_sequences(self) -> list[Sequence]:
         self.sequences = [Sequence(self, i) for i in range(self.request.n)]

@@ -5,6 +5,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from modelfleet.worker.engine import EngineConfig, GenerationEngine
@@ -12,25 +13,58 @@ from modelfleet.worker.sampling import SamplingParams
 from modelfleet.worker.sequence import GenerationRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_engine, beside this file
-from demo_engine import reference  # noqa: E402
+from demo_engine import expected_logprobs, reference  # noqa: E402
 
 PROMPTS = ["Hello there", "def foo(x):\n    return", "import os\n" * 3, "x", "The quick brown fox"]
 MAX_TOKENS = 24
 
 
-def budget_engine(tiny, budget_tokens: int) -> GenerationEngine:
+def budget_engine(tiny, budget_tokens: int, **config) -> GenerationEngine:
     model, tok = tiny
     mc = model.config
     token_bytes = 2 * mc.num_hidden_layers * mc.num_key_value_heads * (mc.hidden_size // mc.num_attention_heads)
     token_bytes *= model.dtype.itemsize
-    config = EngineConfig(max_model_len=2048, max_num_seqs=8, kv_cache_bytes=budget_tokens * token_bytes)
+    config = EngineConfig(max_model_len=2048, max_num_seqs=8, kv_cache_bytes=budget_tokens * token_bytes, **config)
     return GenerationEngine(model, tok, config, [tok.eos_token_id])
 
 
-async def run(engine, ids: list[int], max_tokens: int):
-    req = GenerationRequest(prompt_ids=ids, params=SamplingParams(temperature=0), max_tokens=max_tokens,
-                            ignore_eos=True)
+async def run(engine, ids: list[int], max_tokens: int, params: SamplingParams | None = None, seed: int | None = None):
+    req = GenerationRequest(prompt_ids=ids, params=params or SamplingParams(temperature=0), max_tokens=max_tokens,
+                            ignore_eos=True, seed=seed)
     return [event async for event in engine.submit(req)]
+
+
+def tokens_of(events) -> list[int]:
+    return [t for e in events for d in e.deltas for t in d.token_ids]
+
+
+def run_all(engine, prompts: list[list[int]], max_tokens: int, watch=None, **kwargs) -> list:
+    """Runs every prompt at once on `engine` (started and stopped here); `watch` sees each step."""
+    if watch is not None:
+        engine.observe = watch
+    engine.start()
+    try:
+        async def main():
+            return await asyncio.wait_for(
+                asyncio.gather(*(run(engine, p, max_tokens, **kwargs) for p in prompts)), 180)
+
+        return asyncio.run(main())
+    finally:
+        engine.stop()
+
+
+PREEMPT_TOKENS = 48  # past scheduler.KV_LOOKAHEAD: admission plans for less than the longest
+
+
+def preempting_budget(prompts: list[list[int]]) -> int:
+    """A budget that admits three of `prompts` (planned at the longest prompt plus the lookahead)
+    where only two fit at their longest, so that the three outgrow it while decoding."""
+    from modelfleet.worker.scheduler import KV_LOOKAHEAD
+
+    longest_prompt = max(len(p) for p in prompts)
+    budget = 3 * (longest_prompt + KV_LOOKAHEAD + 1)
+    assert budget // (longest_prompt + PREEMPT_TOKENS + 1) == 2
+    return budget
 
 
 def test_requests_beyond_the_budget_wait_and_keep_their_output(tiny):
@@ -64,6 +98,66 @@ def test_requests_beyond_the_budget_wait_and_keep_their_output(tiny):
     assert seen["allocated"] <= engine.kv_budget_tokens
     assert 0.5 < seen["usage"] <= 1.0
     assert engine.stats.kv_usage == 0.0  # all finished: nothing held
+
+
+def test_rows_that_outgrow_the_budget_preempt_the_newest_which_resumes_with_the_same_output(tiny):
+    """Admission plans for the next tokens, not the longest (vLLM's way): three sequences run
+    where two fit at their longest; as they outgrow the budget the newest is preempted and later
+    recomputed, and every request still ends with model.generate's tokens and the logprobs of one
+    full forward pass (so the recomputed KV is the right one), the buffers never past the budget."""
+    _, tok = tiny
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:4]]
+    engine = budget_engine(tiny, preempting_budget(prompts))
+    seen = {"running": 0, "allocated": 0}
+
+    def watch(name: str, value: float) -> None:
+        seen["running"] = max(seen["running"], len(engine.rows))
+        seen["allocated"] = max(seen["allocated"], engine.pool.allocated_tokens())
+
+    results = run_all(engine, prompts, PREEMPT_TOKENS, watch,
+                      params=SamplingParams(temperature=0, want_logprobs=True))
+    assert engine.stats.preemptions >= 1
+    assert seen["running"] == 3 and seen["allocated"] <= engine.kv_budget_tokens
+    for ids, events in zip(prompts, results, strict=True):
+        assert events[-1].error is None and events[-1].completion_tokens == PREEMPT_TOKENS
+        tokens = tokens_of(events)
+        assert tokens == reference(tiny, ids, PREEMPT_TOKENS)
+        logprobs = [lp.logprob for e in events for d in e.deltas for lp in d.logprobs or []]
+        assert logprobs == pytest.approx(expected_logprobs(tiny, ids, tokens), abs=1e-4)
+    assert engine.stats.kv_usage == 0.0
+
+
+def test_a_preempted_request_samples_as_if_it_had_never_left(tiny):
+    """Seeded sampling with penalties: the same tokens whether the requests were preempted and
+    recomputed or ran under an ample budget (the generator, the grammar-free penalties' counts
+    and the text carry over; only the KV is recomputed)."""
+    _, tok = tiny
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:4]]
+    params = SamplingParams(temperature=1.0, frequency_penalty=0.5, presence_penalty=0.3)
+    tight = budget_engine(tiny, preempting_budget(prompts))
+    ample = budget_engine(tiny, 1 << 16)
+    outputs = []
+    for engine in (tight, ample):
+        outputs.append([tokens_of(events) for events in run_all(engine, prompts, PREEMPT_TOKENS, params=params,
+                                                                seed=7)])
+    assert tight.stats.preemptions >= 1 and ample.stats.preemptions == 0
+    assert outputs[0] == outputs[1]
+
+
+def test_preemption_beside_chunked_prompts_and_cached_prefixes_keeps_every_output(tiny):
+    """Preemption among the engine's other paths: a prompt prefilled in chunks of 16 tokens, two
+    that share a cached prefix, short ones, all under a budget they outgrow; each still ends with
+    model.generate's tokens."""
+    _, tok = tiny
+    shared = "def handler(event, context):\n    return event\n" * 3
+    prompts = [tok(p)["input_ids"] for p in [*PROMPTS[:3], shared + "# one", shared + "# two", shared * 2]]
+    engine = budget_engine(tiny, preempting_budget(prompts), max_num_batched_tokens=16)
+    results = run_all(engine, prompts, PREEMPT_TOKENS)
+    assert engine.stats.preemptions >= 1 and engine.stats.prefix_cache_hits > 0
+    assert any(record.chunked for record in engine.step_log)
+    for ids, events in zip(prompts, results, strict=True):
+        assert events[-1].error is None
+        assert tokens_of(events) == reference(tiny, ids, PREEMPT_TOKENS)
 
 
 def test_a_request_that_can_never_fit_gets_a_clear_error_and_others_are_served(tiny):

@@ -153,7 +153,8 @@ def test_gateway_and_worker_metrics(server):
     worker = r.headers["x-modelfleet-backend"]
     wtext = httpx.get(f"{worker}/metrics").text
     for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
-                 "vllm:time_to_first_token_seconds_bucket", "vllm:generation_tokens_total"):
+                 "vllm:time_to_first_token_seconds_bucket", "vllm:generation_tokens_total",
+                 "vllm:num_preemptions_total"):
         # Labelled with the model (where the label sits among others varies by client version).
         assert re.search(rf'^{re.escape(name)}{{[^}}]*model_name="{CHAT}"', wtext, re.M), name
 
