@@ -393,18 +393,12 @@ class GenerationEngine:
         longest = planned_length(max(lengths), self._longest(state.request))
         if not self._kv_room().admits(len(seqs), longest):
             return False
-        width = max(lengths)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            ids[i, width - lengths[i] :] = torch.tensor(state.request.prompt_ids + seq.output_ids[:-1])
-            mask[i, width - lengths[i] :] = 1
+        ids, mask, positions = self._left_padded([state.request.prompt_ids + seq.output_ids[:-1] for seq in seqs])
         cache = DynamicCache(config=self.model.config)
         self._forward([state.request] * len(seqs))(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
-            position_ids=(mask.cumsum(-1) - 1).clamp_(min=0).to(self.device),
+            position_ids=positions.to(self.device),
             use_cache=True,
             logits_to_keep=1,
             **{self.cache_kwarg: cache},
@@ -504,6 +498,17 @@ class GenerationEngine:
                 for m in matches:
                     self.prefix_cache.release(m)
 
+    def _left_padded(self, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input ids, attention mask and position ids of a left-padded batch of `token_lists`."""
+        width = max(map(len, token_lists))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(token_lists), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+        for i, tokens in enumerate(token_lists):
+            ids[i, width - len(tokens) :] = torch.tensor(tokens)
+            mask[i, width - len(tokens) :] = 1
+        return ids, mask, (mask.cumsum(-1) - 1).clamp_(min=0)
+
     def _prefill_cost(self, tails: list[int], hit: list[bool]) -> int:
         """Prompt tokens the prefills of these admitted requests compute (padding aside): each
         miss its prompt, each row of a prefix-hit group (plan_prefill_groups) its group's longest
@@ -533,13 +538,7 @@ class GenerationEngine:
         past = width - computed
         reused = [max(0, n - computed) for n in lengths]
         self.step_tokens += sum(n - r for n, r in zip(lengths, reused, strict=True))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, state in enumerate(batch):
-            ids[i, width - lengths[i] :] = torch.tensor(state.request.prompt_ids)
-            mask[i, width - lengths[i] :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        ids, mask, positions = self._left_padded([s.request.prompt_ids for s in batch])
         want_prompt_logprobs = any(s.request.prompt_logprobs is not None for s in batch)
         assert not (want_prompt_logprobs and past), "prompt logprobs never read the prefix cache"
         slots = None
