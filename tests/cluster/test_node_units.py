@@ -3,6 +3,7 @@ containerd configurations it writes (no cluster needed)."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import tarfile
@@ -32,6 +33,60 @@ def test_image_archive_is_an_oci_layout_named_for_containerd(tmp_path: Path) -> 
     # Same binary, same image: a re-import is a no-op for containerd.
     again = images.archive(images.NODEPROBE, binary, tmp_path / "b.tar")
     assert out.read_bytes() == again.read_bytes()
+
+
+def _layout_image(layout: Path, ref: str, layers: list[bytes]) -> list[str]:
+    """Writes an image into an OCI layout as skopeo does (index entry named by
+    org.opencontainers.image.ref.name, replacing one of the same name); returns its blobs'
+    digests: manifest, config, layers."""
+    def put(data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        path = layout / "blobs" / "sha256" / digest.split(":")[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return digest
+
+    layer_digests = [put(data) for data in layers]
+    config = put(json.dumps({"rootfs": {"diff_ids": layer_digests}}).encode())
+    manifest = put(json.dumps({"config": {"digest": config}, "layers": [{"digest": d} for d in layer_digests]}).encode())
+    index_path = layout / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {"schemaVersion": 2, "manifests": []}
+    index["manifests"] = [m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] != ref]
+    index["manifests"].append({"digest": manifest, "annotations": {"org.opencontainers.image.ref.name": ref}})
+    index_path.write_text(json.dumps(index))
+    return [manifest, config, *layer_digests]
+
+
+def test_image_import_sends_only_the_layers_containerd_lacks(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    ref = "docker.io/modelfleet/worker:1"
+    base, deps, code = b"base" * 1000, b"deps" * 1000, b"code v2"
+    manifest, config, *layers = _layout_image(layout, ref, [base, deps, code])
+    out = tmp_path / "import.tar"
+    with out.open("wb") as f:  # containerd holds the base and deps layers from an earlier copy
+        sent = images.write_import(f, layout, ref, held={layers[0], layers[1], config})
+    with tarfile.open(out) as tar:
+        names = set(tar.getnames())
+        index = json.load(tar.extractfile("index.json"))
+    blob = lambda d: f"blobs/{d.replace(':', '/')}"  # noqa: E731
+    assert names == {"oci-layout", "index.json", blob(manifest), blob(config), blob(layers[2])}
+    assert sent == len(code) + (layout / blob(manifest)).stat().st_size + (layout / blob(config)).stat().st_size
+    (entry,) = index["manifests"]
+    assert entry["digest"] == manifest and entry["annotations"]["io.containerd.image.name"] == ref
+
+
+def test_image_layout_prunes_the_layers_of_rebuilt_images_only(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    old = _layout_image(layout, "docker.io/modelfleet/worker:1", [b"base", b"code v1"])
+    kept = _layout_image(layout, "docker.io/modelfleet/control-plane:1", [b"base", b"gateway"])
+    new = _layout_image(layout, "docker.io/modelfleet/worker:1", [b"base", b"code v2"])  # rebuilt
+    stale = set(old) - set(new) - set(kept)  # the old code layer, manifest and config
+    assert len(stale) == 3
+    freed = sum((layout / "blobs" / "sha256" / d.split(":")[1]).stat().st_size for d in stale)
+    assert images.prune_layout(layout) == freed
+    left = {f"sha256:{p.name}" for p in (layout / "blobs" / "sha256").iterdir()}
+    assert left == set(new) | set(kept)
+    assert images.layout_manifest(layout, "docker.io/modelfleet/worker:1")[1] == new
 
 
 def test_cni_gives_pods_the_node_range_and_only_the_service_route(tmp_path: Path) -> None:

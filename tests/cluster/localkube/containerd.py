@@ -48,6 +48,13 @@ def root(s: Settings) -> Path:
     return s.cache / "node" / "containerd"
 
 
+def image_layout(s: Settings) -> Path:
+    """The OCI layout the project's images pass through on their way from podman (see
+    images.copy_from_podman), in the cache beside the store: it keeps the layers of the last
+    copy, so the next one writes only the layers rebuilt since."""
+    return s.cache / "node" / "oci-layout"
+
+
 def socket(s: Settings) -> Path:
     return home(s) / "containerd.sock"
 
@@ -149,4 +156,5 @@ def load_project_images(s: Settings, names: tuple[str, ...] = ()) -> list[str]:
         raise images.ImageError("the agent runs modelfleet/... images from the project's Python: nothing to load")
     if not (socket(s).exists() and _ctr(s, "version").returncode == 0):
         raise images.ImageError(f"containerd is not running at {socket(s)} (run `make cluster-up` first)")
-    return images.load_project(s.k8s_bin, socket(s), names, lambda msg: print(f"[load-images] {msg}", flush=True))
+    return images.load_project(s.k8s_bin, socket(s), image_layout(s), names,
+                               lambda msg: print(f"[load-images] {msg}", flush=True))

@@ -2,7 +2,8 @@
 # Installs what the local cluster needs beyond Go and Python, only when missing: nginx (the
 # ingress stand-in), iproute2 (pod network namespaces), openssl (certificates), util-linux
 # (unshare/mount), the node's runtime pieces Go does not build (runc, the CNI plugins in
-# /usr/lib/cni, iptables and conntrack for kube-proxy), and the Python kubernetes client.
+# /usr/lib/cni, iptables and conntrack for kube-proxy), skopeo (copies the project's images out of
+# podman's store a layer at a time, for the real node), and the Python kubernetes client.
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 
@@ -15,6 +16,7 @@ command -v mount >/dev/null || missing+=(mount)
 command -v runc >/dev/null || missing+=(runc)
 command -v iptables >/dev/null || missing+=(iptables)
 command -v conntrack >/dev/null || missing+=(conntrack)
+command -v skopeo >/dev/null || missing+=(skopeo)
 [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
