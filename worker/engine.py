@@ -346,7 +346,8 @@ class GenerationEngine:
     # -- admission and prefill ------------------------------------------------------------------
 
     def _longest(self, request: GenerationRequest) -> int:
-        """The most tokens a sequence of `request` can hold: what admission reserves KV for."""
+        """The most tokens a sequence of `request` can hold: what it must fit in alone (kv_refusal),
+        and the most admission plans it for (scheduler.planned_length)."""
         return min(len(request.prompt_ids) + request.max_tokens, self.config.max_model_len)
 
     def _kv_room(self) -> KvRoom:
