@@ -362,9 +362,9 @@ class GenerationEngine:
         growth needs (every row takes as many columns as the longest). Admission planned for
         the rows' next tokens, not their longest, so they can outgrow the budget; the oldest
         request always fits alone (kv_refusal), so this ends."""
-        def fits() -> bool:
+        def fits() -> bool:  # the rows at their current length: the pool's compacted width
             span = self.pool.cursor - min(self.pool.starts, default=self.pool.cursor)
-            return (len(self.rows) + rows) * (max(span, longest) + 1) <= self.kv_budget_tokens
+            return KvRoom(self.kv_budget_tokens, len(self.rows), span).admits(rows, longest)
 
         while self.rows and not fits():
             self._preempt(max({id(s.owner): s.owner for s in self.rows}.values(), key=lambda o: o.arrival))
@@ -405,18 +405,8 @@ class GenerationEngine:
             **{self.cache_kwarg: cache},
         )
         self.step_tokens += sum(lengths)
-        new_rows = self.pool.add_rows(cache, lengths, list(range(len(seqs))))
-        prompt = torch.tensor(state.request.prompt_ids)
-        for row, seq in zip(new_rows, seqs, strict=True):
-            self.rows.append(seq)
-            assert len(self.rows) - 1 == row
-            self.counts[row].zero_()
-            self.seen[row].zero_()
-            self.seen[row, prompt] = True
-            if seq.output_ids:  # penalties see the tokens generated so far, as before the preemption
-                out = torch.tensor(seq.output_ids)
-                self.counts[row].index_add_(0, out, torch.ones_like(out, dtype=self.counts.dtype))
-                self.seen[row, out] = True
+        for row, seq in zip(self.pool.add_rows(cache, lengths, list(range(len(seqs)))), seqs, strict=True):
+            self._seat(row, seq)
         self.batch_params = None
         state.preempted = False
         return True
@@ -584,15 +574,24 @@ class GenerationEngine:
                 prompt_lp = self._prompt_logprobs(logits[i], state.request, width - lengths[i])
                 self._emit(state, RequestOutput([], lengths[i], 0, prompt_logprobs=prompt_lp))
         for row, seq in zip(new_rows, sequences, strict=True):
-            self.rows.append(seq)
-            assert len(self.rows) - 1 == row
-            self.counts[row].zero_()
-            self.seen[row].zero_()
-            self.seen[row, torch.tensor(seq.owner.request.prompt_ids)] = True
+            self._seat(row, seq)
         self.batch_params = None
         last = logits[:, -1, :]
         self._sample_and_advance(last[torch.tensor(sources)], new_rows)
         self.observe("prefill_seconds", time.monotonic() - started)
+
+    def _seat(self, row: int, seq: Sequence) -> None:
+        """Makes `seq` the batch's new last row, `row`, with the token counts its penalties read:
+        its prompt seen, its output (none yet unless it was preempted) counted."""
+        self.rows.append(seq)
+        assert len(self.rows) - 1 == row
+        self.counts[row].zero_()
+        self.seen[row].zero_()
+        self.seen[row, torch.tensor(seq.owner.request.prompt_ids)] = True
+        if seq.output_ids:
+            out = torch.tensor(seq.output_ids)
+            self.counts[row].index_add_(0, out, torch.ones_like(out, dtype=self.counts.dtype))
+            self.seen[row, out] = True
 
     def _start_chunked(self, state: RequestState, match: PrefixMatch) -> None:
         """Begins prefilling `state` in chunks, in a prompt-wide buffer that starts with its cached

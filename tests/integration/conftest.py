@@ -15,7 +15,14 @@ import pytest
 
 from modelfleet.demo import VLLM_DEMO_SPEC, ensure_demo_model, make_demo_adapter, minilm_path
 from modelfleet.devcluster import stop_group, wait_for
-from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, find_vllm_python, vllm_env, vllm_tracing
+from modelfleet.engines import (
+    LORA_RUNTIME_ENV,
+    VLLM_SERVER_MODULE,
+    VllmServer,
+    find_vllm_python,
+    vllm_env,
+    vllm_tracing,
+)
 from modelfleet.netutil import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/otlp_receiver.py
@@ -149,11 +156,10 @@ def vllm_direct(tmp_path_factory):
         port = free_port()
         server = VllmServer(model=str(base), served_names=["tiny-chat"], host="127.0.0.1", port=port,
                             dtype="float32", max_model_len=512, max_num_seqs=8, task="generate",
-                            otlp_traces_endpoint=endpoint,
-                            extra_args=["--enable-lora", "--lora-modules", f"ada={adapters['ada']}",
-                                        "--max-loras", "4", "--max-lora-rank", "16"])
+                            otlp_traces_endpoint=endpoint, max_loras=4, max_lora_rank=16,
+                            extra_args=["--lora-modules", f"ada={adapters['ada']}"])
         env = {**os.environ, **vllm_env(gpu=False, kv_cache_gib=1), "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
-               **tracing_env, "HF_HUB_OFFLINE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+               **tracing_env, **LORA_RUNTIME_ENV, "HF_HUB_OFFLINE": "1"}
         log = tmp / "vllm.log"
         # -P and a cwd of its own: never import from a checkout (its operator/ would shadow the stdlib's)
         proc = subprocess.Popen([find_vllm_python(), "-P", "-m", VLLM_SERVER_MODULE, *server.args()], env=env,

@@ -34,6 +34,7 @@ REGISTRY = "localkube.dev"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYOUT_FILE = ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')  # an OCI archive's first member
 
 
 class ImageError(RuntimeError):
@@ -114,7 +115,7 @@ def archive(image: BinaryImage, binary: Path, out: Path) -> Path:
             "annotations": {"io.containerd.image.name": image.ref, "org.opencontainers.image.ref.name": image.tag},
         }],
     }, sort_keys=True).encode()
-    files = {"oci-layout": b'{"imageLayoutVersion":"1.0.0"}', "index.json": index}
+    files = dict([OCI_LAYOUT_FILE, ("index.json", index)])
     for blob in (layer_gz, config, manifest):
         files[f"blobs/sha256/{_digest(blob).split(':')[1]}"] = blob
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +256,7 @@ def write_import(out, layout: Path, ref: str, held: set[str]) -> int:
     index = json.dumps({"schemaVersion": 2, "manifests": [entry]}).encode()
     written = 0
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in (("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", index)):
+        for name, data in (OCI_LAYOUT_FILE, ("index.json", index)):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
