@@ -58,12 +58,12 @@ def quartiles(values: list[float]) -> str:
     return f"{statistics.median(v) * 1000:.2f} ms [{v[len(v) // 4] * 1000:.1f}-{v[3 * len(v) // 4] * 1000:.1f}]"
 
 
-def decode_round(models, tok, loop, rows: int, steps: int) -> dict[str, list[float]]:
+def decode_round(models, tok, loop, rows: int, steps: int, fused: frozenset[str]) -> dict[str, list[float]]:
     from profile_engine import PROMPT, build, step, submit
 
     engines = {}
     for variant, model in models.items():
-        engine, _ = build(model, tok, rows, 4096)
+        engine, _ = build(model, tok, rows, 4096, variant in fused)
         for i in range(rows):
             submit(engine, loop, tok(PROMPT.format(i=i))["input_ids"], steps + 10)
         for _ in range(4):  # the prefill, then warm steps
@@ -79,10 +79,11 @@ def decode_round(models, tok, loop, rows: int, steps: int) -> dict[str, list[flo
 
 
 
-def prefill_round(models, tok, loop, prompts: list[list[int]], repeats: int) -> dict[str, list[float]]:
+def prefill_round(models, tok, loop, prompts: list[list[int]], repeats: int,
+                  fused: frozenset[str]) -> dict[str, list[float]]:
     from profile_engine import build, step, submit
 
-    engines = {v: build(m, tok, len(prompts), 1 << 20)[0] for v, m in models.items()}
+    engines = {v: build(m, tok, len(prompts), 1 << 20, v in fused)[0] for v, m in models.items()}
     times: dict[str, list[float]] = {v: [] for v in models}
     for r in range(repeats + 1):
         for variant in (list(models) if r % 2 == 0 else list(models)[::-1]):
@@ -101,10 +102,12 @@ def report(label: str, times: dict[str, list[float]]) -> None:
     print(f"{label} (load {os.getloadavg()[0]:.1f}) | " + " | ".join(cells), flush=True)
 
 
-def probe(path: Path, args: argparse.Namespace, load_variant, prefill: bool = False) -> None:
+def probe(path: Path, args: argparse.Namespace, load_variant, prefill: bool = False,
+          fused: frozenset[str] = frozenset()) -> None:
     """Load `plain` and each of `args.variants` with `load_variant`, then print `args.rounds`
     rounds of decode steps at each of `args.rows` (and a long and a batched prefill): the loop
-    this probe and ops_probe.py share."""
+    this probe and ops_probe.py share. The engines of the variants in `fused` decode through the
+    fused decode step (worker/fastdecode.py), the others through the model's forward."""
     import torch
     from profile_engine import PROMPT
     from transformers import AutoTokenizer
@@ -121,12 +124,12 @@ def probe(path: Path, args: argparse.Namespace, load_variant, prefill: bool = Fa
           "thread CPU time per step, median [quartiles]")
     for r in range(args.rounds):
         for rows in (int(x) for x in args.rows.split(",")):
-            report(f"round {r} decode {rows:2d} rows", decode_round(models, tok, loop, rows, args.steps))
+            report(f"round {r} decode {rows:2d} rows", decode_round(models, tok, loop, rows, args.steps, fused))
         if prefill:
             long_ids = tok(" ".join(PROMPT.format(i=i) for i in range(40)))["input_ids"][:1024]
-            report(f"round {r} prefill 1x1024", prefill_round(models, tok, loop, [long_ids], 2))
+            report(f"round {r} prefill 1x1024", prefill_round(models, tok, loop, [long_ids], 2, fused))
             short = [tok(PROMPT.format(i=i))["input_ids"] for i in range(32)]
-            report(f"round {r} prefill 32x~20", prefill_round(models, tok, loop, short, 2))
+            report(f"round {r} prefill 32x~20", prefill_round(models, tok, loop, short, 2, fused))
 
 
 def main() -> int:

@@ -2,12 +2,13 @@
 model, one OpenMP thread, in one process, steps alternating and timed in thread CPU time
 (forward_probe.py's rounds, reused). Variants, each its own copy of the model and its engine:
 
-- `plain`: linears packed and RMSNorms fused (the loader);
+- `plain`: linears packed and RMSNorms fused (the loader), decode steps through the model's forward;
 - `unfused`: linears packed only (the loader before fastops);
+- `fused`: `plain` with decode steps through `worker/fastdecode.py` (the worker);
 - `plain2`: a second `plain`, the control.
 
     OMP_NUM_THREADS=1 python bench/ops_probe.py [--dtype bfloat16|float32] [--steps 40] [--rounds 3]
-        [--variants unfused,plain2] [--rows 1,32] [--model bench|tiny]
+        [--variants unfused,fused,plain2] [--rows 1,32] [--model bench|tiny]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from forward_probe import probe  # noqa: E402
 
-VARIANTS = ("plain", "unfused", "plain2")
+VARIANTS = ("plain", "unfused", "fused", "plain2")
 
 
 def load(path: Path, dtype, variant: str):
@@ -44,7 +45,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rows", default="1,32")
-    parser.add_argument("--variants", default="unfused,plain2", help=f"besides plain, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="unfused,fused,plain2", help=f"besides plain, of {', '.join(VARIANTS)}")
     parser.add_argument("--model", choices=["bench", "tiny"], default="bench",
                         help="tiny: the 1.5 MB demo model (hidden 64, 2 layers), where only per-call overhead counts")
     args = parser.parse_args()
@@ -56,7 +57,7 @@ def main() -> int:
     torch.set_grad_enabled(False)
     spec = BENCH_SPEC if args.model == "bench" else DemoSpec()
     path = ensure_demo_model(spec)
-    probe(path, args, load)
+    probe(path, args, load, fused=frozenset({"fused"}))
     return 0
 
 

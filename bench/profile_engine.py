@@ -8,8 +8,9 @@ torch's profiler (operator self-times) see exactly one step at a time. Writes a 
     OMP_NUM_THREADS=1 python bench/profile_engine.py [--out bench/profiles/engine-step.md] [--steps 30]
                                                      [--no-prepack-weights]
 
-The model's linear layers run on oneDNN-packed weights, as the worker loads them
-(worker/fastlinear.py), unless `--no-prepack-weights`.
+The model runs as the worker loads it: linear layers on oneDNN-packed weights
+(worker/fastlinear.py), RMSNorms fused (worker/fastops.py) and decode steps through the fused
+decode function (worker/fastdecode.py), unless `--no-prepack-weights`.
 """
 
 from __future__ import annotations
@@ -58,15 +59,18 @@ class TimedModel:
         return getattr(self._model, name)
 
 
-def build(model, tok, max_num_seqs: int, budget: int):
+def build(model, tok, max_num_seqs: int, budget: int, fused: bool):
     from modelfleet.worker import engine as engine_module
     from modelfleet.worker.engine import EngineConfig, GenerationEngine
 
     engine = GenerationEngine(model, tok, EngineConfig(max_model_len=2048, max_num_seqs=max_num_seqs,
                                                        max_num_batched_tokens=budget,
-                                                       enable_prefix_caching=False), [tok.eos_token_id])
+                                                       enable_prefix_caching=False, fused_decode=fused),
+                              [tok.eos_token_id])
     timers = Timers()
     engine.model = TimedModel(model, timers)
+    if engine.fused_decode is not None:  # decode steps of a Llama-family model (worker/fastdecode.py)
+        engine.fused_decode = timers.wrap("model forward", engine.fused_decode)
     engine_module.sample = timers.wrap("sample()", engine_module.sample)
     return engine, timers
 
@@ -96,11 +100,11 @@ def op_table(prof, limit: int = 14) -> str:
     return "\n".join(lines)
 
 
-def profile_decode(model, tok, loop, rows: int, steps: int) -> str:
+def profile_decode(model, tok, loop, rows: int, steps: int, fused: bool) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    engine, timers = build(model, tok, max(rows, 1), 4096)
+    engine, timers = build(model, tok, max(rows, 1), 4096, fused)
     for i in range(rows):
         submit(engine, loop, tok(PROMPT.format(i=i))["input_ids"], steps * 3 + 20)
     step(engine)  # the prefill, and the first decode
@@ -134,10 +138,10 @@ def profile_decode(model, tok, loop, rows: int, steps: int) -> str:
     return "\n".join(out)
 
 
-def profile_prefill(model, tok, loop, label: str, prompts: list[list[int]]) -> str:
+def profile_prefill(model, tok, loop, label: str, prompts: list[list[int]], fused: bool) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    engine, timers = build(model, tok, len(prompts), 1 << 20)
+    engine, timers = build(model, tok, len(prompts), 1 << 20, fused)
     for ids in prompts:  # warm-up: the slot cache grows to its size
         submit(engine, loop, ids, 1)
     step(engine)
@@ -175,8 +179,12 @@ def main() -> int:
     import torch
 
     from modelfleet.worker.fastlinear import pack_linears
+    from modelfleet.worker.fastops import fuse_small_ops
 
-    packed = pack_linears(model) if args.prepack_weights else 0
+    packed = 0
+    if args.prepack_weights:
+        fuse_small_ops(model)
+        packed = pack_linears(model)
 
     loop = asyncio.new_event_loop()
     sections = [
@@ -189,12 +197,12 @@ def main() -> int:
         "10-20%, shares less.", ""]
     for rows in (1, 32):
         print(f"decode, {rows} rows", flush=True)
-        sections.append(profile_decode(model, tok, loop, rows, args.steps))
+        sections.append(profile_decode(model, tok, loop, rows, args.steps, args.prepack_weights))
     long_ids = (tok(" ".join(PROMPT.format(i=i) for i in range(40)))["input_ids"])[:1024]
     print("prefill", flush=True)
-    sections.append(profile_prefill(model, tok, loop, "one prompt of 1,024 tokens", [long_ids]))
+    sections.append(profile_prefill(model, tok, loop, "one prompt of 1,024 tokens", [long_ids], args.prepack_weights))
     sections.append(profile_prefill(model, tok, loop, "32 prompts of ~20 tokens (one batch)",
-                                    [tok(PROMPT.format(i=i))["input_ids"] for i in range(32)]))
+                                    [tok(PROMPT.format(i=i))["input_ids"] for i in range(32)], args.prepack_weights))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(sections))
     print(f"wrote {args.out}")

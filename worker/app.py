@@ -73,7 +73,8 @@ def load_service(settings: WorkerSettings) -> tuple[ModelService, WorkerMetrics]
                               enable_prefix_caching=settings.enable_prefix_caching,
                               prefix_cache_bytes=int(settings.prefix_cache_gib * (1 << 30)),
                               kv_cache_bytes=None if settings.kv_cache_gib is None
-                              else int(settings.kv_cache_gib * (1 << 30)))
+                              else int(settings.kv_cache_gib * (1 << 30)),
+                              fused_decode=settings.prepack_weights)
         engine = GenerationEngine(model, tokenizer, config, info.eos_token_ids)
         embedder = CausalEmbedder(engine, info.max_model_len)
     service = ModelService(settings.served_names, info, tokenizer, engine, embedder, settings.max_num_seqs,

@@ -34,6 +34,7 @@ from transformers import DynamicCache
 
 from .chunked import ChunkedPrefill, StepRecord, chunk_end, prefill_budget
 from .constraints import Constraint, MaskBatch
+from .fastdecode import fused_decode
 from .kvcache import SLOT_ATTENTION, SlotPool, cache_over_past, decodes_by_matmul, default_kv_cache_bytes
 from .prefix_cache import PrefixCache, PrefixMatch
 from .sampling import BatchParams, banned_by_bad_words, sample
@@ -52,6 +53,7 @@ class EngineConfig:
     prefix_cache_block_size: int = 16
     prefix_cache_bytes: int = 1 << 30  # the KV copies of cached prompt blocks, at most
     kv_cache_bytes: int | None = None  # the running sequences' KV, at most; None: from free memory
+    fused_decode: bool = True  # decode steps of Llama-family models as one function (fastdecode.py)
 
 
 class EngineStats:
@@ -138,6 +140,8 @@ class GenerationEngine:
             budget_tokens=self.kv_budget_tokens,
             full_width=self.matmul_decode,
         )
+        # decode steps without transformers' per-module overhead, where that is exact
+        self.fused_decode = fused_decode(model, self.pool) if self.matmul_decode and config.fused_decode else None
         self.prefix_cache: PrefixCache | None = None
         if config.enable_prefix_caching:
             block_bytes = 2 * mc.num_hidden_layers * kv_heads * head_dim * config.prefix_cache_block_size
@@ -689,24 +693,31 @@ class GenerationEngine:
         rows = len(self.rows)
         ids = torch.tensor([[seq.last_token] for seq in self.rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[self.pool.row_length(r)] for r in range(rows)], device=self.device)
-        mask = self.pool.decode_mask(self.dtype)
-        out = self._forward(seq.owner.request for seq in self.rows)(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_kwarg: self.pool.cache},
-        )
+        logits = self._decode_logits(ids, positions, self.pool.decode_mask(self.dtype))
         self.pool.advance(1)
-        self._sample_and_advance(out.logits[:, -1, :].float(), list(range(rows)))
+        self._sample_and_advance(logits.float(), list(range(rows)))
         self.stats.steps += 1
         self.observe("decode_step_seconds", time.monotonic() - started)
+
+    def _decode_logits(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The next-token logits [rows, vocab] of every running row, its KV written at the cursor:
+        the fused decode step when there is one and the model is as loaded (no adapter was ever
+        loaded: peft's layers, once in place, are what the model computes), else its forward."""
+        if self.fused_decode is not None and not self._peft_attached():
+            return self.fused_decode(ids, positions, mask)
+        model = self._forward(seq.owner.request for seq in self.rows)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{self.cache_kwarg: self.pool.cache})
+        return out.logits[:, -1, :]
+
+    def _peft_attached(self) -> bool:
+        """Whether an adapter was ever loaded, which puts peft's LoRA layers into the model."""
+        return self.lora is not None and self.lora.peft is not None
 
     def _forward(self, requests: Iterable[GenerationRequest]) -> Callable[..., Any]:
         """The model to run a batch whose rows belong to `requests`, in row order: with each
         row's LoRA adapter when any is loaded (adapters.py), else the model itself."""
-        if self.lora is None or self.lora.peft is None:  # no adapter ever loaded: nothing per row
+        if not self._peft_attached():  # nothing per row
             return self.model
         return self.lora.forward([r.adapter for r in requests])
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
 
 
-def _fused_rms_norm(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+def fused_rms_norm(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """transformers' Llama RMSNorm forward, its float32 chain as one fused kernel."""
     normed = torch.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), None, self.variance_epsilon)
     return self.weight * normed.to(hidden_states.dtype)
@@ -38,7 +38,7 @@ def fuse_small_ops(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if type(module).__name__ in RMS_NORMS and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(_fused_rms_norm, module)
+            module.forward = types.MethodType(fused_rms_norm, module)
             count += 1
     if count:
         log.info("%d RMSNorm layers on torch's fused rms_norm", count)

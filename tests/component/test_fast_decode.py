@@ -1,0 +1,168 @@
+"""The fused decode step (worker/fastdecode.py): on bfloat16 Llama, Mistral and Qwen2 models, as
+the worker loads them (packed linears, fused RMSNorms), the engine's decode steps through it give
+bit for bit the tokens and logprobs of the same engine running the model's own forward, with rows
+joining and leaving, seeded sampling with penalties included; models it does not compute exactly
+run their own forward; and once a LoRA adapter is loaded, decode steps go through peft."""
+
+import asyncio
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from modelfleet.demo import make_demo_adapter
+from modelfleet.worker.engine import EngineConfig, GenerationEngine
+from modelfleet.worker.fastdecode import fused_decode
+from modelfleet.worker.fastlinear import pack_linears
+from modelfleet.worker.fastops import fuse_small_ops
+from modelfleet.worker.sampling import SamplingParams
+from modelfleet.worker.sequence import GenerationRequest
+
+pytestmark = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                reason="no native bfloat16 on this CPU: the engine decodes through SDPA")
+
+PROMPTS = ["Hello there", "def foo(x):\n    return", "A much longer prompt " * 12, "x", "import os\n" * 7]
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tok(demo_path):
+    return AutoTokenizer.from_pretrained(demo_path)
+
+
+def as_the_worker_loads(model):
+    """bfloat16, RMSNorms fused and linears packed, as loader.load_causal_lm leaves a model."""
+    model = model.to(torch.bfloat16).eval()
+    fuse_small_ops(model)
+    pack_linears(model)
+    return model
+
+
+def family(kind: str, vocab: int):
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **SHAPE, tie_word_embeddings=True))
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(vocab_size=vocab, sliding_window=None, **SHAPE))
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, **SHAPE))  # q/k/v with biases
+
+
+def run_engine(engine: GenerationEngine, tok, requests: list[tuple[str, SamplingParams, int | None]], max_tokens: int):
+    """Each request's tokens and logprobs, the requests staggered so that rows join a running
+    batch and leave it at different steps."""
+
+    async def one(i: int, prompt: str, params: SamplingParams, seed: int | None):
+        await asyncio.sleep(0.02 * i)
+        req = GenerationRequest(prompt_ids=tok(prompt)["input_ids"], params=params, max_tokens=max_tokens - 3 * i,
+                                ignore_eos=True, seed=seed)
+        tokens, lps = [], []
+        async for event in engine.submit(req):
+            assert event.error is None
+            for d in event.deltas:
+                tokens += d.token_ids
+                lps += [lp.logprob for lp in d.logprobs or []]
+        return tokens, lps
+
+    async def main():
+        return await asyncio.gather(*(one(i, *r) for i, r in enumerate(requests)))
+
+    engine.start()
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.stop()
+
+
+def engine_on(model, tok, fused: bool) -> GenerationEngine:
+    return GenerationEngine(model, tok, EngineConfig(max_model_len=1024, max_num_seqs=4, fused_decode=fused),
+                            [tok.eos_token_id])
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "demo"])
+def test_fused_decode_steps_give_the_models_own_tokens_and_logprobs_bit_for_bit(kind, demo_path, tok):
+    if kind == "demo":
+        model = AutoModelForCausalLM.from_pretrained(demo_path, attn_implementation="sdpa")
+    else:
+        model = family(kind, len(tok))
+    model = as_the_worker_loads(model)
+    greedy = SamplingParams(temperature=0, want_logprobs=True, top_logprobs=2)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, frequency_penalty=0.4, presence_penalty=0.3,
+                            repetition_penalty=1.1, want_logprobs=True)
+    requests = [(p, greedy if i % 2 == 0 else seeded, None if i % 2 == 0 else 100 + i) for i, p in enumerate(PROMPTS)]
+    fused = engine_on(model, tok, fused=True)
+    assert fused.fused_decode is not None
+    calls = 0
+    inner = fused.fused_decode
+
+    def counted(*args):
+        nonlocal calls
+        calls += 1
+        return inner(*args)
+
+    fused.fused_decode = counted
+    got = run_engine(fused, tok, requests, 32)
+    assert calls > 20  # the decode steps took it
+    plain = engine_on(model, tok, fused=False)
+    assert plain.fused_decode is None
+    want = run_engine(plain, tok, requests, 32)
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert [lp for _, lp in got] == [lp for _, lp in want]  # exactly: the same logits, bit for bit
+    assert all(len(t) == 32 - 3 * i for i, (t, _) in enumerate(got))
+
+
+def test_models_it_does_not_compute_exactly_run_their_own_forward(tok):
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4)).to(torch.bfloat16)
+    assert fused_decode(gpt2, None) is None
+    hooked = as_the_worker_loads(family("llama", len(tok)))
+    hooked.model.layers[1].mlp.register_forward_hook(lambda *args: None)
+    assert fused_decode(hooked, None) is None
+    # float32 decodes through SDPA, where the fused step's matmul attention would not be exact
+    assert engine_on(family("llama", len(tok)).eval(), tok, fused=True).fused_decode is None
+
+
+def test_decode_steps_go_through_peft_once_an_adapter_is_loaded(demo_path, tok, tmp_path):
+    from modelfleet.worker.app import WorkerSettings, load_service
+
+    adapter = make_demo_adapter(demo_path, tmp_path / "ada", rank=8, seed=3)
+    service, _ = load_service(WorkerSettings(source=str(demo_path), served_names=["tiny-chat"], max_num_seqs=4,
+                                             dtype="bfloat16"))
+    engine = service.engine
+    assert engine.fused_decode is not None
+    fused, calls = engine.fused_decode, []
+    engine.fused_decode = lambda *args: calls.append(1) or fused(*args)
+    ids = tok(PROMPTS[1])["input_ids"]
+
+    async def run(adapter_key=None):
+        req = GenerationRequest(prompt_ids=ids, params=SamplingParams(temperature=0), max_tokens=12,
+                                ignore_eos=True, adapter=adapter_key)
+        return [t for e in [e async for e in engine.submit(req)] for d in e.deltas for t in d.token_ids]
+
+    engine.start()
+    try:
+        before = asyncio.run(run())
+        assert len(calls) == 11  # the first token comes from the prefill
+        asyncio.run(service.lora.load("ada", str(adapter)))
+        with_adapter = asyncio.run(run(service.lora.by_name["ada"].key))
+        assert with_adapter != before
+        assert asyncio.run(run()) == before  # base rows through peft's wrapped layers: the same tokens
+        assert len(calls) == 11
+    finally:
+        engine.stop()
