@@ -23,7 +23,8 @@ max_tokens (EOS ignored) with the OpenAI SDK's default sampling (temperature 1, 
     python bench/worker_throughput.py [--quick] [--workload all|throughput|shared-prefix|vs-vllm|long-prompt]
 
 `--workload vs-vllm` runs only the two engines, alternating at 1 and 32 clients for `--rounds`
-rounds (the comparison to rerun after an engine change); `--workload long-prompt` measures how
+rounds, each round ending with the warm shared-prefix burst over HTTP on both (the comparison to
+rerun after an engine change); `--workload long-prompt` measures how
 long 8 running streams stall when a 1,500-token prompt joins them, with chunked prefill
 (`--max-num-batched-tokens` 256) and without (one step takes the whole prompt).
 """
@@ -382,6 +383,7 @@ def main_vs_vllm(quick: bool, rounds: int, variant_args: tuple[str, ...] = ()) -
     """modelfleet's worker and vLLM's CPU build, both up, alternating at 1 and 32 clients; with
     `variant_args`, a second worker started with them takes its turn beside them."""
     from engines import VLLM_VERSION, start_vllm
+    from transformers import AutoTokenizer
 
     from modelfleet.demo import BENCH_SPEC, ensure_demo_model
 
@@ -404,6 +406,7 @@ def main_vs_vllm(quick: bool, rounds: int, variant_args: tuple[str, ...] = ()) -
         pids = {"modelfleet": proc.pid, variant: other.pid if other else 0, "vllm": vllm.pid}
         for _, target in systems:
             asyncio.run(http_load(target, 32, 1, 8, False, 0))  # warm-up, at full width
+        tok = AutoTokenizer.from_pretrained(model_dir)
         for r in range(rounds):
             for c in (1, 32):
                 for system, target in systems:
@@ -415,17 +418,28 @@ def main_vs_vllm(quick: bool, rounds: int, variant_args: tuple[str, ...] = ()) -
                                  **result})
                     print(f"  round {r} {system:10s} c={c:<3d} {result['tokens_per_s']:8.1f} tok/s, "
                           f"{result['tokens_per_cpu_s']} tok per CPU-s (load {os.getloadavg()[0]:.1f})", flush=True)
+            for system, target in systems:  # both with their prefix cache on (their defaults)
+                result = http_shared_prefix(target, tok, max_tokens // 2)
+                rows.append({"system": system, "mode": "prefix-on", "arrival": f"warm-http-{r}", "concurrency": 32,
+                             **result})
+                print(f"  round {r} {system:10s} shared prefix, c=32: ttft p50 {result['ttft_p50_ms']} ms, "
+                      f"itl p50 {result['itl_p50_ms']} ms", flush=True)
     finally:
         stop(proc)
         for p in (other, vllm):
             if p is not None:
                 stop(p)
 
-    def median_tps(system: str, c: int, key: str = "tokens_per_s") -> float:
-        return statistics.median(r[key] for r in rows if (r["system"], r["concurrency"]) == (system, c))
+    def median_tps(system: str, c: int, key: str = "tokens_per_s", mode: str = "plain") -> float:
+        return statistics.median(r[key] for r in rows if (r["system"], r["concurrency"], r["mode"]) == (system, c, mode))
 
     ratios = {f"modelfleet_vs_vllm@{c}": ratio(median_tps("modelfleet", c), median_tps("vllm", c)) for c in (1, 32)}
     goals = {"modelfleet_vs_vllm@1": ">= 0.9", "modelfleet_vs_vllm@32": ">= 1.0"}
+    # time to first token: the lower the better, so vLLM's over ours
+    ratios["shared_prefix_ttft_p50_vllm_vs_modelfleet@32"] = ratio(median_tps("vllm", 32, "ttft_p50_ms", "prefix-on"),
+                                                                   median_tps("modelfleet", 32, "ttft_p50_ms",
+                                                                              "prefix-on"))
+    goals["shared_prefix_ttft_p50_vllm_vs_modelfleet@32"] = ">= 0.9"
     for c in (1, 32):  # the same per CPU-second the servers used: what other work on the machine distorts least
         ratios[f"modelfleet_vs_vllm_per_cpu_s@{c}"] = ratio(median_tps("modelfleet", c, "tokens_per_cpu_s"),
                                                             median_tps("vllm", c, "tokens_per_cpu_s"))

@@ -126,7 +126,8 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction,
                        default=_DEFAULTS.prepack_weights,
                        help="on a CPU, run the model's linear layers on weights packed once for oneDNN "
-                            "(each held once; a tied LM head stays as loaded)")
+                            "(each held once; a tied LM head on a packed copy), Llama-family RMSNorms fused and "
+                            "their bfloat16 decode steps as one function; off: the model as transformers runs it")
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:

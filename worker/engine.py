@@ -686,10 +686,8 @@ class GenerationEngine:
 
     def _decode_step(self) -> None:
         started = time.monotonic()
-        if self.pool.cursor > 64 and self.pool.wasted_fraction() > 0.5:
-            self.pool.compact()
         self._make_kv_room()  # never empties the batch: its oldest request fits alone
-        self.pool.reserve(1)
+        self.pool.ready_for_decode()
         rows = len(self.rows)
         ids = torch.tensor([[seq.last_token] for seq in self.rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[self.pool.row_length(r)] for r in range(rows)], device=self.device)

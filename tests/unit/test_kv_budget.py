@@ -61,3 +61,37 @@ def test_the_default_budget_is_40_percent_of_free_memory_within_the_cgroup_and_a
     assert kvcache.default_kv_cache_bytes(cpu) <= 0.4 * (1 << 30) + 1
     monkeypatch.setattr(kvcache, "_available_memory", lambda: 200 << 30)
     assert kvcache.default_kv_cache_bytes(cpu) == 32 << 30
+
+
+def test_full_width_buffers_give_back_columns_a_long_row_left_and_keep_the_rows_kv():
+    """With `full_width` every decode step reads all allocated columns: once a long row has left,
+    the buffers shrink to what the rows need (a quarter's hysteresis), their KV intact."""
+    p = SlotPool(num_layers=1, kv_heads=1, head_dim=2, max_rows=4, max_columns=4096, dtype=torch.float32,
+                 device=torch.device("cpu"), initial_rows=2, full_width=True)
+    p.add_rows(prefill([1500, 5]), [1500, 5], [0, 1])
+    p.ready_for_decode()
+    wide = p.columns
+    assert wide >= 1501
+    p.advance(1)
+    p.remove_row(0)  # the long one leaves; the short one, 6 tokens, stays near the cursor
+    p.add_rows(prefill([9]), [9], [0])
+    p.ready_for_decode()
+    assert p.columns < 100 and p.cursor < 20, (p.columns, p.cursor)
+    assert p.keys[0][0, 0, p.starts[0] : p.starts[0] + 5, 0].tolist() == [1, 2, 3, 4, 5]
+    assert p.keys[0][1, 0, p.starts[1] : p.cursor, 0].tolist() == list(range(1, 10))
+    columns = p.columns
+    for _ in range(3 * columns):  # growing again from there grows by an eighth, not back to `wide`
+        p.ready_for_decode()
+        assert p.cursor < p.columns <= max(columns, p.cursor + max(32, p.cursor // 8) + 1)
+        p.advance(1)
+
+
+def test_without_full_width_the_columns_stay():
+    p = pool(budget=10_000)
+    p.add_rows(prefill([900]), [900], [0])
+    p.ready_for_decode()
+    wide = p.columns
+    p.remove_row(0)
+    p.add_rows(prefill([5]), [5], [0])
+    p.ready_for_decode()
+    assert p.columns == wide
