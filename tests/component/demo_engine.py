@@ -7,11 +7,13 @@ Imported by the test modules beside it (`sys.path`, as pytest's importlib mode l
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import torch
 
 from modelfleet.worker.engine import EngineConfig, GenerationEngine
+from modelfleet.worker.sequence import GenerationRequest
 
 
 def make_engine(tiny, caching: bool = True, **config: Any) -> GenerationEngine:
@@ -36,3 +38,27 @@ def expected_logprobs(tiny, ids: list[int], tokens: list[int]) -> list[float]:
     model, _ = tiny
     logits = model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1].float()
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1).tolist()
+
+
+def run_staggered(engine: GenerationEngine, requests: list[GenerationRequest]) -> list[tuple[list[int], list[float]]]:
+    """Each request's tokens and their logprobs through `engine` (started and stopped here),
+    each request submitted 20 ms after the one before it, so that rows join a running batch."""
+
+    async def one(req: GenerationRequest, delay: float):
+        await asyncio.sleep(delay)
+        tokens, lps = [], []
+        async for event in engine.submit(req):
+            assert event.error is None
+            for d in event.deltas:
+                tokens += d.token_ids
+                lps += [lp.logprob for lp in d.logprobs or []]
+        return tokens, lps
+
+    async def main():
+        return await asyncio.gather(*(one(req, 0.02 * i) for i, req in enumerate(requests)))
+
+    engine.start()
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.stop()

@@ -5,6 +5,8 @@ joining and leaving, seeded sampling with penalties included; models it does not
 run their own forward; and once a LoRA adapter is loaded, decode steps go through peft."""
 
 import asyncio
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +30,9 @@ from modelfleet.worker.fastlinear import pack_linears
 from modelfleet.worker.fastops import fuse_small_ops
 from modelfleet.worker.sampling import SamplingParams
 from modelfleet.worker.sequence import GenerationRequest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_engine, beside this file
+from demo_engine import run_staggered  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                                 reason="no native bfloat16 on this CPU: the engine decodes through SDPA")
@@ -66,29 +71,11 @@ def family(kind: str, vocab: int):
 
 
 def run_engine(engine: GenerationEngine, tok, requests: list[tuple[str, SamplingParams, int | None]], max_tokens: int):
-    """Each request's tokens and logprobs, the requests staggered so that rows join a running
-    batch and leave it at different steps."""
-
-    async def one(i: int, prompt: str, params: SamplingParams, seed: int | None):
-        await asyncio.sleep(0.02 * i)
-        req = GenerationRequest(prompt_ids=tok(prompt)["input_ids"], params=params, max_tokens=max_tokens - 3 * i,
-                                ignore_eos=True, seed=seed)
-        tokens, lps = [], []
-        async for event in engine.submit(req):
-            assert event.error is None
-            for d in event.deltas:
-                tokens += d.token_ids
-                lps += [lp.logprob for lp in d.logprobs or []]
-        return tokens, lps
-
-    async def main():
-        return await asyncio.gather(*(one(i, *r) for i, r in enumerate(requests)))
-
-    engine.start()
-    try:
-        return asyncio.run(main())
-    finally:
-        engine.stop()
+    """Each request's tokens and logprobs, staggered so that rows join a running batch, and
+    request i generating 3 x i tokens fewer, so that rows leave it at different steps."""
+    return run_staggered(engine, [GenerationRequest(prompt_ids=tok(prompt)["input_ids"], params=params,
+                                                    max_tokens=max_tokens - 3 * i, ignore_eos=True, seed=seed)
+                                  for i, (prompt, params, seed) in enumerate(requests)])
 
 
 def engine_on(model, tok, fused: bool) -> GenerationEngine:

@@ -4,8 +4,9 @@ still wraps the packed layers, the packed model holds its weights once (a tied L
 packed copy too, the embeddings still on the weight as loaded), and `--no-prepack-weights` leaves
 the model as loaded."""
 
-import asyncio
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from modelfleet.worker.fastlinear import PackedLinear, pack_linears, packable
 from modelfleet.worker.loader import detect, load_causal_lm
 from modelfleet.worker.sampling import SamplingParams
 from modelfleet.worker.sequence import GenerationRequest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_engine, beside this file
+from demo_engine import run_staggered  # noqa: E402
 
 PROMPTS = ["Hello there", "def foo(x):\n    return", "A much longer prompt " * 20, "x", "import os\n" * 7]
 DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
@@ -46,27 +50,10 @@ def run_engine(model, tok, prompts: list[str], max_tokens: int, logprobs: bool =
     """Each prompt's greedy tokens (and their logprobs), the requests staggered so that rows
     join a running batch, through the engine on `model`."""
     engine = GenerationEngine(model, tok, EngineConfig(max_model_len=2048, max_num_seqs=4), [tok.eos_token_id])
-
-    async def one(prompt: str, delay: float):
-        await asyncio.sleep(delay)
-        req = GenerationRequest(prompt_ids=tok(prompt)["input_ids"], max_tokens=max_tokens, ignore_eos=True,
-                                params=SamplingParams(temperature=0, want_logprobs=logprobs))
-        tokens, lps = [], []
-        async for event in engine.submit(req):
-            assert event.error is None
-            for d in event.deltas:
-                tokens += d.token_ids
-                lps += [lp.logprob for lp in d.logprobs or []]
-        return tokens, lps
-
-    async def main():
-        return await asyncio.gather(*(one(p, 0.02 * i) for i, p in enumerate(prompts)))
-
-    engine.start()
-    try:
-        return asyncio.run(main())
-    finally:
-        engine.stop()
+    return run_staggered(engine, [GenerationRequest(prompt_ids=tok(p)["input_ids"], max_tokens=max_tokens,
+                                                    ignore_eos=True,
+                                                    params=SamplingParams(temperature=0, want_logprobs=logprobs))
+                                  for p in prompts])
 
 
 def test_the_packed_layers_compute_what_the_plain_ones_do(demo_path):
