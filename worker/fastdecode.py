@@ -26,6 +26,7 @@ model's forward.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,21 +43,24 @@ FAMILIES = {  # CausalLM class: the classes its decoder layer, attention and MLP
 }
 
 
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass(frozen=True, slots=True)
 class _Layer:
-    """One decoder layer's parts, looked up once."""
+    """One decoder layer's parts, looked up once: its modules' bound `forward`s."""
 
-    input_norm: object
-    q: object
-    k: object
-    v: object
-    o: object
+    input_norm: Step
+    q: Step
+    k: Step
+    v: Step
+    o: Step
     scaling: float
-    post_norm: object
-    gate: object
-    up: object
-    down: object
-    act: object
+    post_norm: Step
+    gate: Step
+    up: Step
+    down: Step
+    act: Step
 
 
 class FusedDecode:
@@ -117,6 +121,7 @@ def fused_decode(model: nn.Module, pool: SlotPool) -> FusedDecode | None:
 
 
 def _why_not(model: nn.Module) -> str | None:
+    """Why `FusedDecode` would not compute `model`'s decode step exactly, or None."""
     kind = type(model).__name__
     if kind not in FAMILIES:
         return f"{kind} is not one of {', '.join(FAMILIES)}"
