@@ -17,6 +17,11 @@ done the sequence joins the slot cache as any prefilled one does. The buffer, li
 prefill's, lives outside `--kv-cache-memory`; the budget counts the sequence's slot-cache KV from
 the step it was admitted in (scheduler.KvRoom), and when it joins, the newest running requests
 are preempted if the rows have outgrown the room planned for it (engine._make_kv_room).
+
+A preempted request's recompute takes the same path (vLLM recomputes through its scheduler's
+chunked prefill too): its sequence's tokens so far are prefilled in chunks on top of whatever of
+them the prefix cache holds, so taking a long sequence back into the batch delays the running
+streams by one budget a step at most, as a long prompt does.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sequence import RequestState
+from .sequence import RequestState, Sequence
 
 
 @dataclass(frozen=True)
@@ -59,15 +64,20 @@ def chunk_end(done: int, total: int, room: int, block_size: int) -> int:
 
 @dataclass(eq=False)
 class ChunkedPrefill:
-    """One request's prefill in progress: its prompt-wide cache, how much of it is computed
-    (`done`, the reused prefix included), and, for prompt logprobs, each chunk's logits."""
+    """One sequence's prefill in progress: the tokens it computes, its buffer as wide as they
+    are, how much of it is computed (`done`, the reused prefix included), and, for prompt
+    logprobs, each chunk's logits. A new request's prefill computes its prompt; the recompute of
+    a preempted one (`resumed`, its sequence) its prompt and all it generated but the last token,
+    which the next decode step feeds, and samples nothing when it joins."""
 
     state: RequestState
+    tokens: list[int]
     cache: object  # transformers Cache over a prompt-wide buffer (kvcache.PastLayer layers)
     done: int
     reused: int  # of `done`, tokens whose KV came from the prefix cache
+    resumed: Sequence | None = None
     logits: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return len(self.state.request.prompt_ids)
+        return len(self.tokens)

@@ -385,20 +385,32 @@ class GenerationEngine:
         log.info("request %s preempted for KV room (%d sequences running)", owner.request.request_id or "-",
                  len(self.rows))
 
-    def _resume(self, state: RequestState) -> bool:
+    def _resume(self, state: RequestState, budget: int) -> bool:
         """Recomputes a preempted request's KV (its prompt and every token it generated but the
         last, which the next decode step feeds, as it would have) and puts its unfinished
         sequences back in the batch; no token is sampled here. False, and nothing done, while
-        they do not fit in the free rows and the KV budget. The recompute does not read the
-        prefix cache and is not chunked: it is one prefill of the sequences' whole length."""
+        they do not fit in the free rows and the KV budget. One sequence (any n = 1 request) is
+        recomputed like a prompt, in chunks of the step's `budget` on top of what the prefix
+        cache holds of it (`_rejoin` seats it); several are one prefill of their whole length."""
         seqs = [seq for seq in state.sequences if seq.finish_reason is None]
-        lengths = [seq.total_length() - 1 for seq in seqs]
+        tokens = [state.request.prompt_ids + seq.output_ids[:-1] for seq in seqs]
         if len(self.rows) + len(seqs) > self.config.max_num_seqs:
             return False
-        longest = planned_length(max(lengths), self._longest(state.request))
+        longest = planned_length(max(map(len, tokens)), self._longest(state.request))
         if not self._kv_room().admits(len(seqs), longest):
             return False
-        ids, mask, positions = self._left_padded([state.request.prompt_ids + seq.output_ids[:-1] for seq in seqs])
+        state.preempted = False
+        if len(seqs) == 1:
+            match = (self.prefix_cache.match(tokens[0], state.request.adapter) if self.prefix_cache is not None
+                     else PrefixMatch())
+            try:
+                self._start_chunked(state, match, tokens[0], resumed=seqs[0])
+            finally:
+                if self.prefix_cache is not None:
+                    self.prefix_cache.release(match)
+            self._continue_chunked(budget)
+            return True
+        ids, mask, positions = self._left_padded(tokens)
         cache = DynamicCache(config=self.model.config)
         self._forward([state.request] * len(seqs))(
             input_ids=ids.to(self.device),
@@ -408,12 +420,23 @@ class GenerationEngine:
             logits_to_keep=1,
             **{self.cache_kwarg: cache},
         )
-        self.step_tokens += sum(lengths)
-        for row, seq in zip(self.pool.add_rows(cache, lengths, list(range(len(seqs)))), seqs, strict=True):
+        self.step_tokens += sum(map(len, tokens))
+        for row, seq in zip(self.pool.add_rows(cache, list(map(len, tokens)), list(range(len(seqs)))), seqs,
+                            strict=True):
             self._seat(row, seq)
         self.batch_params = None
-        state.preempted = False
         return True
+
+    def _rejoin(self, part: ChunkedPrefill) -> None:
+        """Seats a preempted sequence whose recompute (`_resume`) has finished its last chunk,
+        keeping its blocks in the prefix cache (the next preemption of it reads them)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(part.tokens, [layer.keys[0] for layer in part.cache.layers],
+                                    [layer.values[0] for layer in part.cache.layers], part.state.request.adapter)
+        self._make_kv_room(1, part.total)  # the rows grew while it was recomputed
+        row = self.pool.add_rows(part.cache, [part.total], [0])[0]
+        self._seat(row, part.resumed)
+        self.batch_params = None
 
     def kv_refusal(self, request: GenerationRequest) -> str | None:
         """Why `request` could never run within the KV budget, even alone (None if it can)."""
@@ -447,10 +470,9 @@ class GenerationEngine:
         if budget <= 0:
             return
         if self.waiting and self.waiting[0].preempted:
-            if not self._resume(self.waiting[0]):
-                return  # it goes first: nothing overtakes it
-            self.waiting.popleft()
-            return  # its recompute is this step's prefill
+            if self._resume(self.waiting[0], budget):
+                self.waiting.popleft()
+            return  # it goes first, nothing overtakes it, and its recompute is this step's prefill
         free = self.config.max_num_seqs - len(self.rows)
         candidates, rows = [], 0
         for state in self.waiting:
@@ -597,11 +619,15 @@ class GenerationEngine:
             self.counts[row].index_add_(0, out, torch.ones_like(out, dtype=self.counts.dtype))
             self.seen[row, out] = True
 
-    def _start_chunked(self, state: RequestState, match: PrefixMatch) -> None:
-        """Begins prefilling `state` in chunks, in a prompt-wide buffer that starts with its cached
+    def _start_chunked(self, state: RequestState, match: PrefixMatch, tokens: list[int] | None = None,
+                       resumed: Sequence | None = None) -> None:
+        """Begins prefilling `tokens` (`state`'s prompt unless a preempted sequence, `resumed`, is
+        recomputed) in chunks, in a buffer as wide as they are that starts with their cached
         prefix (at most all but the last token: its logits are needed)."""
-        state.prefill_started = time.monotonic()
-        total = len(state.request.prompt_ids)
+        if resumed is None:
+            state.prefill_started = time.monotonic()
+        tokens = state.request.prompt_ids if tokens is None else tokens
+        total = len(tokens)
         reused = min(match.tokens, total - 1)
         if reused:
             cache = self._cache_over_prefixes([match], [reused], reused, total)
@@ -609,21 +635,21 @@ class GenerationEngine:
             first = self.pool.keys[0]
             cache = cache_over_past(self.pool.num_layers, 1, first.shape[1], total, first.shape[3], 0, self.dtype,
                                     self.device)
-        self.partial = ChunkedPrefill(state, cache, done=reused, reused=reused)
+        self.partial = ChunkedPrefill(state, tokens, cache, done=reused, reused=reused, resumed=resumed)
         self.admitting = [state]  # what other readers (adapters.py, _fail_all) look at besides `rows`
 
     def _continue_chunked(self, budget: int) -> int:
-        """Computes the next chunk, at most `budget` tokens, of the prompt in `self.partial`; after
-        the last one the request joins the batch. Returns the tokens computed."""
+        """Computes the next chunk, at most `budget` tokens, of the sequence in `self.partial`;
+        after the last one it joins the batch. Returns the tokens computed."""
         part = self.partial
         req = part.state.request
         end = chunk_end(part.done, part.total, budget, self.config.prefix_cache_block_size)
         if end <= part.done:
             return 0
         started = time.monotonic()
-        want_prompt_logprobs = req.prompt_logprobs is not None
+        want_prompt_logprobs = req.prompt_logprobs is not None and part.resumed is None
         out = self._forward([req])(
-            input_ids=torch.tensor([req.prompt_ids[part.done : end]], dtype=torch.long, device=self.device),
+            input_ids=torch.tensor([part.tokens[part.done : end]], dtype=torch.long, device=self.device),
             attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
             position_ids=torch.arange(part.done, end, device=self.device)[None],
             use_cache=True,
@@ -638,10 +664,14 @@ class GenerationEngine:
         if end < part.total:
             if self.prefix_cache is not None:  # the blocks done so far, kept even if it is cancelled
                 layers = part.cache.layers
-                self.prefix_cache.store(req.prompt_ids[:end], [layer.keys[0, :, :end] for layer in layers],
+                self.prefix_cache.store(part.tokens[:end], [layer.keys[0, :, :end] for layer in layers],
                                         [layer.values[0, :, :end] for layer in layers], req.adapter)
             return computed
         self.partial = None
+        if part.resumed is not None:
+            self._rejoin(part)
+            self.admitting = []
+            return computed
         logits = torch.cat(part.logits)[None] if want_prompt_logprobs else out.logits.float()
         self._join([part.state], part.cache, logits, [part.total], [part.reused], part.total, started)
         self.admitting = []

@@ -160,6 +160,39 @@ def test_preemption_beside_chunked_prompts_and_cached_prefixes_keeps_every_outpu
         assert tokens_of(events) == reference(tiny, ids, PREEMPT_TOKENS)
 
 
+def test_a_preempted_sequence_is_recomputed_in_chunks_on_its_cached_blocks(tiny):
+    """A preempted request's recompute is a prefill too: no step computes more than the step's
+    budget beside the running streams, and it reads what the prefix cache holds of the sequence
+    (its prompt's blocks, at least), computing only the rest; every output stays exact."""
+    _, tok = tiny
+    from modelfleet.worker.scheduler import KV_LOOKAHEAD
+
+    topics = ("tides", "pilots", "berths", "customs")
+    prompts = [tok(f"{t.title()}: the harbour office answers questions about {t} for every ship in port today.")
+               ["input_ids"] for t in topics]
+    longest, budget = max(map(len, prompts)), 40
+    assert 16 < min(map(len, prompts)) and longest < budget < 2 * min(map(len, prompts))  # a block; one a step
+    # three admitted one step apart (8 tokens of slack for the first ones' decodes), two fit at the longest
+    kv_budget = 3 * (longest + KV_LOOKAHEAD + 1 + 8)
+    assert kv_budget // (longest + PREEMPT_TOKENS + 1) == 2
+    engine = budget_engine(tiny, kv_budget, max_num_batched_tokens=budget)
+    rejoined = []
+    rejoin = engine._rejoin
+    engine._rejoin = lambda part: (rejoined.append((part.total, part.reused)), rejoin(part))
+    results = run_all(engine, prompts, PREEMPT_TOKENS, params=SamplingParams(temperature=0, want_logprobs=True))
+    assert engine.stats.preemptions >= 1 and len(rejoined) == engine.stats.preemptions
+    for total, reused in rejoined:
+        assert total > budget and reused >= 16
+    for record in engine.step_log:
+        assert record.prefill_tokens + record.decode_rows <= budget, record
+    for ids, events in zip(prompts, results, strict=True):
+        assert events[-1].error is None
+        tokens = tokens_of(events)
+        assert tokens == reference(tiny, ids, PREEMPT_TOKENS)
+        logprobs = [lp.logprob for e in events for d in e.deltas for lp in d.logprobs or []]
+        assert logprobs == pytest.approx(expected_logprobs(tiny, ids, tokens), abs=1e-4)
+
+
 def test_a_request_that_can_never_fit_gets_a_clear_error_and_others_are_served(tiny):
     _, tok = tiny
     engine = budget_engine(tiny, 100)
