@@ -18,9 +18,10 @@ this machine; bench/profiles/engine-step.md):
   `SlotPool.write`, as the model's forward does under `slot_attention`.
 
 Only decode steps of models whose classes are known to compute exactly this (Llama, Mistral,
-Qwen2 without sliding windows) take it, and only while no LoRA adapter was ever loaded (peft
-then wraps the layers and the engine runs the model as peft made it). Prefills stay on the
-model's forward.
+Qwen2 without sliding windows) take it, and only steps in which no row runs a LoRA adapter:
+the layer parts are looked up before any adapter loads, so they stay the base layers that peft's
+LoRA layers wrap (and leave unchanged), and a step with adapter rows runs the model as peft made
+it. Prefills stay on the model's forward.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 the worker loads them (packed linears, fused RMSNorms), the engine's decode steps through it give
 bit for bit the tokens and logprobs of the same engine running the model's own forward, with rows
 joining and leaving, seeded sampling with penalties included; models it does not compute exactly
-run their own forward; and once a LoRA adapter is loaded, decode steps go through peft."""
+run their own forward; and once a LoRA adapter is loaded, steps with adapter rows go through peft
+while base-only steps stay fused, with the logprobs they had before."""
 
 import asyncio
 import sys
@@ -125,7 +126,7 @@ def test_models_it_does_not_compute_exactly_run_their_own_forward(tok):
     assert engine_on(family("llama", len(tok)).eval(), tok, fused=True).fused_decode is None
 
 
-def test_decode_steps_go_through_peft_once_an_adapter_is_loaded(demo_path, tok, tmp_path):
+def test_decode_steps_with_adapter_rows_go_through_peft_and_base_rows_stay_fused(demo_path, tok, tmp_path):
     from modelfleet.worker.app import WorkerSettings, load_service
 
     adapter = make_demo_adapter(demo_path, tmp_path / "ada", rank=8, seed=3)
@@ -138,9 +139,10 @@ def test_decode_steps_go_through_peft_once_an_adapter_is_loaded(demo_path, tok, 
     ids = tok(PROMPTS[1])["input_ids"]
 
     async def run(adapter_key=None):
-        req = GenerationRequest(prompt_ids=ids, params=SamplingParams(temperature=0), max_tokens=12,
-                                ignore_eos=True, adapter=adapter_key)
-        return [t for e in [e async for e in engine.submit(req)] for d in e.deltas for t in d.token_ids]
+        req = GenerationRequest(prompt_ids=ids, params=SamplingParams(temperature=0, want_logprobs=True),
+                                max_tokens=12, ignore_eos=True, adapter=adapter_key)
+        deltas = [d for e in [e async for e in engine.submit(req)] for d in e.deltas]
+        return [t for d in deltas for t in d.token_ids], [lp.logprob for d in deltas for lp in d.logprobs]
 
     engine.start()
     try:
@@ -148,8 +150,8 @@ def test_decode_steps_go_through_peft_once_an_adapter_is_loaded(demo_path, tok, 
         assert len(calls) == 11  # the first token comes from the prefill
         asyncio.run(service.lora.load("ada", str(adapter)))
         with_adapter = asyncio.run(run(service.lora.by_name["ada"].key))
-        assert with_adapter != before
-        assert asyncio.run(run()) == before  # base rows through peft's wrapped layers: the same tokens
-        assert len(calls) == 11
+        assert with_adapter != before and len(calls) == 11  # adapter rows: peft's layers
+        assert asyncio.run(run()) == before  # base rows: the fused step on the base layers, unchanged
+        assert len(calls) == 22
     finally:
         engine.stop()
