@@ -19,8 +19,8 @@ the step it was admitted in (scheduler.KvRoom), and when it joins, the newest ru
 are preempted if the rows have outgrown the room planned for it (engine._make_kv_room).
 
 A preempted request's recompute takes the same path (vLLM recomputes through its scheduler's
-chunked prefill too): its sequence's tokens so far are prefilled in chunks on top of whatever of
-them the prefix cache holds, so taking a long sequence back into the batch delays the running
+chunked prefill too): its sequences' tokens so far are prefilled in chunks on top of whatever of
+them the prefix cache holds, so taking long sequences back into the batch delays the running
 streams by one budget a step at most, as a long prompt does.
 """
 
@@ -64,20 +64,21 @@ def chunk_end(done: int, total: int, room: int, block_size: int) -> int:
 
 @dataclass(eq=False)
 class ChunkedPrefill:
-    """One sequence's prefill in progress: the tokens it computes, its buffer as wide as they
-    are, how much of it is computed (`done`, the reused prefix included), and, for prompt
-    logprobs, each chunk's logits. A new request's prefill computes its prompt; the recompute of
-    a preempted one (`resumed`, its sequence) its prompt and all it generated but the last token,
-    which the next decode step feeds, and samples nothing when it joins."""
+    """A prefill in progress: the token rows it computes, its buffer as wide as they are, how
+    much of them is computed (`done`, the reused prefix included), and, for prompt logprobs, each
+    chunk's logits. A new request's prefill computes one row, its prompt; the recompute of a
+    preempted one a row per unfinished sequence (`resumed`), its prompt and all it generated but
+    the last token, which the next decode step feeds, and samples nothing when it joins. The
+    sequences of one request decode in lockstep, so its rows are equally long and chunk as one."""
 
     state: RequestState
-    tokens: list[int]
+    tokens: list[list[int]]  # one list per row, all as long
     cache: object  # transformers Cache over a prompt-wide buffer (kvcache.PastLayer layers)
     done: int
     reused: int  # of `done`, tokens whose KV came from the prefix cache
-    resumed: Sequence | None = None
+    resumed: list[Sequence] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return len(self.tokens)
+        return len(self.tokens[0])

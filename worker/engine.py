@@ -386,56 +386,42 @@ class GenerationEngine:
                  len(self.rows))
 
     def _resume(self, state: RequestState, budget: int) -> bool:
-        """Recomputes a preempted request's KV (its prompt and every token it generated but the
-        last, which the next decode step feeds, as it would have) and puts its unfinished
-        sequences back in the batch; no token is sampled here. False, and nothing done, while
-        they do not fit in the free rows and the KV budget. One sequence (any n = 1 request) is
-        recomputed like a prompt, in chunks of the step's `budget` on top of what the prefix
-        cache holds of it (`_rejoin` seats it); several are one prefill of their whole length."""
+        """Starts recomputing a preempted request's KV: its prompt and every token each unfinished
+        sequence generated but the last, which the next decode step feeds, as it would have. It is
+        prefilled like a prompt, in chunks of the step's `budget` on top of what the prefix cache
+        holds of it, and `_rejoin` puts the sequences back in the batch; no token is sampled. False,
+        and nothing done, while they do not fit in the free rows and the KV budget."""
         seqs = [seq for seq in state.sequences if seq.finish_reason is None]
         tokens = [state.request.prompt_ids + seq.output_ids[:-1] for seq in seqs]
         if len(self.rows) + len(seqs) > self.config.max_num_seqs:
             return False
-        longest = planned_length(max(map(len, tokens)), self._longest(state.request))
+        longest = planned_length(len(tokens[0]), self._longest(state.request))
         if not self._kv_room().admits(len(seqs), longest):
             return False
         state.preempted = False
-        if len(seqs) == 1:
-            match = (self.prefix_cache.match(tokens[0], state.request.adapter) if self.prefix_cache is not None
-                     else PrefixMatch())
-            try:
-                self._start_chunked(state, match, tokens[0], resumed=seqs[0])
-            finally:
-                if self.prefix_cache is not None:
+        matches = [self.prefix_cache.match(t, state.request.adapter) if self.prefix_cache is not None
+                   else PrefixMatch() for t in tokens]
+        try:
+            self._start_chunked(state, matches, tokens, resumed=seqs)
+        finally:
+            if self.prefix_cache is not None:
+                for match in matches:
                     self.prefix_cache.release(match)
-            self._continue_chunked(budget)
-            return True
-        ids, mask, positions = self._left_padded(tokens)
-        cache = DynamicCache(config=self.model.config)
-        self._forward([state.request] * len(seqs))(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_kwarg: cache},
-        )
-        self.step_tokens += sum(map(len, tokens))
-        for row, seq in zip(self.pool.add_rows(cache, list(map(len, tokens)), list(range(len(seqs)))), seqs,
-                            strict=True):
-            self._seat(row, seq)
-        self.batch_params = None
+        self._continue_chunked(budget)
         return True
 
     def _rejoin(self, part: ChunkedPrefill) -> None:
-        """Seats a preempted sequence whose recompute (`_resume`) has finished its last chunk,
-        keeping its blocks in the prefix cache (the next preemption of it reads them)."""
+        """Seats a preempted request's sequences once their recompute (`_resume`) has finished its
+        last chunk, keeping their blocks in the prefix cache (the next preemption reads them)."""
+        rows = range(len(part.tokens))
         if self.prefix_cache is not None:
-            self.prefix_cache.store(part.tokens, [layer.keys[0] for layer in part.cache.layers],
-                                    [layer.values[0] for layer in part.cache.layers], part.state.request.adapter)
-        self._make_kv_room(1, part.total)  # the rows grew while it was recomputed
-        row = self.pool.add_rows(part.cache, [part.total], [0])[0]
-        self._seat(row, part.resumed)
+            for i in rows:
+                self.prefix_cache.store(part.tokens[i], [layer.keys[i] for layer in part.cache.layers],
+                                        [layer.values[i] for layer in part.cache.layers], part.state.request.adapter)
+        self._make_kv_room(len(rows), part.total)  # the rows grew while it was recomputed
+        for row, seq in zip(self.pool.add_rows(part.cache, [part.total] * len(rows), list(rows)), part.resumed,
+                            strict=True):
+            self._seat(row, seq)
         self.batch_params = None
 
     def kv_refusal(self, request: GenerationRequest) -> str | None:
@@ -496,7 +482,7 @@ class GenerationEngine:
             while count > 1 and self._prefill_cost(uncached[:count], hit[:count]) > budget:
                 count -= 1  # rows grouped on a cached prefix compute their group's longest tail
             if uncached[0] > budget:  # admitted alone (plan_admission's rule), over the step's rest
-                self._start_chunked(self.waiting.popleft(), matches[0])
+                self._start_chunked(self.waiting.popleft(), matches[:1])
                 self._continue_chunked(budget)
                 return
             self.admitting = [self.waiting.popleft() for _ in range(count)]
@@ -619,23 +605,25 @@ class GenerationEngine:
             self.counts[row].index_add_(0, out, torch.ones_like(out, dtype=self.counts.dtype))
             self.seen[row, out] = True
 
-    def _start_chunked(self, state: RequestState, match: PrefixMatch, tokens: list[int] | None = None,
-                       resumed: Sequence | None = None) -> None:
-        """Begins prefilling `tokens` (`state`'s prompt unless a preempted sequence, `resumed`, is
-        recomputed) in chunks, in a buffer as wide as they are that starts with their cached
-        prefix (at most all but the last token: its logits are needed)."""
+    def _start_chunked(self, state: RequestState, matches: list[PrefixMatch],
+                       tokens: list[list[int]] | None = None, resumed: list[Sequence] | None = None) -> None:
+        """Begins prefilling `tokens` (one row, `state`'s prompt, unless the rows of a preempted
+        request's sequences, `resumed`, are recomputed) in chunks, in a buffer as wide as they are
+        that starts with the prefix the prefix cache holds of every row (at most all but the last
+        token: its logits are needed)."""
         if resumed is None:
             state.prefill_started = time.monotonic()
-        tokens = state.request.prompt_ids if tokens is None else tokens
-        total = len(tokens)
-        reused = min(match.tokens, total - 1)
+        tokens = [state.request.prompt_ids] if tokens is None else tokens
+        total = len(tokens[0])
+        assert all(len(t) == total for t in tokens), "the rows of one request are equally long"
+        reused = min(min(m.tokens for m in matches), total - 1)
         if reused:
-            cache = self._cache_over_prefixes([match], [reused], reused, total)
+            cache = self._cache_over_prefixes(matches, [reused] * len(matches), reused, total)
         else:
             first = self.pool.keys[0]
-            cache = cache_over_past(self.pool.num_layers, 1, first.shape[1], total, first.shape[3], 0, self.dtype,
-                                    self.device)
-        self.partial = ChunkedPrefill(state, tokens, cache, done=reused, reused=reused, resumed=resumed)
+            cache = cache_over_past(self.pool.num_layers, len(tokens), first.shape[1], total, first.shape[3], 0,
+                                    self.dtype, self.device)
+        self.partial = ChunkedPrefill(state, tokens, cache, done=reused, reused=reused, resumed=resumed or [])
         self.admitting = [state]  # what other readers (adapters.py, _fail_all) look at besides `rows`
 
     def _continue_chunked(self, budget: int) -> int:
@@ -643,20 +631,21 @@ class GenerationEngine:
         after the last one it joins the batch. Returns the tokens computed."""
         part = self.partial
         req = part.state.request
-        end = chunk_end(part.done, part.total, budget, self.config.prefix_cache_block_size)
+        rows = len(part.tokens)
+        end = chunk_end(part.done, part.total, budget // rows, self.config.prefix_cache_block_size)
         if end <= part.done:
             return 0
         started = time.monotonic()
-        want_prompt_logprobs = req.prompt_logprobs is not None and part.resumed is None
-        out = self._forward([req])(
-            input_ids=torch.tensor([part.tokens[part.done : end]], dtype=torch.long, device=self.device),
-            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
-            position_ids=torch.arange(part.done, end, device=self.device)[None],
+        want_prompt_logprobs = req.prompt_logprobs is not None and not part.resumed
+        out = self._forward([req] * rows)(
+            input_ids=torch.tensor([t[part.done : end] for t in part.tokens], dtype=torch.long, device=self.device),
+            attention_mask=torch.ones((rows, end), dtype=torch.long, device=self.device),
+            position_ids=torch.arange(part.done, end, device=self.device)[None].expand(rows, -1),
             use_cache=True,
             logits_to_keep=0 if want_prompt_logprobs else 1,
             **{self.cache_kwarg: part.cache},
         )
-        computed, part.done = end - part.done, end
+        computed, part.done = (end - part.done) * rows, end
         self.step_tokens += computed
         self.step_chunked = True
         if want_prompt_logprobs:
@@ -664,11 +653,12 @@ class GenerationEngine:
         if end < part.total:
             if self.prefix_cache is not None:  # the blocks done so far, kept even if it is cancelled
                 layers = part.cache.layers
-                self.prefix_cache.store(part.tokens[:end], [layer.keys[0, :, :end] for layer in layers],
-                                        [layer.values[0, :, :end] for layer in layers], req.adapter)
+                for i, row in enumerate(part.tokens):
+                    self.prefix_cache.store(row[:end], [layer.keys[i, :, :end] for layer in layers],
+                                            [layer.values[i, :, :end] for layer in layers], req.adapter)
             return computed
         self.partial = None
-        if part.resumed is not None:
+        if part.resumed:
             self._rejoin(part)
             self.admitting = []
             return computed

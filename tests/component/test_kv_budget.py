@@ -28,9 +28,10 @@ def budget_engine(tiny, budget_tokens: int, **config) -> GenerationEngine:
     return GenerationEngine(model, tok, config, [tok.eos_token_id])
 
 
-async def run(engine, ids: list[int], max_tokens: int, params: SamplingParams | None = None, seed: int | None = None):
+async def run(engine, ids: list[int], max_tokens: int, params: SamplingParams | None = None, seed: int | None = None,
+              n: int = 1):
     req = GenerationRequest(prompt_ids=ids, params=params or SamplingParams(temperature=0), max_tokens=max_tokens,
-                            ignore_eos=True, seed=seed)
+                            ignore_eos=True, seed=seed, n=n)
     return [event async for event in engine.submit(req)]
 
 
@@ -160,37 +161,45 @@ def test_preemption_beside_chunked_prompts_and_cached_prefixes_keeps_every_outpu
         assert tokens_of(events) == reference(tiny, ids, PREEMPT_TOKENS)
 
 
-def test_a_preempted_sequence_is_recomputed_in_chunks_on_its_cached_blocks(tiny):
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_preempted_request_is_recomputed_in_chunks_on_its_cached_blocks(tiny, n):
     """A preempted request's recompute is a prefill too: no step computes more than the step's
-    budget beside the running streams, and it reads what the prefix cache holds of the sequence
-    (its prompt's blocks, at least), computing only the rest; every output stays exact."""
-    _, tok = tiny
+    budget beside the running streams, and it reads what the prefix cache holds of its sequences
+    (their prompt's blocks, at least), computing only the rest, every choice's rows together;
+    each choice's seeded tokens and logprobs are those of an engine that never preempted."""
     from modelfleet.worker.scheduler import KV_LOOKAHEAD
 
+    _, tok = tiny
     topics = ("tides", "pilots", "berths", "customs")
     prompts = [tok(f"{t.title()}: the harbour office answers questions about {t} for every ship in port today.")
                ["input_ids"] for t in topics]
     longest, budget = max(map(len, prompts)), 40
     assert 16 < min(map(len, prompts)) and longest < budget < 2 * min(map(len, prompts))  # a block; one a step
     # three admitted one step apart (8 tokens of slack for the first ones' decodes), two fit at the longest
-    kv_budget = 3 * (longest + KV_LOOKAHEAD + 1 + 8)
-    assert kv_budget // (longest + PREEMPT_TOKENS + 1) == 2
-    engine = budget_engine(tiny, kv_budget, max_num_batched_tokens=budget)
+    kv_budget = 3 * n * (longest + KV_LOOKAHEAD + 1 + 8)
+    assert kv_budget // (n * (longest + PREEMPT_TOKENS + 1)) == 2
+    tight = budget_engine(tiny, kv_budget, max_num_batched_tokens=budget)
+    ample = budget_engine(tiny, 1 << 16, max_num_batched_tokens=budget)
     rejoined = []
-    rejoin = engine._rejoin
-    engine._rejoin = lambda part: (rejoined.append((part.total, part.reused)), rejoin(part))
-    results = run_all(engine, prompts, PREEMPT_TOKENS, params=SamplingParams(temperature=0, want_logprobs=True))
-    assert engine.stats.preemptions >= 1 and len(rejoined) == engine.stats.preemptions
-    for total, reused in rejoined:
-        assert total > budget and reused >= 16
-    for record in engine.step_log:
+    rejoin = tight._rejoin
+    tight._rejoin = lambda part: (rejoined.append((len(part.tokens), part.total, part.reused)), rejoin(part))
+    params = SamplingParams(temperature=1.0, want_logprobs=True)
+    outputs = []
+    for engine in (tight, ample):
+        results = run_all(engine, prompts, PREEMPT_TOKENS, params=params, seed=7, n=n)
+        outputs.append([[(d.index, t, lp.logprob) for e in events for d in e.deltas
+                         for t, lp in zip(d.token_ids, d.logprobs, strict=True)] for events in results])
+        assert all(events[-1].error is None for events in results)
+    assert tight.stats.preemptions >= 1 and ample.stats.preemptions == 0
+    assert len(rejoined) == tight.stats.preemptions
+    for rows, total, reused in rejoined:
+        assert rows == n and total > budget and reused >= 16
+    for record in tight.step_log:
         assert record.prefill_tokens + record.decode_rows <= budget, record
-    for ids, events in zip(prompts, results, strict=True):
-        assert events[-1].error is None
-        tokens = tokens_of(events)
-        assert tokens == reference(tiny, ids, PREEMPT_TOKENS)
-        logprobs = [lp.logprob for e in events for d in e.deltas for lp in d.logprobs or []]
-        assert logprobs == pytest.approx(expected_logprobs(tiny, ids, tokens), abs=1e-4)
+    for preempted, unpreempted in zip(*outputs, strict=True):
+        assert len(preempted) == n * PREEMPT_TOKENS
+        assert [(i, t) for i, t, _ in preempted] == [(i, t) for i, t, _ in unpreempted]
+        assert [lp for *_, lp in preempted] == pytest.approx([lp for *_, lp in unpreempted], abs=1e-4)
 
 
 def test_a_request_that_can_never_fit_gets_a_clear_error_and_others_are_served(tiny):
