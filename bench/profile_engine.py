@@ -1,5 +1,6 @@
-"""Where the milliseconds of one engine step go: a decode step at 1 and at 32 sequences, and a
-prefill, on the bench model (worker_throughput.py's 56M Llama), in-process, one OpenMP thread.
+"""Where the milliseconds of one engine step go: a decode step at 1 and at 32 sequences (and at 32
+with one or four 1,500-token rows among them, read by groups or whole), and a prefill, on the
+bench model (worker_throughput.py's 56M Llama), in-process, one OpenMP thread.
 
 The engine's own loop is driven step by step from this thread (its thread is never started), so
 that wall-clock timers around the parts of a step (model forward, sampling, the rest) and
@@ -138,6 +139,39 @@ def profile_decode(model, tok, loop, rows: int, steps: int, fused: bool) -> str:
     return "\n".join(out)
 
 
+def profile_mixed(model, tok, loop, long_rows: int, steps: int, fused: bool) -> str:
+    """32 decoding rows of which `long_rows` hold a 1,500-token prompt: the step with the rows read
+    by groups (SlotPool.decode_groups, what the worker does) against whole rows, interleaved."""
+    from worker_throughput import system_prompt_ids
+
+    engine, _ = build(model, tok, 32, 4096, fused)
+    long_ids = system_prompt_ids(tok)
+    for i in range(32):
+        ids = long_ids + tok(f" Question {i}?")["input_ids"] if i < long_rows else tok(PROMPT.format(i=i))["input_ids"]
+        submit(engine, loop, ids, 2 * steps + 40)
+    while len(engine.rows) < 32:
+        step(engine)
+    for _ in range(3):
+        step(engine)
+    grouped = engine.pool.decode_groups
+    groups = grouped()
+    cpus: dict[str, list[float]] = {"grouped": [], "whole": []}
+    for i in range(2 * steps):
+        mode = ("grouped", "whole")[i % 2]
+        engine.pool.decode_groups = grouped if mode == "grouped" else (lambda: None)
+        cpu = time.thread_time()
+        step(engine)
+        cpus[mode].append(time.thread_time() - cpu)
+    whole, by_groups = (statistics.median(cpus[m]) * 1000 for m in ("whole", "grouped"))
+    sizes = "whole rows (no grouping pays)" if groups is None else " and ".join(f"{len(g.rows)} rows over "
+                                                                                  f"{g.end - g.start} columns"
+                                                                                  for g in groups)
+    return "\n".join([
+        f"### Decode step, 32 sequences, {long_rows} of them 1,500 tokens long (columns {engine.pool.columns})", "",
+        f"Attention by groups ({sizes}): median {by_groups:.1f} ms of the thread's CPU time a step, against "
+        f"{whole:.1f} ms reading every row whole ({whole / by_groups:.2f}x), {steps} steps each, interleaved.", ""])
+
+
 def profile_prefill(model, tok, loop, label: str, prompts: list[list[int]], fused: bool) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -198,6 +232,9 @@ def main() -> int:
     for rows in (1, 32):
         print(f"decode, {rows} rows", flush=True)
         sections.append(profile_decode(model, tok, loop, rows, args.steps, args.prepack_weights))
+    for long_rows in (1, 4):
+        print(f"decode, 32 rows, {long_rows} long", flush=True)
+        sections.append(profile_mixed(model, tok, loop, long_rows, args.steps, args.prepack_weights))
     long_ids = (tok(" ".join(PROMPT.format(i=i) for i in range(40)))["input_ids"])[:1024]
     print("prefill", flush=True)
     sections.append(profile_prefill(model, tok, loop, "one prompt of 1,024 tokens", [long_ids], args.prepack_weights))

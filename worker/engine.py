@@ -720,11 +720,12 @@ class GenerationEngine:
     def _decode_logits(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The next-token logits [rows, vocab] of every running row, its KV written at the cursor:
         the fused decode step when there is one and no row runs a LoRA adapter (its forwards are
-        the base layers', which peft's LoRA layers wrap and leave as they were), else the model's
-        forward, through peft's layers for adapter rows."""
+        the base layers', which peft's LoRA layers wrap and leave as they were; its attention
+        reads rows of very different lengths by groups), else the model's forward, through peft's
+        layers for adapter rows."""
         requests = [seq.owner.request for seq in self.rows]
         if self.fused_decode is not None and not any(r.adapter for r in requests):
-            return self.fused_decode(ids, positions, mask)
+            return self.fused_decode(ids, positions, mask, self.pool.decode_groups())
         out = self._forward(requests)(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                       logits_to_keep=1, **{self.cache_kwarg: self.pool.cache})
         return out.logits[:, -1, :]

@@ -22,6 +22,7 @@ out-of-memory crash.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -59,6 +60,21 @@ class SlotLayer(CacheLayerMixin):
 
 
 FULL_WIDTH_MARGIN = 32  # columns of headroom at least, when decode reads whole rows
+# Bytes a grouped row's column costs against a whole row's (SlotPool.decode_groups): the copy
+# reads and writes it, and the matmuls read the copy.
+GROUP_COPY_COST = 3
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows of a decode step whose attention reads columns `start` to `end` only, and where their
+    keys and values are copied for it (each layer in turn: the pool's buffers, reused)."""
+
+    rows: torch.Tensor  # row indices into the batch
+    start: int
+    end: int
+    keys: torch.Tensor  # [len(rows), kv_heads, end - start, head_dim]
+    values: torch.Tensor
 
 
 class SlotPool:
@@ -98,6 +114,7 @@ class SlotPool:
         self.cursor = 0
         self.starts: list[int] = []
         self.cache = Cache(layers=[SlotLayer(self, i) for i in range(num_layers)])
+        self._copies: list[torch.Tensor] = []  # decode groups' K/V copies (decode_groups)
 
     def _alloc(self, rows: int, columns: int) -> torch.Tensor:
         shape = (rows, self.kv_heads, columns, self.head_dim)
@@ -131,6 +148,51 @@ class SlotPool:
     def attended_columns(self, q: int) -> int:
         """The columns a step of `q` new tokens per row attends to (and its mask covers)."""
         return self.columns if self.full_width else self.cursor + q
+
+    def decode_groups(self) -> list[RowGroup] | None:
+        """How a decode step's attention should read the rows, when their lengths differ enough
+        to matter: None to read every row whole (`decode_attention` over the pool's dense view),
+        else two groups, the longest rows and the rest, each over only the columns its own rows
+        need. Every row ends at the cursor, so one long conversation among short ones would
+        otherwise have every row read (and mask) the long one's width: at 32 rows over 1,600
+        columns, of which 31 rows use 64, a layer's attention took 6 ms whole and 0.6 ms grouped.
+        A group's rows and columns are copied out first (a dense view is what oneDNN's matmul
+        reads without copying), so grouping is chosen only where it reads under half the bytes,
+        counting the copy. What vLLM's paged attention gets from block tables, for the common
+        case of a few long rows beside many short ones. Call after `ready_for_decode`."""
+        rows = self.rows
+        if rows < 2:
+            return None
+        end = self.cursor + 1  # the step's own column included
+        order = sorted(range(rows), key=self.starts.__getitem__)  # longest first
+        lengths = [end - self.starts[r] for r in order]
+        whole, best, split = rows * self.attended_columns(1), None, 0
+        for k in range(1, rows):
+            cost = GROUP_COPY_COST * (k * lengths[0] + (rows - k) * lengths[k])
+            if best is None or cost < best:
+                best, split = cost, k
+        if best is None or 2 * best > whole:
+            return None
+        groups = []
+        for i, (members, length) in enumerate(((order[:split], lengths[0]), (order[split:], lengths[split]))):
+            shape = (len(members), self.kv_heads, length, self.head_dim)
+            groups.append(RowGroup(torch.tensor(members, device=self.device), end - length, end,
+                                   self._copy_space(2 * i, shape), self._copy_space(2 * i + 1, shape)))
+        return groups
+
+    def _copy_space(self, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """A buffer of `shape` that decode groups copy K or V into, kept between steps: a fresh
+        multi-megabyte tensor at every layer of every step cost more in page faults than the
+        copy itself (1 to 2 ms against 0.1 to 0.3 for 4 rows of 1,500 columns). At most a sixth
+        of a layer's KV each, since groups are chosen only when they read that little."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        while len(self._copies) <= slot:
+            self._copies.append(torch.empty(0, dtype=self.dtype, device=self.device))
+        if self._copies[slot].numel() < numel:
+            self._copies[slot] = torch.empty(numel + numel // 4, dtype=self.dtype, device=self.device)
+        return self._copies[slot][:numel].view(shape)
 
     def advance(self, q: int = 1) -> None:
         self.cursor += q
@@ -237,6 +299,7 @@ class SlotPool:
                 new[: self.rows, :, : self.cursor] = old[: self.rows, :, : self.cursor]
                 store[i] = new
         self.columns, self.row_capacity = columns, capacity
+        self._copies = []  # sized for the old buffers: made again as groups need them
 
     def _move_columns(self, src: int, dst: int, count: int) -> None:
         rows = self.rows
@@ -343,7 +406,7 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scaling: float | None = None) -> torch.Tensor:
+                     scaling: float | None = None, groups: list[RowGroup] | None = None) -> torch.Tensor:
     """Attention of one query per row, `query` [rows, heads, 1, D] over `key`/`value` [rows,
     kv_heads, columns, D], with an additive `mask` [rows, 1, 1, columns]; returns [rows, 1, heads,
     D], as transformers' attention functions do. The math of transformers' `eager_attention_forward`:
@@ -353,7 +416,24 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     transformers' `pack_gqa` lays them out for SDPA), so grouped-query attention reads each K/V
     once, with no `repeat_kv` copy. oneDNN's batched matmul copies any operand that is not dense,
     so the pool hands over whole rows (`SlotPool.full_width`): the columns right of the cursor are
-    masked, which costs their bytes but not a copy of everything."""
+    masked, which costs their bytes but not a copy of everything. With `groups`
+    (SlotPool.decode_groups), each group's rows attend over its own columns only, copied out
+    dense: the columns left out are masked for them, so each row's result is the same."""
+    if groups is None:
+        return _attend(query, key, value, mask, scaling)
+    rows, heads, _, dim = query.shape
+    out = query.new_empty((rows, 1, heads, dim))
+    for g in groups:
+        width = g.end - g.start
+        keys = torch.index_select(key.narrow(2, g.start, width), 0, g.rows, out=g.keys)
+        values = torch.index_select(value.narrow(2, g.start, width), 0, g.rows, out=g.values)
+        masked = None if mask is None else mask.narrow(3, g.start, width).index_select(0, g.rows)
+        out.index_copy_(0, g.rows, _attend(query.index_select(0, g.rows), keys, values, masked, scaling))
+    return out
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+            scaling: float | None) -> torch.Tensor:
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)

@@ -58,6 +58,43 @@ def test_the_pools_whole_rows_hide_the_columns_right_of_the_cursor():
         torch.testing.assert_close(got[row], alone[0], rtol=1e-2, atol=1e-2)
 
 
+def grouped_pool(lengths: list[int]) -> SlotPool:
+    pool = SlotPool(num_layers=1, kv_heads=2, head_dim=16, max_rows=40, max_columns=4096, dtype=torch.bfloat16,
+                    device=torch.device("cpu"), initial_rows=40, full_width=True)
+    pool.open_rows(lengths)
+    pool.ready_for_decode()
+    return pool
+
+
+def test_rows_of_very_different_lengths_attend_by_groups_with_the_same_result():
+    """One long row among short ones: the step's attention reads the long row whole and the short
+    rows over their own columns only (SlotPool.decode_groups), and every row's result is what
+    whole-row attention gives, with the stale columns right of the cursor still hidden."""
+    torch.manual_seed(2)
+    lengths = [1500, *range(20, 51)]  # 32 rows, the long one first
+    lengths[0], lengths[7] = lengths[7], lengths[0]  # ... anywhere in the batch
+    pool = grouped_pool(lengths)
+    pool.keys[0].normal_().mul_(4)
+    pool.values[0].normal_().mul_(4)
+    pool.keys[0][:, :, pool.cursor + 1 :] = 1e4
+    groups = pool.decode_groups()
+    assert groups is not None and [sorted(g.rows.tolist()) for g in groups] == [[7], [i for i in range(32) if i != 7]]
+    end = pool.cursor + 1
+    assert [(g.start, g.end) for g in groups] == [(end - 1501, end), (end - 51, end)]
+    query = torch.randn(32, 4, 1, 16).bfloat16()
+    k, v = pool.write(0, torch.randn(32, 2, 1, 16).bfloat16(), torch.randn(32, 2, 1, 16).bfloat16())
+    mask = pool.decode_mask(torch.bfloat16)
+    whole = decode_attention(query, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(decode_attention(query, k, v, mask, scaling=0.25, groups=groups), whole,
+                               rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("lengths", [[3], [40, 38, 45, 41], [300, 290, 310, 20], [60, 5, 7, 9]])
+def test_rows_read_whole_unless_groups_read_under_half_the_bytes(lengths):
+    """Rows of similar lengths, or too few columns left out to pay for the copies: whole rows."""
+    assert grouped_pool(lengths).decode_groups() is None
+
+
 def test_only_bfloat16_on_cpu_without_window_softcap_or_sinks_decodes_by_matmul():
     from transformers import Gemma2Config, LlamaConfig, MistralConfig
 

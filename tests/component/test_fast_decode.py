@@ -116,6 +116,33 @@ def test_fused_decode_steps_give_the_models_own_tokens_and_logprobs_bit_for_bit(
     assert all(len(t) == 32 - 3 * i for i, (t, _) in enumerate(got))
 
 
+def test_one_long_row_among_short_ones_attends_by_groups_and_keeps_every_output(tok):
+    """A 600-token conversation among fifteen short ones: the fused step's attention reads the long
+    row whole and the short ones over their own columns (SlotPool.decode_groups), and every row
+    gets the tokens, and within rounding the logprobs, of the model's own forward over whole rows."""
+    model = as_the_worker_loads(family("llama", len(tok)))
+    long_prompt = "The harbour log, entry by entry: ships in, ships out, tides and pilots. " * 20
+    prompts = [long_prompt, *(f"Ship {i} asks for a berth" for i in range(15))]
+    assert 500 < len(tok(long_prompt)["input_ids"]) < 1000
+    greedy = SamplingParams(temperature=0, want_logprobs=True)
+
+    def run(fused: bool):
+        engine = GenerationEngine(model, tok, EngineConfig(max_model_len=1024, max_num_seqs=16, fused_decode=fused),
+                                  [tok.eos_token_id])
+        grouped = []
+        decode_groups = engine.pool.decode_groups
+        engine.pool.decode_groups = lambda: grouped.append(decode_groups()) or grouped[-1]
+        requests = [GenerationRequest(prompt_ids=tok(p)["input_ids"], params=greedy, max_tokens=24, ignore_eos=True)
+                    for p in prompts]
+        return run_staggered(engine, requests, stagger=0), grouped
+
+    (got, grouped), (want, _) = run(fused=True), run(fused=False)
+    assert sum(g is not None for g in grouped) > 10  # the steps with all sixteen rows read them by groups
+    assert [t for t, _ in got] == [t for t, _ in want]
+    for (_, got_lp), (_, want_lp) in zip(got, want, strict=True):
+        assert got_lp == pytest.approx(want_lp, abs=1e-3)
+
+
 def test_models_it_does_not_compute_exactly_run_their_own_forward(tok):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4)).to(torch.bfloat16)
     assert fused_decode(gpt2, None) is None
