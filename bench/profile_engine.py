@@ -1,5 +1,6 @@
 """Where the milliseconds of one engine step go: a decode step at 1 and at 32 sequences (and at 32
-with one or four 1,500-token rows among them, read by groups or whole), and a prefill, on the
+with one or four 1,500-token rows among them, read by groups or whole, and at 32 on one cached
+system prompt, with and without cascade attention), and a prefill, on the
 bench model (worker_throughput.py's 56M Llama), in-process, one OpenMP thread.
 
 The engine's own loop is driven step by step from this thread (its thread is never started), so
@@ -172,6 +173,40 @@ def profile_mixed(model, tok, loop, long_rows: int, steps: int, fused: bool) -> 
         f"{whole:.1f} ms reading every row whole ({whole / by_groups:.2f}x), {steps} steps each, interleaved.", ""])
 
 
+def profile_shared_prefix(model, tok, loop, steps: int) -> str:
+    """32 decoding rows on one cached 1,500-token system prompt: the step with cascade attention
+    (one copy of the prefix read for all rows, engine._shared_prefix, what the worker does)
+    against every row reading its own, interleaved."""
+    from worker_throughput import system_prompt_ids
+
+    from modelfleet.worker.engine import EngineConfig, GenerationEngine
+
+    engine = GenerationEngine(model, tok, EngineConfig(max_model_len=2048, max_num_seqs=32), [tok.eos_token_id])
+    system = system_prompt_ids(tok)
+    submit(engine, loop, system, 1)  # cached first, as a warm server has it
+    while engine.waiting or engine.rows or engine.partial:
+        step(engine)
+    for i in range(32):
+        submit(engine, loop, system + tok(f" Question {i}: when is high tide at pier {i}?")["input_ids"], 2 * steps + 40)
+    while len(engine.rows) < 32:
+        step(engine)
+    cascade = engine._shared_prefix
+    shared = cascade()
+    cpus: dict[str, list[float]] = {"cascade": [], "whole": []}
+    for i in range(2 * steps):
+        mode = ("cascade", "whole")[i % 2]
+        engine._shared_prefix = cascade if mode == "cascade" else (lambda: None)
+        cpu = time.thread_time()
+        step(engine)
+        cpus[mode].append(time.thread_time() - cpu)
+    whole, by_cascade = (statistics.median(cpus[m]) * 1000 for m in ("whole", "cascade"))
+    return "\n".join([
+        f"### Decode step, 32 sequences on one cached 1,500-token system prompt (columns {engine.pool.columns})", "",
+        f"Cascade attention (one copy of the {shared.length if shared else 0} shared tokens read for all rows): "
+        f"median {by_cascade:.1f} ms of the thread's CPU time a step, against {whole:.1f} ms with every row "
+        f"reading its own copy ({whole / by_cascade:.2f}x), {steps} steps each, interleaved.", ""])
+
+
 def profile_prefill(model, tok, loop, label: str, prompts: list[list[int]], fused: bool) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -232,6 +267,8 @@ def main() -> int:
     for rows in (1, 32):
         print(f"decode, {rows} rows", flush=True)
         sections.append(profile_decode(model, tok, loop, rows, args.steps, args.prepack_weights))
+    print("decode, 32 rows on a shared prefix", flush=True)
+    sections.append(profile_shared_prefix(model, tok, loop, args.steps))
     for long_rows in (1, 4):
         print(f"decode, 32 rows, {long_rows} long", flush=True)
         sections.append(profile_mixed(model, tok, loop, long_rows, args.steps, args.prepack_weights))

@@ -35,13 +35,25 @@ from transformers import DynamicCache
 from .chunked import ChunkedPrefill, StepRecord, chunk_end, prefill_budget
 from .constraints import Constraint, MaskBatch
 from .fastdecode import fused_decode
-from .kvcache import SLOT_ATTENTION, SlotPool, cache_over_past, decodes_by_matmul, default_kv_cache_bytes
+from .kvcache import (
+    SLOT_ATTENTION,
+    SharedPrefix,
+    SlotPool,
+    cache_over_past,
+    decodes_by_matmul,
+    default_kv_cache_bytes,
+)
 from .prefix_cache import PrefixCache, PrefixMatch
 from .sampling import BatchParams, banned_by_bad_words, sample
 from .scheduler import KvRoom, plan_admission, plan_prefill_groups, planned_length
 from .sequence import GenerationRequest, RequestOutput, RequestState, SeqDelta, Sequence, TokenLogprob
 
 log = logging.getLogger(__name__)
+
+# Cascade attention (kvcache._attend_shared) pays when enough rows share a long enough prefix: it
+# reads one copy of the prefix where every row read its own, for a few extra operators a layer.
+CASCADE_MIN_ROWS = 4
+CASCADE_MIN_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -380,6 +392,7 @@ class GenerationEngine:
         for row in sorted((r for r, s in enumerate(self.rows) if s.owner is owner), reverse=True):
             self._remove_row(row)
         owner.preempted = True
+        owner.shared_blocks = ()  # its recompute may compute what it had copied
         self.waiting.appendleft(owner)
         self.stats.preemptions += 1
         log.info("request %s preempted for KV room (%d sequences running)", owner.request.request_id or "-",
@@ -540,6 +553,8 @@ class GenerationEngine:
         computed = max(1, max(n - m.tokens for n, m in zip(lengths, matches, strict=True)))
         past = width - computed
         reused = [max(0, n - computed) for n in lengths]
+        for state, match, count in zip(batch, matches, reused, strict=True):  # the whole blocks its rows copy
+            state.shared_blocks = tuple(b.key for b in match.blocks[: count // self.config.prefix_cache_block_size])
         self.step_tokens += sum(n - r for n, r in zip(lengths, reused, strict=True))
         ids, mask, positions = self._left_padded([s.request.prompt_ids for s in batch])
         want_prompt_logprobs = any(s.request.prompt_logprobs is not None for s in batch)
@@ -725,10 +740,25 @@ class GenerationEngine:
         layers for adapter rows."""
         requests = [seq.owner.request for seq in self.rows]
         if self.fused_decode is not None and not any(r.adapter for r in requests):
-            return self.fused_decode(ids, positions, mask, self.pool.decode_groups())
+            shared = self._shared_prefix()
+            return self.fused_decode(ids, positions, mask, None if shared else self.pool.decode_groups(), shared)
         out = self._forward(requests)(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                       logits_to_keep=1, **{self.cache_kwarg: self.pool.cache})
         return out.logits[:, -1, :]
+
+    def _shared_prefix(self) -> SharedPrefix | None:
+        """The prefix every running row copied from the same prefix-cache blocks (a system prompt
+        they share: the longest run of block keys all rows agree on), when there are enough rows
+        and tokens of it for reading one copy of it a step (cascade attention,
+        kvcache._attend_shared) to pay; else None."""
+        if len(self.rows) < CASCADE_MIN_ROWS:
+            return None
+        chains = {seq.owner.shared_blocks for seq in self.rows}
+        blocks = min(map(len, chains))
+        while blocks and len({chain[blocks - 1] for chain in chains}) > 1:  # keys chain: one agreeing agrees all before
+            blocks -= 1
+        tokens = blocks * self.config.prefix_cache_block_size
+        return self.pool.shared_prefix(tokens, self.dtype) if tokens >= CASCADE_MIN_TOKENS else None
 
     def _peft_attached(self) -> bool:
         """Whether an adapter was ever loaded, which puts peft's LoRA layers into the model."""

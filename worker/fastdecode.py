@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kvcache import RowGroup, SlotPool, decode_attention
+from .kvcache import RowGroup, SharedPrefix, SlotPool, decode_attention
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class _Layer:
 class FusedDecode:
     """`__call__(ids, positions, mask, groups)` is the logits [rows, vocab] of one decode step: the
     next token of every row of `pool`, its KV written at the pool's cursor, its attention over the
-    rows whole or by `groups` (SlotPool.decode_groups)."""
+    rows whole, by `groups` (SlotPool.decode_groups) or over one copy of a prefix they all share
+    (`shared`, SlotPool.shared_prefix)."""
 
     def __init__(self, model: nn.Module, pool: SlotPool) -> None:
         self.pool = pool
@@ -89,7 +90,7 @@ class FusedDecode:
         ]
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 groups: list[RowGroup] | None = None) -> torch.Tensor:
+                 groups: list[RowGroup] | None = None, shared: SharedPrefix | None = None) -> torch.Tensor:
         rows, half = ids.shape[0], self.head_dim // 2
         x = self.embed(ids)  # [rows, 1, hidden]
         cos, sin = self.rotary(x, position_ids=positions)
@@ -104,7 +105,7 @@ class FusedDecode:
             q = q * cos + q.roll(half, -1) * signed_sin
             k = k * cos + k.roll(half, -1) * signed_sin
             keys, values = self.pool.write(i, k, v)
-            attended = decode_attention(q, keys, values, mask, layer.scaling, groups)
+            attended = decode_attention(q, keys, values, mask, layer.scaling, groups, shared)
             x = x + layer.o(attended.reshape(rows, 1, -1))
             h = layer.post_norm(x)
             x = x + layer.down(layer.act(layer.gate(h)) * layer.up(h))

@@ -83,6 +83,9 @@ class RequestState:
         self.open_sequences = request.n
         self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.preempted = False  # out of the batch for KV room, waiting to be recomputed (engine._resume)
+        # the chained keys of the prefix-cache blocks its rows copied their first tokens' KV from:
+        # rows whose keys agree up to a block hold the same KV up to there (engine._shared_prefix)
+        self.shared_blocks: tuple[int, ...] = ()
 
     def make_sequences(self) -> list[Sequence]:
         self.sequences = [Sequence(self, i) for i in range(self.request.n)]

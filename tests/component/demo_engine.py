@@ -40,11 +40,11 @@ def expected_logprobs(tiny, ids: list[int], tokens: list[int]) -> list[float]:
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1).tolist()
 
 
-def run_staggered(engine: GenerationEngine, requests: list[GenerationRequest],
-                  stagger: float = 0.02) -> list[tuple[list[int], list[float]]]:
+def run_staggered(engine: GenerationEngine, requests: list[GenerationRequest], stagger: float = 0.02,
+                  delays: list[float] | None = None) -> list[tuple[list[int], list[float]]]:
     """Each request's tokens and their logprobs through `engine` (started and stopped here),
     each request submitted `stagger` seconds after the one before it, so that rows join a
-    running batch (0: all at once)."""
+    running batch (0: all at once), or each at its own delay in seconds (`delays`)."""
 
     async def one(req: GenerationRequest, delay: float):
         await asyncio.sleep(delay)
@@ -57,7 +57,8 @@ def run_staggered(engine: GenerationEngine, requests: list[GenerationRequest],
         return tokens, lps
 
     async def main():
-        return await asyncio.gather(*(one(req, stagger * i) for i, req in enumerate(requests)))
+        when = delays or [stagger * i for i in range(len(requests))]
+        return await asyncio.gather(*(one(req, delay) for req, delay in zip(requests, when, strict=True)))
 
     engine.start()
     try:

@@ -89,6 +89,29 @@ def test_rows_of_very_different_lengths_attend_by_groups_with_the_same_result():
                                rtol=1e-2, atol=1e-2)
 
 
+def test_rows_that_share_a_prefix_read_one_copy_of_it_with_the_same_result():
+    """Cascade attention: 12 rows whose first 200 tokens hold the same KV (one system prompt,
+    copied from the prefix cache) and whose own tokens after it differ in number; every row's
+    result is what attending to its whole row gives, the stale columns right of the cursor hidden."""
+    torch.manual_seed(3)
+    own = [5, 30, 1, 17, 9, 22, 3, 40, 12, 8, 26, 2]
+    pool = grouped_pool([200 + n for n in own])
+    pool.keys[0].normal_().mul_(4)
+    pool.values[0].normal_().mul_(4)
+    for store in (pool.keys[0], pool.values[0]):
+        prefix = torch.randn(2, 200, 16).bfloat16() * 4
+        for row, start in enumerate(pool.starts):
+            store[row, :, start : start + 200] = prefix
+    pool.keys[0][:, :, pool.cursor + 1 :] = 1e4
+    query = torch.randn(12, 4, 1, 16).bfloat16()
+    k, v = pool.write(0, torch.randn(12, 2, 1, 16).bfloat16(), torch.randn(12, 2, 1, 16).bfloat16())
+    mask = pool.decode_mask(torch.bfloat16)
+    shared = pool.shared_prefix(200, torch.bfloat16)
+    whole = decode_attention(query, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(decode_attention(query, k, v, mask, scaling=0.25, shared=shared), whole,
+                               rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("lengths", [[3], [40, 38, 45, 41], [300, 290, 310, 20], [60, 5, 7, 9]])
 def test_rows_read_whole_unless_groups_read_under_half_the_bytes(lengths):
     """Rows of similar lengths, or too few columns left out to pay for the copies: whole rows."""

@@ -116,6 +116,19 @@ def test_fused_decode_steps_give_the_models_own_tokens_and_logprobs_bit_for_bit(
     assert all(len(t) == 32 - 3 * i for i, (t, _) in enumerate(got))
 
 
+def wide_engine(model, tok, fused: bool) -> GenerationEngine:
+    """Sixteen rows: the batches the attention variants below need."""
+    return GenerationEngine(model, tok, EngineConfig(max_model_len=1024, max_num_seqs=16, fused_decode=fused),
+                            [tok.eos_token_id])
+
+
+def assert_same_outputs(got, want, tolerance: float) -> None:
+    """The same tokens for every request, and their logprobs within `tolerance` (rounding)."""
+    assert [t for t, _ in got] == [t for t, _ in want]
+    for (_, got_lp), (_, want_lp) in zip(got, want, strict=True):
+        assert got_lp == pytest.approx(want_lp, abs=tolerance)
+
+
 def test_one_long_row_among_short_ones_attends_by_groups_and_keeps_every_output(tok):
     """A 600-token conversation among fifteen short ones: the fused step's attention reads the long
     row whole and the short ones over their own columns (SlotPool.decode_groups), and every row
@@ -127,8 +140,7 @@ def test_one_long_row_among_short_ones_attends_by_groups_and_keeps_every_output(
     greedy = SamplingParams(temperature=0, want_logprobs=True)
 
     def run(fused: bool):
-        engine = GenerationEngine(model, tok, EngineConfig(max_model_len=1024, max_num_seqs=16, fused_decode=fused),
-                                  [tok.eos_token_id])
+        engine = wide_engine(model, tok, fused)
         grouped = []
         decode_groups = engine.pool.decode_groups
         engine.pool.decode_groups = lambda: grouped.append(decode_groups()) or grouped[-1]
@@ -138,9 +150,51 @@ def test_one_long_row_among_short_ones_attends_by_groups_and_keeps_every_output(
 
     (got, grouped), (want, _) = run(fused=True), run(fused=False)
     assert sum(g is not None for g in grouped) > 10  # the steps with all sixteen rows read them by groups
-    assert [t for t, _ in got] == [t for t, _ in want]
-    for (_, got_lp), (_, want_lp) in zip(got, want, strict=True):
-        assert got_lp == pytest.approx(want_lp, abs=1e-3)
+    assert_same_outputs(got, want, 1e-3)
+
+
+QUESTIONS = ["When is high tide?", "def berth(ship):\n    return ship.length > 40", "Which pilot boards the ferry?",
+             "x = [i * i for i in range(10)]", "Customs forms, please.", "Lorem ipsum dolor sit amet, consectetur",
+             "import os\nprint(os.getcwd())", "Why?"]
+
+
+def test_rows_sharing_a_cached_system_prompt_read_one_copy_of_it_and_keep_every_output(tok):
+    """Eight requests on the same cached 200-token system prompt: the fused step's attention reads
+    one copy of it for all rows (cascade attention, kvcache._attend_shared), only where every row
+    holds the same KV, and every row gets the tokens, and within rounding the logprobs, of the
+    model's own forward over whole rows (the tiny model hardly depends on what attention reads:
+    test_decode_attention.py checks the attention itself)."""
+    model = as_the_worker_loads(family("llama", len(tok)))
+    system = "You are the harbour master's assistant. Answer in one short sentence. " * 8
+    assert 150 < len(tok(system)["input_ids"]) < 400
+    greedy = SamplingParams(temperature=0, want_logprobs=True)
+
+    def run(fused: bool):
+        engine = wide_engine(model, tok, fused)
+        shared = []
+        spy = engine._shared_prefix
+
+        def checked():  # the rows really hold the same KV where the step reads one copy for all
+            prefix = spy()
+            pool = engine.pool
+            for layer in range(pool.num_layers) if prefix else ():
+                for store in (pool.keys[layer], pool.values[layer]):
+                    copy = store[prefix.row, :, prefix.start : prefix.start + prefix.length]
+                    assert all(torch.equal(store[r, :, s : s + prefix.length], copy) for r, s in enumerate(pool.starts))
+            shared.append(prefix)
+            return prefix
+
+        engine._shared_prefix = checked
+        warm = GenerationRequest(prompt_ids=tok(system)["input_ids"], params=greedy, max_tokens=1)
+        requests = [GenerationRequest(prompt_ids=tok(system + question)["input_ids"], params=greedy,
+                                      max_tokens=20 + i, ignore_eos=True) for i, question in enumerate(QUESTIONS)]
+        # the system prompt cached first, then the eight at once, 0.5 s later
+        return run_staggered(engine, [warm, *requests], delays=[0] + [0.5] * len(requests))[1:], shared
+
+    (got, shared), (want, _) = run(fused=True), run(fused=False)
+    assert sum(s is not None for s in shared) > 10  # the steps with four rows or more read one copy
+    assert all(s is None or s.length >= 144 for s in shared)
+    assert_same_outputs(got, want, 2e-2)
 
 
 def test_models_it_does_not_compute_exactly_run_their_own_forward(tok):
