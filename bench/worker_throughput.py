@@ -111,9 +111,11 @@ def load_model(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from modelfleet.worker.allocator import keep_freed_memory
     from modelfleet.worker.loader import pick_dtype
 
     torch.set_grad_enabled(False)
+    keep_freed_memory()  # as the worker process does, so that in-process engines match it
     tok = AutoTokenizer.from_pretrained(path)
     # the dtype the worker picks by default, so that the in-process baselines match it
     model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype("auto", "cpu"),

@@ -24,6 +24,7 @@ from modelfleet.protocol import OpenAIError
 from modelfleet.tracing import WORKER_SERVICE, TracedWorker, Tracing, from_environment
 
 from .adapters import LoraAdapters
+from .allocator import keep_freed_memory
 from .content_type import JsonOnly
 from .engine import EngineConfig, GenerationEngine
 from .loader import (
@@ -142,6 +143,7 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: WorkerSettings) -> None:
     sock = bind_socket(settings.host, settings.port)  # fail on a busy port before the slow load
+    keep_freed_memory()
     service, metrics = load_service(settings)
     if service.engine:
         service.engine.start()

@@ -79,16 +79,32 @@ class RowGroup:
 
 @dataclass(frozen=True)
 class SharedPrefix:
-    """A decode step whose rows all begin with the same `length` tokens of KV (copied from one
-    prefix-cache chain): one copy of it, in row `row` from column `start`, and each row's own
-    columns after it, in the window from `own_start` to the step's column, with `own_mask`
-    [rows, 1, 1, window] hiding the window's columns that belong to a row's prefix."""
+    """A step whose rows all begin with the same `length` tokens of KV (copied from one
+    prefix-cache chain): one copy of it, in row `row` from column `start` of the keys the
+    attention is given, and each row's own columns after it, in the window from `own_start` to
+    the step's last column, with `own_mask` [rows, 1, queries, window] hiding what a row's query
+    must not see there (its prefix, its padding, later columns). A decode step has one query per
+    row, a prefill the rows' new tokens (`shared_layout`)."""
 
     row: int
     start: int
     length: int
     own_start: int
     own_mask: torch.Tensor
+
+
+def shared_layout(starts: list[int], end: int, queries: int, length: int, dtype: torch.dtype,
+                  device: torch.device) -> SharedPrefix:
+    """The SharedPrefix of rows whose tokens begin at columns `starts` and end at `end` (exclusive),
+    the last `queries` of them the step's queries, all beginning with the same `length` tokens:
+    the first row's copy of those, and a causal mask over the window of the rows' own columns."""
+    own_start = min(starts) + length
+    columns = torch.arange(own_start, end, device=device)
+    firsts = torch.tensor(starts, device=device)[:, None, None] + length  # [rows, 1, 1]: a row's own first column
+    asked = torch.arange(end - queries, end, device=device)[None, :, None]  # [1, queries, 1]: the query's column
+    hidden = (columns[None, None, :] < firsts) | (columns[None, None, :] > asked)
+    mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, torch.finfo(dtype).min)
+    return SharedPrefix(0, starts[0], length, own_start, mask[:, None])
 
 
 class SlotPool:
@@ -196,15 +212,8 @@ class SlotPool:
 
     def shared_prefix(self, length: int, dtype: torch.dtype) -> SharedPrefix:
         """The layout of a decode step whose rows all begin with the same `length` tokens (the
-        caller knows they do): the first row's copy of them, and the window of the rows' own
-        columns after it. Call after `ready_for_decode`."""
-        end = self.cursor + 1
-        starts = torch.tensor(self.starts, device=self.device)
-        own_start = min(self.starts) + length
-        columns = torch.arange(own_start, end, device=self.device)
-        mask = torch.zeros((self.rows, end - own_start), dtype=dtype, device=self.device)
-        mask.masked_fill_(columns[None, :] < (starts + length)[:, None], torch.finfo(dtype).min)
-        return SharedPrefix(0, self.starts[0], length, own_start, mask[:, None, None, :])
+        caller knows they do). Call after `ready_for_decode`."""
+        return shared_layout(self.starts, self.cursor + 1, 1, length, dtype, self.device)
 
     def _copy_space(self, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
         """A buffer of `shape` that decode groups copy K or V into, kept between steps: a fresh
@@ -425,6 +434,8 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     1,024 causal tokens, 2.5 against 2.9 ms for 64 tokens on a 1,024-token cached prefix).
     Sliding windows, logit softcapping and attention sinks are SDPA's (or refused by it): the
     engine does not select this attention for a model that has them (`decodes_by_matmul`)."""
+    if kwargs.get("shared_prefix") is not None:  # rows on one cached prefix (engine._prefill_shared_prefix)
+        return shared_prefix_attention(query, key, value, kwargs["shared_prefix"], kwargs.get("scaling")), None
     if query.shape[2] == 1 and key.device.type == "cpu" and not any(
             kwargs.get(name) is not None for name in ("sliding_window", "softcap", "s_aux")):
         return decode_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
@@ -446,9 +457,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     masked, which costs their bytes but not a copy of everything. With `groups`
     (SlotPool.decode_groups), each group's rows attend over its own columns only, copied out
     dense: the columns left out are masked for them, so each row's result is the same. With
-    `shared` (SlotPool.shared_prefix), see `_attend_shared`."""
+    `shared` (SlotPool.shared_prefix), see `shared_prefix_attention`."""
     if shared is not None:
-        return _attend_shared(query, key, value, shared, scaling)
+        return shared_prefix_attention(query, key, value, shared, scaling)
     if groups is None:
         return _attend(query, key, value, mask, scaling)
     rows, heads, _, dim = query.shape
@@ -462,34 +473,61 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out
 
 
-def _attend_shared(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shared: SharedPrefix,
-                   scaling: float | None) -> torch.Tensor:
-    """Decode attention of rows that all begin with the same prefix (cascade attention): every
-    row's queries, stacked as one matrix, read a single copy of the prefix's K and V, and each row
-    reads its own columns after it; one float32 softmax over both parts joins them, so each row's
-    weights are those of attending to its whole row. With 32 rows sharing a 1,500-token system
-    prompt, every row reading its own copy took 6.1 ms a layer here, this about 2 ms: the rows
-    still hold their copies (the slot layout), but a step reads one."""
-    rows, heads, _, dim = query.shape
+# The float32 scores of cascade attention's prefix part are computed a few KV heads at a time, to
+# at most this many bytes: a prefill's 32 x 20 queries over a 1,500-token prefix make 30 MB a
+# layer, and such a temporary, freed and allocated again at every layer, took page faults that
+# doubled the attention's time here (50 against 16 to 20 ms a layer, one head at a time).
+SCORES_CHUNK_BYTES = 4 << 20
+
+
+def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shared: SharedPrefix,
+                            scaling: float | None) -> torch.Tensor:
+    """Attention of rows that all begin with the same prefix (cascade attention, as FlashInfer and
+    vLLM do it on GPUs): `query` [rows, heads, queries, D] over `key`/`value` [rows, kv_heads,
+    columns, D]; returns [rows, queries, heads, D], as transformers' attention functions do.
+
+    Every row's queries, stacked as one matrix, read a single copy of the prefix's K and V; each
+    row reads its own columns after it (`shared.own_mask`); the two softmaxes are joined by their
+    log-sum-exps, so each row's result is that of attending to its whole row. The products are in
+    the KV's dtype, the softmax in float32, as in `_attend`. Measured here, one thread: a decode
+    step of 32 rows on a 1,500-token system prompt, every row reading its own copy, took 6.1 ms a
+    layer, this about 2 ms; the prefill of 32 questions of 20 tokens on it, 38 ms a layer in
+    PyTorch's SDPA, 16 to 20 here. PyTorch's own flash kernel, fed the stacked queries, took 25."""
+    rows, heads, queries, dim = query.shape
     kv_heads = key.shape[1]
-    group = heads // kv_heads
-    length = shared.length
+    per_kv = heads // kv_heads * queries  # the queries that read one KV head, per row
+    scale = dim**-0.5 if scaling is None else scaling
+    length, own_end = shared.length, shared.own_start + shared.own_mask.shape[-1]
+    grouped = query.reshape(rows, kv_heads, per_kv, dim)
+    stacked = grouped.transpose(0, 1).reshape(kv_heads, rows * per_kv, dim)
     prefix_k = key[shared.row, :, shared.start : shared.start + length]  # [kv_heads, length, D]
     prefix_v = value[shared.row, :, shared.start : shared.start + length]
-    own_k = key[:, :, shared.own_start : shared.own_start + shared.own_mask.shape[-1]]
-    own_v = value[:, :, shared.own_start : shared.own_start + shared.own_mask.shape[-1]]
-    grouped = query.reshape(rows, kv_heads, group, dim)
-    stacked = grouped.transpose(0, 1).reshape(kv_heads, rows * group, dim)  # every row's queries
-    on_prefix = torch.matmul(stacked, prefix_k.transpose(1, 2)).view(kv_heads, rows, group, length).transpose(0, 1)
-    on_own = torch.matmul(grouped, own_k.transpose(2, 3))
-    scores = torch.cat((on_prefix, on_own), dim=-1).float()
-    scores.mul_(dim**-0.5 if scaling is None else scaling)
-    scores[..., length:] += shared.own_mask
-    weights = torch.softmax(scores, dim=-1).to(value.dtype)
-    prefix_weights = weights[..., :length].transpose(0, 1).reshape(kv_heads, rows * group, length)
-    out = torch.matmul(prefix_weights, prefix_v).view(kv_heads, rows, group, dim).transpose(0, 1).float()
-    out += torch.matmul(weights[..., length:], own_v)
-    return out.to(value.dtype).reshape(rows, 1, heads, dim)
+    heads_at_once = max(1, SCORES_CHUNK_BYTES // (4 * rows * per_kv * length))
+    parts = [_partial_attention(stacked[h : h + heads_at_once], prefix_k[h : h + heads_at_once],
+                                prefix_v[h : h + heads_at_once], scale) for h in range(0, kv_heads, heads_at_once)]
+    prefix = parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts, strict=True)]
+    on_prefix, prefix_lse = (t.view(kv_heads, rows, per_kv, -1).transpose(0, 1) for t in prefix)
+    on_own, own_lse = _partial_attention(grouped, key[:, :, shared.own_start : own_end],
+                                         value[:, :, shared.own_start : own_end], scale, shared.own_mask)
+    total = torch.logaddexp(prefix_lse, own_lse)
+    out = on_prefix.mul_(prefix_lse.sub_(total).exp_()).add_(on_own.mul_(own_lse.sub_(total).exp_()))
+    return out.to(value.dtype).reshape(rows, heads, queries, dim).transpose(1, 2)
+
+
+def _partial_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of `query` [..., Q, D] over `key`/`value` [..., K, D] alone: the float32
+    result and each query's log-sum-exp of its scores [..., Q, 1], which is what joining it with
+    attention over other columns needs. `mask` [rows, 1, q, K] is added to the scores of every
+    query head that shares a KV head (Q = heads per KV head x q)."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)
+    if mask is not None:
+        scores.view(*scores.shape[:2], -1, *mask.shape[-2:]).add_(mask.unsqueeze(2))
+    top = scores.amax(-1, keepdim=True)
+    weights = scores.sub_(top).exp_()
+    total = weights.sum(-1, keepdim=True)
+    out = torch.matmul(weights.to(value.dtype), value).float().div_(total)
+    return out, top.add_(total.log_())
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

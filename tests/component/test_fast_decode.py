@@ -160,7 +160,7 @@ QUESTIONS = ["When is high tide?", "def berth(ship):\n    return ship.length > 4
 
 def test_rows_sharing_a_cached_system_prompt_read_one_copy_of_it_and_keep_every_output(tok):
     """Eight requests on the same cached 200-token system prompt: the fused step's attention reads
-    one copy of it for all rows (cascade attention, kvcache._attend_shared), only where every row
+    one copy of it for all rows (cascade attention, kvcache.shared_prefix_attention), only where every row
     holds the same KV, and every row gets the tokens, and within rounding the logprobs, of the
     model's own forward over whole rows (the tiny model hardly depends on what attention reads:
     test_decode_attention.py checks the attention itself)."""
@@ -194,6 +194,58 @@ def test_rows_sharing_a_cached_system_prompt_read_one_copy_of_it_and_keep_every_
     (got, shared), (want, _) = run(fused=True), run(fused=False)
     assert sum(s is not None for s in shared) > 10  # the steps with four rows or more read one copy
     assert all(s is None or s.length >= 144 for s in shared)
+    assert_same_outputs(got, want, 2e-2)
+
+
+def test_a_prefill_of_questions_on_a_cached_system_prompt_reads_one_copy_of_it(tok, monkeypatch):
+    """Eight questions arriving together on the same cached system prompt are prefilled as one
+    batch whose attention reads one copy of the prompt for all rows (engine._prefill_shared_prefix)
+    and each row's own tokens after it. At every layer the result is, within rounding, SDPA's
+    over the whole rows under transformers' own mask of that prefill; and every request gets the
+    tokens, and within rounding the logprobs, of the same prefill through SDPA."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from modelfleet.worker.kvcache import SLOT_ATTENTION, slot_attention
+
+    model = family("llama", len(tok))
+    for layer in model.model.layers:  # peaked attention (random weights attend almost evenly), so what it reads shows
+        layer.self_attn.q_proj.weight.data.mul_(6)
+    model = as_the_worker_loads(model)
+    system = "You are the harbour master's assistant. Answer in one short sentence. " * 8
+    greedy = SamplingParams(temperature=0, want_logprobs=True)
+    compared = []
+
+    def checked(module, query, key, value, attention_mask, **kwargs):
+        out, weights = slot_attention(module, query, key, value, attention_mask, **kwargs)
+        if kwargs.get("shared_prefix") is not None:
+            kwargs.pop("shared_prefix")
+            want, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            compared.append((out.float() - want.float()).abs().max().item() / want.float().abs().max().item())
+        return out, weights
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, SLOT_ATTENTION, checked)
+
+    def run(cascade: bool):
+        engine = wide_engine(model, tok, fused=True)
+        layouts = []
+        planned = engine._prefill_shared_prefix
+
+        def spy(batch, lengths, computed):
+            layout = planned(batch, lengths, computed) if cascade else None
+            layouts.append((len(batch), layout))
+            return layout
+
+        engine._prefill_shared_prefix = spy
+        warm = GenerationRequest(prompt_ids=tok(system)["input_ids"], params=greedy, max_tokens=1)
+        requests = [GenerationRequest(prompt_ids=tok(system + question)["input_ids"], params=greedy,
+                                      max_tokens=4, ignore_eos=True) for question in QUESTIONS]
+        return run_staggered(engine, [warm, *requests], delays=[0] + [0.5] * len(requests))[1:], layouts
+
+    (got, layouts), (want, _) = run(cascade=True), run(cascade=False)
+    # one prefill of the eight, on the 144 or more prompt tokens they all copied
+    assert [(rows, layout.length >= 144) for rows, layout in layouts if layout] == [(8, True)]
+    assert len(compared) == 2 and max(compared) < 0.02, compared  # two layers, errors relative to the largest output
     assert_same_outputs(got, want, 2e-2)
 
 
