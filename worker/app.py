@@ -143,8 +143,8 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: WorkerSettings) -> None:
     sock = bind_socket(settings.host, settings.port)  # fail on a busy port before the slow load
-    keep_freed_memory()
     service, metrics = load_service(settings)
+    keep_freed_memory()  # for the engine's steps; after the load, so a failed load stays one line
     if service.engine:
         service.engine.start()
     app = create_app(service, metrics, from_environment(WORKER_SERVICE))
