@@ -752,25 +752,29 @@ class GenerationEngine:
         return out.logits[:, -1, :]
 
     def _shared_prefix(self) -> SharedPrefix | None:
-        """The prefix every running row copied from the same prefix-cache blocks (a system prompt
-        they share), when there are enough rows and tokens of it for reading one copy of it a
-        step (cascade attention, kvcache.shared_prefix_attention) to pay; else None."""
-        if len(self.rows) < CASCADE_MIN_ROWS:
-            return None
-        tokens = self._common_prefix({seq.owner for seq in self.rows})
-        return self.pool.shared_prefix(tokens, self.dtype) if tokens >= CASCADE_MIN_TOKENS else None
+        """The layout of a decode step over one copy of the prefix every running row copied from
+        the same prefix-cache blocks (a system prompt they share), or None (`_cascade_tokens`)."""
+        tokens = self._cascade_tokens({seq.owner for seq in self.rows}, len(self.rows))
+        return self.pool.shared_prefix(tokens, self.dtype) if tokens else None
 
     def _prefill_shared_prefix(self, batch: list[RequestState], lengths: list[int], computed: int) -> SharedPrefix | None:
         """The same for a prefill of prefix hits: the layout of the left-padded batch (`lengths`
-        right-aligned, the last `computed` columns its queries) when its rows copied the same
-        cached prefix and the model's attention is `slot_attention`; else None (SDPA)."""
-        if not self.matmul_decode or len(batch) < CASCADE_MIN_ROWS:
-            return None
-        tokens = self._common_prefix(batch)
-        if tokens < CASCADE_MIN_TOKENS:
+        right-aligned, the last `computed` columns its queries), when the model's attention is
+        `slot_attention`; else None (SDPA)."""
+        tokens = self._cascade_tokens(batch, len(batch)) if self.matmul_decode else 0
+        if not tokens:
             return None
         width = max(lengths)
         return shared_layout([width - n for n in lengths], width, computed, tokens, self.dtype, self.device)
+
+    def _cascade_tokens(self, states: Iterable[RequestState], rows: int) -> int:
+        """Tokens at the start of every one of `states` (in `rows` rows) copied from the same
+        prefix-cache blocks, when there are enough rows and tokens for reading one copy of them
+        (cascade attention, kvcache.shared_prefix_attention) to pay; else 0."""
+        if rows < CASCADE_MIN_ROWS:
+            return 0
+        tokens = self._common_prefix(states)
+        return tokens if tokens >= CASCADE_MIN_TOKENS else 0
 
     def _common_prefix(self, states: Iterable[RequestState]) -> int:
         """Tokens at the start of every one of `states` copied from the same prefix-cache blocks:

@@ -476,7 +476,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 # The float32 scores of cascade attention's prefix part are computed a few KV heads at a time, to
 # at most this many bytes: a prefill's 32 x 20 queries over a 1,500-token prefix make 30 MB a
 # layer, and such a temporary, freed and allocated again at every layer, took page faults that
-# doubled the attention's time here (50 against 16 to 20 ms a layer, one head at a time).
+# doubled the attention's time here (50 against 16 to 20 ms a layer, one head at a time). The
+# worker's malloc settings (allocator.py) keep such blocks too, but not where the process's owner
+# chose another allocator, nor in-process users of the engine; and smaller scores stay in cache.
 SCORES_CHUNK_BYTES = 4 << 20
 
 
