@@ -56,6 +56,28 @@ def block_keys(token_ids: Sequence[int], block_size: int,
         parent = key
 
 
+def gather_plan(chains: list[list[int]]) -> tuple[list[int], list[list[tuple[int, int, int]]]]:
+    """How to read the blocks of several rows' chains (pool indices, in row order) with one gather
+    that holds each block once: the gather's block order, and for each chain its runs of blocks
+    that lie consecutively in the gather, as (first block of the chain, its place in the gather,
+    how many). Rows on one system prompt share its blocks and differ after it: 32 questions,
+    each repeated, hit 93 shared blocks and one of their own, and a gather of whole chains read
+    every row's copy of the prompt (47 MB a layer, fresh pages on every admission)."""
+    place: dict[int, int] = {}
+    runs: list[list[tuple[int, int, int]]] = []
+    for chain in chains:
+        row: list[tuple[int, int, int]] = []
+        for j, block in enumerate(chain):
+            at = place.setdefault(block, len(place))
+            if row and row[-1][1] + row[-1][2] == at:
+                first, start, count = row[-1]
+                row[-1] = (first, start, count + 1)
+            else:
+                row.append((j, at, 1))
+        runs.append(row)
+    return list(place), runs
+
+
 class PrefixCache:
     """A pool of up to `num_blocks` blocks: per layer, keys and values [blocks, kv_heads,
     block_size, head_dim]; a key -> block; the unpinned cached blocks in LRU order."""
@@ -128,18 +150,11 @@ class PrefixCache:
         """Fills the first `past` columns of a prefill's per-layer buffers [rows, kv_heads, columns,
         head_dim]: row i gets its first `reused[i]` cached tokens right-aligned at `past`, zeros
         left of them (padding: masked, but it must be finite). Per layer, one gather reads every
-        row's blocks (once for rows with the same chain: one system prompt), and each row's are
-        copied from it block-major, converted to the buffers' dtype on the way, with no reshape."""
+        block the rows use once (`gather_plan`), and each row's runs of blocks are copied from it
+        block-major, converted to the buffers' dtype on the way, with no reshape."""
         size = self.block_size
-        chains: dict[tuple[int, ...], int] = {}  # a row's blocks -> where they start in the gather
-        order: list[int] = []
-        at: list[int] = []  # where each row's blocks start in the gather
-        for match, count in zip(matches, reused, strict=True):
-            chain = tuple(b.index for b in match.blocks[: -(-count // size)])
-            if chain not in chains:
-                chains[chain] = len(order)
-                order += chain
-            at.append(chains[chain])
+        order, runs = gather_plan([[b.index for b in m.blocks[: -(-count // size)]]
+                                   for m, count in zip(matches, reused, strict=True)])
         index = torch.tensor(order, dtype=torch.long, device=self.device)
         for layer in range(len(keys)):
             for buf, store in ((keys[layer], self.keys), (values[layer], self.values)):
@@ -148,11 +163,15 @@ class PrefixCache:
                     start = past - count
                     buf[i, :, :start] = 0
                     full, rest = divmod(count, size)
-                    if full:  # the row's columns seen as [heads, blocks, block, dim]: one copy
-                        buf[i, :, start : start + full * size].unflatten(1, (full, size)).copy_(
-                            cached[at[i] : at[i] + full].transpose(0, 1))
+                    for first, at, blocks in runs[i]:  # the run's columns seen as [heads, blocks, block, dim]
+                        blocks = min(blocks, full - first)  # a partial last block is copied below
+                        if blocks > 0:
+                            cols = start + first * size
+                            buf[i, :, cols : cols + blocks * size].unflatten(1, (blocks, size)).copy_(
+                                cached[at : at + blocks].transpose(0, 1))
                     if rest:
-                        buf[i, :, past - rest : past] = cached[at[i] + full, :, :rest]
+                        first, at, blocks = runs[i][-1]
+                        buf[i, :, past - rest : past] = cached[at + full - first, :, :rest]
 
     def store(self, token_ids: Sequence[int], keys: list[torch.Tensor], values: list[torch.Tensor],
               salt: str | None = None) -> int:

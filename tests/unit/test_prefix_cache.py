@@ -1,6 +1,6 @@
 import torch
 
-from modelfleet.worker.prefix_cache import PrefixCache, block_keys
+from modelfleet.worker.prefix_cache import PrefixCache, block_keys, gather_plan
 
 B = 4  # block size
 
@@ -102,3 +102,18 @@ def test_running_out_of_memory_while_growing_caps_the_pool(monkeypatch):
     assert store(cache, list(range(16))) == 2  # the two blocks it has, then it stops
     assert cache.num_blocks == 2
     assert store(cache, [5] * 8) == 2  # and from then on it evicts
+
+
+def test_rows_on_one_system_prompt_gather_its_blocks_once():
+    """Questions on one prompt, each with a block of its own (a question asked before): the
+    gather holds the prompt's blocks once, and each row reads them as one run, then its own."""
+    prompt = [10, 11, 12]
+    order, runs = gather_plan([prompt + [20], prompt + [21], prompt + [20], prompt[:2]])
+    assert order == [10, 11, 12, 20, 21]
+    assert runs == [[(0, 0, 4)], [(0, 0, 3), (3, 4, 1)], [(0, 0, 4)], [(0, 0, 2)]]
+
+
+def test_a_chain_out_of_the_gathers_order_is_read_in_pieces():
+    order, runs = gather_plan([[1, 2, 3], [3, 2, 1], []])
+    assert order == [1, 2, 3]
+    assert runs == [[(0, 0, 3)], [(0, 2, 1), (1, 1, 1), (2, 0, 1)], []]
