@@ -30,6 +30,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .allocator import lazy_zeros
+
 
 class SlotLayer(CacheLayerMixin):
     """The view of one model layer onto the pool; `update` writes at the cursor in place."""
@@ -147,8 +149,8 @@ class SlotPool:
         self._copies: list[torch.Tensor] = []  # decode groups' K/V copies (decode_groups)
 
     def _alloc(self, rows: int, columns: int) -> torch.Tensor:
-        shape = (rows, self.kv_heads, columns, self.head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        """Zeroed (padding is masked, but must be finite), in pages taken as rows fill them."""
+        return lazy_zeros((rows, self.kv_heads, columns, self.head_dim), self.dtype, self.device)
 
     @property
     def rows(self) -> int:
