@@ -265,13 +265,14 @@ def run_shared_prefix(model, tok, quick: bool, record) -> dict[str, float | None
 PREFIX_GOALS = {"ttft_p50_prefix_off_vs_on_warm@32": ">= 5", "ttft_p50_prefix_off_vs_on_cold@32": "-"}
 
 
-def http_shared_prefix(url: str, tok, max_tokens: int) -> dict[str, Any]:
+def http_shared_prefix(url: str, tok, max_tokens: int, round_: int = 0) -> dict[str, Any]:
     """The warm shared-prefix burst over HTTP (streamed completions of token-id prompts): one
-    request caches the system prompt, then 32 clients send it with their own question."""
+    request caches the system prompt, then 32 clients send it with their own question, new in
+    each `round_` (a question asked before would also hit its own cached block)."""
     system = system_prompt_ids(tok)
     asyncio.run(http_load(url, 1, 1, 1, True, 0, prompt_ids=[system + tok(" Question: ready?")["input_ids"]]))
     questions = [system + tok(f" Question {i}: when does the ship of convoy {i} sail?")["input_ids"]
-                 for i in range(32)]
+                 for i in range(32 * round_, 32 * (round_ + 1))]
     return asyncio.run(http_load(url, 32, 1, max_tokens, True, 0, prompt_ids=questions))
 
 
@@ -421,7 +422,7 @@ def main_vs_vllm(quick: bool, rounds: int, variant_args: tuple[str, ...] = ()) -
                     print(f"  round {r} {system:10s} c={c:<3d} {result['tokens_per_s']:8.1f} tok/s, "
                           f"{result['tokens_per_cpu_s']} tok per CPU-s (load {os.getloadavg()[0]:.1f})", flush=True)
             for system, target in systems:  # both with their prefix cache on (their defaults)
-                result = http_shared_prefix(target, tok, max_tokens // 2)
+                result = http_shared_prefix(target, tok, max_tokens // 2, r)
                 rows.append({"system": system, "mode": "prefix-on", "arrival": f"warm-http-{r}", "concurrency": 32,
                              **result})
                 print(f"  round {r} {system:10s} shared prefix, c=32: ttft p50 {result['ttft_p50_ms']} ms, "
