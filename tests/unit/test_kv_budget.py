@@ -95,3 +95,25 @@ def test_without_full_width_the_columns_stay():
     p.add_rows(prefill([5]), [5], [0])
     p.ready_for_decode()
     assert p.columns == wide
+
+
+def test_a_long_row_after_a_shrink_grows_into_the_memory_the_shrink_left():
+    """Pages given back at a shrink cost a burst of long prompts its first touches again: the
+    growth that follows lays its buffers out in the ones the shrink replaced, zeroed where no row
+    wrote (the long row that left, values up to 1,500, must not show through as padding)."""
+    p = SlotPool(num_layers=1, kv_heads=1, head_dim=2, max_rows=4, max_columns=4096, dtype=torch.float32,
+                 device=torch.device("cpu"), initial_rows=2, full_width=True)
+    p.add_rows(prefill([5, 1500]), [5, 1500], [0, 1])
+    p.ready_for_decode()
+    wide = p.keys[0].data_ptr()
+    p.advance(1)
+    p.remove_row(1)  # the last row: its KV stays where it was
+    p.ready_for_decode()
+    assert p.columns < 100  # shrunk
+    p.add_rows(prefill([1200]), [1200], [0])
+    p.ready_for_decode()
+    assert p.columns >= 1201 and p.keys[0].data_ptr() == wide
+    short, long_ = p.keys[0][0, 0, :, 0], p.keys[0][1, 0, :, 0]
+    assert short[p.starts[0] : p.starts[0] + 5].tolist() == [1, 2, 3, 4, 5]
+    assert long_[p.starts[1] : p.cursor].tolist() == list(range(1, 1201))
+    assert p.keys[0].max() <= 1200 and not long_[p.cursor :].any()
