@@ -164,11 +164,11 @@ class PrefixCache:
                     buf[i, :, :start] = 0
                     full, rest = divmod(count, size)
                     for first, at, blocks in runs[i]:  # the run's columns seen as [heads, blocks, block, dim]
-                        blocks = min(blocks, full - first)  # a partial last block is copied below
-                        if blocks > 0:
+                        whole = min(blocks, full - first)  # a partial last block is copied below
+                        if whole > 0:
                             cols = start + first * size
-                            buf[i, :, cols : cols + blocks * size].unflatten(1, (blocks, size)).copy_(
-                                cached[at : at + blocks].transpose(0, 1))
+                            buf[i, :, cols : cols + whole * size].unflatten(1, (whole, size)).copy_(
+                                cached[at : at + whole].transpose(0, 1))
                     if rest:
                         first, at, blocks = runs[i][-1]
                         buf[i, :, past - rest : past] = cached[at + full - first, :, :rest]

@@ -1,5 +1,7 @@
 """The slot cache's buffers stay within the KV budget while rows join, grow and leave."""
 
+import os
+
 import pytest
 import torch
 
@@ -117,3 +119,17 @@ def test_a_long_row_after_a_shrink_grows_into_the_memory_the_shrink_left():
     assert short[p.starts[0] : p.starts[0] + 5].tolist() == [1, 2, 3, 4, 5]
     assert long_[p.starts[1] : p.cursor].tolist() == list(range(1, 1201))
     assert p.keys[0].max() <= 1200 and not long_[p.cursor :].any()
+
+
+def test_one_long_row_takes_memory_for_itself_not_for_every_row_the_buffers_hold():
+    """Buffers sized for 32 rows (a burst came before) grown for one 1,500-token row: only that
+    row's pages are taken, not the 32 rows' 100 MB."""
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    p = SlotPool(num_layers=1, kv_heads=8, head_dim=64, max_rows=32, max_columns=4096, dtype=torch.bfloat16,
+                 device=torch.device("cpu"), initial_rows=32, initial_columns=64)
+    p.add_rows(cache_over_past(1, 1, 8, 1500, 64, 1500, torch.bfloat16, torch.device("cpu")), [1500], [0])
+    assert p.keys[0].nbytes >= 32 << 20  # each buffer over glibc's mmap threshold
+    with open("/proc/self/statm") as f:
+        grown = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") - before
+    assert grown < 24 << 20, grown  # the row's K and V: 3 MB; its prefill buffers: 3 MB more
