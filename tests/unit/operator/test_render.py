@@ -142,8 +142,9 @@ FIELD_CASES = [
     ),
     (
         {"engine": {"startupTimeoutSeconds": 600}},
-        lambda d: container(d)["startupProbe"]["failureThreshold"],
-        120,
+        # the probe's whole budget: period x failures
+        lambda d: container(d)["startupProbe"]["failureThreshold"] * container(d)["startupProbe"]["periodSeconds"],
+        600,
     ),
     ({"engine": {"startupTimeoutSeconds": 600}}, lambda d: d["spec"]["progressDeadlineSeconds"], 900),
     (
