@@ -8,7 +8,8 @@ ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 # The dependencies, in a stage that never sees the project's source, so that a code change
 # reuses it, and that the image is built on. The project goes into /opt/modelfleet-app, joined
 # to sys.path by a .pth file. pip runs from a throwaway venv in /tmp that each RUN removes: the
-# image carries no pip.
+# image carries no pip. pip compiles bytecode as it installs, as for the worker image: the
+# read-only root caches none later.
 # (python -I: in /src the project's operator/ would shadow the standard library's.)
 FROM ${PYTHON_IMAGE} AS deps
 RUN python -m venv --without-pip /opt/modelfleet \
@@ -16,7 +17,7 @@ RUN python -m venv --without-pip /opt/modelfleet \
 COPY images/control-plane.requirements.txt /tmp/requirements.txt
 RUN python -I -m venv /tmp/pip \
     && /tmp/pip/bin/pip --python /opt/modelfleet/bin/python install --no-cache-dir --disable-pip-version-check \
-        --no-compile -r /tmp/requirements.txt \
+        -r /tmp/requirements.txt \
     && rm -rf /tmp/pip
 
 FROM deps AS build
@@ -30,7 +31,7 @@ COPY worker/ worker/
 # the operator and gateway import (tests/unit/chart/test_images.py checks that).
 RUN python -I -m venv /tmp/pip \
     && /tmp/pip/bin/pip --python /opt/modelfleet/bin/python install --no-cache-dir --disable-pip-version-check \
-        --no-compile --no-deps --target /opt/modelfleet-app . \
+        --no-deps --target /opt/modelfleet-app . \
     && rm -rf /tmp/pip
 
 FROM deps
