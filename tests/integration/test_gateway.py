@@ -262,8 +262,9 @@ def test_a_stalled_replica_does_not_delay_the_others(worker, tmp_path):
         def call():
             started = time.monotonic()
             try:
+                # (a served request must take under 5 s, below; one still waiting at 6 s is stuck)
                 r = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2},
-                               timeout=15)
+                               timeout=6)
                 codes.append(r.status_code)
                 times.append(time.monotonic() - started)
             except httpx.TimeoutException:
