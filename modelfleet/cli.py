@@ -17,7 +17,11 @@ from typing import Any
 
 
 class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
+    """A user-facing failure: printed as one line, exit status `exit_code` (1 unless said)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -289,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_fetch(args)
     except CommandError as exc:
         print(f"modelfleet {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return 2
@@ -309,14 +313,15 @@ def run_worker(args: argparse.Namespace) -> int:
 
 def run_fetch(args: argparse.Namespace) -> int:
     """`modelfleet fetch`: any failure is one line (the fill pod's last, which its termination
-    message and so the ModelDeployment's status show)."""
-    from modelfleet.worker.fetch import fetch
+    message and so the ModelDeployment's status show); one no retry can mend exits with
+    UNFETCHABLE_EXIT, on which the fill Job stops retrying."""
+    from modelfleet.worker.fetch import UNFETCHABLE_EXIT, fetch, unfetchable
     from modelfleet.worker.loader import ModelSourceError
 
     try:
         fetch(args.source, args.dest)
     except ModelSourceError as exc:  # already one line naming the hub's error
-        raise CommandError(str(exc)[:400]) from None
+        raise CommandError(str(exc)[:400], UNFETCHABLE_EXIT if unfetchable(exc) else 1) from None
     except Exception as exc:  # noqa: BLE001 - network and disk errors alike, as one line
         # Some errors span lines; the status shows one.
         text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())

@@ -36,7 +36,7 @@ from typing import Any
 
 from modelfleet import labels
 from modelfleet.api import CacheStatus, ModelDeployment, ModelDeploymentStatus
-from modelfleet.worker.fetch import Progress, parse_progress
+from modelfleet.worker.fetch import UNFETCHABLE_EXIT, Progress, parse_progress
 
 from .conditions import NAME_CONFLICT, error_line, last_line, make_condition
 from .config import OperatorConfig
@@ -228,6 +228,12 @@ def render_fill_job(md: ModelDeployment, ref: CacheRef, config: OperatorConfig) 
         },
         "spec": {
             "backoffLimit": FILL_BACKOFF_LIMIT,
+            # A source no retry can fetch (`modelfleet fetch` says so by its exit status) fails
+            # the Job at once; the Job's retries are for what may pass (network, disk, the hub).
+            "podFailurePolicy": {"rules": [{
+                "action": "FailJob",
+                "onExitCodes": {"containerName": FILL_CONTAINER, "operator": "In", "values": [UNFETCHABLE_EXIT]},
+            }]},
             "ttlSecondsAfterFinished": JOB_TTL_SECONDS,
             "template": {"metadata": {"labels": cache_labels(ref.digest)}, "spec": pod},
         },

@@ -34,6 +34,15 @@ MARKER = ".modelfleet-fetched"
 # huggingface_hub keeps its download bookkeeping (and partial files) here under local_dir.
 HF_BOOKKEEPING = ".cache"
 PROGRESS_RE = re.compile(r"^modelfleet fetch: (\d+)(?:/(\d+))? bytes")
+# The exit status of a fetch that no retry can make succeed (see `unfetchable`). The fill Job's
+# podFailurePolicy fails the Job on it at once, so a mistyped model shows its error in status in
+# seconds, not after the Job's retries and their back-off (about half a minute).
+UNFETCHABLE_EXIT = 3
+# The hub's answers that stay the same however often it is asked: no such repository (or no
+# access to it: GatedRepoError is one), revision or file, or a repository disabled. Not
+# LocalEntryNotFoundError, which is the hub out of reach.
+_HUB_REFUSALS = ("RepositoryNotFoundError", "RevisionNotFoundError", "RemoteEntryNotFoundError",
+                 "DisabledRepoError")
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,17 @@ def _report_while(work: Callable[[], None], dest: Path, total: int | None, out: 
     finally:
         done.set()
         reporter.join()
+
+
+def unfetchable(exc: BaseException) -> bool:
+    """Pure: whether `exc`, raised by `fetch`, would be raised again by any retry: a source the
+    hub refuses (by the hub's error class, anywhere in its class hierarchy), or one that is
+    wrong by itself (ModelSourceError of our own: unparsable, no such directory, a volume).
+    Network, disk and server errors are worth the Job's retries."""
+    if not isinstance(exc, ModelSourceError):
+        return False
+    cause = exc.__cause__
+    return cause is None or any(cls.__name__ in _HUB_REFUSALS for cls in type(cause).__mro__)
 
 
 def fetch(source: str, dest: str | Path, out: TextIO = sys.stdout, interval: float = 2.0) -> Progress:

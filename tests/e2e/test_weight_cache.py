@@ -279,3 +279,8 @@ def test_a_fill_that_fails_shows_the_fetch_error(env: Env) -> None:
     assert "RepositoryNotFoundError" in ready["message"] and "Repository Not Found" in ready["message"], ready
     assert condition(md, "Degraded")["status"] == "True"
     assert get("deployment", "missing", env.namespace)["spec"]["replicas"] == 0
+    # No retry can find a repository the hub does not have: `modelfleet fetch` says so by its exit
+    # status, and the Job's podFailurePolicy fails it on its first pod (no retries, no back-off).
+    (job,) = [j for j in items("jobs", env.namespace) if j["metadata"]["ownerReferences"][0]["name"] == "missing"]
+    assert [c["reason"] for c in job["status"]["conditions"] if c["type"] == "Failed"] == ["PodFailurePolicy"], job
+    assert job["status"].get("failed") == 1, job["status"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +35,8 @@ from modelfleet.operator.config import OperatorConfig
 from modelfleet.operator.kube import DEPLOYMENT, JOB, PVC
 from modelfleet.operator.reconcile import InvalidSpec, reconcile
 from modelfleet.operator.render import render_deployment
-from modelfleet.worker.fetch import MARKER, Progress, fetch, parse_progress
+from modelfleet.sources import ModelSourceError
+from modelfleet.worker.fetch import MARKER, Progress, fetch, parse_progress, unfetchable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_reconcile's in-memory namespace
 from test_reconcile import ApiError, FakeKube  # noqa: E402
@@ -225,6 +227,49 @@ def test_fetch_copies_a_directory_once(tmp_path: Path) -> None:
     assert fetch(f"file://{src}", tmp_path / "dest" / "m", out=again) == done
     assert "already fetched" in again.getvalue()
     assert (tmp_path / "dest" / "m" / "model.safetensors").read_bytes() == b"x" * 1000
+
+
+def hub_error(name: str) -> Exception:
+    """One of huggingface_hub's errors, made without the HTTP response its constructor wants."""
+    import huggingface_hub.errors
+
+    cls = getattr(huggingface_hub.errors, name)
+    return cls.__new__(cls)
+
+
+def wrapped(cause: Exception | None) -> ModelSourceError:
+    """The error `fetch` raises for `cause`, as download_hf raises it."""
+    try:
+        raise ModelSourceError("could not download") from cause
+    except ModelSourceError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(("error", "final"), [
+    (wrapped(hub_error("RepositoryNotFoundError")), True),
+    (wrapped(hub_error("GatedRepoError")), True),  # a RepositoryNotFoundError: no access without a token
+    (wrapped(hub_error("RevisionNotFoundError")), True),
+    (wrapped(hub_error("RemoteEntryNotFoundError")), True),
+    (wrapped(hub_error("LocalEntryNotFoundError")), False),  # the hub out of reach: worth a retry
+    (wrapped(ConnectionError("reset")), False),
+    (wrapped(None), True),  # our own: no such directory, a pvc:// source
+    (OSError("No space left on device"), False),
+])
+def test_only_a_source_no_retry_can_fetch_is_unfetchable(error: Exception, final: bool) -> None:
+    assert unfetchable(error) is final
+
+
+def test_the_fill_job_stops_retrying_on_the_exit_status_modelfleet_fetch_gives_an_unfetchable_source(
+        tmp_path: Path) -> None:
+    md = make(model={"source": "hf://org/chat@v1", "cache": {"size": "2Gi"}})
+    job = render_fill_job(md, cache_ref(md), CONFIG)
+    (rule,) = job["spec"]["podFailurePolicy"]["rules"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["containerName"] == container["name"]
+    fetched = subprocess.run([sys.executable, "-m", "modelfleet.cli", "fetch", f"file://{tmp_path}/none", str(tmp_path / "d")],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert fetched.returncode in rule["onExitCodes"]["values"], fetched
+    assert fetched.stderr.strip() == f"modelfleet fetch: error: file://{tmp_path}/none: no such directory"
 
 
 # --- status ----------------------------------------------------------------------------------
