@@ -38,11 +38,6 @@ PROGRESS_RE = re.compile(r"^modelfleet fetch: (\d+)(?:/(\d+))? bytes")
 # podFailurePolicy fails the Job on it at once, so a mistyped model shows its error in status in
 # seconds, not after the Job's retries and their back-off (about half a minute).
 UNFETCHABLE_EXIT = 3
-# The hub's answers that stay the same however often it is asked: no such repository (or no
-# access to it: GatedRepoError is one), revision or file, or a repository disabled. Not
-# LocalEntryNotFoundError, which is the hub out of reach.
-_HUB_REFUSALS = ("RepositoryNotFoundError", "RevisionNotFoundError", "RemoteEntryNotFoundError",
-                 "DisabledRepoError")
 
 
 @dataclass(frozen=True)
@@ -136,14 +131,26 @@ def _report_while(work: Callable[[], None], dest: Path, total: int | None, out: 
 
 
 def unfetchable(exc: BaseException) -> bool:
-    """Pure: whether `exc`, raised by `fetch`, would be raised again by any retry: a source the
-    hub refuses (by the hub's error class, anywhere in its class hierarchy), or one that is
-    wrong by itself (ModelSourceError of our own: unparsable, no such directory, a volume).
-    Network, disk and server errors are worth the Job's retries."""
+    """Pure: whether `exc`, raised by `fetch`, would be raised again by any retry: one of the
+    hub's answers that stay the same however often it is asked (no such repository, or no
+    access to it: GatedRepoError is one; no such revision or file; a repository disabled), or a
+    source wrong by itself (ModelSourceError of our own: unparsable, no such directory, a
+    volume). Network, disk and server errors, and LocalEntryNotFoundError (the hub out of
+    reach), are worth the Job's retries."""
     if not isinstance(exc, ModelSourceError):
         return False
-    cause = exc.__cause__
-    return cause is None or any(cls.__name__ in _HUB_REFUSALS for cls in type(cause).__mro__)
+    if exc.__cause__ is None:
+        return True
+    # (imported here: the operator imports this module without the hub's client)
+    from huggingface_hub.errors import (
+        DisabledRepoError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    refusals = (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError, DisabledRepoError)
+    return isinstance(exc.__cause__, refusals)
 
 
 def fetch(source: str, dest: str | Path, out: TextIO = sys.stdout, interval: float = 2.0) -> Progress:
