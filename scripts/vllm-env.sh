@@ -58,28 +58,19 @@ compile_bytecode() {
     ( cd / && "$ENV_PY" -P -m compileall -qq -j 0 "$("$ENV_PY" -P -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" ) >&2 || true
     touch "$BYTECODE_MARKER"
 }
-if [[ -z ${VLLM_ENV_FORCE:-} ]] && complete && compiled; then
-    phase "up to date: $ENV_DIR ($STAMP)"
-    echo "$ENV_PY"
-    exit 0
-fi
+up_to_date() { phase "up to date: $ENV_DIR ($STAMP)"; echo "$ENV_PY"; exit 0; }
+if [[ -z ${VLLM_ENV_FORCE:-} ]] && complete && compiled; then up_to_date; fi
 
 # One installer at a time; a second one waits, then finds the env complete.
 mkdir -p "$VLLM_ROOT"
 if command -v flock >/dev/null 2>&1; then
     exec 9>"$VLLM_ROOT/.install.lock"
     flock -n 9 || { phase "waiting for another install to finish"; flock 9; }
-    if [[ -z ${VLLM_ENV_FORCE:-} ]] && complete && compiled; then
-        phase "up to date: $ENV_DIR ($STAMP)"
-        echo "$ENV_PY"
-        exit 0
-    fi
 fi
+# Installed meanwhile, or before bytecode was compiled at install: only the bytecode is missing.
 if [[ -z ${VLLM_ENV_FORCE:-} ]] && complete; then
-    compile_bytecode
-    phase "up to date: $ENV_DIR ($STAMP)"
-    echo "$ENV_PY"
-    exit 0
+    compiled || compile_bytecode
+    up_to_date
 fi
 
 # ---- base interpreter ---------------------------------------------------------

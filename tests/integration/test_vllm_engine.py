@@ -8,6 +8,8 @@ set (`make test` sets it after `make vllm`), when they fail.
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +18,9 @@ from modelfleet.devcluster import wait_for
 from modelfleet.engines import find_vllm_python
 
 from .conftest import CHAT, EMBED, require_vllm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/bytecode.py
+from bytecode import check_args, compiled  # noqa: E402
 
 pytestmark = pytest.mark.integration
 OPEN = {"authorization": "Bearer sk-open-0123456789"}
@@ -141,11 +146,8 @@ def test_vllms_environment_carries_bytecode():
     CI) Python caches none itself, and then vLLM's API server, engine core and worker each
     compile vLLM and torch from source at every start (14 s an import here, 8 s with it)."""
     require_vllm()
-    code = ("import importlib.util, os, sysconfig\n"
-            "lib = sysconfig.get_paths()['purelib']\n"
-            "for module in ('vllm/entrypoints/openai/api_server.py', 'vllm/v1/engine/core.py',\n"
-            "               'torch/_dynamo/convert_frame.py', 'transformers/modeling_utils.py'):\n"
-            "    print(module, os.path.exists(importlib.util.cache_from_source(os.path.join(lib, module))))\n")
-    out = subprocess.run([find_vllm_python(), "-P", "-c", code], capture_output=True, text=True, cwd="/",
+    modules = ("vllm/entrypoints/openai/api_server.py", "vllm/v1/engine/core.py", "torch/_dynamo/convert_frame.py",
+               "transformers/modeling_utils.py")
+    out = subprocess.run([find_vllm_python(), "-P", *check_args(modules)], capture_output=True, text=True, cwd="/",
                          timeout=60, check=True).stdout
-    assert [line.split()[1] for line in out.splitlines()] == ["True"] * 4, out
+    assert compiled(out) == dict.fromkeys(modules, True), out
