@@ -118,7 +118,8 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                        help="memory for cached prefix blocks")
     group.add_argument("--kv-cache-memory", type=_positive_float, default=_DEFAULTS.kv_cache_gib, metavar="GIB",
                        help="memory for the running sequences' KV; requests wait when it is full "
-                            "(default: 40%% of the memory free at start-up, at most 32)")
+                            "(default: 40%% of the memory free at start-up, at most 32; with --engine vllm: "
+                            "its --kv-cache-memory-bytes, default 2 GiB on CPU)")
     group.add_argument("--lora-modules", nargs="+", action="extend", type=_lora_module, default=[],
                        metavar="NAME=PATH", help="LoRA adapters to serve from the start, each under its own "
                        "model name (vLLM's: NAME=PATH or JSON {\"name\": ..., \"path\": ...}; repeatable); "

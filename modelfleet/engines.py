@@ -14,7 +14,7 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,6 +37,8 @@ DEFAULT_TOOL_CALL_PARSER = "hermes"
 STRUCTURED_OUTPUTS = json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}, separators=(",", ":"))
 # Flags that the renderer sets from the spec; user args must not repeat them.
 VLLM_RESERVED_ARGS = ("--model", "--served-model-name", "--host", "--port")
+# vLLM's KV cache size in bytes (on CPU, VLLM_CPU_KVCACHE_SPACE overrides it: see vllm_env).
+KV_CACHE_BYTES_FLAG = "--kv-cache-memory-bytes"
 # vLLM serves /v1/load_lora_adapter and /v1/unload_lora_adapter only with this set; the
 # operator loads spec.adapters through them, so that adding one restarts nothing.
 LORA_RUNTIME_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
@@ -70,6 +72,8 @@ class VllmServer:
     max_lora_rank: int = 16
     # Where vLLM sends its spans (OTLP); None: it records none. See vllm_tracing.
     otlp_traces_endpoint: str | None = None
+    # The KV cache's size; None: VLLM_CPU_KVCACHE_SPACE on CPU (vllm_env), a share of memory on GPU.
+    kv_cache_bytes: int | None = None
     extra_args: list[str] = field(default_factory=list)
 
     def args(self) -> list[str]:
@@ -100,6 +104,8 @@ class VllmServer:
             args += ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
         if self.otlp_traces_endpoint:
             args += ["--otlp-traces-endpoint", self.otlp_traces_endpoint]
+        if self.kv_cache_bytes is not None:
+            args += [KV_CACHE_BYTES_FLAG, str(self.kv_cache_bytes)]
         if self.task == "embed":
             # An encoder keeps no KV cache, and vLLM refuses prefix caching without one.
             args += ["--runner", "pooling"]
@@ -112,14 +118,18 @@ class VllmServer:
         return args + list(self.extra_args)
 
 
-def vllm_env(gpu: bool, kv_cache_gib: int = 2) -> dict[str, str]:
+def vllm_env(gpu: bool, kv_cache_gib: int = 2, server_args: Sequence[str] = ()) -> dict[str, str]:
     """vLLM's environment in a modelfleet replica. Its processes talk to each other on
     loopback (by default vLLM picks the host's outward address, found through a route to a
-    public one), and it sends no usage statistics home. On CPU it needs a KV budget it can get,
-    and no pinning of OpenMP threads to cores that other processes (or pods) also use."""
+    public one), and it sends no usage statistics home. On CPU it needs a KV budget it can get
+    (VLLM_CPU_KVCACHE_SPACE, whole GiB), unless the server's arguments `server_args` size it
+    with --kv-cache-memory-bytes, which that variable would silently override on CPU; and no
+    pinning of OpenMP threads to cores that other processes (or pods) also use."""
     env = {"VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     if not gpu:
-        env |= {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+        if not any(a == KV_CACHE_BYTES_FLAG or a.startswith(KV_CACHE_BYTES_FLAG + "=") for a in server_args):
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return env
 
 

@@ -85,6 +85,7 @@ def worker_command(name: str, source: str, port: int, args: argparse.Namespace,
                         drain_seconds=DRAIN_SECONDS,
                         max_loras=args.max_loras if args.lora_modules else None, max_lora_rank=args.max_lora_rank,
                         otlp_traces_endpoint=vllm_tracing(environ)[0],
+                        kv_cache_bytes=None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30),
                         extra_args=[*(f"--lora-modules={lora_module_arg(n, p)}" for n, p in args.lora_modules),
                                     *args.vllm_arg])
     # -P: never import from the current directory (a checkout's operator/ would shadow the stdlib's).
@@ -101,11 +102,11 @@ def start_workers(models: list[tuple[str, str]], replicas: int, args: argparse.N
             # Workers share 2-core machines with each other: keep torch from oversubscribing.
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(1, len(models)))))
+            cmd = worker_command(name, source, port, args, env)
             if args.engine == "vllm":
-                env = {**vllm_env(gpu=args.device == "cuda"), **vllm_tracing(env)[1], **env}
+                env = {**vllm_env(args.device == "cuda", server_args=cmd), **vllm_tracing(env)[1], **env}
                 if not source.startswith("hf://"):
                     env["HF_HUB_OFFLINE"] = "1"  # a local model: nothing to ask the hub
-            cmd = worker_command(name, source, port, args, env)
             proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
             workers.append(WorkerProcess(name, replica, f"http://127.0.0.1:{port}", proc,
                                          "/health" if args.engine == "vllm" else "/ready"))

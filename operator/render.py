@@ -252,8 +252,9 @@ def _container(md: ModelDeployment, source: WorkerModel, config: OperatorConfig,
         "securityContext": {"allowPrivilegeEscalation": False},
     }
     if engine.kind == "vllm":
-        gpu = md.spec.resources.gpu > 0
-        env += [{"name": k, "value": v} for k, v in vllm_env(gpu, config.vllm_cpu_kv_cache_gib).items()]
+        gpu, server = md.spec.resources.gpu > 0, vllm_server(md, source.path, config)
+        env += [{"name": k, "value": v}
+                for k, v in vllm_env(gpu, config.vllm_cpu_kv_cache_gib, server.args()).items()]
         if md.spec.lora_enabled:  # the operator loads spec.adapters through the runtime API
             env += [{"name": k, "value": v} for k, v in LORA_RUNTIME_ENV.items()]
         # With tracing on, what vLLM's --otlp-traces-endpoint needs besides (engines.vllm_tracing).
@@ -262,7 +263,7 @@ def _container(md: ModelDeployment, source: WorkerModel, config: OperatorConfig,
         container.update({
             "image": engine.image or config.vllm_image,
             "command": ["python3", "-m", VLLM_SERVER_MODULE],
-            "args": vllm_server(md, source.path, config).args(),
+            "args": server.args(),
             # vLLM has no separate readiness endpoint: /health answers once the engine is up.
             "readinessProbe": _http_probe("/health", READINESS_PERIOD_SECONDS, READINESS_FAILURES, 3),
         })

@@ -53,3 +53,17 @@ def test_serve_holds_requests_longer_than_a_bare_gateway_while_its_workers_start
     assert settings.hold_timeout == 300 > gateway.hold_timeout
     assert settings.backends == {"chat": ["http://127.0.0.1:9000", "http://127.0.0.1:9001"]}
     assert gateway_settings(build_parser().parse_args(["serve", "--hold-timeout", "20"]), workers).hold_timeout == 20
+
+
+def test_kv_cache_memory_sizes_vllms_cache_and_keeps_the_cpu_variable_from_overriding_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One flag for both engines. On CPU, vLLM lets VLLM_CPU_KVCACHE_SPACE override
+    --kv-cache-memory-bytes, so a replica whose arguments size its cache gets no such variable."""
+    monkeypatch.setattr(engines, "find_vllm_python", lambda: "/vllm/bin/python")
+    sized = worker_command("demo", "/models/demo", 9001, serve_args("--engine", "vllm", "--kv-cache-memory", "0.25"))
+    assert sized[sized.index("--kv-cache-memory-bytes") + 1] == str(1 << 28)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in engines.vllm_env(False, server_args=sized)
+    default = worker_command("demo", "/models/demo", 9001, serve_args("--engine", "vllm"))
+    assert "--kv-cache-memory-bytes" not in default
+    assert engines.vllm_env(False, server_args=default)["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in engines.vllm_env(False, server_args=["--kv-cache-memory-bytes=1000"])

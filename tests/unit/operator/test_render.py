@@ -319,6 +319,15 @@ def test_vllm_on_cpu_gets_its_cpu_settings_and_embeddings_the_pooling_runner() -
     assert "HF_TOKEN" not in env
 
 
+def test_a_kv_cache_size_in_the_engines_args_is_not_overridden_on_cpu() -> None:
+    """vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override --kv-cache-memory-bytes: the
+    operator leaves its default out when the user's args size the cache."""
+    md = make({"engine": {"kind": "vllm", "args": ["--kv-cache-memory-bytes=268435456"]}})
+    dep = render_deployment(md, 1, CONFIG)
+    assert "--kv-cache-memory-bytes=268435456" in vllm_args(dep)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in {e["name"] for e in container(dep)["env"]}
+
+
 def test_the_own_engine_gets_the_hf_token_too() -> None:
     md = make({"model": {"source": "hf://org/tiny", "tokenSecretRef": {"name": "s", "key": "hf"}}})
     env = {e["name"]: e for e in container(render_deployment(md, 1, CONFIG))["env"]}
