@@ -93,6 +93,10 @@ BENCH_SPEC = DemoSpec(
 
 # The demo chat model for vLLM, whose CPU attention needs a head size of at least 32.
 VLLM_DEMO_SPEC = DemoSpec(hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4, num_kv_heads=2)
+# A KV cache for it in tests: 64 MiB holds 65,536 of its tokens (1 KiB each in float32), eight
+# times 16 sequences of 512. vLLM's CPU default (2 GiB here, touched at start) would only take
+# memory from the other servers and pods that the tests run beside it.
+VLLM_DEMO_KV_BYTES = 64 << 20
 
 
 def cache_dir() -> Path:

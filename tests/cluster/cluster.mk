@@ -38,7 +38,7 @@ test-node: cluster-deps images  ## build and start a second cluster on a real no
 	@env $(NODE_CLUSTER_ENV) bash $(CLUSTER_DIR)/scripts/build.sh
 	@env $(NODE_CLUSTER_ENV) $(LOCALKUBE) up
 	@env $(NODE_CLUSTER_ENV) $(LOCALKUBE) load-images $(NODE_IMAGES) && \
-	  env $(NODE_CLUSTER_ENV) MODELFLEET_REQUIRE_VLLM=1 $(PYTHON) -m pytest -q --durations=15 $(NODE_TESTS); rc=$$?; \
+	  env $(NODE_CLUSTER_ENV) MODELFLEET_REQUIRE_VLLM=1 $(PYTHON) -m pytest -v --durations=15 $(NODE_TESTS); rc=$$?; \
 	  env $(NODE_CLUSTER_ENV) $(LOCALKUBE) down; exit $$rc
 
 node-cluster-up: cluster-deps images  ## start the real-node cluster of test-node and load the images into it, to run its tests by hand (`source .cluster-node/env`)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from localkube.images import project_image
 
-from modelfleet.demo import ensure_demo_model
+from modelfleet.demo import VLLM_DEMO_KV_BYTES, ensure_demo_model
 from modelfleet.devcluster import (  # noqa: F401 - re-exported for the tests
     CRD,
     NS_PREFIX,
@@ -40,7 +40,7 @@ from modelfleet.devcluster import (  # noqa: F401 - re-exported for the tests
     stop_group,
     wait_for,
 )
-from modelfleet.engines import find_vllm_python
+from modelfleet.engines import KV_CACHE_BYTES_FLAG, find_vllm_python
 from modelfleet.netutil import free_port  # noqa: F401 - re-exported for the tests
 
 WORKER_IMAGE = project_image("worker")  # what `make images` tags (images/README.md)
@@ -82,16 +82,18 @@ def vllm_image() -> str | None:
 def vllm_resources(image: str | None) -> dict[str, str]:
     """What a vLLM pod running `image` (vllm_image()) asks for: on the real node (the machine's
     2 CPUs, shared with other tests) up to five at once, cpu a share and no limit, memory a limit
-    (a chat pod's RSS peaked at 2.7 GiB with a 1 GiB KV space); on the agent, whose node counts
-    8 CPUs and 32Gi and enforces nothing, vLLM's own sizes."""
+    (a chat pod's RSS peaked at 2.7 GiB with the 1 GiB KV cache it had before vllm_engine sized
+    it); on the agent, whose node counts 8 CPUs and 32Gi and enforces nothing, vLLM's own sizes."""
     return {"cpu": "200m", "memory": "3Gi"} if image else {"cpu": "1", "memory": "4Gi"}
 
 
 def vllm_engine(max_model_len: int, max_num_seqs: int, image: str | None = None) -> dict:
-    """`spec.engine` of an e2e vLLM ModelDeployment: a 1 GiB KV budget and no cold-start compile,
-    since several vLLM pods share 2 cores here, and `image` (vllm_image()) when one is named."""
-    return {"kind": "vllm", "maxModelLen": max_model_len, "maxNumSeqs": max_num_seqs, "args": ["--enforce-eager"],
-            "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}], "startupTimeoutSeconds": 900,
+    """`spec.engine` of an e2e vLLM ModelDeployment of the vLLM demo model (or MiniLM, which keeps
+    no KV): its KV cache sized as the demo model needs, not as the operator's default, and no
+    cold-start compile, since several vLLM pods share 2 cores and 24 GiB here, with tests of the
+    other tiers beside them; and `image` (vllm_image()) when one is named."""
+    return {"kind": "vllm", "maxModelLen": max_model_len, "maxNumSeqs": max_num_seqs,
+            "args": ["--enforce-eager", f"{KV_CACHE_BYTES_FLAG}={VLLM_DEMO_KV_BYTES}"], "startupTimeoutSeconds": 900,
             **({"image": image} if image else {})}
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from modelfleet.demo import VLLM_DEMO_SPEC, ensure_demo_model
+from modelfleet.demo import VLLM_DEMO_KV_BYTES, VLLM_DEMO_SPEC, ensure_demo_model
 from modelfleet.devcluster import wait_for
 from modelfleet.engines import VLLM_SERVER_MODULE, VllmServer, vllm_env
 from modelfleet.netutil import free_port
@@ -33,9 +33,9 @@ def vllm(images, tmp_path_factory) -> Iterator[Container]:
     model = readable_copy(ensure_demo_model(VLLM_DEMO_SPEC), tmp_path_factory.mktemp("vllm-model") / CHAT)
     port = free_port()
     server = VllmServer(model=MODEL_DIR, served_names=[CHAT], host="127.0.0.1", port=port, dtype="float32",
-                        max_model_len=512, max_num_seqs=8, task="generate")
+                        max_model_len=512, max_num_seqs=8, task="generate", kv_cache_bytes=VLLM_DEMO_KV_BYTES)
     # HF_HUB_OFFLINE: the model is local, and no traffic leaves the machine.
-    env = {**vllm_env(gpu=False, kv_cache_gib=1), "HF_HUB_OFFLINE": "1"}
+    env = {**vllm_env(False, server_args=server.args()), "HF_HUB_OFFLINE": "1"}
     options = ["--entrypoint", json.dumps(["python3", "-m", VLLM_SERVER_MODULE]), "--shm-size", "1g",
                "--volume", f"{model}:{MODEL_DIR}:ro", *(f"--env={k}={v}" for k, v in env.items())]
     with container(images["vllm-cpu"], server.args(), port, options=options) as c:

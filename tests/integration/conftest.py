@@ -13,7 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from modelfleet.demo import VLLM_DEMO_SPEC, ensure_demo_model, make_demo_adapter, minilm_path
+from modelfleet.demo import (
+    VLLM_DEMO_KV_BYTES,
+    VLLM_DEMO_SPEC,
+    ensure_demo_model,
+    make_demo_adapter,
+    minilm_path,
+)
 from modelfleet.devcluster import stop_group, wait_for
 from modelfleet.engines import (
     LORA_RUNTIME_ENV,
@@ -125,7 +131,8 @@ def vllm_serve(tmp_path_factory):
     require_vllm()
     tmp = tmp_path_factory.mktemp("vllm")
     (tmp / "keys.yaml").write_text(VLLM_KEYS)
-    proc, url = start(["serve", "--engine", "vllm", "--api-keys", str(tmp / "keys.yaml"), "--max-num-seqs", "16"],
+    proc, url = start(["serve", "--engine", "vllm", "--api-keys", str(tmp / "keys.yaml"), "--max-num-seqs", "16",
+                       "--kv-cache-memory", str(VLLM_DEMO_KV_BYTES / 2**30)],
                       {CHAT, EMBED}, tmp / "serve.log", timeout=600)
     yield url
     stop(proc)
@@ -157,8 +164,8 @@ def vllm_direct(tmp_path_factory):
         server = VllmServer(model=str(base), served_names=["tiny-chat"], host="127.0.0.1", port=port,
                             dtype="float32", max_model_len=512, max_num_seqs=8, task="generate",
                             otlp_traces_endpoint=endpoint, max_loras=4, max_lora_rank=16,
-                            extra_args=["--lora-modules", f"ada={adapters['ada']}"])
-        env = {**os.environ, **vllm_env(gpu=False, kv_cache_gib=1), "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+                            kv_cache_bytes=VLLM_DEMO_KV_BYTES, extra_args=["--lora-modules", f"ada={adapters['ada']}"])
+        env = {**os.environ, **vllm_env(False, server_args=server.args()), "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
                **tracing_env, **LORA_RUNTIME_ENV, "HF_HUB_OFFLINE": "1"}
         log = tmp / "vllm.log"
         # -P and a cwd of its own: never import from a checkout (its operator/ would shadow the stdlib's)
