@@ -13,7 +13,7 @@ export MODELFLEET_CACHE ?= $(HOME)/.cache/modelfleet
 install: ## install modelfleet with its test dependencies into the current Python
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 
-# The host's tiers and the real node's (test-node) run side by side: on 2 cores, 14 min instead
+# The host's tiers and the real node's (test-node) run side by side: on 2 cores, 15 min instead
 # of 20 one after the other, since each waits on processes and pods a good part of its time.
 # Each line of their output is tagged with its run.
 test: install vllm images cluster-up ## install what is needed (vLLM's CPU build, the images too), start the local cluster, and run every tier
