@@ -17,7 +17,7 @@ install: ## install modelfleet with its test dependencies into the current Pytho
 # of 20 one after the other, since each waits on processes and pods a good part of its time.
 # Each line of their output is tagged with its run.
 test: install vllm images cluster-up ## install what is needed (vLLM's CPU build, the images too), start the local cluster, and run every tier
-	@$(MAKE) --no-print-directory -j2 tagged-test-host tagged-test-node
+	@$(MAKE) --no-print-directory -j2 tagged-test-host tagged-node-tier
 
 test-host: ## every tier but the real node's, on the host and the local cluster (which must be up)
 	MODELFLEET_REQUIRE_VLLM=1 $(PYTHON) -m pytest -q --durations=25 $(addprefix --ignore=,$(NODE_TESTS))

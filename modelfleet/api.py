@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from .engines import EngineKind
+from .engines import EngineKind, sets_flag
 from .sources import CLIMB_RE as CLIMB_RE  # re-exported: the CRD's rules are checked against it
 from .sources import SOURCE_RE, ModelSourceError, parse_model_source
 
@@ -304,7 +304,7 @@ class Engine(_Model):
     @classmethod
     def _no_reserved_args(cls, v: list[str]) -> list[str]:
         for arg in v:
-            if arg in RESERVED_ARGS or arg.startswith(tuple(f"{a}=" for a in RESERVED_ARGS)):
+            if sets_flag(arg, *RESERVED_ARGS):
                 raise ValueError(
                     "spec.engine.args must not set --model, --served-name, --served-model-name, --host or "
                     "--port: the operator sets them from spec.model"

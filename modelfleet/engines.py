@@ -35,8 +35,6 @@ DEFAULT_TOOL_CALL_PARSER = "hermes"
 # until max_tokens and never close it. xgrammar, because vLLM 0.32's guidance backend cannot
 # compile the grammar of tool_choice "required" or a named tool (400 "'triggers'").
 STRUCTURED_OUTPUTS = json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}, separators=(",", ":"))
-# Flags that the renderer sets from the spec; user args must not repeat them.
-VLLM_RESERVED_ARGS = ("--model", "--served-model-name", "--host", "--port")
 # vLLM's KV cache size in bytes (on CPU, VLLM_CPU_KVCACHE_SPACE overrides it: see vllm_env).
 KV_CACHE_BYTES_FLAG = "--kv-cache-memory-bytes"
 # vLLM serves /v1/load_lora_adapter and /v1/unload_lora_adapter only with this set; the
@@ -118,6 +116,12 @@ class VllmServer:
         return args + list(self.extra_args)
 
 
+def sets_flag(arg: str, *flags: str) -> bool:
+    """Pure: whether one command-line argument sets one of `flags`, as `--flag` (its value in
+    the next argument) or as `--flag=value`."""
+    return arg in flags or arg.startswith(tuple(f"{flag}=" for flag in flags))
+
+
 def vllm_env(gpu: bool, kv_cache_gib: int = 2, server_args: Sequence[str] = ()) -> dict[str, str]:
     """vLLM's environment in a modelfleet replica. Its processes talk to each other on
     loopback (by default vLLM picks the host's outward address, found through a route to a
@@ -127,7 +131,7 @@ def vllm_env(gpu: bool, kv_cache_gib: int = 2, server_args: Sequence[str] = ()) 
     pinning of OpenMP threads to cores that other processes (or pods) also use."""
     env = {"VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     if not gpu:
-        if not any(a == KV_CACHE_BYTES_FLAG or a.startswith(KV_CACHE_BYTES_FLAG + "=") for a in server_args):
+        if not any(sets_flag(arg, KV_CACHE_BYTES_FLAG) for arg in server_args):
             env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return env

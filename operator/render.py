@@ -252,9 +252,9 @@ def _container(md: ModelDeployment, source: WorkerModel, config: OperatorConfig,
         "securityContext": {"allowPrivilegeEscalation": False},
     }
     if engine.kind == "vllm":
-        gpu, server = md.spec.resources.gpu > 0, vllm_server(md, source.path, config)
-        env += [{"name": k, "value": v}
-                for k, v in vllm_env(gpu, config.vllm_cpu_kv_cache_gib, server.args()).items()]
+        server = vllm_server(md, source.path, config)
+        engine_env = vllm_env(md.spec.resources.gpu > 0, config.vllm_cpu_kv_cache_gib, server.args())
+        env += [{"name": k, "value": v} for k, v in engine_env.items()]
         if md.spec.lora_enabled:  # the operator loads spec.adapters through the runtime API
             env += [{"name": k, "value": v} for k, v in LORA_RUNTIME_ENV.items()]
         # With tracing on, what vLLM's --otlp-traces-endpoint needs besides (engines.vllm_tracing).
