@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from modelfleet.demo import VLLM_DEMO_KV_BYTES
 from modelfleet.devcluster import wait_for
 from modelfleet.engines import find_vllm_python
 
@@ -151,3 +152,12 @@ def test_vllms_environment_carries_bytecode():
     out = subprocess.run([find_vllm_python(), "-P", *check_args(modules)], capture_output=True, text=True, cwd="/",
                          timeout=60, check=True).stdout
     assert compiled(out) == dict.fromkeys(modules, True), out
+
+
+def test_a_kv_size_in_vllms_arguments_holds_on_cpu(vllm_direct):
+    """vllm_direct runs as the operator renders a replica whose args size its KV cache
+    (--kv-cache-memory-bytes): vLLM reports the size it took in its cache_config_info gauge, which
+    shows 1 GiB and up had VLLM_CPU_KVCACHE_SPACE been set beside the flag (it overrides it on CPU)."""
+    lines = httpx.get(vllm_direct.url + "/metrics", timeout=10).text.splitlines()
+    info = [line for line in lines if line.startswith("vllm:cache_config_info{")]
+    assert len(info) == 1 and f'kv_cache_memory_bytes="{VLLM_DEMO_KV_BYTES}"' in info[0], info
