@@ -107,10 +107,12 @@ def test_deleting_a_deployment_removes_its_pods(cluster: LocalCluster, namespace
 
 def test_grace_period_then_sigkill(cluster: LocalCluster, namespace: str) -> None:
     stubborn = {"name": "stubborn", "image": TEST_IMAGE,
-                "command": ["sh", "-c", "trap '' TERM; while true; do sleep 0.2; done"]}
+                "command": ["sh", "-c", "trap '' TERM; echo ignoring TERM; while true; do sleep 0.2; done"]}
     cluster.apply(pod("stubborn", [stubborn], terminationGracePeriodSeconds=2), namespace=namespace)
-    wait_for(lambda: (p := cluster.get("pod", "stubborn", namespace)) and p["status"].get("phase") == "Running",
-             60, what="Running")
+    # Running is not enough: a busy machine may not have run the shell's trap yet, and a SIGTERM
+    # before it ends the pod at once. The container says when it ignores TERM.
+    wait_for(lambda: "ignoring TERM" in cluster.kubectl("logs", "stubborn", "-n", namespace, check=False).stdout,
+             60, what="the trap set")
     import time
 
     t0 = time.monotonic()
