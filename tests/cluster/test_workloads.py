@@ -182,11 +182,14 @@ def test_kubectl_logs_reads_container_output(cluster: LocalCluster, namespace: s
 def test_prestop_hook_runs_before_sigterm(cluster: LocalCluster, namespace: str, tmp_path) -> None:
     os.chmod(tmp_path, 0o755)
     c = {"name": "c", "image": TEST_IMAGE,
-         "command": ["sh", "-c", "trap 'echo term >> /out/log; exit 0' TERM; while true; do sleep 0.1; done"],
+         "command": ["sh", "-c", "trap 'echo term >> /out/log; exit 0' TERM; echo trapping TERM; "
+                     "while true; do sleep 0.1; done"],
          "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "echo prestop >> /out/log"]}}},
          "volumeMounts": [{"name": "out", "mountPath": "/out"}]}
     cluster.apply(pod("hooked", [c], volumes=[{"name": "out", "hostPath": {"path": str(tmp_path)}}]), namespace=namespace)
-    wait_for(lambda: cluster.get("pod", "hooked", namespace)["status"].get("phase") == "Running", 60, what="Running")
+    # Once the shell's trap is set (Running comes before it: see test_grace_period_then_sigkill).
+    wait_for(lambda: "trapping TERM" in cluster.kubectl("logs", "hooked", "-n", namespace, check=False).stdout,
+             60, what="the trap set")
     cluster.kubectl("delete", "pod", "hooked", "-n", namespace, "--wait=true", "--timeout=30s")
     assert (tmp_path / "log").read_text().split() == ["prestop", "term"]
 
